@@ -1,0 +1,3 @@
+def main() -> int:
+    print("overlayfs-inetsk")
+    return 0
