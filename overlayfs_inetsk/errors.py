@@ -1,0 +1,39 @@
+"""The error types every layer raises for bad input, with the CLI's exit code for each.
+
+Each message is one line that names the file (and entry offset, where there is one) and what
+is wrong, so the CLI can print it as is and the daemon can log it as is.
+"""
+
+from __future__ import annotations
+
+
+class InetskError(Exception):
+    """A problem with the user's input or environment (never a bug): exit code 1."""
+
+    exit_code = 1
+
+
+class MapError(InetskError):
+    """An address-map rule or map file is invalid: exit code 3."""
+
+    exit_code = 3
+
+
+class ImageError(InetskError):
+    """A CRIU image file is malformed or unreadable: exit code 4."""
+
+    exit_code = 4
+
+    def __init__(self, path: str, what: str, offset: int | None = None) -> None:
+        self.path = path
+        self.offset = offset
+        self.what = what
+        where = f"{path}" if offset is None else f"{path}: entry at offset {offset}"
+        super().__init__(f"{where}: {what}")
+
+
+class RewriteError(InetskError):
+    """The rewrite cannot be done as asked (auto target unresolved, --strict violation, a
+    socket refused by the `fail` fate): exit code 5."""
+
+    exit_code = 5

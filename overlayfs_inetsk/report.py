@@ -1,0 +1,108 @@
+"""Running the rewrite over a whole image dir for `inspect`, and rendering its report as a
+table or as JSON (schema in docs/json.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+from .addrmap import AddressMap, Resolver
+from .imagedir import check_image_dir, checkpoint_dirs, read_group
+from .rewrite import RewriteOptions, RewriteResult, SocketReport, plan_group
+from .sockaddr import fmt_addr, fmt_endpoint
+
+JSON_SCHEMA_VERSION = 1
+VERDICTS = ("rewritten", "closed", "kept", "needs-address", "refused")
+
+
+def collect(
+    image_dir: str, amap: AddressMap, resolve: Resolver | None, options: RewriteOptions
+) -> dict[str, RewriteResult]:
+    """Plan the rewrite of every checkpoint under image_dir (nothing is written)."""
+    root = check_image_dir(image_dir)
+    results: dict[str, RewriteResult] = {}
+    for reldir, names in checkpoint_dirs(root).items():
+        results.update(plan_group(read_group(root, reldir, names), amap, resolve, options))
+    return results
+
+
+def _rel(root: str, path: str) -> str:
+    return os.path.relpath(path, os.path.realpath(root))
+
+
+def socket_dict(root: str, r: SocketReport) -> dict[str, object]:
+    return {
+        "file": _rel(root, r.file),
+        "offset": r.offset,
+        "id": r.id,
+        "ino": r.ino,
+        "family": r.family_name,
+        "proto": r.proto_name,
+        "state": r.state_name,
+        "class": r.klass,
+        "src": fmt_addr(r.src),
+        "src_port": r.sport,
+        "dst": fmt_addr(r.dst),
+        "dst_port": r.dport,
+        "new_src": None if r.new_src is None else fmt_addr(r.new_src),
+        "new_dst": None if r.new_dst is None else fmt_addr(r.new_dst),
+        "verdict": r.verdict,
+        "reason": r.reason,
+    }
+
+
+def summary(results: Mapping[str, RewriteResult]) -> dict[str, int]:
+    counts = dict.fromkeys(VERDICTS, 0)
+    total = 0
+    for res in results.values():
+        for r in res.reports:
+            counts[r.verdict] = counts.get(r.verdict, 0) + 1
+            total += 1
+    return {"sockets": total, **counts}
+
+
+def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteResult]) -> str:
+    doc = {
+        "schema": JSON_SCHEMA_VERSION,
+        "image_dir": os.path.realpath(image_dir),
+        "map": [r.source for r in amap.rules] + [lr.source for lr in amap.local.values()],
+        "files": [_rel(image_dir, p) for p in results],
+        "sockets": [socket_dict(image_dir, r) for res in results.values() for r in res.reports],
+        "summary": summary(results),
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def render_table(
+    image_dir: str,
+    results: Mapping[str, RewriteResult],
+    with_map: bool,
+    only_changes: bool = False,
+) -> str:
+    head = ["FILE", "ID", "PROTO", "STATE", "LOCAL", "REMOTE", "CLASS"]
+    if with_map:
+        head += ["NEW LOCAL", "NEW REMOTE", "VERDICT", "REASON"]
+    rows = [head]
+    for res in results.values():
+        for r in res.reports:
+            if only_changes and r.verdict == "kept":
+                continue
+            row = [_rel(image_dir, r.file), str(r.id), f"{r.proto_name}{r.family_name[-1]}",
+                   r.state_name if r.type == 1 else "-", r.local, r.remote, r.klass]
+            if with_map:
+                new_l = fmt_endpoint(r.new_src, r.sport) if r.new_src is not None else "-"
+                new_r = fmt_endpoint(r.new_dst, r.dport) if r.new_dst is not None else "-"
+                row += [new_l, new_r, r.verdict, r.reason]
+            rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    s = summary(results)
+    tail = f"{s['sockets']} inet socket(s)"
+    if with_map:
+        tail += ": " + ", ".join(f"{s[v]} {v}" for v in VERDICTS if s[v])
+    if len(rows) == 1:
+        lines = []
+    return "\n".join(line.rstrip() for line in lines) + ("\n" if lines else "") + tail + "\n"
+
+
