@@ -68,6 +68,8 @@ def _parse_addr(text: str, source: str, what: str) -> IPAddress:
 
 
 def _parse_net(text: str, source: str, what: str) -> Network:
+    if "/" not in text:
+        return ipaddress.ip_network(_parse_addr(text, source, what))
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:

@@ -1,0 +1,153 @@
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from overlayfs_inetsk.cli import main
+
+from imagefactory import files_img, inet_file_entry, isk, reg_file_entry
+
+EXE = os.path.join(os.path.dirname(sys.executable), "overlayfs-inetsk")
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    d = tmp_path / "img"
+    d.mkdir()
+    (d / "files.img").write_bytes(files_img(
+        reg_file_entry(1),
+        inet_file_entry(isk(2, "10.0.1.5", 80)),
+        inet_file_entry(isk(3, "fd00::5", 53, proto="udp")),
+        inet_file_entry(isk(4, "127.0.0.1", 81)),
+    ))
+    (d / "pages-1.img").write_bytes(os.urandom(4096))
+    (d / "inventory.img").write_bytes(b"inv")
+    sub = d / "checkpoint-extra"
+    sub.mkdir()
+    (sub / "config.dump").write_text("{}")
+    return d
+
+
+def snapshot(d):
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            st = os.lstat(p)
+            out[p] = (hashlib.sha256(open(p, "rb").read()).hexdigest(), st.st_mtime_ns)
+    return out
+
+
+def test_inspect_table(image_dir, capsys):
+    assert main(["inspect", str(image_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "10.0.1.5:80" in out and "[fd00::5]:53" in out and "127.0.0.1:81" in out
+    assert "VERDICT" not in out
+    assert out.strip().endswith("3 inet socket(s)")
+
+
+def test_inspect_json_with_map(image_dir, capsys):
+    assert main(["inspect", str(image_dir), "--json", "--map", "local=10.9.0.7"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema"] == 1
+    assert doc["files"] == ["files.img"]
+    assert doc["summary"] == {"sockets": 3, "rewritten": 1, "closed": 0, "kept": 1,
+                              "needs-address": 1, "refused": 0}
+    s = {x["id"]: x for x in doc["sockets"]}
+    assert set(s[2]) == {"file", "offset", "id", "ino", "family", "proto", "state", "class",
+                         "src", "src_port", "dst", "dst_port", "new_src", "new_dst", "verdict",
+                         "reason"}
+    assert (s[2]["proto"], s[2]["state"], s[2]["class"]) == ("tcp", "LISTEN", "listener")
+    assert (s[2]["src"], s[2]["new_src"], s[2]["verdict"]) == ("10.0.1.5", "10.9.0.7", "rewritten")
+    assert (s[3]["proto"], s[3]["family"], s[3]["verdict"]) == ("udp", "ipv6", "needs-address")
+    assert s[4]["verdict"] == "kept"
+
+
+def test_rewrite_writes_view_dir_and_never_touches_image(image_dir, tmp_path, capsys):
+    before = snapshot(image_dir)
+    out = tmp_path / "view"
+    assert main(["rewrite", str(image_dir), str(out), "--map", "local=10.9.0.7",
+                 "--map", "fd00::5=fd09::5"]) == 0
+    assert snapshot(image_dir) == before
+    assert not os.path.islink(out / "files.img")
+    assert (out / "files.img").read_bytes() != (image_dir / "files.img").read_bytes()
+    for name in ("pages-1.img", "inventory.img", "checkpoint-extra/config.dump"):
+        assert os.path.islink(out / name)
+        assert os.readlink(out / name) == str((image_dir / name).resolve())
+    assert (out / "checkpoint-extra").is_dir() and not os.path.islink(out / "checkpoint-extra")
+    assert main(["inspect", str(out), "--json"]) == 0
+    capsys.readouterr()
+    # the view's files.img carries the new addresses
+    assert main(["inspect", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {x["src"] for x in doc["sockets"]} == {"10.9.0.7", "fd09::5", "127.0.0.1"}
+
+
+def test_rewrite_into_empty_dir_ok_nonempty_refused(image_dir, tmp_path, capsys):
+    out = tmp_path / "view"
+    out.mkdir()
+    assert main(["rewrite", str(image_dir), str(out), "--map", "local=10.9.0.7"]) == 0
+    assert main(["rewrite", str(image_dir), str(out), "--map", "local=10.9.0.7"]) == 1
+    assert "must be new or empty" in capsys.readouterr().err
+
+
+def test_rewrite_failure_leaves_no_out_dir(image_dir, tmp_path, capsys):
+    out = tmp_path / "view"
+    assert main(["rewrite", str(image_dir), str(out), "--map", "local=10.9.0.7", "--strict"]) == 5
+    err = capsys.readouterr().err
+    assert "needs-address" in err and "files.img" in err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".view")] == []
+
+
+def test_symlink_escaping_image_dir_left_out(image_dir, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    os.symlink(secret, image_dir / "escape")
+    os.symlink("pages-1.img", image_dir / "alias")
+    out = tmp_path / "view"
+    assert main(["rewrite", str(image_dir), str(out)]) == 0
+    assert not os.path.lexists(out / "escape")
+    assert os.readlink(out / "alias") == str((image_dir / "pages-1.img").resolve())
+
+
+@pytest.mark.parametrize(
+    "args, code, fragment",
+    [
+        (["--map", "10.0.0.1=banana"], 3, "--map 10.0.0.1=banana"),
+        (["--map-file", "/nonexistent.toml"], 3, "/nonexistent.toml"),
+    ],
+)
+def test_user_errors_one_line_no_traceback(image_dir, args, code, fragment):
+    p = subprocess.run([EXE, "inspect", str(image_dir), *args], capture_output=True, text=True)
+    assert p.returncode == code
+    assert p.stderr.count("\n") == 1 and fragment in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_malformed_image_exit_4(tmp_path):
+    d = tmp_path / "img"
+    d.mkdir()
+    (d / "files.img").write_bytes(files_img(b"\x08\x04\xff"))
+    p = subprocess.run([EXE, "inspect", str(d)], capture_output=True, text=True)
+    assert p.returncode == 4
+    assert f"{d}/files.img: entry at offset 8: not a valid file_entry" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_missing_image_dir_exit_1(tmp_path):
+    p = subprocess.run([EXE, "inspect", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert p.returncode == 1 and "cannot access image dir" in p.stderr
+
+
+def test_socket_image_symlink_refused(tmp_path):
+    d = tmp_path / "img"
+    d.mkdir()
+    real = tmp_path / "real.img"
+    real.write_bytes(files_img())
+    os.symlink(real, d / "files.img")
+    p = subprocess.run([EXE, "inspect", str(d)], capture_output=True, text=True)
+    assert p.returncode == 4 and "is a symlink" in p.stderr

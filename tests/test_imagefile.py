@@ -1,0 +1,64 @@
+import struct
+
+import pytest
+from hypothesis import given, strategies as st
+
+from overlayfs_inetsk import imagefile
+from overlayfs_inetsk.errors import ImageError
+
+from imagefactory import files_img, inet_file_entry, isk, reg_file_entry
+
+
+def test_parse_splits_entries_and_keeps_bytes():
+    a, b = reg_file_entry(1), inet_file_entry(isk(2, "10.0.0.1", 80))
+    data = files_img(a, b)
+    img = imagefile.parse(data, "files.img", imagefile.FILES_MAGIC)
+    assert [e.payload for e in img.entries] == [a, b]
+    assert img.entries[0].offset == 8
+    assert img.entries[1].offset == 8 + 4 + len(a)
+    assert imagefile.encode(img.magic, (e.payload for e in img.entries)) == data
+
+
+@given(st.lists(st.binary(max_size=300), max_size=30))
+def test_encode_parse_identity(payloads):
+    data = imagefile.encode(imagefile.FILES_MAGIC, payloads)
+    img = imagefile.parse(data, "f", imagefile.FILES_MAGIC)
+    assert [e.payload for e in img.entries] == payloads
+    assert imagefile.encode(img.magic, [e.payload for e in img.entries]) == data
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (b"", "empty file"),
+        (b"\x19\x43", "shorter than the 8-byte"),
+        (struct.pack("<II", 0xDEADBEEF, imagefile.FILES_MAGIC), "not a CRIU image"),
+        (struct.pack("<II", imagefile.IMG_COMMON, 0x12345678), "wrong image type"),
+        (files_img(b"abc") + b"\x01\x02", "2 trailing bytes"),
+        (files_img(b"abcdef")[:-2], "runs past the end"),
+        (struct.pack("<III", imagefile.IMG_COMMON, imagefile.FILES_MAGIC, 0xFFFFFFFF),
+         "entry length 4294967295"),
+    ],
+)
+def test_malformed_images_name_file_and_problem(data, fragment):
+    with pytest.raises(ImageError) as ei:
+        imagefile.parse(data, "/x/files.img", imagefile.FILES_MAGIC)
+    assert fragment in str(ei.value)
+    assert str(ei.value).startswith("/x/files.img")
+
+
+def test_truncated_entry_reports_offset():
+    data = files_img(b"abc", b"defgh")[:-1]
+    with pytest.raises(ImageError) as ei:
+        imagefile.parse(data, "files.img", imagefile.FILES_MAGIC)
+    assert ei.value.offset == 8 + 4 + 3
+    assert "entry at offset 15" in str(ei.value)
+
+
+def test_leading_varint_field():
+    assert imagefile.leading_varint_field(reg_file_entry(9), 1) == 1
+    assert imagefile.leading_varint_field(inet_file_entry(isk(2, "10.0.0.1", 80)), 1) == 4
+    assert imagefile.leading_varint_field(b"", 1) is None
+    assert imagefile.leading_varint_field(b"\x10\x01", 1) is None  # field 2 first
+    assert imagefile.leading_varint_field(b"\x08\x80", 1) is None  # unterminated varint
+    assert imagefile.leading_varint_field(b"\x08\x96\x01", 1) == 150

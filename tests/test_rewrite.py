@@ -1,0 +1,257 @@
+import ipaddress as ip
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from pycriu.images import fdinfo_pb2, sk_inet_pb2
+
+from overlayfs_inetsk import imagefile
+from overlayfs_inetsk.addrmap import AddressMap
+from overlayfs_inetsk.errors import ImageError, RewriteError
+from overlayfs_inetsk.rewrite import RewriteOptions, plan_group, rewrite_group
+from overlayfs_inetsk.sockaddr import words_to_addr
+
+from imagefactory import files_img, inet_file_entry, inetsk_img, isk, reg_file_entry
+
+
+def sockets_of(data, name="files.img"):
+    img = imagefile.parse(data, name)
+    out = {}
+    for e in img.entries:
+        if name == "inetsk.img":
+            s = sk_inet_pb2.inet_sk_entry.FromString(e.payload)
+        else:
+            fe = fdinfo_pb2.file_entry.FromString(e.payload)
+            if fe.type != 4:
+                continue
+            s = fe.isk
+        out[s.id] = s
+    return out
+
+
+def addr(s, which):
+    return words_to_addr(list(getattr(s, which)), s.family)
+
+
+def rw(data, specs, name="files.img", **opts):
+    res = rewrite_group({name: data}, AddressMap.from_args(specs), None, RewriteOptions(**opts))
+    return res[name]
+
+
+def test_listener_udp_dualstack_and_loopback():
+    data = files_img(
+        reg_file_entry(1),
+        inet_file_entry(isk(2, "10.0.1.5", 80)),
+        inet_file_entry(isk(3, "10.0.1.5", 53, proto="udp")),
+        inet_file_entry(isk(4, "::ffff:10.0.1.5", 8080)),
+        inet_file_entry(isk(5, "127.0.0.1", 81)),
+        inet_file_entry(isk(6, "0.0.0.0", 82)),
+        inet_file_entry(isk(7, "fd00::5", 83)),
+    )
+    res = rw(data, ["10.0.1.5=10.9.0.7", "fd00::5=fd09::7"])
+    s = sockets_of(res.data)
+    assert addr(s[2], "src_addr") == ip.ip_address("10.9.0.7")
+    assert addr(s[3], "src_addr") == ip.ip_address("10.9.0.7")
+    assert addr(s[4], "src_addr") == ip.ip_address("::ffff:10.9.0.7")
+    assert addr(s[5], "src_addr") == ip.ip_address("127.0.0.1")
+    assert addr(s[6], "src_addr") == ip.ip_address("0.0.0.0")
+    assert addr(s[7], "src_addr") == ip.ip_address("fd09::7")
+    verdicts = {r.id: r.verdict for r in res.reports}
+    assert verdicts == {2: "rewritten", 3: "rewritten", 4: "rewritten", 5: "kept", 6: "kept",
+                        7: "rewritten"}
+    # the regular-file entry and the kept sockets are byte-identical
+    before = imagefile.parse(data, "files.img").entries
+    after = imagefile.parse(res.data, "files.img").entries
+    for i in (0, 4, 5):
+        assert before[i].payload == after[i].payload
+    # nothing but addresses changed
+    s2_old = sockets_of(data)[2]
+    s2_old.src_addr[0] = s[2].src_addr[0]
+    assert s2_old == s[2]
+
+
+def test_connected_udp_dst_outside_map_stays():
+    data = files_img(inet_file_entry(isk(2, "10.0.1.5", 4000, "10.0.3.3", 53, proto="udp")))
+    res = rw(data, ["local=10.9.0.7"])
+    s = sockets_of(res.data)[2]
+    assert addr(s, "src_addr") == ip.ip_address("10.9.0.7")
+    assert addr(s, "dst_addr") == ip.ip_address("10.0.3.3")
+    assert res.reports[0].klass == "udp-connected"
+
+
+def test_tcp_self_and_group_peer_follow_the_map():
+    data = files_img(
+        inet_file_entry(isk(2, "10.0.1.5", 5000, "10.0.1.5", 80)),
+        inet_file_entry(isk(3, "10.0.1.5", 5001, "10.0.2.6", 80)),
+    )
+    res = rw(data, ["10.0.1.5=10.9.0.7", "10.0.2.6=10.9.0.8"])
+    s = sockets_of(res.data)
+    assert (addr(s[2], "src_addr"), addr(s[2], "dst_addr")) == (
+        ip.ip_address("10.9.0.7"), ip.ip_address("10.9.0.7"))
+    assert (addr(s[3], "src_addr"), addr(s[3], "dst_addr")) == (
+        ip.ip_address("10.9.0.7"), ip.ip_address("10.9.0.8"))
+    assert [r.klass for r in res.reports] == ["tcp-self", "tcp-peer-moved"]
+    assert s[2].state == 1 and s[2].src_port == 5000 and s[2].dst_port == 80
+
+
+def test_tcp_peer_outside_fates():
+    data = files_img(inet_file_entry(isk(2, "10.0.1.5", 5001, "10.0.3.3", 443)))
+    closed = rw(data, ["local=10.9.0.7"])
+    s = sockets_of(closed.data)[2]
+    assert (s.state, s.src_port, s.dst_port, s.shutdown) == (7, 0, 0, 3)
+    assert list(s.src_addr) == [0] and list(s.dst_addr) == [0]
+    assert closed.reports[0].verdict == "closed"
+
+    kept = rw(data, ["local=10.9.0.7"], tcp_outside="keep")
+    s = sockets_of(kept.data)[2]
+    assert addr(s, "src_addr") == ip.ip_address("10.9.0.7")
+    assert addr(s, "dst_addr") == ip.ip_address("10.0.3.3")
+    assert s.state == 1
+    assert "reset" in kept.reports[0].reason
+
+    with pytest.raises(RewriteError, match="outside the map"):
+        rw(data, ["local=10.9.0.7"], tcp_outside="fail")
+    planned = plan_group({"files.img": data}, AddressMap.from_args(["local=10.9.0.7"]), None,
+                         RewriteOptions(tcp_outside="fail"))
+    assert planned["files.img"].reports[0].verdict == "refused"
+
+
+def test_strict_refuses_uncovered_specific_address():
+    data = files_img(inet_file_entry(isk(2, "10.0.1.5", 80)), inet_file_entry(isk(3, "fd00::5", 80)))
+    res = rw(data, ["10.0.1.5=10.9.0.7"])
+    assert [r.verdict for r in res.reports] == ["rewritten", "needs-address"]
+    assert "IP_FREEBIND" in res.reports[1].reason
+    with pytest.raises(RewriteError, match=r"\[fd00::5\]:80.*needs-address"):
+        rw(data, ["10.0.1.5=10.9.0.7"], strict=True)
+
+
+def test_legacy_inetsk_img():
+    data = inetsk_img(isk(2, "10.0.1.5", 80), isk(3, "127.0.0.1", 80))
+    res = rw(data, ["local=10.9.0.7"], name="inetsk.img")
+    s = sockets_of(res.data, "inetsk.img")
+    assert addr(s[2], "src_addr") == ip.ip_address("10.9.0.7")
+    assert addr(s[3], "src_addr") == ip.ip_address("127.0.0.1")
+
+
+def test_local_addresses_gathered_across_files_img_and_inetsk_img():
+    files = files_img(inet_file_entry(isk(2, "10.0.1.5", 5000, "10.0.1.6", 80)))
+    legacy = inetsk_img(isk(3, "10.0.1.6", 80))
+    res = rewrite_group({"files.img": files, "inetsk.img": legacy},
+                        AddressMap.from_args(["local=10.9.0.7"]))
+    s = sockets_of(res["files.img"].data)[2]
+    assert addr(s, "dst_addr") == ip.ip_address("10.9.0.7")  # the peer is local: follows
+
+
+def test_auto_without_resolver_is_a_rewrite_error_naming_the_file():
+    data = files_img(inet_file_entry(isk(2, "10.0.1.5", 80)))
+    with pytest.raises(RewriteError, match=r"^/x/files.img: --map local=auto: auto target has no IPv4"):
+        rewrite_group({"/x/files.img": data}, AddressMap.from_args(["local=auto"]), None)
+
+
+def _with(sk, **changes):
+    for k, v in changes.items():
+        if isinstance(v, list):
+            del getattr(sk, k)[:]
+            getattr(sk, k).extend(v)
+        else:
+            setattr(sk, k, v)
+    return sk
+
+
+@pytest.mark.parametrize(
+    "payload, fragment",
+    [
+        (b"\x08\x04\xff\xff", "not a valid file_entry"),
+        (inet_file_entry(_with(isk(2, "10.0.0.1", 80), src_addr=[])), "AF_INET address with no words"),
+        (inet_file_entry(_with(isk(2, "fd00::1", 80), src_addr=[1, 2])), "AF_INET6 address with 2 words"),
+        (inet_file_entry(_with(isk(2, "10.0.0.1", 80), family=10)), "AF_INET6 address with 1 words"),
+        (inet_file_entry(_with(isk(2, "10.0.0.1", 80), family=7)), "family 7"),
+        (fdinfo_pb2.file_entry(type=4, id=2).SerializeToString(), "has no isk"),
+    ],
+)
+def test_malformed_socket_entries(payload, fragment):
+    with pytest.raises(ImageError) as ei:
+        rw(files_img(reg_file_entry(1), payload), ["local=10.9.0.7"])
+    assert fragment in str(ei.value)
+    assert "files.img: entry at offset" in str(ei.value)
+
+
+def test_id_mismatch():
+    fe = fdinfo_pb2.file_entry(type=4, id=9)
+    fe.isk.CopyFrom(isk(2, "10.0.0.1", 80))
+    with pytest.raises(ImageError, match=r"file_entry.id 9 != isk.id 2"):
+        rw(files_img(fe.SerializeToString()), [])
+
+
+# --- properties -------------------------------------------------------------------------
+
+v4 = st.integers(min_value=1, max_value=2**32 - 1).map(ip.IPv4Address)
+v6 = st.integers(min_value=1, max_value=2**128 - 1).map(ip.IPv6Address)
+
+
+@st.composite
+def socket_specs(draw):
+    fam6 = draw(st.booleans())
+    a = v6 if fam6 else v4
+    src = draw(st.one_of(a, st.sampled_from(["10.0.1.5", "10.0.1.6"]) if not fam6
+                         else st.sampled_from(["fd00::5", "::ffff:10.0.1.5"])))
+    dst = draw(st.one_of(a, st.just("::" if fam6 else "0.0.0.0")))
+    proto = draw(st.sampled_from(["tcp", "udp"]))
+    dport = 0 if str(dst) in ("::", "0.0.0.0") else draw(st.integers(1, 65535))
+    return str(src), draw(st.integers(0, 65535)), str(dst), dport, proto
+
+
+@st.composite
+def images(draw):
+    specs = draw(st.lists(socket_specs(), max_size=12))
+    payloads, n = [], 1
+    for src, sport, dst, dport, proto in specs:
+        if draw(st.booleans()):
+            payloads.append(reg_file_entry(n))
+            n += 1
+        payloads.append(inet_file_entry(isk(n, src, sport, dst, dport, proto=proto)))
+        n += 1
+    return files_img(*payloads)
+
+
+MAPS = [
+    [],
+    ["10.0.1.5=10.9.0.7"],
+    ["local=10.9.0.7", "local6=fd09::7"],
+    ["10.0.0.0/8=11.0.0.0/8", "fd00::/16=fd09::/16"],
+    ["0.0.0.0/1=10.7.0.1"],
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(images())
+def test_empty_map_is_identity(data):
+    res = rw(data, [], tcp_outside="keep")
+    assert res.data == data
+    assert res.changed == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(images(), st.sampled_from(MAPS))
+def test_rewrite_gives_exactly_the_mapped_addresses(data, specs):
+    amap = AddressMap.from_args(specs)
+    res = rewrite_group({"files.img": data}, amap, None, RewriteOptions(tcp_outside="keep"))[
+        "files.img"]
+    before = imagefile.parse(data, "files.img").entries
+    after = imagefile.parse(res.data, "files.img").entries
+    assert len(before) == len(after)
+    old, new = sockets_of(data), sockets_of(res.data)
+    bmap = amap.bind([addr(s, "src_addr") for s in old.values()], None)
+    for b, a in zip(before, after):
+        fe = fdinfo_pb2.file_entry.FromString(b.payload)
+        if fe.type != 4:
+            assert a.payload == b.payload  # untouched entries byte-identical
+            continue
+        o, n = old[fe.id], new[fe.id]
+        for field in ("src_addr", "dst_addr"):
+            hit = bmap.lookup(addr(o, field))
+            want = hit[0] if hit else addr(o, field)
+            assert addr(n, field) == want
+        if addr(n, "src_addr") == addr(o, "src_addr") and addr(n, "dst_addr") == addr(o, "dst_addr"):
+            assert a.payload == b.payload
+        _with(o, src_addr=list(n.src_addr), dst_addr=list(n.dst_addr))
+        assert o == n  # nothing but addresses changed
