@@ -1,0 +1,258 @@
+"""The read-only tree a mount serves, built once from IMAGE_DIR.
+
+Pure model, no FUSE: an inode table of directories, socket images (generated on open by
+the FUSE layer), symlinks (to originals or, for in-tree directory symlinks, to the view's
+own entry) and files served through read(). Names and paths are bytes throughout.
+
+The table is a snapshot taken at mount time: a CRIU image directory does not change after
+the dump, and a static table keeps inode numbers stable for the mount's whole life.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .imagedir import SOCKET_IMAGE_NAMES
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+ServeMode = Literal["symlink", "read"]
+SERVE_MODES: tuple[ServeMode, ...] = ("symlink", "read")
+_SOCKET_NAMES_B = {os.fsencode(n): n for n in SOCKET_IMAGE_NAMES}
+
+
+class Kind(enum.Enum):
+    DIR = "dir"
+    SOCKET_IMAGE = "socket-image"  # bytes generated from the original on first open
+    LINK = "link"  # a symlink; readlink gives Node.link_target
+    FILE = "file"  # served through read() from Node.real_path (--serve read)
+
+
+@dataclass(eq=False)
+class Node:
+    inode: int
+    kind: Kind
+    name: bytes
+    parent: int
+    real_path: bytes  # absolute resolved path of the original (for LINK: what it stands for)
+    st: os.stat_result  # stat of the original (symlinks resolved)
+    link_target: bytes | None = None
+    children: dict[bytes, int] | None = None  # DIR only, insertion order = sorted names
+
+    @property
+    def mode(self) -> int:
+        """st_mode in the view: no write bits anywhere, symlinks 0777."""
+        if self.kind is Kind.LINK:
+            return stat.S_IFLNK | 0o777
+        perm = stat.S_IMODE(self.st.st_mode) & 0o555
+        if self.kind is Kind.DIR:
+            return stat.S_IFDIR | perm
+        return stat.S_IFREG | perm
+
+    @property
+    def size(self) -> int:
+        """Size as far as the view knows it (a socket image's real size comes after
+        generation, see the FUSE layer)."""
+        if self.kind is Kind.LINK:
+            return len(self.link_target or b"")
+        if self.kind is Kind.DIR:
+            return 0
+        return self.st.st_size
+
+
+class ViewError(Exception):
+    """IMAGE_DIR cannot be used (missing, not a directory, unreadable)."""
+
+
+@dataclass
+class View:
+    image_dir: bytes  # absolute real path
+    serve: ServeMode
+    nodes: dict[int, Node] = field(default_factory=dict)
+    # directory inode -> {socket image name ("files.img"): real path of its original}
+    socket_groups: dict[int, dict[str, bytes]] = field(default_factory=dict)
+    left_out: list[tuple[bytes, str]] = field(default_factory=list)  # (view path, reason)
+
+    # -- queries -------------------------------------------------------------------------
+    def node(self, inode: int) -> Node:
+        """Raises KeyError for an unknown inode."""
+        return self.nodes[inode]
+
+    @property
+    def root(self) -> Node:
+        return self.nodes[ROOT_INODE]
+
+    def lookup(self, parent: int, name: bytes) -> Node | None:
+        """Child `name` of directory `parent`; handles `.` and `..`. None if absent."""
+        p = self.nodes.get(parent)
+        if p is None or p.kind is not Kind.DIR:
+            return None
+        if name == b".":
+            return p
+        if name == b"..":
+            return self.nodes[p.parent]
+        assert p.children is not None
+        ino = p.children.get(name)
+        return None if ino is None else self.nodes[ino]
+
+    def children(self, inode: int) -> list[Node]:
+        """Entries of a directory in name order (no `.`/`..`)."""
+        n = self.nodes[inode]
+        if n.children is None:
+            return []
+        return [self.nodes[i] for i in n.children.values()]
+
+    def path(self, inode: int) -> bytes:
+        """Path of a node inside the view, relative to its root (b"." for the root)."""
+        parts: list[bytes] = []
+        n = self.nodes[inode]
+        while n.inode != ROOT_INODE:
+            parts.append(n.name)
+            n = self.nodes[n.parent]
+        return b"/".join(reversed(parts)) if parts else b"."
+
+    def display(self, inode: int) -> str:
+        """Path for log lines and messages (odd bytes escaped)."""
+        return os.fsdecode(self.path(inode))
+
+    def socket_group(self, dir_inode: int) -> Mapping[str, bytes]:
+        """All socket images of one directory: name -> real path of the original."""
+        return self.socket_groups.get(dir_inode, {})
+
+    def iter_socket_groups(self) -> Iterator[tuple[int, Mapping[str, bytes]]]:
+        yield from self.socket_groups.items()
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def build(cls, image_dir: str | bytes, serve: ServeMode = "symlink") -> View:
+        """Walk IMAGE_DIR (without following symlinks) and build the inode table.
+
+        Raises ViewError when IMAGE_DIR itself is unusable. Entries that cannot be shown
+        (escaping, dangling or looping symlinks, special files, unreadable directories)
+        are left out with one WARNING line each and listed in `left_out`.
+        """
+        if serve not in SERVE_MODES:
+            raise ViewError(f"unknown serve mode {serve!r}")
+        raw = os.fsencode(image_dir)
+        try:
+            real = os.path.realpath(raw, strict=True)
+            st = os.stat(real)
+        except OSError as e:
+            raise ViewError(f"{os.fsdecode(raw)}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ViewError(f"{os.fsdecode(raw)}: not a directory")
+        try:
+            os.listdir(real)
+        except OSError as e:
+            raise ViewError(f"{os.fsdecode(raw)}: {e.strerror}") from None
+        view = cls(image_dir=real, serve=serve)
+        view._walk(st)
+        return view
+
+    def _add(self, node: Node) -> Node:
+        self.nodes[node.inode] = node
+        if node.inode != ROOT_INODE:
+            parent = self.nodes[node.parent]
+            assert parent.children is not None
+            parent.children[node.name] = node.inode
+        return node
+
+    def _leave_out(self, parent: int, name: bytes, reason: str) -> None:
+        p = self.path(parent)
+        vpath = name if p == b"." else p + b"/" + name
+        self.left_out.append((vpath, reason))
+        log.warning("left out %s: %s", os.fsdecode(vpath), reason)
+
+    def _inside(self, path: bytes) -> bool:
+        return path == self.image_dir or path.startswith(self.image_dir.rstrip(b"/") + b"/")
+
+    def _walk(self, root_st: os.stat_result) -> None:
+        next_ino = ROOT_INODE
+        self._add(Node(ROOT_INODE, Kind.DIR, b"", ROOT_INODE, self.image_dir, root_st,
+                       children={}))
+        dir_by_real: dict[bytes, int] = {self.image_dir: ROOT_INODE}
+        pending_dir_links: list[tuple[int, bytes, bytes, os.stat_result]] = []
+        stack = [ROOT_INODE]
+        while stack:
+            dino = stack.pop()
+            dnode = self.nodes[dino]
+            try:
+                with os.scandir(dnode.real_path) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                # the root was checked readable; a subdirectory is shown empty
+                log.warning("cannot list %s: %s", self.display(dino), e.strerror)
+                continue
+            subdirs: list[int] = []
+            for e in entries:
+                name = e.name
+                path = e.path
+                try:
+                    lst = e.stat(follow_symlinks=False)
+                except OSError as exc:
+                    self._leave_out(dino, name, f"cannot stat: {exc.strerror}")
+                    continue
+                if stat.S_ISLNK(lst.st_mode):
+                    try:
+                        target = os.path.realpath(path, strict=True)
+                        tst = os.stat(target)
+                    except OSError as exc:
+                        reason = ("symlink loops" if exc.errno == errno.ELOOP
+                                  else f"dangling symlink ({exc.strerror})")
+                        self._leave_out(dino, name, reason)
+                        continue
+                    if not self._inside(target):
+                        self._leave_out(dino, name, "symlink points outside the image dir "
+                                        f"({os.fsdecode(target)})")
+                        continue
+                    if stat.S_ISDIR(tst.st_mode):
+                        # resolved after the walk, when every real directory has an inode
+                        pending_dir_links.append((dino, name, target, tst))
+                        continue
+                    real, st = target, tst
+                else:
+                    real, st = path, lst
+                next_ino += 1
+                if stat.S_ISDIR(st.st_mode):
+                    self._add(Node(next_ino, Kind.DIR, name, dino, real, st, children={}))
+                    dir_by_real[real] = next_ino
+                    subdirs.append(next_ino)
+                elif not stat.S_ISREG(st.st_mode):
+                    next_ino -= 1
+                    self._leave_out(dino, name, "not a regular file, directory or symlink")
+                elif name in _SOCKET_NAMES_B:
+                    self._add(Node(next_ino, Kind.SOCKET_IMAGE, name, dino, real, st))
+                    self.socket_groups.setdefault(dino, {})[_SOCKET_NAMES_B[name]] = real
+                elif self.serve == "symlink":
+                    self._add(Node(next_ino, Kind.LINK, name, dino, real, st, link_target=real))
+                else:
+                    self._add(Node(next_ino, Kind.FILE, name, dino, real, st))
+            stack.extend(reversed(subdirs))
+        for dino, name, target, tst in pending_dir_links:
+            tino = dir_by_real.get(target)
+            link_dir = self.nodes[dino].real_path
+            if tino is None:
+                self._leave_out(dino, name, "symlink to a directory the view does not show")
+                continue
+            if target == link_dir or link_dir.startswith(target.rstrip(b"/") + b"/"):
+                self._leave_out(dino, name, "symlink loops (points at its own ancestor)")
+                continue
+            # relative, so the link stays inside the view (socket images there get rewritten)
+            rel = os.path.relpath(target, link_dir)
+            next_ino += 1
+            self._add(Node(next_ino, Kind.LINK, name, dino, target, tst, link_target=rel))
+        # keep every directory's children in name order (dir links were added last)
+        for n in self.nodes.values():
+            if n.children is not None and len(n.children) > 1:
+                n.children = dict(sorted(n.children.items()))
