@@ -1,0 +1,180 @@
+"""This node's address for `auto` map targets.
+
+In a network namespace (--netns: /run/netns/NAME or /proc/PID/ns/net; default: our own),
+on an interface (--iface; default: the one holding the default route of the family, else
+of the other family), the first global address of the family (scope universe, not
+tentative, not DAD-failed, not an IPv6 temporary address).
+
+pyroute2 0.9.7's `IPRoute(netns=PATH, flags=0)` does accept any path (/proc/PID/ns/net
+included) and never creates a namespace with flags=0, but it makes its socket in a forked
+child process (multiprocessing). Forking is not safe in the FUSE daemon (threads, the
+/dev/fuse session), so the lookup runs in a short-lived thread that setns()es into the
+namespace (setns(CLONE_NEWNET) only moves the calling thread), makes a plain IPRoute() there,
+and exits; no pooled thread ever changes namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from .errors import InetskError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[int], IPAddress | None]
+
+CLONE_NEWNET = 0x40000000
+RT_SCOPE_UNIVERSE = 0
+IFA_F_SECONDARY = 0x01  # IPv6: IFA_F_TEMPORARY
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+T = TypeVar("T")
+_libc: ctypes.CDLL | None = None
+
+
+class NodeAddressError(InetskError):
+    """The namespace or interface `auto` refers to is missing or unusable: exit code 1."""
+
+
+def _setns(fd: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+    """Run fn() with the network namespace at path `netns` (in a thread of its own)."""
+    if netns is None:
+        return fn()
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _setns(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    box["value"] = fn()
+                finally:
+                    _setns(own)
+            finally:
+                os.close(own)
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="overlayfs-inetsk-netns", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        e = box["error"]
+        if isinstance(e, OSError) and not isinstance(e, InetskError):
+            raise NodeAddressError(f"netns {netns}: {e.strerror or e}") from None
+        raise e  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+def check_netns(netns: str) -> None:
+    """NodeAddressError unless `netns` names a network namespace we can enter."""
+    if not os.path.exists(netns):
+        raise NodeAddressError(f"netns {netns}: no such file")
+    try:
+        in_netns(netns, lambda: None)
+    except NodeAddressError as e:
+        if "Invalid argument" in str(e):
+            raise NodeAddressError(f"netns {netns}: not a network namespace") from None
+        raise
+
+
+def _flags(msg: object) -> int:
+    f = msg.get_attr("IFA_FLAGS")  # type: ignore[attr-defined]
+    return int(f if f is not None else msg["flags"])  # type: ignore[index]
+
+
+def _route_oif(route: object) -> int | None:
+    oif = route.get_attr("RTA_OIF")  # type: ignore[attr-defined]
+    if oif is None:
+        mp = route.get_attr("RTA_MULTIPATH")  # type: ignore[attr-defined]
+        if mp:
+            oif = mp[0]["oif"]
+    return int(oif) if oif else None
+
+
+def _default_oif(ipr: object, af: int) -> int | None:
+    best: tuple[int, int] | None = None
+    for r in ipr.get_routes(family=af):  # type: ignore[attr-defined]
+        if r["dst_len"] != 0 or r["type"] != 1:  # RTN_UNICAST
+            continue
+        oif = _route_oif(r)
+        if oif is None:
+            continue
+        prio = r.get_attr("RTA_PRIORITY") or 0
+        if best is None or prio < best[0]:
+            best = (prio, oif)
+    return None if best is None else best[1]
+
+
+def _lookup(family: int, iface: str | None, where: str) -> IPAddress | None:
+    from pyroute2 import IPRoute  # imported lazily: only `auto` maps need netlink
+
+    af = _FAMILIES[family]
+    with IPRoute() as ipr:
+        if iface is not None:
+            idx = ipr.link_lookup(ifname=iface)
+            if not idx:
+                raise NodeAddressError(f"interface {iface} not found in {where}")
+            index = idx[0]
+        else:
+            other = _FAMILIES[10 - family]
+            found = _default_oif(ipr, af) or _default_oif(ipr, other)
+            if found is None:
+                raise NodeAddressError(f"no default route in {where}; pass --iface")
+            index = found
+        for a in ipr.get_addr(family=af, index=index):
+            if a["scope"] != RT_SCOPE_UNIVERSE:
+                continue
+            bad = IFA_F_TENTATIVE | IFA_F_DADFAILED | (IFA_F_SECONDARY if family == 6 else 0)
+            if _flags(a) & bad:
+                continue
+            addr = a.get_attr("IFA_ADDRESS") or a.get_attr("IFA_LOCAL")
+            if addr:
+                return ipaddress.ip_address(addr)
+    return None
+
+
+def node_address(family: int, netns: str | None = None,
+                 iface: str | None = None) -> IPAddress | None:
+    """This node's address of `family` (4 or 6); None if the interface has none.
+    Raises NodeAddressError when the namespace or interface is missing."""
+    if family not in _FAMILIES:
+        raise ValueError(f"family must be 4 or 6, not {family!r}")
+    where = f"netns {netns}" if netns else "our network namespace"
+    try:
+        return in_netns(netns, lambda: _lookup(family, iface, where))
+    except NodeAddressError:
+        raise
+    except OSError as e:
+        raise NodeAddressError(f"{where}: cannot read addresses: {e}") from None
+
+
+def make_resolver(netns: str | None = None, iface: str | None = None) -> Resolver:
+    """A Resolver for rewrite_group: looks the address up on every call (a node may get its
+    address after the mount), raising NodeAddressError for a missing netns/interface."""
+
+    def resolve(family: int) -> IPAddress | None:
+        return node_address(family, netns, iface)
+
+    return resolve
