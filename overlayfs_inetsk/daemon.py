@@ -1,0 +1,433 @@
+"""The mount daemon's lifecycle: validate, mount, serve, unmount.
+
+    validate()          everything that can fail for a user reason, BEFORE mounting
+    serve_foreground()  pyfuse3.init -> trio.run(main loop + signals + readiness) -> close
+    spawn_background()  re-executes `mount --foreground --ready-fd N` detached and waits for
+                        its ready byte or its one-line failure (forking after pyfuse3.init
+                        is not safe, so the child is a fresh interpreter)
+    unmount()           `umount MOUNTPOINT`: fusermount3 -u, falling back to lazy unmount
+                        (clears the mount of a killed daemon)
+
+Readiness means "serving": after pyfuse3.init a worker thread stat()s the mountpoint, which
+only returns once our main loop answered; then READY=1 goes to $NOTIFY_SOCKET (--systemd)
+and the ready byte to --ready-fd.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .errors import InetskError
+
+log = logging.getLogger(__name__)
+
+FSNAME = "overlayfs-inetsk"
+FSTYPE = "fuse." + FSNAME
+RUN_DIR = "/run/overlayfs-inetsk"
+READY_TIMEOUT = 30.0  # seconds the background parent waits for the daemon
+EXIT_SIGNAL_OK = 0
+
+
+class MountError(InetskError):
+    """The mount cannot be made or found (mountpoint, fuse, not our mount): exit code 2."""
+
+    exit_code = 2
+
+
+@dataclass
+class MountConfig:
+    image_dir: str
+    mountpoint: str
+    maps: Sequence[str] = ()
+    map_files: Sequence[str] = ()
+    netns: str | None = None
+    iface: str | None = None
+    strict: bool = False
+    tcp_outside: str = "close"
+    serve: str = "symlink"
+    allow_other: bool = False
+    systemd: bool = False
+    ready_fd: int | None = None
+    log_file: str | None = None
+    verbose: bool = False
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def child_argv(self, ready_fd: int, log_file: str) -> list[str]:
+        """The command line of the detached foreground daemon."""
+        argv = [sys.executable, "-m", "overlayfs_inetsk.cli_mount", "mount",
+                self.image_dir, self.mountpoint, "--foreground", "--ready-fd", str(ready_fd),
+                "--log-file", log_file, "--serve", self.serve, "--tcp-outside",
+                self.tcp_outside]
+        for m in self.maps:
+            argv += ["--map", m]
+        for f in self.map_files:
+            argv += ["--map-file", f]
+        if self.netns:
+            argv += ["--netns", self.netns]
+        if self.iface:
+            argv += ["--iface", self.iface]
+        if self.strict:
+            argv.append("--strict")
+        if self.allow_other:
+            argv.append("--allow-other")
+        if self.verbose:
+            argv.append("--verbose")
+        return argv
+
+
+@dataclass
+class Prepared:
+    view: object  # view.View
+    generate: Callable[[Mapping[str, bytes]], Mapping[str, object]]
+    mountpoint: str
+    groups: int
+
+
+# -- validation --------------------------------------------------------------------------
+def _overlaps(a: str, b: str) -> bool:
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
+
+
+def check_mountpoint(mountpoint: str, image_dir_real: str) -> str:
+    mp = os.path.abspath(mountpoint)
+    try:
+        st = os.stat(mp)
+    except OSError as e:
+        raise MountError(f"{mountpoint}: mountpoint: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"{mountpoint}: mountpoint is not a directory")
+    if os.path.ismount(mp):
+        m = find_mount(mp)
+        if m is not None and (m[1] == FSTYPE or m[2] == FSNAME):
+            raise MountError(f"{mountpoint}: an overlayfs-inetsk view is already mounted there "
+                             "(a stale one is cleared by `overlayfs-inetsk umount`)")
+        raise MountError(f"{mountpoint}: something is already mounted there")
+    real = os.path.realpath(mp)
+    if _overlaps(real, image_dir_real):
+        raise MountError(f"{mountpoint}: mountpoint and image dir {image_dir_real} overlap")
+    return real
+
+
+def validate(cfg: MountConfig) -> Prepared:
+    """Everything that can fail for a user reason, before anything is mounted. Raises
+    InetskError subclasses with one-line messages."""
+    from .addrmap import AddressMap
+    from .imagedir import check_image_dir, read_socket_image
+    from .nodeaddr import check_netns, make_resolver
+    from .rewrite import RewriteOptions, rewrite_group, validate_group
+    from .view import SERVE_MODES, View, ViewError
+
+    if cfg.serve not in SERVE_MODES:
+        raise MountError(f"--serve must be one of {', '.join(SERVE_MODES)}")
+    image_real = check_image_dir(cfg.image_dir)
+    mp = check_mountpoint(cfg.mountpoint, image_real)
+    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env)
+    try:
+        options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
+    except ValueError as e:
+        raise MountError(str(e)) from None
+    if cfg.netns:
+        check_netns(cfg.netns)
+    try:
+        view = View.build(image_real, cfg.serve)  # type: ignore[arg-type]
+    except ViewError as e:
+        raise InetskError(str(e)) from None
+    groups = 0
+    for _dino, group in view.iter_socket_groups():
+        validate_group({os.fsdecode(p): read_socket_image(os.fsdecode(p))
+                        for p in group.values()}, amap)
+        groups += 1
+    if groups == 0:
+        log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
+                    cfg.image_dir)
+    resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
+    generate = functools.partial(_generate, amap=amap, resolve=resolver, options=options,
+                                 rewrite=rewrite_group)
+    return Prepared(view, generate, mp, groups)
+
+
+def _generate(images: Mapping[str, bytes], *, amap: object, resolve: object,
+              options: object, rewrite: Callable[..., Mapping[str, object]]
+              ) -> Mapping[str, object]:
+    return rewrite(images, amap, resolve, options)
+
+
+# -- the foreground daemon ---------------------------------------------------------------
+def sd_notify(message: str, env: Mapping[str, str] | None = None) -> bool:
+    """Send a datagram to $NOTIFY_SOCKET (systemd's protocol, no libsystemd). False if
+    there is no socket to notify."""
+    addr = (env if env is not None else os.environ).get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+    return True
+
+
+def _setup_logging(cfg: MountConfig) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler: logging.Handler
+    if cfg.log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.log_file)), exist_ok=True)
+        handler = logging.FileHandler(cfg.log_file)
+        fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        # systemd's journal adds time and pid itself
+        fmt = ("%(levelname)s %(name)s: %(message)s" if cfg.systemd
+               else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if cfg.verbose else logging.INFO)
+    logging.getLogger("pyfuse3").setLevel(logging.INFO if cfg.verbose else logging.WARNING)
+
+
+def _write_ready(fd: int | None, payload: bytes) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, payload)
+    except OSError:
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def serve_foreground(cfg: MountConfig) -> int:
+    """Validate, mount, serve until unmounted or SIGTERM/SIGINT, unmount. Returns the exit
+    code; a failure before serving is reported as one line (stderr, log, ready fd)."""
+    import pyfuse3
+    import trio
+
+    from .fuse_ops import ViewOperations
+
+    _setup_logging(cfg)
+    ready_fd = cfg.ready_fd
+    if ready_fd is not None:
+        os.set_inheritable(ready_fd, False)
+    try:
+        prep = validate(cfg)
+    except InetskError as e:
+        return _fail(cfg, ready_fd, e)
+    ops = ViewOperations(prep.view, prep.generate)  # type: ignore[arg-type]
+    options = set(pyfuse3.default_options)  # default_permissions
+    options |= {"ro", f"fsname={FSNAME}", f"subtype={FSNAME}"}
+    if cfg.allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, prep.mountpoint, options)
+    except Exception as e:  # RuntimeError('fuse_session_mount failed'), bad option, ...
+        return _fail(cfg, ready_fd, MountError(f"{cfg.mountpoint}: cannot mount: {e}"))
+    log.info("mounted %s on %s (%d inodes, %d checkpoint dir(s), serve=%s)",
+             cfg.image_dir, prep.mountpoint, len(prep.view), prep.groups, cfg.serve)  # type: ignore[arg-type]
+    state = {"ready": False, "signal": 0}
+    clean = False
+    try:
+        trio.run(_main, prep.mountpoint, cfg, ready_fd, state)
+        clean = True
+    except BaseException:
+        log.exception("main loop failed")
+        raise
+    finally:
+        if cfg.systemd:
+            try:
+                sd_notify("STOPPING=1")
+            except OSError:
+                pass
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s%s", prep.mountpoint, "" if clean else " after an error")
+    if not state["ready"]:
+        return _fail(cfg, ready_fd, MountError(f"{cfg.mountpoint}: the mount never became ready"))
+    return 0
+
+
+def _fail(cfg: MountConfig, ready_fd: int | None, err: InetskError) -> int:
+    """Report a failure before serving: to the background parent through the ready fd, or
+    (foreground) by raising it for the CLI to print as one line; also to the log file."""
+    if cfg.log_file or ready_fd is not None:
+        log.error("%s", err)
+    if ready_fd is None:
+        raise err
+    _write_ready(ready_fd, b"E" + str(err).encode(errors="replace"))
+    return err.exit_code
+
+
+async def _main(mountpoint: str, cfg: MountConfig, ready_fd: int | None,
+                state: dict[str, int | bool]) -> None:
+    import pyfuse3
+    import trio
+
+    async def watch_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                state["signal"] = signum
+                pyfuse3.terminate()
+                return
+
+    async def announce_ready() -> None:
+        # stat() from another thread returns only once our loop answered: we serve
+        with trio.move_on_after(READY_TIMEOUT):
+            await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+            state["ready"] = True
+        if not state["ready"]:
+            log.error("%s did not answer within %.0f s", mountpoint, READY_TIMEOUT)
+            pyfuse3.terminate()
+            return
+        if cfg.systemd:
+            try:
+                sd_notify(f"READY=1\nSTATUS=serving {cfg.image_dir} on {mountpoint}")
+            except OSError as e:
+                log.warning("cannot notify systemd: %s", e)
+        _write_ready(ready_fd, b"R")
+        log.info("ready")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_signals)
+        nursery.start_soon(announce_ready)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+# -- the background parent ---------------------------------------------------------------
+def default_log_file(mountpoint: str) -> str:
+    """/run/overlayfs-inetsk/<mountpoint, systemd-escape style>.log"""
+    real = os.path.realpath(mountpoint).strip("/") or "-"
+    name = "".join(c if (c.isalnum() or c in "_.") else ("-" if c == "/" else f"\\x{ord(c):02x}")
+                   for c in real)
+    return os.path.join(RUN_DIR, name + ".log")
+
+
+def spawn_background(cfg: MountConfig) -> tuple[int, str]:
+    """Start the detached daemon and wait until it serves. Returns (pid, log file); raises
+    InetskError carrying the daemon's own one-line message when it fails."""
+    log_file = os.path.abspath(cfg.log_file or default_log_file(cfg.mountpoint))
+    try:
+        os.makedirs(os.path.dirname(log_file), mode=0o755, exist_ok=True)
+        out = open(log_file, "ab")
+    except OSError as e:
+        raise MountError(f"{log_file}: cannot open log file: {e.strerror}") from None
+    r, w = os.pipe()
+    try:
+        with out:
+            proc = subprocess.Popen(
+                cfg.child_argv(w, log_file), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=out, pass_fds=(w,), start_new_session=True, close_fds=True,
+                env=dict(cfg.env))
+        os.close(w)
+        w = -1
+        msg = _read_ready(r, proc)
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+    if msg == b"R":
+        return proc.pid, log_file
+    if msg.startswith(b"E"):
+        code = proc.wait(5) if proc.poll() is None else proc.returncode
+        err = InetskError(msg[1:].decode(errors="replace"))
+        err.exit_code = code or 1
+        raise err
+    rc = proc.poll()
+    if rc is None:  # no answer in time: do not leave a half-started daemon behind
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise MountError(f"{cfg.mountpoint}: the daemon did not become ready within "
+                         f"{READY_TIMEOUT:.0f} s (log: {log_file})")
+    raise MountError(f"{cfg.mountpoint}: the daemon exited with status {rc} before it was "
+                     f"ready (log: {log_file})")
+
+
+def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> bytes:
+    deadline = time.monotonic() + READY_TIMEOUT
+    buf = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return buf
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if not ready:
+            if proc.poll() is not None:  # died without closing? (the pipe would be EOF)
+                return buf
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return buf
+        buf += chunk
+        if buf == b"R":
+            return buf
+
+
+# -- umount ------------------------------------------------------------------------------
+def _unescape(field_: str) -> str:
+    out, i = [], 0
+    while i < len(field_):
+        if field_[i] == "\\" and field_[i + 1:i + 4].isdigit() and i + 4 <= len(field_):
+            out.append(chr(int(field_[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_[i])
+            i += 1
+    return "".join(out)
+
+
+def find_mount(mountpoint: str) -> tuple[str, str, str] | None:
+    """(mount point, fs type, source) of the topmost mount at `mountpoint`, or None."""
+    candidates = {os.path.abspath(mountpoint), os.path.realpath(mountpoint)}
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            fields = pre.split()
+            mp = _unescape(fields[4])
+            if mp in candidates:
+                ptype, source = post.split()[:2]
+                found = (mp, ptype, _unescape(source))  # later lines are on top
+    return found
+
+
+def unmount(mountpoint: str, run: Callable[..., subprocess.CompletedProcess[bytes]]
+            = subprocess.run) -> str:
+    """Unmount our mount at `mountpoint`; returns how ("fusermount3 -u" etc.). MountError
+    if nothing or something else is mounted there."""
+    m = find_mount(mountpoint)
+    if m is None:
+        raise MountError(f"{mountpoint}: not mounted")
+    mp, fstype, source = m
+    if fstype != FSTYPE and source != FSNAME:
+        raise MountError(f"{mountpoint}: not an overlayfs-inetsk mount "
+                         f"(it is {fstype} from {source})")
+    errors = []
+    for cmd in (["fusermount3", "-u", mp], ["fusermount3", "-u", "-z", mp], ["umount", "-l", mp]):
+        try:
+            p = run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            errors.append(f"{cmd[0]}: {e}")
+            continue
+        if p.returncode == 0 and find_mount(mp) != m:
+            return " ".join(cmd[:-1])
+        errors.append((p.stderr or b"").decode(errors="replace").strip() or
+                      f"{' '.join(cmd[:-1])} exited {p.returncode}")
+    raise MountError(f"{mountpoint}: cannot unmount: {'; '.join(errors)}")
