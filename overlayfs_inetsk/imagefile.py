@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from .errors import ImageError
 
@@ -24,8 +24,7 @@ _U32 = struct.Struct("<I" if sys.byteorder == "little" else ">I")
 _HEADER = struct.Struct(_U32.format[0] + "II")
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     offset: int  # of the entry's length prefix within the file
     payload: bytes  # the packed protobuf message
 

@@ -29,6 +29,7 @@ from .sockaddr import (
     TCP_STATES,
     IPAddress,
     addr_to_words,
+    fmt_addr,
     fmt_endpoint,
     is_special,
     words_to_addr,
@@ -128,26 +129,31 @@ class _Parsed:
     socks: list[_Sock]
 
 
-_addr_cache: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
+class _Interner:
+    """One IPAddress object per distinct address of a plan, so hot paths can key caches on
+    small tuples and object identity instead of hashing ipaddress objects."""
+
+    def __init__(self) -> None:
+        self.addrs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
+        self.src: dict[int, IPAddress] = {}  # id -> address used as a local (src) address
+
+    def get(self, words: Iterable[int], family: int) -> IPAddress:
+        key = (family, tuple(words))
+        got = self.addrs.get(key)
+        if got is None:
+            got = self.addrs[key] = words_to_addr(key[1], family)
+        return got
 
 
-def _addr(words: Iterable[int], family: int) -> IPAddress:
-    key = (family, tuple(words))
-    got = _addr_cache.get(key)
-    if got is None:
-        got = words_to_addr(key[1], family)
-        if len(_addr_cache) < 65536:
-            _addr_cache[key] = got
-    return got
-
-
-def _socket_from(path: str, offset: int, isk: object) -> SocketReport:
+def _socket_from(path: str, offset: int, isk: object, interner: _Interner) -> SocketReport:
     fam = isk.family  # type: ignore[attr-defined]
     if fam not in (AF_INET, AF_INET6):
-        raise ImageError(path, f"inet socket id {isk.id} has family {fam}, not AF_INET/AF_INET6", offset)  # type: ignore[attr-defined]
+        raise ImageError(
+            path, f"inet socket id {isk.id} has family {fam}, not AF_INET/AF_INET6", offset  # type: ignore[attr-defined]
+        )
     try:
-        src = _addr(isk.src_addr, fam)  # type: ignore[attr-defined]
-        dst = _addr(isk.dst_addr, fam)  # type: ignore[attr-defined]
+        src = interner.get(isk.src_addr, fam)  # type: ignore[attr-defined]
+        dst = interner.get(isk.dst_addr, fam)  # type: ignore[attr-defined]
     except ValueError as exc:
         raise ImageError(
             path,
@@ -155,14 +161,17 @@ def _socket_from(path: str, offset: int, isk: object) -> SocketReport:
             f"(src_addr has {len(isk.src_addr)} words, dst_addr {len(isk.dst_addr)})",  # type: ignore[attr-defined]
             offset,
         ) from None
+    interner.src[id(src)] = src
     return SocketReport(
         path, offset, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,  # type: ignore[attr-defined]
         src, isk.src_port, dst, isk.dst_port,  # type: ignore[attr-defined]
     )
 
 
-def parse_sockets(data: bytes, path: str) -> _Parsed:
+def parse_sockets(data: bytes, path: str, interner: _Interner | None = None) -> _Parsed:
     """Parse a socket image (files.img or inetsk.img) and decode its inet sockets only."""
+    if interner is None:
+        interner = _Interner()
     name = posixpath.basename(path)
     magic = imagefile.MAGIC_BY_NAME.get(name)
     image = imagefile.parse(data, path, magic)
@@ -184,14 +193,14 @@ def parse_sockets(data: bytes, path: str) -> _Parsed:
                 raise ImageError(
                     path, f"file_entry.id {fe.id} != isk.id {fe.isk.id}", entry.offset
                 )
-            socks.append(_Sock(_socket_from(path, entry.offset, fe.isk), i, fe, fe.isk))
+            socks.append(_Sock(_socket_from(path, entry.offset, fe.isk, interner), i, fe, fe.isk))
     elif image.magic == imagefile.INETSK_MAGIC:
         for i, entry in enumerate(image.entries):
             try:
                 isk = sk_inet_pb2.inet_sk_entry.FromString(entry.payload)
             except DecodeError as exc:
                 raise ImageError(path, f"not a valid inet_sk_entry: {exc}", entry.offset) from None
-            socks.append(_Sock(_socket_from(path, entry.offset, isk), i, isk, isk))
+            socks.append(_Sock(_socket_from(path, entry.offset, isk, interner), i, isk, isk))
     else:
         raise ImageError(path, f"image type 0x{image.magic:08x} holds no inet sockets")
     return _Parsed(path, data, image, socks)
@@ -227,7 +236,7 @@ def _decide(r: SocketReport, bmap: BoundMap, options: RewriteOptions) -> None:
     src_hit = bmap.lookup(r.src)
     dst_hit = bmap.lookup(r.dst)
     if r.klass == "tcp-peer-outside" and src_hit is not None:
-        peer = r.remote
+        peer = fmt_addr(r.dst)
         if options.tcp_outside == "close":
             r.verdict = CLOSED
             r.reason = f"peer {peer} is outside the map: restored as a closed connection"
@@ -269,7 +278,7 @@ def _decide(r: SocketReport, bmap: BoundMap, options: RewriteOptions) -> None:
                         "unless this node has it")
 
 
-def _apply(s: _Sock) -> bytes:
+def _apply(s: _Sock, words_of: dict[int, list[int]]) -> bytes:
     r = s.report
     isk = s.isk
     if r.verdict == CLOSED:
@@ -281,17 +290,15 @@ def _apply(s: _Sock) -> bytes:
                 words[i] = 0
         isk.shutdown = SHUT_BOTH  # type: ignore[attr-defined]
     else:
-        if r.new_src is not None:
-            _set_words(isk.src_addr, r.new_src)  # type: ignore[attr-defined]
-        if r.new_dst is not None:
-            _set_words(isk.dst_addr, r.new_dst)  # type: ignore[attr-defined]
+        for field_, addr in ((isk.src_addr, r.new_src), (isk.dst_addr, r.new_dst)):  # type: ignore[attr-defined]
+            if addr is None:
+                continue
+            words = words_of.get(id(addr))
+            if words is None:
+                words = words_of[id(addr)] = addr_to_words(addr)
+            for i, w in enumerate(words):  # IPv4 entries may carry extra words: keep them
+                field_[i] = w
     return s.msg.SerializeToString()  # type: ignore[attr-defined]
-
-
-def _set_words(field_: object, addr: IPAddress) -> None:
-    words = addr_to_words(addr)
-    for i, w in enumerate(words):  # IPv4 entries may carry extra words: keep them
-        field_[i] = w  # type: ignore[index]
 
 
 def plan_group(
@@ -302,18 +309,31 @@ def plan_group(
 ) -> dict[str, RewriteResult]:
     """Rewrite all socket images of ONE checkpoint (name -> bytes). Never raises for a
     refused socket or a --strict violation: those show in the reports (see problems())."""
-    parsed = [parse_sockets(data, name) for name, data in images.items()]
-    bmap = amap.bind((s.report.src for p in parsed for s in p.socks), resolve)
+    interner = _Interner()
+    parsed = [parse_sockets(data, name, interner) for name, data in images.items()]
+    bmap = amap.bind(interner.src.values(), resolve)
+    # Sockets that agree on these inputs get the same decision: decide once per distinct key
+    # (addresses are interned, so their ids identify them for the plan's lifetime).
+    decided: dict[tuple[int, int, int, int, bool], SocketReport] = {}
+    words_of: dict[int, list[int]] = {}
     results: dict[str, RewriteResult] = {}
     for p in parsed:
         changed: dict[int, bytes] = {}
         for s in p.socks:
-            try:
-                _decide(s.report, bmap, options)
-            except RewriteError as exc:
-                raise RewriteError(f"{p.path}: {exc}") from None
-            if s.report.verdict in (REWRITTEN, CLOSED):
-                changed[s.entry_index] = _apply(s)
+            r = s.report
+            key = (r.type, r.state, id(r.src), id(r.dst), r.dport != 0)
+            d = decided.get(key)
+            if d is None:
+                try:
+                    _decide(r, bmap, options)
+                except RewriteError as exc:
+                    raise RewriteError(f"{p.path}: {exc}") from None
+                decided[key] = r
+            else:
+                r.klass, r.verdict, r.reason = d.klass, d.verdict, d.reason
+                r.new_src, r.new_dst = d.new_src, d.new_dst
+            if r.verdict in (REWRITTEN, CLOSED):
+                changed[s.entry_index] = _apply(s, words_of)
         if changed:
             data = imagefile.encode(
                 p.image.magic,
