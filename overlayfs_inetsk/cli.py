@@ -122,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception:  # a bug: show it in full, with a code of its own
+        import traceback
+
+        traceback.print_exc()
+        print("overlayfs-inetsk: internal error (a bug; please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
