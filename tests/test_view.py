@@ -1,0 +1,167 @@
+"""view.View: the static tree model, no FUSE."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from overlayfs_inetsk.view import ROOT_INODE, Kind, View, ViewError
+
+ODD = b"odd \xff\x01name"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """An extracted Podman-style checkpoint: checkpoint/ with CRIU images beside other
+    files, plus a flat socket image at the top and symlinks of every kind."""
+    root = tmp_path / "img"
+    (root / "checkpoint").mkdir(parents=True)
+    (root / "checkpoint" / "files.img").write_bytes(b"F" * 10)
+    (root / "checkpoint" / "inetsk.img").write_bytes(b"I" * 5)
+    (root / "checkpoint" / "pages-1.img").write_bytes(b"P" * 100)
+    (root / "spec.dump").write_bytes(b"{}")
+    (root / "files.img").write_bytes(b"top")
+    (root / "empty").mkdir()
+    rb = os.fsencode(root)
+    with open(os.path.join(rb, ODD), "wb") as f:
+        f.write(b"odd")
+    os.symlink("checkpoint/pages-1.img", root / "link-in")
+    os.symlink("/etc/hostname", root / "link-out")
+    os.symlink("nowhere", root / "link-dangling")
+    os.symlink("loop-b", root / "loop-a")
+    os.symlink("loop-a", root / "loop-b")
+    os.symlink("checkpoint", root / "dirlink")
+    os.symlink("..", root / "checkpoint" / "up")
+    os.symlink("../spec.dump", root / "checkpoint" / "files-link.img")
+    os.mkfifo(root / "fifo")
+    return root
+
+
+def by_path(view: View) -> dict[bytes, int]:
+    return {view.path(i): i for i in view.nodes}
+
+
+def test_tree_kinds_and_groups(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        view = View.build(str(tree))
+    real = os.fsencode(os.path.realpath(tree))
+    assert view.image_dir == real
+    paths = by_path(view)
+    node = view.node
+    assert node(ROOT_INODE).kind is Kind.DIR
+    assert node(paths[b"checkpoint"]).kind is Kind.DIR
+    assert node(paths[b"empty"]).kind is Kind.DIR
+    assert node(paths[b"checkpoint/files.img"]).kind is Kind.SOCKET_IMAGE
+    assert node(paths[b"checkpoint/inetsk.img"]).kind is Kind.SOCKET_IMAGE
+    assert node(paths[b"files.img"]).kind is Kind.SOCKET_IMAGE
+    # every other file: a symlink to the original's absolute real path
+    pages = node(paths[b"checkpoint/pages-1.img"])
+    assert pages.kind is Kind.LINK
+    assert pages.link_target == real + b"/checkpoint/pages-1.img"
+    assert node(paths[b"spec.dump"]).link_target == real + b"/spec.dump"
+    assert node(paths[ODD]).link_target == real + b"/" + ODD
+    # in-tree symlinks point at the resolved real path; named like a socket image or not
+    assert node(paths[b"link-in"]).link_target == real + b"/checkpoint/pages-1.img"
+    assert node(paths[b"checkpoint/files-link.img"]).link_target == real + b"/spec.dump"
+    # a directory symlink stays inside the view (its socket images are rewritten there)
+    assert node(paths[b"dirlink"]).kind is Kind.LINK
+    assert node(paths[b"dirlink"]).link_target == b"checkpoint"
+    # left out, one WARNING each
+    for name in (b"link-out", b"link-dangling", b"loop-a", b"loop-b", b"fifo",
+                 b"checkpoint/up"):
+        assert name not in paths, name
+    left = dict(view.left_out)
+    assert "outside" in left[b"link-out"]
+    assert "dangling" in left[b"link-dangling"]
+    assert "loops" in left[b"loop-a"] and "loops" in left[b"loop-b"]
+    assert "loops" in left[b"checkpoint/up"]
+    assert "regular" in left[b"fifo"]
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == len(left) == 6
+    # groups: every socket image of one directory together, name -> original
+    groups = {view.path(d): dict(g) for d, g in view.iter_socket_groups()}
+    assert groups == {
+        b"checkpoint": {"files.img": real + b"/checkpoint/files.img",
+                        "inetsk.img": real + b"/checkpoint/inetsk.img"},
+        b".": {"files.img": real + b"/files.img"},
+    }
+
+
+def test_lookup_children_and_modes(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    view = View.build(os.fsencode(tree))
+    ck = view.lookup(ROOT_INODE, b"checkpoint")
+    assert ck is not None and ck.kind is Kind.DIR
+    assert view.lookup(ck.inode, b".") is ck
+    assert view.lookup(ck.inode, b"..") is view.root
+    assert view.lookup(ROOT_INODE, b"..") is view.root
+    assert view.lookup(ROOT_INODE, b"missing") is None
+    assert view.lookup(999999, b"x") is None
+    odd = view.lookup(ROOT_INODE, ODD)
+    assert odd is not None and odd.name == ODD
+    names = [n.name for n in view.children(ROOT_INODE)]
+    assert names == sorted(names)
+    assert names == sorted([b"checkpoint", b"dirlink", b"empty", b"files.img", b"link-in",
+                            ODD, b"spec.dump"])
+    assert view.children(ck.inode)[0].parent == ck.inode
+    # no write bits anywhere; symlinks 0777 with their target's length as size
+    for n in view.nodes.values():
+        assert n.mode & 0o222 == 0 or n.kind is Kind.LINK
+    fimg = view.lookup(ck.inode, b"files.img")
+    assert fimg is not None
+    assert stat.S_ISREG(fimg.mode) and fimg.size == 10
+    link = view.lookup(ROOT_INODE, b"spec.dump")
+    assert link is not None
+    assert stat.S_ISLNK(link.mode) and link.size == len(link.link_target or b"")
+    assert stat.S_ISDIR(ck.mode)
+    assert view.display(fimg.inode) == "checkpoint/files.img"
+    assert view.path(ROOT_INODE) == b"."
+
+
+def test_serve_read_mode(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    view = View.build(str(tree), serve="read")
+    paths = by_path(view)
+    real = os.fsencode(os.path.realpath(tree))
+    pages = view.node(paths[b"checkpoint/pages-1.img"])
+    assert pages.kind is Kind.FILE and pages.real_path == real + b"/checkpoint/pages-1.img"
+    assert view.node(paths[b"link-in"]).kind is Kind.FILE
+    assert view.node(paths[b"link-in"]).real_path == pages.real_path
+    assert view.node(paths[b"checkpoint/files.img"]).kind is Kind.SOCKET_IMAGE
+    assert view.node(paths[b"dirlink"]).kind is Kind.LINK  # still inside the view
+
+
+def test_socket_image_symlink_in_tree(tmp_path: Path) -> None:
+    """files.img that is a symlink inside the tree is still a socket image, read from its
+    resolved original."""
+    root = tmp_path / "img"
+    (root / "store").mkdir(parents=True)
+    (root / "ck").mkdir()
+    (root / "store" / "orig").write_bytes(b"x")
+    os.symlink("../store/orig", root / "ck" / "files.img")
+    view = View.build(root)
+    ck = view.lookup(ROOT_INODE, b"ck")
+    assert ck is not None
+    f = view.lookup(ck.inode, b"files.img")
+    assert f is not None and f.kind is Kind.SOCKET_IMAGE
+    assert dict(view.socket_group(ck.inode)) == {
+        "files.img": os.fsencode(os.path.realpath(root / "store" / "orig"))}
+
+
+def test_image_dir_errors(tmp_path: Path) -> None:
+    with pytest.raises(ViewError, match="No such file"):
+        View.build(tmp_path / "missing")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ViewError, match="not a directory"):
+        View.build(tmp_path / "file")
+    with pytest.raises(ViewError, match="serve mode"):
+        View.build(tmp_path, serve="copy")  # type: ignore[arg-type]
+
+
+def test_root_through_symlink_and_inodes_stable(tree: Path, tmp_path: Path) -> None:
+    os.symlink(tree, tmp_path / "alias")
+    a = View.build(tmp_path / "alias")
+    b = View.build(tree)
+    assert a.image_dir == b.image_dir
+    assert by_path(a) == by_path(b)  # same walk, same inode numbers
