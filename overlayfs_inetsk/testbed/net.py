@@ -354,10 +354,10 @@ class TestNet:
             raise ValueError(f"host name {name!r}: 1-6 letters/digits")
         if name in self.hosts:
             raise ValueError(f"host {name!r} exists")
-        self._count += 1
-        n = self._count
+        n = self._count + 1
         v4 = _iface(f"10.77.0.{n}/16") if ipv4 is AUTO else (None if ipv4 is None else _iface(ipv4))
         v6 = _iface(f"fd77::{n:x}/64") if ipv6 is AUTO else (None if ipv6 is None else _iface(ipv6))
+        self._count = n
         netns = f"{self.prefix}{name}"
         port = f"p-{name}"
         self._add_netns(netns)
