@@ -1,0 +1,356 @@
+"""Real mounts: `overlayfs-inetsk mount` in a subprocess, files read through the kernel."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagefactory import files_img, inet_file_entry, isk, reg_file_entry
+from overlayfs_inetsk.addrmap import AddressMap
+from overlayfs_inetsk.rewrite import RewriteOptions, parse_sockets, rewrite_group
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse]
+
+CLI = [sys.executable, "-m", "overlayfs_inetsk.cli"]
+ODD = b"odd \xff name"
+
+
+def served_src(data: bytes) -> list[str]:
+    return [str(s.report.src) for s in parse_sockets(data, "served").socks]
+
+
+class Mounts:
+    """Starts mounts, remembers them, and always clears them (and their daemons)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.points: list[Path] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def mountpoint(self, name: str = "mnt") -> Path:
+        mp = self.tmp / name
+        mp.mkdir(exist_ok=True)
+        self.points.append(mp)
+        return mp
+
+    def mount(self, image: Path, mp: Path, *opts: str,
+              check: bool = True) -> subprocess.CompletedProcess[str]:
+        self.points.append(mp)
+        log = self.tmp / f"{mp.name}.log"
+        cp = subprocess.run([*CLI, "mount", str(image), str(mp), "--log-file", str(log), *opts],
+                            capture_output=True, text=True, timeout=60)
+        if check:
+            assert cp.returncode == 0, cp.stderr
+            assert os.path.ismount(mp)
+        return cp
+
+    def foreground(self, image: Path, mp: Path, *opts: str,
+                   env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        self.points.append(mp)
+        p = subprocess.Popen([*CLI, "mount", str(image), str(mp), "--foreground", *opts],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.procs.append(p)
+        return p
+
+    def umount(self, mp: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, "umount", str(mp)], capture_output=True, text=True,
+                              timeout=60)
+
+    def close(self) -> None:
+        for mp in self.points:
+            if os.path.ismount(mp) or _stale(mp):
+                subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for pid in daemon_pids(self.tmp):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _stale(mp: Path) -> bool:
+    try:
+        os.stat(mp)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def daemon_pids(tmp: Path) -> list[int]:
+    """Daemons whose command line names a path under tmp."""
+    out = []
+    key = os.fsencode(str(tmp))
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"overlayfs_inetsk" in cmd and b"\0mount\0" in cmd and key in cmd:
+            out.append(int(d))
+    return out
+
+
+@pytest.fixture
+def mounts(tmp_path: Path) -> Iterator[Mounts]:
+    m = Mounts(tmp_path)
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """Extracted Podman-style checkpoint: checkpoint/ with a files.img, beside other files."""
+    root = tmp_path / "img"
+    (root / "checkpoint").mkdir(parents=True)
+    (root / "checkpoint" / "files.img").write_bytes(files_img(
+        inet_file_entry(isk(1, "1.2.3.4", 8080)),
+        reg_file_entry(2),
+        inet_file_entry(isk(3, "10.0.1.5", 53, proto="udp")),
+    ))
+    (root / "checkpoint" / "pages-1.img").write_bytes(os.urandom(300_000))
+    (root / "spec.dump").write_bytes(b'{"x": 1}')
+    with open(os.path.join(os.fsencode(root), ODD), "wb") as f:
+        f.write(b"odd")
+    return root
+
+
+def expected_files_img(image: Path, *specs: str) -> bytes:
+    path = str(image / "checkpoint" / "files.img")
+    data = Path(path).read_bytes()
+    return rewrite_group({path: data}, AddressMap.from_args(specs), None,
+                         RewriteOptions())[path].data
+
+
+MAP = ("--map", "1.2.3.4=10.200.200.200", "--map", "10.0.1.0/24=10.9.0.0/24")
+
+
+def test_mount_serves_rewritten_and_original_bytes(mounts: Mounts, image: Path) -> None:
+    mp = mounts.mountpoint()
+    t0 = time.monotonic()
+    cp = mounts.mount(image, mp, *MAP)
+    took = time.monotonic() - t0
+    assert "mounted on" in cp.stdout and "pid" in cp.stdout
+    assert took < 5, took  # target < 1 s; generous against a loaded CI box
+    with open("/proc/mounts") as f:
+        line = next(ln for ln in f if f" {mp} " in ln)
+    src, _, fstype, opts = line.split()[:4]
+    assert src == "overlayfs-inetsk" and fstype == "fuse.overlayfs-inetsk"
+    assert "ro" in opts.split(",") and "default_permissions" in opts
+    assert "allow_other" not in opts
+    served = (mp / "checkpoint" / "files.img").read_bytes()
+    assert served == expected_files_img(image, *MAP[1::2])
+    assert served_src(served) == ["10.200.200.200", "10.9.0.5"]
+    # generated size (not the original's) once generated
+    assert os.stat(mp / "checkpoint" / "files.img").st_size == len(served)
+    for rel in ("checkpoint/pages-1.img", "spec.dump"):
+        assert os.readlink(mp / rel) == str(image / rel)
+        assert (mp / rel).read_bytes() == (image / rel).read_bytes()
+    odd = os.path.join(os.fsencode(mp), ODD)
+    with open(odd, "rb") as f:
+        assert f.read() == b"odd"
+    assert sorted(os.listdir(mp)) == sorted(["checkpoint", "spec.dump", os.fsdecode(ODD)])
+    cp2 = mounts.umount(mp)
+    assert cp2.returncode == 0, cp2.stderr
+    assert not os.path.ismount(mp)
+    time.sleep(0.3)
+    assert daemon_pids(mounts.tmp) == []  # the daemon ends with its mount
+
+
+def test_erofs(mounts: Mounts, image: Path) -> None:
+    mp = mounts.mountpoint()
+    mounts.mount(image, mp, *MAP)
+    ck = mp / "checkpoint"
+    checks = {
+        "write": lambda: open(ck / "files.img", "r+b"),
+        "create": lambda: open(ck / "new", "wb"),
+        "unlink": lambda: os.unlink(ck / "files.img"),
+        "rename": lambda: os.rename(ck / "files.img", ck / "x"),
+        "mkdir": lambda: os.mkdir(ck / "d"),
+        "rmdir": lambda: os.rmdir(ck),
+        "chmod": lambda: os.chmod(ck / "files.img", 0o600),
+        "utime": lambda: os.utime(ck),
+        "truncate": lambda: os.truncate(ck / "files.img", 0),
+        "setxattr": lambda: os.setxattr(ck / "files.img", "user.x", b"1"),
+        "symlink": lambda: os.symlink("x", ck / "s"),
+    }
+    for what, fn in checks.items():
+        with pytest.raises(OSError) as ei:
+            fn()
+        assert ei.value.errno == errno.EROFS, what
+    assert (image / "checkpoint" / "files.img").exists()
+
+
+def test_serve_read(mounts: Mounts, image: Path) -> None:
+    mp = mounts.mountpoint()
+    mounts.mount(image, mp, "--serve", "read", *MAP)
+    pages = mp / "checkpoint" / "pages-1.img"
+    assert not pages.is_symlink()
+    assert pages.read_bytes() == (image / "checkpoint" / "pages-1.img").read_bytes()
+    assert served_src((mp / "checkpoint" / "files.img").read_bytes())[0] == "10.200.200.200"
+
+
+def test_kill9_then_umount_and_fresh_mount(mounts: Mounts, image: Path) -> None:
+    mp = mounts.mountpoint()
+    mounts.mount(image, mp, *MAP)
+    [pid] = daemon_pids(mounts.tmp)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    with pytest.raises(OSError) as ei:
+        os.listdir(mp)
+    assert ei.value.errno == errno.ENOTCONN
+    cp = mounts.mount(image, mp, *MAP, check=False)  # refused, with a hint
+    assert cp.returncode != 0 and "umount" in cp.stderr
+    cp = mounts.umount(mp)
+    assert cp.returncode == 0, cp.stderr
+    assert not os.path.ismount(mp) and not _stale(mp)
+    mounts.mount(image, mp, *MAP)
+    assert served_src((mp / "checkpoint" / "files.img").read_bytes())[0] == "10.200.200.200"
+
+
+def test_two_mounts_independent(mounts: Mounts, image: Path) -> None:
+    a, b = mounts.mountpoint("a"), mounts.mountpoint("b")
+    mounts.mount(image, a, "--map", "1.2.3.4=10.1.1.1")
+    mounts.mount(image, b, "--map", "1.2.3.4=10.2.2.2", "--serve", "read")
+    assert served_src((a / "checkpoint" / "files.img").read_bytes())[0] == "10.1.1.1"
+    assert served_src((b / "checkpoint" / "files.img").read_bytes())[0] == "10.2.2.2"
+    assert mounts.umount(a).returncode == 0
+    assert os.path.ismount(b) and not os.path.ismount(a)
+    assert served_src((b / "checkpoint" / "files.img").read_bytes())[0] == "10.2.2.2"
+
+
+def test_failed_generation_is_eio_and_daemon_keeps_serving(mounts: Mounts,
+                                                           image: Path) -> None:
+    mp = mounts.mountpoint()
+    # auto on an interface that does not exist: generation fails at open time
+    mounts.mount(image, mp, "--map", "1.2.3.4=auto", "--iface", "nonexistent0")
+    with pytest.raises(OSError) as ei:
+        (mp / "checkpoint" / "files.img").read_bytes()
+    assert ei.value.errno == errno.EIO
+    with pytest.raises(OSError):  # not cached: retried, fails again
+        (mp / "checkpoint" / "files.img").read_bytes()
+    assert (mp / "spec.dump").read_bytes() == b'{"x": 1}'
+    log = (mounts.tmp / "mnt.log").read_text()
+    lines = [ln for ln in log.splitlines() if "ERROR" in ln]
+    assert len(lines) == 2 and "checkpoint/files.img" in lines[0]
+    assert "nonexistent0" in lines[0]
+    assert "Traceback" not in log
+
+
+def test_validation_errors_are_one_line(mounts: Mounts, image: Path, tmp_path: Path) -> None:
+    mp = mounts.mountpoint()
+    bad = tmp_path / "bad"
+    (bad / "checkpoint").mkdir(parents=True)
+    (bad / "checkpoint" / "files.img").write_bytes(b"\x19\x43\x56\x54garbage")
+    cases = [
+        ((str(image), str(mp), "--map", "1.2.3.4=nonsense"), "nonsense"),
+        ((str(tmp_path / "missing"), str(mp)), "missing"),
+        ((str(bad), str(mp)), "files.img"),
+        ((str(image), str(mp), "--netns", "/run/netns/oit-missing-ns"), "oit-missing-ns"),
+        ((str(image), str(tmp_path / "nomp")), "nomp"),
+        ((str(image), str(image)), "overlap"),
+    ]
+    for args, word in cases:
+        for fg in ((), ("--foreground",)):
+            cp = subprocess.run([*CLI, "mount", *args, *fg], capture_output=True, text=True,
+                                timeout=60)
+            assert cp.returncode != 0, args
+            err = cp.stderr.strip()
+            assert "\n" not in err and word in err and "Traceback" not in err, (args, err)
+            assert not os.path.ismount(mp)
+    assert not os.path.exists("/run/netns/oit-missing-ns")
+
+
+def test_umount_errors(mounts: Mounts, tmp_path: Path) -> None:
+    cp = mounts.umount(tmp_path)
+    assert cp.returncode != 0 and "not mounted" in cp.stderr
+    cp = mounts.umount(Path("/proc"))
+    assert cp.returncode != 0 and "not an overlayfs-inetsk mount" in cp.stderr
+
+
+def test_foreground_sigterm_and_systemd_notify(mounts: Mounts, image: Path,
+                                               tmp_path: Path) -> None:
+    mp = mounts.mountpoint()
+    sock_path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(sock_path)
+        ns.settimeout(20)
+        env = dict(os.environ, NOTIFY_SOCKET=sock_path)
+        p = mounts.foreground(image, mp, "--systemd", *MAP, env=env)
+        msg = ns.recv(4096).decode()
+        assert "READY=1" in msg
+        assert os.path.ismount(mp)  # READY only once the mount serves
+        assert served_src((mp / "checkpoint" / "files.img").read_bytes())[0] == "10.200.200.200"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+        assert "STOPPING=1" in ns.recv(4096).decode()
+    assert not os.path.ismount(mp)
+    # SIGINT too, and an unmount from another shell ends a foreground daemon
+    p = mounts.foreground(image, mp, *MAP)
+    _wait_mounted(mp)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(20) == 0 and not os.path.ismount(mp)
+    p = mounts.foreground(image, mp, *MAP)
+    _wait_mounted(mp)
+    subprocess.run(["fusermount3", "-u", str(mp)], check=True)
+    assert p.wait(20) == 0 and not os.path.ismount(mp)
+
+
+def _wait_mounted(mp: Path, timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while not os.path.ismount(mp):
+        assert time.monotonic() < end, "mount did not appear"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A namespace with 10.77.31.7/24 and fd77::31:7/64 on a veth holding the default route."""
+    name = f"oit{secrets.token_hex(3)}"
+    path = f"/run/netns/{name}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", "-n", name, *args], check=True, capture_output=True)
+
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
+        for dev in ("lo", "v0", "v1"):
+            ip("link", "set", dev, "up")
+        ip("addr", "add", "10.77.31.7/24", "dev", "v0")
+        ip("-6", "addr", "add", "fd77::31:7/64", "dev", "v0", "nodad")
+        ip("route", "add", "default", "via", "10.77.31.1", "dev", "v0")
+        yield path
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_auto_in_netns(mounts: Mounts, image: Path, netns: str) -> None:
+    mp = mounts.mountpoint()
+    mounts.mount(image, mp, "--map", "1.2.3.4=auto", "--netns", netns)
+    assert served_src((mp / "checkpoint" / "files.img").read_bytes())[0] == "10.77.31.7"
+    # a /proc/PID/ns/net path works as well
+    holder = subprocess.Popen(["nsenter", f"--net={netns}", "sleep", "60"])
+    try:
+        time.sleep(0.2)
+        mp2 = mounts.mountpoint("mnt2")
+        mounts.mount(image, mp2, "--map", "1.2.3.4=auto", "--netns",
+                     f"/proc/{holder.pid}/ns/net", "--iface", "v0")
+        assert served_src((mp2 / "checkpoint" / "files.img").read_bytes())[0] == "10.77.31.7"
+    finally:
+        holder.kill()
+        holder.wait()
