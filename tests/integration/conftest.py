@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -14,7 +15,7 @@ from overlayfs_inetsk.testbed import TestNet, cleanup_stale
 @pytest.fixture(scope="session", autouse=True)
 def _stale_testnets() -> None:
     """Remove namespaces left by earlier testbed runs that crashed (owner process gone)."""
-    if __import__("os").geteuid() == 0:
+    if os.geteuid() == 0:
         cleanup_stale()
 
 
