@@ -180,12 +180,14 @@ def become_subreaper() -> None:
 
 
 def restore(host: Host, images_dir: str | os.PathLike[str], work_dir: str | os.PathLike[str],
-            *, tcp_established: bool = False, extra: Sequence[str] = (),
+            *, tcp_established: bool | None = None, extra: Sequence[str] = (),
             timeout: float = 60) -> int:
     """``criu restore -D images_dir -W work_dir -o restore.log -v4 -d --pidfile
     work_dir/restore.pid`` inside ``host``. Nothing is written to images_dir (it may be
-    read-only or a FUSE mount). Returns the restored root's pid; raises :class:`CriuError`
-    with the log tail (``work_dir/restore.log``) on failure."""
+    read-only or a FUSE mount). ``--tcp-established`` is passed when ``tcp_established``
+    is True, or when it is None (default) and the images hold ``tcp-stream-*.img`` (dumped
+    with --tcp-established: restoring them needs it too). Returns the restored root's pid;
+    raises :class:`CriuError` with the log tail (``work_dir/restore.log``) on failure."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     pidfile = work / "restore.pid"
@@ -194,6 +196,8 @@ def restore(host: Host, images_dir: str | os.PathLike[str], work_dir: str | os.P
     become_subreaper()
     argv = ["restore", "-D", str(images_dir), "-W", str(work), "-o", str(log), "-v4", "-d",
             "--pidfile", str(pidfile)]
+    if tcp_established is None:
+        tcp_established = any(Path(images_dir).glob("tcp-stream-*.img"))
     if tcp_established:
         argv.append("--tcp-established")
     argv += list(extra)

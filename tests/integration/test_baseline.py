@@ -147,7 +147,11 @@ def test_workload_self_connection_and_client_survive_restore_in_place(testnet, i
     assert "Connected TCP socket, consider using --tcp-established option" in ei.value.log
     assert criu.is_alive(pid)
     criu.dump(a, pid, image_dirs.images, tcp_established=True)
-    rpid = criu.restore(a, image_dirs.images, image_dirs.work, tcp_established=True)
+    with pytest.raises(criu.CriuError) as ei:  # restore needs --tcp-established too
+        criu.restore(a, image_dirs.images, image_dirs.work_for("plain"), tcp_established=False)
+    assert "Connected TCP socket in image" in ei.value.log
+    assert a.pids() == []
+    rpid = criu.restore(a, image_dirs.images, image_dirs.work)  # auto: tcp-stream-*.img
     assert probe.self_check(p, A4, 7200) == {"self": "OK"}
     assert probe.tcp_command(p, A4, 7200, "CLIENT cli again")[0].startswith("CLIENT cli OK")
     assert criu.is_alive(server) and criu.is_alive(rpid)
