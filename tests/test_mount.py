@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -16,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from imagefactory import files_img, inet_file_entry, isk, reg_file_entry
+from pycriu.images import fdinfo_pb2
 from overlayfs_inetsk.addrmap import AddressMap
-from overlayfs_inetsk.rewrite import RewriteOptions, parse_sockets, rewrite_group
+from overlayfs_inetsk.rewrite import RewriteOptions, rewrite_group
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -26,7 +29,18 @@ ODD = b"odd \xff name"
 
 
 def served_src(data: bytes) -> list[str]:
-    return [str(s.report.src) for s in parse_sockets(data, "served").socks]
+    """Source addresses of the inet sockets in a files.img, decoded here with pycriu's
+    classes (independent of the core's parser)."""
+    assert struct.unpack_from("=II", data) == (0x54564319, 0x56303138)
+    out, off = [], 8
+    while off < len(data):
+        (n,) = struct.unpack_from("=I", data, off)
+        fe = fdinfo_pb2.file_entry.FromString(data[off + 4:off + 4 + n])
+        off += 4 + n
+        if fe.type == fdinfo_pb2.INETSK:
+            raw = b"".join(struct.pack("=I", w) for w in fe.isk.src_addr)
+            out.append(str(ipaddress.ip_address(raw[:4] if fe.isk.family == 2 else raw)))
+    return out
 
 
 class Mounts:
