@@ -17,7 +17,6 @@ killed (pid 1 on these machines does not reap orphans).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import signal
@@ -28,11 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .net import Host, try_reap
+from .net import Host, become_subreaper, try_reap
 
 CRIU = "/usr/local/sbin/criu"
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PR_SET_CHILD_SUBREAPER = 36
 
 
 class CriuError(RuntimeError):
@@ -171,12 +169,6 @@ def _state(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return None
-
-
-def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 def restore(host: Host, images_dir: str | os.PathLike[str], work_dir: str | os.PathLike[str],

@@ -115,6 +115,20 @@ def _is_zombie(pid: int) -> bool | None:
         return None
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Make this process a child subreaper: orphans of processes we start (a workload whose
+    ``unshare`` parent died first, a tree detached by ``criu restore -d``) become our
+    children and are reaped by us, not left as zombies under a pid 1 that does not reap."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
 def _check_allowed(iface: IpInterface) -> None:
     if isinstance(iface, ipaddress.IPv4Interface):
         ok = iface.network.prefixlen >= ALLOWED_V4.prefixlen and iface.network.subnet_of(ALLOWED_V4)
@@ -232,13 +246,17 @@ class Host:
         return netns_pids(self.netns_path)
 
     def kill_all(self, timeout: float = 5) -> None:
-        """SIGKILL every process in the namespace until none is left; reap our children."""
+        """SIGKILL every process in the namespace until none is left; reap our children
+        (including orphans re-parented to us: TestNet makes this process a subreaper)."""
         deadline = time.monotonic() + timeout
+        popen_pids = {p.pid for p in self._procs}
         while True:
             pids = self.pids()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+                if pid not in popen_pids:  # Popen objects reap their own
+                    self._adopted.add(pid)
             self._reap()
             if not pids:
                 break
@@ -260,7 +278,9 @@ class Host:
         for p in self._procs:
             p.poll()
         for pid in list(self._adopted):
-            if try_reap(pid):
+            # done once reaped by us or gone; a zombie still owned by a dying parent is
+            # re-parented to us (subreaper) a moment later
+            if try_reap(pid) and not os.path.exists(f"/proc/{pid}"):
                 self._adopted.discard(pid)
 
 
@@ -295,6 +315,7 @@ class TestNet:
         for tool in ("ip", "nsenter"):
             if shutil.which(tool) is None:
                 raise TestNetError(f"{tool} not found")
+        become_subreaper()
         os.makedirs(REGISTRY_DIR, exist_ok=True)
         with open(self._registry, "w") as f:
             f.write(f"{os.getpid()} {_proc_starttime(os.getpid())}\n")
