@@ -214,9 +214,15 @@ class AddressMap:
         fams |= {v for v, lr in self.local.items() if lr.new is None}
         return fams
 
-    def bind(self, local_addrs: Iterable[IPAddress], resolve: Resolver | None) -> "BoundMap":
-        """Fix the map for one image: expand `local` rules over the image's local addresses;
-        `auto` targets are resolved through `resolve` on first use."""
+    def bind(
+        self,
+        local_addrs: Iterable[IPAddress] | Callable[[], Iterable[IPAddress]],
+        resolve: Resolver | None,
+    ) -> "BoundMap":
+        """Fix the map for one image. `local_addrs`: the source addresses of the image's
+        sockets (or a function giving them, called only if a `local` rule needs to know
+        whether a destination is one of them). `auto` targets are resolved through
+        `resolve` on first use."""
         return BoundMap(self, local_addrs, resolve)
 
 
@@ -224,22 +230,27 @@ class BoundMap:
     """An AddressMap applied to one image: maps single addresses."""
 
     def __init__(
-        self, amap: AddressMap, local_addrs: Iterable[IPAddress], resolve: Resolver | None
+        self,
+        amap: AddressMap,
+        local_addrs: Iterable[IPAddress] | Callable[[], Iterable[IPAddress]],
+        resolve: Resolver | None,
     ) -> None:
         self._rules = amap.rules
+        self._local_rules = amap.local
         self._resolve = resolve
         self._resolved: dict[int, IPAddress] = {}
         self._cache: dict[IPAddress, tuple[IPAddress, str] | None] = {}
-        self._local: dict[IPAddress, LocalRule] = {}
-        self.local_addrs: set[IPAddress] = set()
-        for a in local_addrs:
-            a = _unmap(a)
-            if is_special(a) or a.is_multicast:
-                continue
-            self.local_addrs.add(a)
-            lr = amap.local.get(a.version)
-            if lr is not None:
-                self._local[a] = lr
+        self._locals_source = local_addrs
+        self._locals: set[IPAddress] | None = None
+
+    @property
+    def local_addrs(self) -> set[IPAddress]:
+        """The image's specific local addresses (unmapped IPv4 for IPv4-mapped ones)."""
+        if self._locals is None:
+            src = self._locals_source
+            addrs = src() if callable(src) else src
+            self._locals = {u for u in map(_unmap, addrs) if not is_special(u) and not u.is_multicast}
+        return self._locals
 
     def _auto(self, version: int, source: str) -> IPAddress:
         got = self._resolved.get(version)
@@ -255,21 +266,23 @@ class BoundMap:
             got = self._resolved[version] = found
         return got
 
-    def lookup(self, addr: IPAddress) -> tuple[IPAddress, str] | None:
-        """(new address, rule source) if the map moves `addr`, else None. An IPv4-mapped
-        IPv6 address is mapped by the IPv4 rules and stays mapped."""
-        if addr in self._cache:
-            return self._cache[addr]
+    def lookup(self, addr: IPAddress, is_src: bool = False) -> tuple[IPAddress, str] | None:
+        """(new address, rule source) if the map moves `addr`, else None. `is_src`: addr is
+        some socket's source address (so it is local without asking). An IPv4-mapped IPv6
+        address is mapped by the IPv4 rules and stays mapped."""
+        cache = self._cache
+        if addr in cache:
+            return cache[addr]
         v4 = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
-        hit = self._lookup_plain(v4 if v4 is not None else addr)
+        hit = self._lookup_plain(v4 if v4 is not None else addr, is_src)
         if hit is not None and v4 is not None:
             hit = (ipaddress.IPv6Address("::ffff:" + str(hit[0])), hit[1])
         if hit is not None and hit[0] == addr:
             hit = None
-        self._cache[addr] = hit
+        cache[addr] = hit
         return hit
 
-    def _lookup_plain(self, addr: IPAddress) -> tuple[IPAddress, str] | None:
+    def _lookup_plain(self, addr: IPAddress, is_src: bool) -> tuple[IPAddress, str] | None:
         special = is_special(addr)
         for rule in self._rules:
             if rule.version != addr.version or addr not in rule.old:
@@ -283,11 +296,13 @@ class BoundMap:
                 host = int(addr) & int(rule.old.hostmask)
                 return ipaddress.ip_address(int(new.network_address) | host), rule.source
             return new, rule.source
-        lr = self._local.get(addr)
-        if lr is not None:
-            target = lr.new if lr.new is not None else self._auto(addr.version, lr.source)
-            return target, lr.source
-        return None
+        lr = self._local_rules.get(addr.version)
+        if lr is None or special or addr.is_multicast:
+            return None
+        if not is_src and addr not in self.local_addrs:
+            return None
+        target = lr.new if lr.new is not None else self._auto(addr.version, lr.source)
+        return target, lr.source
 
 
 def _names_special(net: Network) -> bool:

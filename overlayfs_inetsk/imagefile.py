@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 from .errors import ImageError
 
@@ -36,8 +36,8 @@ class ImageFile:
     entries: list[Entry]
 
 
-def parse(data: bytes, path: str, magic: int | None = None) -> ImageFile:
-    """Split an image file into entries. `magic` is the type magic expected (None: any)."""
+def read_header(data: bytes, path: str, magic: int | None = None) -> int:
+    """Check the magic pair; return the type magic. `magic` is the one expected (None: any)."""
     size = len(data)
     if size == 0:
         raise ImageError(path, "empty file (no image magic)")
@@ -50,9 +50,16 @@ def parse(data: bytes, path: str, magic: int | None = None) -> ImageFile:
         )
     if magic is not None and kind != magic:
         raise ImageError(path, f"wrong image type: magic 0x{kind:08x}, expected 0x{magic:08x}")
-    mv = memoryview(data)
-    entries: list[Entry] = []
-    append = entries.append
+    return int(kind)
+
+
+HEADER_SIZE = _HEADER.size
+
+
+def frames(data: bytes, path: str) -> Iterator[tuple[int, int, int]]:
+    """(offset, start, end) of each entry after the header: the length prefix is at
+    `offset`, the packed message is data[start:end]. Nothing is copied."""
+    size = len(data)
     unpack = _U32.unpack_from
     pos = _HEADER.size
     while pos < size:
@@ -67,9 +74,19 @@ def parse(data: bytes, path: str, magic: int | None = None) -> ImageFile:
                 f"({size - start} bytes left): truncated or corrupt",
                 pos,
             )
-        append(Entry(pos, bytes(mv[start : start + length])))
-        pos = start + length
-    return ImageFile(path, kind, entries)
+        end = start + length
+        yield pos, start, end
+        pos = end
+
+
+def parse(data: bytes, path: str, magic: int | None = None) -> ImageFile:
+    """Split an image file into entries (copies each payload)."""
+    kind = read_header(data, path, magic)
+    return ImageFile(path, kind, [Entry(o, data[s:e]) for o, s, e in frames(data, path)])
+
+
+def pack_length(n: int) -> bytes:
+    return _U32.pack(n)
 
 
 def encode(magic: int, payloads: Iterable[bytes]) -> bytes:
@@ -80,28 +97,3 @@ def encode(magic: int, payloads: Iterable[bytes]) -> bytes:
         parts.append(pack(len(p)))
         parts.append(p)
     return b"".join(parts)
-
-
-def leading_varint_field(payload: bytes, field: int) -> int | None:
-    """The value of varint `field` if it is the message's first field, else None.
-
-    protobuf-c (CRIU) writes fields in number order, so `file_entry.type` (field 1) is the
-    first tag; reading it lets callers skip decoding entries that are not sockets.
-    """
-    n = len(payload)
-    if n == 0:
-        return None
-    tag = payload[0]
-    if tag != (field << 3):  # wire type 0, single-byte tag for fields 1..15
-        return None
-    value = 0
-    shift = 0
-    i = 1
-    while i < n and shift < 64:
-        b = payload[i]
-        value |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            return value
-        shift += 7
-    return None

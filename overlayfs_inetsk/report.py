@@ -9,11 +9,10 @@ from typing import Mapping
 
 from .addrmap import AddressMap, Resolver
 from .imagedir import check_image_dir, checkpoint_dirs, read_group
-from .rewrite import RewriteOptions, RewriteResult, SocketReport, plan_group
+from .rewrite import VERDICTS, RewriteOptions, RewriteResult, SocketReport, plan_group
 from .sockaddr import fmt_addr, fmt_endpoint
 
 JSON_SCHEMA_VERSION = 1
-VERDICTS = ("rewritten", "closed", "kept", "needs-address", "refused")
 
 
 def collect(
@@ -54,12 +53,10 @@ def socket_dict(root: str, r: SocketReport) -> dict[str, object]:
 
 def summary(results: Mapping[str, RewriteResult]) -> dict[str, int]:
     counts = dict.fromkeys(VERDICTS, 0)
-    total = 0
     for res in results.values():
-        for r in res.reports:
-            counts[r.verdict] = counts.get(r.verdict, 0) + 1
-            total += 1
-    return {"sockets": total, **counts}
+        for verdict, n in res.counts.items():
+            counts[verdict] += n
+    return {"sockets": sum(counts.values()), **counts}
 
 
 def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteResult]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterator, Mapping
 
 from google.protobuf.message import DecodeError
 from pycriu.images import fdinfo_pb2, sk_inet_pb2
@@ -46,6 +46,7 @@ CLOSED = "closed"  # TCP connection to a peer outside the map, restored closed (
 KEPT = "kept"  # nothing to change and nothing wrong (any address, loopback, unbound, ...)
 NEEDS_ADDRESS = "needs-address"  # keeps a specific address no rule covers
 REFUSED = "refused"  # TCP connection to a peer outside the map, fate fail
+VERDICTS = (REWRITTEN, CLOSED, KEPT, NEEDS_ADDRESS, REFUSED)
 
 
 @dataclass(frozen=True)
@@ -105,105 +106,88 @@ class SocketReport:
 @dataclass
 class RewriteResult:
     path: str
-    data: bytes
-    reports: list[SocketReport] = field(default_factory=list)
+    data: bytes | bytearray
+    reports: list[SocketReport] = field(default_factory=list)  # only when asked for
+    counts: dict[str, int] = field(default_factory=dict)  # verdict -> number of sockets
+    problems: list[SocketReport] = field(default_factory=list)  # refused / needs-address
 
     @property
     def changed(self) -> int:
-        return sum(1 for r in self.reports if r.verdict in (REWRITTEN, CLOSED))
+        return self.counts.get(REWRITTEN, 0) + self.counts.get(CLOSED, 0)
 
 
-@dataclass
-class _Sock:
-    report: SocketReport
-    entry_index: int
-    msg: object  # file_entry (files.img) or inet_sk_entry (inetsk.img)
-    isk: object  # the inet_sk_entry inside msg
+_KIND_NAMES = {imagefile.FILES_MAGIC: "files.img", imagefile.INETSK_MAGIC: "inetsk.img"}
 
 
-@dataclass
-class _Parsed:
-    path: str
-    data: bytes
-    image: imagefile.ImageFile
-    socks: list[_Sock]
-
-
-class _Interner:
-    """One IPAddress object per distinct address of a plan, so hot paths can key caches on
-    small tuples and object identity instead of hashing ipaddress objects."""
-
-    def __init__(self) -> None:
-        self.addrs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
-        self.src: dict[int, IPAddress] = {}  # id -> address used as a local (src) address
-
-    def get(self, words: Iterable[int], family: int) -> IPAddress:
-        key = (family, tuple(words))
-        got = self.addrs.get(key)
-        if got is None:
-            got = self.addrs[key] = words_to_addr(key[1], family)
-        return got
-
-
-def _socket_from(path: str, offset: int, isk: object, interner: _Interner) -> SocketReport:
-    fam = isk.family  # type: ignore[attr-defined]
-    if fam not in (AF_INET, AF_INET6):
-        raise ImageError(
-            path, f"inet socket id {isk.id} has family {fam}, not AF_INET/AF_INET6", offset  # type: ignore[attr-defined]
-        )
-    try:
-        src = interner.get(isk.src_addr, fam)  # type: ignore[attr-defined]
-        dst = interner.get(isk.dst_addr, fam)  # type: ignore[attr-defined]
-    except ValueError as exc:
-        raise ImageError(
-            path,
-            f"inet socket id {isk.id}: {exc} "  # type: ignore[attr-defined]
-            f"(src_addr has {len(isk.src_addr)} words, dst_addr {len(isk.dst_addr)})",  # type: ignore[attr-defined]
-            offset,
-        ) from None
-    interner.src[id(src)] = src
-    return SocketReport(
-        path, offset, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,  # type: ignore[attr-defined]
-        src, isk.src_port, dst, isk.dst_port,  # type: ignore[attr-defined]
-    )
-
-
-def parse_sockets(data: bytes, path: str, interner: _Interner | None = None) -> _Parsed:
-    """Parse a socket image (files.img or inetsk.img) and decode its inet sockets only."""
-    if interner is None:
-        interner = _Interner()
-    name = posixpath.basename(path)
-    magic = imagefile.MAGIC_BY_NAME.get(name)
-    image = imagefile.parse(data, path, magic)
-    socks: list[_Sock] = []
-    if image.magic == imagefile.FILES_MAGIC:
-        for i, entry in enumerate(image.entries):
-            kind = imagefile.leading_varint_field(entry.payload, 1)
-            if kind is not None and kind != FD_INETSK:
-                continue
+def _inet_entries(data: bytes, path: str) -> Iterator[tuple[int, int, int, object, object]]:
+    """(offset, start, end, message, inet_sk_entry) for each inet socket of a socket image.
+    Entries of files.img that are not inet sockets are not decoded."""
+    magic = imagefile.read_header(data, path, imagefile.MAGIC_BY_NAME.get(posixpath.basename(path)))
+    mv = memoryview(data)
+    if magic == imagefile.FILES_MAGIC:
+        from_string = fdinfo_pb2.file_entry.FromString
+        for off, start, end in imagefile.frames(data, path):
+            # protobuf-c writes field 1 (type) first, so b"\x08\x04" starts an INETSK entry;
+            # any other one-byte type is skipped undecoded; anything else is decoded.
+            if end - start >= 2 and data[start] == 0x08:
+                kind = data[start + 1]
+                if kind != FD_INETSK and kind < 0x80:
+                    continue
             try:
-                fe = fdinfo_pb2.file_entry.FromString(entry.payload)
+                fe = from_string(mv[start:end])
             except DecodeError as exc:
-                raise ImageError(path, f"not a valid file_entry: {exc}", entry.offset) from None
+                raise ImageError(path, f"not a valid file_entry: {exc}", off) from None
             if fe.type != FD_INETSK:
                 continue
             if not fe.HasField("isk"):
-                raise ImageError(path, f"INETSK file_entry id {fe.id} has no isk", entry.offset)
-            if fe.id != fe.isk.id:
-                raise ImageError(
-                    path, f"file_entry.id {fe.id} != isk.id {fe.isk.id}", entry.offset
-                )
-            socks.append(_Sock(_socket_from(path, entry.offset, fe.isk, interner), i, fe, fe.isk))
-    elif image.magic == imagefile.INETSK_MAGIC:
-        for i, entry in enumerate(image.entries):
+                raise ImageError(path, f"INETSK file_entry id {fe.id} has no isk", off)
+            isk = fe.isk
+            if fe.id != isk.id:
+                raise ImageError(path, f"file_entry.id {fe.id} != isk.id {isk.id}", off)
+            yield off, start, end, fe, isk
+    elif magic == imagefile.INETSK_MAGIC:
+        from_string = sk_inet_pb2.inet_sk_entry.FromString
+        for off, start, end in imagefile.frames(data, path):
             try:
-                isk = sk_inet_pb2.inet_sk_entry.FromString(entry.payload)
+                isk = from_string(mv[start:end])
             except DecodeError as exc:
-                raise ImageError(path, f"not a valid inet_sk_entry: {exc}", entry.offset) from None
-            socks.append(_Sock(_socket_from(path, entry.offset, isk, interner), i, isk, isk))
+                raise ImageError(path, f"not a valid inet_sk_entry: {exc}", off) from None
+            yield off, start, end, isk, isk
     else:
-        raise ImageError(path, f"image type 0x{image.magic:08x} holds no inet sockets")
-    return _Parsed(path, data, image, socks)
+        raise ImageError(path, f"image type 0x{magic:08x} holds no inet sockets")
+
+
+class _Interner:
+    """One IPAddress object per distinct (family, words) of a plan, validated once."""
+
+    def __init__(self) -> None:
+        self.addrs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
+
+    def get(self, family: int, words: tuple[int, ...], path: str, off: int, isk: object,
+            which: str) -> IPAddress:
+        key = (family, words)
+        got = self.addrs.get(key)
+        if got is None:
+            if family not in (AF_INET, AF_INET6):
+                raise ImageError(path, f"inet socket id {isk.id} has family {family}, "  # type: ignore[attr-defined]
+                                 "not AF_INET/AF_INET6", off)
+            try:
+                got = words_to_addr(words, family)
+            except ValueError as exc:
+                raise ImageError(path, f"inet socket id {isk.id}: {which}: {exc}", off) from None  # type: ignore[attr-defined]
+            self.addrs[key] = got
+        return got
+
+
+def _local_addresses(images: Mapping[str, bytes], interner: _Interner) -> list[IPAddress]:
+    """Every address the group's sockets use as a source address (first pass)."""
+    seen: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
+    for path, data in images.items():
+        for off, _s, _e, _m, isk in _inet_entries(data, path):
+            key = (isk.family, tuple(isk.src_addr))  # type: ignore[attr-defined]
+            if key not in seen:
+                seen[key] = interner.get(key[0], key[1], path, off, isk, "src_addr")
+    return list(seen.values())
 
 
 def _classify(r: SocketReport, bmap: BoundMap) -> str:
@@ -233,7 +217,7 @@ def _is_loopback(addr: IPAddress) -> bool:
 def _decide(r: SocketReport, bmap: BoundMap, options: RewriteOptions) -> None:
     """Fill klass, verdict, reason, new_src, new_dst."""
     r.klass = _classify(r, bmap)
-    src_hit = bmap.lookup(r.src)
+    src_hit = bmap.lookup(r.src, is_src=True)
     dst_hit = bmap.lookup(r.dst)
     if r.klass == "tcp-peer-outside" and src_hit is not None:
         peer = fmt_addr(r.dst)
@@ -278,27 +262,90 @@ def _decide(r: SocketReport, bmap: BoundMap, options: RewriteOptions) -> None:
                         "unless this node has it")
 
 
-def _apply(s: _Sock, words_of: dict[int, list[int]]) -> bytes:
-    r = s.report
-    isk = s.isk
-    if r.verdict == CLOSED:
-        isk.state = TCP_CLOSE  # type: ignore[attr-defined]
-        isk.src_port = 0  # type: ignore[attr-defined]
-        isk.dst_port = 0  # type: ignore[attr-defined]
-        for words in (isk.src_addr, isk.dst_addr):  # type: ignore[attr-defined]
-            for i in range(len(words)):
-                words[i] = 0
-        isk.shutdown = SHUT_BOTH  # type: ignore[attr-defined]
-    else:
-        for field_, addr in ((isk.src_addr, r.new_src), (isk.dst_addr, r.new_dst)):  # type: ignore[attr-defined]
-            if addr is None:
-                continue
-            words = words_of.get(id(addr))
-            if words is None:
-                words = words_of[id(addr)] = addr_to_words(addr)
-            for i, w in enumerate(words):  # IPv4 entries may carry extra words: keep them
-                field_[i] = w
-    return s.msg.SerializeToString()  # type: ignore[attr-defined]
+def _set_words(field_: object, words: list[int]) -> None:
+    for i, w in enumerate(words):  # IPv4 entries may carry extra words: keep them
+        field_[i] = w  # type: ignore[index]
+
+
+_ZERO = (0, 0, 0, 0)
+
+
+def _rewrite_image(
+    path: str,
+    data: bytes,
+    interner: _Interner,
+    bmap: BoundMap,
+    options: RewriteOptions,
+    want_reports: bool,
+) -> RewriteResult:
+    counts = dict.fromkeys(VERDICTS, 0)
+    reports: list[SocketReport] = []
+    problems_: list[SocketReport] = []
+    # Sockets that agree on (type, state, family, src, dst, has-peer) get the same decision,
+    # made once: a 10,000-socket image usually has a handful of distinct keys.
+    decided: dict[tuple[object, ...], tuple[SocketReport, list[int] | None, list[int] | None]] = {}
+    out: bytearray | None = None
+    copied = 0
+    pack = imagefile.pack_length
+    for off, start, end, msg, isk in _inet_entries(data, path):
+        fam = isk.family  # type: ignore[attr-defined]
+        src_w = tuple(isk.src_addr)  # type: ignore[attr-defined]
+        dst_w = tuple(isk.dst_addr)  # type: ignore[attr-defined]
+        dport = isk.dst_port  # type: ignore[attr-defined]
+        key = (isk.type, isk.state, fam, src_w, dst_w, dport != 0)  # type: ignore[attr-defined]
+        d = decided.get(key)
+        if d is None:
+            src = interner.get(fam, src_w, path, off, isk, "src_addr")
+            dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
+            proto = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,  # type: ignore[attr-defined]
+                                 isk.state, src, isk.src_port, dst, dport)  # type: ignore[attr-defined]
+            try:
+                _decide(proto, bmap, options)
+            except RewriteError as exc:
+                raise RewriteError(f"{path}: {exc}") from None
+            d = decided[key] = (
+                proto,
+                None if proto.new_src is None else addr_to_words(proto.new_src),
+                None if proto.new_dst is None else addr_to_words(proto.new_dst),
+            )
+        proto, new_src_w, new_dst_w = d
+        verdict = proto.verdict
+        counts[verdict] += 1
+        report = None
+        if want_reports or verdict in (REFUSED, NEEDS_ADDRESS):
+            report = SocketReport(
+                path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,  # type: ignore[attr-defined]
+                proto.src, isk.src_port, proto.dst, dport, proto.klass, verdict, proto.reason,  # type: ignore[attr-defined]
+                proto.new_src, proto.new_dst,
+            )
+            if want_reports:
+                reports.append(report)
+            if verdict != REWRITTEN and verdict != CLOSED and verdict != KEPT:
+                problems_.append(report)
+        if verdict == REWRITTEN:
+            if new_src_w is not None:
+                _set_words(isk.src_addr, new_src_w)  # type: ignore[attr-defined]
+            if new_dst_w is not None:
+                _set_words(isk.dst_addr, new_dst_w)  # type: ignore[attr-defined]
+        elif verdict == CLOSED:
+            isk.state = TCP_CLOSE  # type: ignore[attr-defined]
+            isk.src_port = 0  # type: ignore[attr-defined]
+            isk.dst_port = 0  # type: ignore[attr-defined]
+            _set_words(isk.src_addr, _ZERO[: len(src_w)])  # type: ignore[attr-defined]
+            _set_words(isk.dst_addr, _ZERO[: len(dst_w)])  # type: ignore[attr-defined]
+            isk.shutdown = SHUT_BOTH  # type: ignore[attr-defined]
+        else:
+            continue
+        payload = msg.SerializeToString()  # type: ignore[attr-defined]
+        if out is None:
+            out = bytearray()
+        out += data[copied:off]
+        out += pack(len(payload))
+        out += payload
+        copied = end
+    if out is not None:
+        out += data[copied:]
+    return RewriteResult(path, data if out is None else out, reports, counts, problems_)
 
 
 def plan_group(
@@ -306,50 +353,26 @@ def plan_group(
     amap: AddressMap,
     resolve: Resolver | None = None,
     options: RewriteOptions = RewriteOptions(),
+    reports: bool = True,
 ) -> dict[str, RewriteResult]:
     """Rewrite all socket images of ONE checkpoint (name -> bytes). Never raises for a
-    refused socket or a --strict violation: those show in the reports (see problems())."""
+    refused socket or a --strict violation: those show in the results (see problems()).
+    With reports=False, only problem sockets get a SocketReport (less memory)."""
     interner = _Interner()
-    parsed = [parse_sockets(data, name, interner) for name, data in images.items()]
-    bmap = amap.bind(interner.src.values(), resolve)
-    # Sockets that agree on these inputs get the same decision: decide once per distinct key
-    # (addresses are interned, so their ids identify them for the plan's lifetime).
-    decided: dict[tuple[int, int, int, int, bool], SocketReport] = {}
-    words_of: dict[int, list[int]] = {}
-    results: dict[str, RewriteResult] = {}
-    for p in parsed:
-        changed: dict[int, bytes] = {}
-        for s in p.socks:
-            r = s.report
-            key = (r.type, r.state, id(r.src), id(r.dst), r.dport != 0)
-            d = decided.get(key)
-            if d is None:
-                try:
-                    _decide(r, bmap, options)
-                except RewriteError as exc:
-                    raise RewriteError(f"{p.path}: {exc}") from None
-                decided[key] = r
-            else:
-                r.klass, r.verdict, r.reason = d.klass, d.verdict, d.reason
-                r.new_src, r.new_dst = d.new_src, d.new_dst
-            if r.verdict in (REWRITTEN, CLOSED):
-                changed[s.entry_index] = _apply(s, words_of)
-        if changed:
-            data = imagefile.encode(
-                p.image.magic,
-                (changed.get(i, e.payload) for i, e in enumerate(p.image.entries)),
-            )
-        else:
-            data = p.data
-        results[p.path] = RewriteResult(p.path, data, [s.report for s in p.socks])
-    return results
+    # With a `local` rule, a destination equal to any source address of the group follows
+    # it: that needs one extra decoding pass, made only when such a destination comes up.
+    bmap = amap.bind(lambda: _local_addresses(images, interner), resolve)
+    return {
+        path: _rewrite_image(path, data, interner, bmap, options, reports)
+        for path, data in images.items()
+    }
 
 
 def problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> list[SocketReport]:
     """The sockets that make the rewrite fail: refused ones, and with --strict the ones left
     on an uncovered specific address."""
     bad = {REFUSED} | ({NEEDS_ADDRESS} if options.strict else set())
-    return [r for res in results.values() for r in res.reports if r.verdict in bad]
+    return [r for res in results.values() for r in res.problems if r.verdict in bad]
 
 
 def rewrite_group(
@@ -357,9 +380,10 @@ def rewrite_group(
     amap: AddressMap,
     resolve: Resolver | None = None,
     options: RewriteOptions = RewriteOptions(),
+    reports: bool = False,
 ) -> dict[str, RewriteResult]:
     """plan_group, raising RewriteError when any socket is refused or violates --strict."""
-    results = plan_group(images, amap, resolve, options)
+    results = plan_group(images, amap, resolve, options, reports)
     bad = problems(results, options)
     if bad:
         first = bad[0]
@@ -373,5 +397,8 @@ def rewrite_group(
 
 def validate_group(images: Mapping[str, bytes], amap: AddressMap) -> None:
     """Parse-only check before mounting: raises ImageError for a malformed image."""
-    for name, data in images.items():
-        parse_sockets(data, name)
+    interner = _Interner()
+    for path, data in images.items():
+        for off, _s, _e, _m, isk in _inet_entries(data, path):
+            interner.get(isk.family, tuple(isk.src_addr), path, off, isk, "src_addr")  # type: ignore[attr-defined]
+            interner.get(isk.family, tuple(isk.dst_addr), path, off, isk, "dst_addr")  # type: ignore[attr-defined]

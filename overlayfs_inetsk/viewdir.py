@@ -49,7 +49,9 @@ def write_view_dir(
     # All rewriting happens before anything is written, so errors leave nothing behind.
     results: dict[str, RewriteResult] = {}
     for reldir, names in checkpoint_dirs(root).items():
-        results.update(rewrite_group(read_group(root, reldir, names), amap, resolve, options))
+        results.update(
+            rewrite_group(read_group(root, reldir, names), amap, resolve, options, reports=True)
+        )
 
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_abs)}.", dir=parent)
     try:

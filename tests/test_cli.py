@@ -71,6 +71,10 @@ def test_rewrite_writes_view_dir_and_never_touches_image(image_dir, tmp_path, ca
     out = tmp_path / "view"
     assert main(["rewrite", str(image_dir), str(out), "--map", "local=10.9.0.7",
                  "--map", "fd00::5=fd09::5"]) == 0
+    printed = capsys.readouterr().out
+    assert "10.9.0.7:80" in printed and "[fd09::5]:53" in printed
+    assert "127.0.0.1:81" not in printed  # only what changes is listed
+    assert printed.strip().endswith("3 inet socket(s): 2 rewritten, 1 kept")
     assert snapshot(image_dir) == before
     assert not os.path.islink(out / "files.img")
     assert (out / "files.img").read_bytes() != (image_dir / "files.img").read_bytes()

@@ -53,12 +53,3 @@ def test_truncated_entry_reports_offset():
         imagefile.parse(data, "files.img", imagefile.FILES_MAGIC)
     assert ei.value.offset == 8 + 4 + 3
     assert "entry at offset 15" in str(ei.value)
-
-
-def test_leading_varint_field():
-    assert imagefile.leading_varint_field(reg_file_entry(9), 1) == 1
-    assert imagefile.leading_varint_field(inet_file_entry(isk(2, "10.0.0.1", 80)), 1) == 4
-    assert imagefile.leading_varint_field(b"", 1) is None
-    assert imagefile.leading_varint_field(b"\x10\x01", 1) is None  # field 2 first
-    assert imagefile.leading_varint_field(b"\x08\x80", 1) is None  # unterminated varint
-    assert imagefile.leading_varint_field(b"\x08\x96\x01", 1) == 150

@@ -33,7 +33,8 @@ def addr(s, which):
 
 
 def rw(data, specs, name="files.img", **opts):
-    res = rewrite_group({name: data}, AddressMap.from_args(specs), None, RewriteOptions(**opts))
+    res = rewrite_group({name: data}, AddressMap.from_args(specs), None, RewriteOptions(**opts),
+                        reports=True)
     return res[name]
 
 
