@@ -40,9 +40,9 @@ EXIT_SIGNAL_OK = 0
 
 
 class MountError(InetskError):
-    """The mount cannot be made or found (mountpoint, fuse, not our mount): exit code 2."""
+    """The mount cannot be made or found (mountpoint, fuse, not our mount): exit code 6."""
 
-    exit_code = 2
+    exit_code = 6
 
 
 @dataclass
