@@ -76,6 +76,9 @@ class ViewError(Exception):
 class View:
     image_dir: bytes  # absolute real path
     serve: ServeMode
+    # where the symlinks to files point: image_dir itself, or a read-only bind of it (the
+    # daemon's /run/overlayfs-inetsk/ro/..., so a write through a symlink gets EROFS)
+    link_root: bytes = b""
     nodes: dict[int, Node] = field(default_factory=dict)
     # directory inode -> {socket image name ("files.img"): real path of its original}
     socket_groups: dict[int, dict[str, bytes]] = field(default_factory=dict)
@@ -135,8 +138,13 @@ class View:
 
     # -- construction --------------------------------------------------------------------
     @classmethod
-    def build(cls, image_dir: str | bytes, serve: ServeMode = "symlink") -> View:
+    def build(cls, image_dir: str | bytes, serve: ServeMode = "symlink",
+              link_root: str | bytes | None = None) -> View:
         """Walk IMAGE_DIR (without following symlinks) and build the inode table.
+
+        Symlinks to files point at their original's real path, re-rooted under `link_root`
+        when given (a path where IMAGE_DIR is bind-mounted read-only; it need not exist yet).
+        real_path stays the original's (socket images are read, and named in messages, there).
 
         Raises ViewError when IMAGE_DIR itself is unusable. Entries that cannot be shown
         (escaping, dangling or looping symlinks, special files, unreadable directories)
@@ -156,7 +164,10 @@ class View:
             os.listdir(real)
         except OSError as e:
             raise ViewError(f"{os.fsdecode(raw)}: {e.strerror}") from None
-        view = cls(image_dir=real, serve=serve)
+        root = real if link_root is None else os.fsencode(link_root)
+        if not os.path.isabs(root):
+            raise ViewError(f"link root {os.fsdecode(root)!r} is not an absolute path")
+        view = cls(image_dir=real, serve=serve, link_root=root.rstrip(b"/") or b"/")
         view._walk(st)
         return view
 
@@ -176,6 +187,13 @@ class View:
 
     def _inside(self, path: bytes) -> bool:
         return path == self.image_dir or path.startswith(self.image_dir.rstrip(b"/") + b"/")
+
+    def _link_to(self, real: bytes) -> bytes:
+        """What a symlink to the file at `real` (inside image_dir) shows."""
+        if self.link_root == self.image_dir:
+            return real
+        rel = os.path.relpath(real, self.image_dir)
+        return self.link_root if rel == "." else os.path.join(self.link_root, rel)
 
     def _walk(self, root_st: os.stat_result) -> None:
         next_ino = ROOT_INODE
@@ -223,6 +241,11 @@ class View:
                     real, st = target, tst
                 else:
                     real, st = path, lst
+                if (stat.S_ISDIR(lst.st_mode) and lst.st_dev != dnode.st.st_dev
+                        and self.link_root != self.image_dir):
+                    # the read-only bind is not recursive: nothing below shows through it
+                    self._leave_out(dino, name, "a mount point inside the image dir")
+                    continue
                 next_ino += 1
                 if stat.S_ISDIR(st.st_mode):
                     self._add(Node(next_ino, Kind.DIR, name, dino, real, st, children={}))
@@ -235,7 +258,8 @@ class View:
                     self._add(Node(next_ino, Kind.SOCKET_IMAGE, name, dino, real, st))
                     self.socket_groups.setdefault(dino, {})[_SOCKET_NAMES_B[name]] = real
                 elif self.serve == "symlink":
-                    self._add(Node(next_ino, Kind.LINK, name, dino, real, st, link_target=real))
+                    self._add(Node(next_ino, Kind.LINK, name, dino, real, st,
+                                   link_target=self._link_to(real)))
                 else:
                     self._add(Node(next_ino, Kind.FILE, name, dino, real, st))
             stack.extend(reversed(subdirs))
