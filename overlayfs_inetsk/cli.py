@@ -106,12 +106,22 @@ def make_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_mount_parsers(sub)
+    from .cli_group import add_group_parsers; add_group_parsers(sub)  # noqa: E702
+    from .cli_restore import add_restore_parsers
+
+    add_restore_parsers(sub)
+    from .logsetup import add_log_options
+
+    add_log_options(parser, sub)  # -v/-q before and after COMMAND (docs/logging.md)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    from .logsetup import setup_from_args
+
+    setup_from_args(args)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

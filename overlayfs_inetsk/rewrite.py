@@ -11,7 +11,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from pycriu.images import fdinfo_pb2, sk_inet_pb2
 
 from . import imagefile
@@ -336,7 +336,11 @@ def _rewrite_image(
             isk.shutdown = SHUT_BOTH  # type: ignore[attr-defined]
         else:
             continue
-        payload = msg.SerializeToString()  # type: ignore[attr-defined]
+        try:
+            payload = msg.SerializeToString()  # type: ignore[attr-defined]
+        except EncodeError as exc:  # upb decodes entries that lack proto2 required fields
+            sid = isk.id  # type: ignore[attr-defined]
+            raise ImageError(path, f"inet socket id {sid}: {exc}", off) from None
         if out is None:
             out = bytearray()
         out += data[copied:off]

@@ -1,0 +1,117 @@
+"""`overlayfs-inetsk restore` and `doctor`: argument parsing and output.
+
+cli.py calls add_restore_parsers(subparsers). The work is in restore.py and doctor.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+RESTORE_EPILOG = """\
+Without --map or --map-file (and without $INETSK_LOCAL_IPV4/6), the map is
+`--map local=auto`: every specific local address of the checkpoint moves to this node's
+address of its family, looked up in --netns (on --iface, default: the interface of the
+default route).
+
+Everything after `--` goes to `criu restore` as is, e.g. `-- -d` (detach: return once
+the tree runs), `-- --shell-job`, `-- --pidfile /run/web.pid` (absolute paths: criu runs in
+the work dir). restore sets -D, -W and -o itself, adds -v4, and adds --tcp-established when
+the images hold tcp-stream-*.img (dumped with --tcp-established) unless --tcp-established
+or --tcp-close is given.
+
+The exit status is criu's once criu ran (128+N if signal N killed it); before that: 1 usage,
+3 map, 4 image, 5 rewrite refused, 6 mount (docs/cli.md). On failure the work dir (criu's
+restore.log, the view's mount.log) is kept and its path printed.
+"""
+
+
+class _SplitAtDashDash(argparse.ArgumentParser):
+    """Parses what comes before the first `--` and keeps the rest, untouched, as
+    `criu_args` (argparse alone would match a `*` positional too early and reject it)."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        tail: list[str] = []
+        if "--" in args:
+            i = args.index("--")
+            args, tail = args[:i], args[i + 1:]
+        ns, extras = super().parse_known_args(args, namespace)
+        ns.criu_args = tail
+        return ns, extras
+
+
+def add_restore_parsers(subparsers: Any) -> None:
+    """Add `restore` and `doctor` to the main parser's subparsers (handlers in `func`)."""
+    from .cli import add_map_options
+
+    p = subparsers.add_parser(
+        "restore", help="restore a checkpoint on this node: mount a view, criu restore, unmount",
+        description="Restore the CRIU checkpoint IMAGE_DIR in network namespace --netns "
+                    "(default: ours) with its inet socket addresses rewritten for this node: "
+                    "mounts a view on a temporary mountpoint, runs criu restore from it with "
+                    "a writable work dir, unmounts, and reports what was rewritten.",
+        epilog=RESTORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s IMAGE_DIR [--netns PATH] [--map OLD=NEW ...] [options] "
+              "[-- CRIU_OPTIONS...]")
+    p.add_argument("image_dir", metavar="IMAGE_DIR",
+                   help="CRIU image dir, or an extracted Podman/CRI-O checkpoint "
+                        "(checkpoint/inventory.img)")
+    p.__class__ = _SplitAtDashDash  # CRIU_OPTIONS: everything after the first `--`
+    p.set_defaults(criu_args=[])
+    add_map_options(p)
+    g = p.add_argument_group("restore")
+    g.add_argument("--work-dir", metavar="DIR",
+                   help="criu's work dir (logs), kept afterwards (default: a temporary dir, "
+                        "removed after a successful restore)")
+    g.add_argument("--serve", choices=("symlink", "read"), default="symlink",
+                   help="how the view shows files other than socket images (see mount)")
+    g.add_argument("--json", action="store_true",
+                   help="print a JSON report after criu returns (docs/json.md)")
+    p.set_defaults(func=cmd_restore)
+
+    p = subparsers.add_parser(
+        "doctor", help="check that this node can restore with overlayfs-inetsk",
+        description="Check what a node needs: criu (found, its version, `criu check`, kernel "
+                    "features it reports missing), /dev/fuse, fusermount3, nsenter, "
+                    "iptables-restore, root, the Python modules. Prints each problem with "
+                    "how to fix it. Exit status 0: ready; 1: not ready.")
+    p.add_argument("--json", action="store_true", help="machine-readable output (docs/json.md)")
+    p.set_defaults(func=cmd_doctor)
+
+
+def _print_summary(plan: Any, argv: list[str]) -> None:
+    from .report import render_table
+
+    table = render_table(plan.image_real, plan.results, with_map=True, only_changes=True)
+    sys.stdout.write(table)
+    if plan.map_defaulted:
+        sys.stdout.write("map: --map local=auto (the default: no --map given)\n")
+    if plan.tcp_established_added:
+        sys.stdout.write("criu: --tcp-established added (the images hold tcp-stream-*.img)\n")
+    sys.stdout.flush()
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .restore import RestoreConfig, plan, render_json, run
+
+    cfg = RestoreConfig(
+        image_dir=args.image_dir, netns=args.netns, maps=list(args.map),
+        map_files=list(args.map_file), iface=args.iface, strict=args.strict,
+        tcp_outside=args.tcp_outside, serve=args.serve, criu_args=list(args.criu_args),
+        work_dir=args.work_dir, env=dict(os.environ))
+    p = plan(cfg)
+    out = run(cfg, p, on_start=None if args.json else _print_summary)
+    if args.json:
+        sys.stdout.write(render_json(p, cfg, out))
+    return out.exit_code
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import render_json, render_text, run_checks
+
+    checks = run_checks()
+    sys.stdout.write(render_json(checks) if args.json else render_text(checks))
+    return 0 if all(c.status != "fail" for c in checks) else 1

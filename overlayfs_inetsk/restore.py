@@ -1,0 +1,304 @@
+"""`overlayfs-inetsk restore`: restore a shared checkpoint on this node in one command.
+
+    plan      the rewrite of every socket (what the summary shows; a refused socket or a
+              --strict violation stops here, before anything is mounted)
+    mount     a view of IMAGE_DIR on a temporary mountpoint (the `mount` daemon, detached,
+              its log in the work dir)
+    criu      [nsenter --net=NETNS] CRIU restore -D VIEW -W WORK -o WORK/restore.log -v4
+              [--tcp-established] CRIU_ARGS...
+    unmount   always: after criu returns, on an error, on SIGINT/SIGTERM/SIGHUP (forwarded to
+              criu while it runs)
+
+The exit status is criu's once criu ran (128+N when a signal N killed it); before that, our
+own codes (docs/cli.md). The work dir (criu's log, the view's log) is removed after a
+successful restore unless --work-dir named it, and kept, its path printed, on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InetskError
+
+log = logging.getLogger(__name__)
+
+CRIU_DEFAULT = "/usr/local/sbin/criu"
+DEFAULT_MAP = "local=auto"
+# criu options restore sets itself: a second value would point criu elsewhere
+RESERVED_CRIU_OPTIONS = ("-D", "--images-dir", "-W", "--work-dir", "-o", "--log-file")
+TCP_OPTIONS = ("--tcp-established", "--tcp-close")
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class RestoreError(InetskError):
+    """The restore cannot start (criu missing, no CRIU images, a reserved criu option):
+    exit code 1."""
+
+
+@dataclass
+class RestoreConfig:
+    image_dir: str
+    netns: str | None = None
+    maps: Sequence[str] = ()
+    map_files: Sequence[str] = ()
+    iface: str | None = None
+    strict: bool = False
+    tcp_outside: str = "close"
+    serve: str = "symlink"
+    criu_args: Sequence[str] = ()
+    work_dir: str | None = None  # kept; default: a temporary dir, removed on success
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+@dataclass
+class RestoreOutcome:
+    exit_code: int
+    argv: list[str]
+    work_dir: str | None  # None once removed
+    log: str | None
+    tcp_established_added: bool
+    signal: int = 0
+
+
+def find_criu(env: Mapping[str, str]) -> str:
+    """$CRIU, else `criu` on $PATH, else /usr/local/sbin/criu."""
+    if env.get("CRIU"):
+        path = env["CRIU"]
+        if shutil.which(path) is None:
+            raise RestoreError(f"$CRIU={path}: not an executable")
+        return path
+    found = shutil.which("criu", path=env.get("PATH", os.defpath))
+    if found:
+        return found
+    if os.access(CRIU_DEFAULT, os.X_OK):
+        return CRIU_DEFAULT
+    raise RestoreError("criu not found ($CRIU, $PATH, /usr/local/sbin/criu): run "
+                       "scripts/setup.sh, which builds CRIU 4.2.1, or set $CRIU")
+
+
+def criu_subdir(image_real: str) -> str:
+    """Where inventory.img is: '' (a plain CRIU dir) or 'checkpoint' (an extracted Podman or
+    CRI-O checkpoint archive)."""
+    for rel in ("", "checkpoint"):
+        if os.path.isfile(os.path.join(image_real, rel, "inventory.img")):
+            return rel
+    raise RestoreError(f"{image_real}: no inventory.img (nor checkpoint/inventory.img): "
+                       "not a CRIU image dir")
+
+
+def has_tcp_stream(criu_dir: str) -> bool:
+    try:
+        return any(n.startswith("tcp-stream-") and n.endswith(".img")
+                   for n in os.listdir(criu_dir))
+    except OSError:
+        return False
+
+
+def effective_maps(maps: Sequence[str], map_files: Sequence[str],
+                   env: Mapping[str, str]) -> tuple[list[str], bool]:
+    """The --map rules to use and whether `local=auto` was defaulted: with no --map, no
+    --map-file and no INETSK_LOCAL_IPV4/6, every local address moves to this node's."""
+    if maps or map_files or env.get("INETSK_LOCAL_IPV4") or env.get("INETSK_LOCAL_IPV6"):
+        return list(maps), False
+    return [DEFAULT_MAP], True
+
+
+def check_criu_args(args: Sequence[str]) -> None:
+    for a in args:
+        name = a.split("=", 1)[0] if a.startswith("--") else a[:2]
+        if name in RESERVED_CRIU_OPTIONS:
+            raise RestoreError(f"criu option {a!r}: restore sets -D, -W and -o itself "
+                               "(use --work-dir for the work dir)")
+
+
+def criu_argv(criu: str, netns: str | None, images: str, work: str,
+              extra: Sequence[str], tcp_established: bool) -> list[str]:
+    argv = [] if netns is None else ["nsenter", f"--net={netns}", "--"]
+    argv += [criu, "restore", "-D", images, "-W", work, "-o", os.path.join(work, "restore.log"),
+             "-v4"]
+    if tcp_established:
+        argv.append("--tcp-established")
+    return argv + list(extra)
+
+
+@dataclass
+class Plan:
+    image_real: str
+    criu_dir: str  # relative to the image dir: '' or 'checkpoint'
+    amap: Any
+    results: dict[str, Any]
+    maps: list[str]
+    map_defaulted: bool
+    tcp_established_added: bool
+
+
+def plan(cfg: RestoreConfig) -> Plan:
+    """Everything that can fail for a user reason, before anything is mounted."""
+    from .addrmap import AddressMap
+    from .imagedir import check_image_dir
+    from .nodeaddr import check_netns, make_resolver
+    from .report import collect
+    from .rewrite import RewriteOptions, problems
+
+    image_real = check_image_dir(cfg.image_dir)
+    sub = criu_subdir(image_real)
+    check_criu_args(cfg.criu_args)
+    if cfg.netns:
+        check_netns(cfg.netns)
+    maps, defaulted = effective_maps(cfg.maps, cfg.map_files, cfg.env)
+    amap = AddressMap.from_args(maps, cfg.map_files, env=cfg.env)
+    options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
+    resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
+    results = collect(image_real, amap, resolver, options)
+    bad = problems(results, options)
+    if bad:
+        from .errors import RewriteError
+
+        first = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise RewriteError(f"{first.file}: socket id {first.id} {first.proto_name} "
+                           f"{first.local} -> {first.remote}: {first.verdict}: "
+                           f"{first.reason}{more}")
+    add_tcp = (has_tcp_stream(os.path.join(image_real, sub))
+               and not any(a in TCP_OPTIONS for a in cfg.criu_args))
+    return Plan(image_real, sub, amap, results, maps, defaulted, add_tcp)
+
+
+class _Signals:
+    """While installed: SIGINT/SIGTERM/SIGHUP are passed on to criu while it runs; before
+    that they are noted and acted on at the next step (never raised in the middle of
+    starting the view, which could leave a mount nobody unmounts)."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen[bytes] | None = None
+        self.signum = 0
+        self._prev: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signum = signum
+        if self.child is not None and self.child.poll() is None:
+            log.info("%s: passed on to criu", signal.Signals(signum).name)
+            self.child.send_signal(signum)
+
+    def __enter__(self) -> _Signals:
+        try:
+            for s in SIGNALS:
+                self._prev[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._prev.clear()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._prev.items():
+            signal.signal(s, h)
+
+
+def run(cfg: RestoreConfig, prepared: Plan | None = None,
+        on_start: Callable[[Plan, list[str]], None] | None = None) -> RestoreOutcome:
+    """Mount the view, run criu restore, unmount. `on_start(plan, argv)` is called once the
+    view serves, right before criu starts (to print the summary)."""
+    from .daemon import MountConfig, spawn_background, unmount
+
+    p = prepared or plan(cfg)
+    criu = find_criu(cfg.env)
+    base = tempfile.mkdtemp(prefix="overlayfs-inetsk-restore.")
+    mountpoint = os.path.join(base, "view")
+    os.mkdir(mountpoint)
+    if cfg.work_dir:
+        work = os.path.abspath(cfg.work_dir)
+        os.makedirs(work, exist_ok=True)
+    else:
+        work = os.path.join(base, "work")
+        os.mkdir(work)
+    images = os.path.join(mountpoint, p.criu_dir) if p.criu_dir else mountpoint
+    argv = criu_argv(criu, cfg.netns, images, work, cfg.criu_args, p.tcp_established_added)
+    restore_log = os.path.join(work, "restore.log")
+    outcome = RestoreOutcome(1, argv, work, restore_log, p.tcp_established_added)
+    mounted = False
+    ok = criu_ok = False
+    with _Signals() as sigs:
+        try:
+            mcfg = MountConfig(
+                image_dir=p.image_real, mountpoint=mountpoint, maps=p.maps,
+                map_files=list(cfg.map_files), netns=cfg.netns, iface=cfg.iface,
+                strict=cfg.strict, tcp_outside=cfg.tcp_outside, serve=cfg.serve,
+                log_file=os.path.join(work, "mount.log"),
+                verbose=log.isEnabledFor(logging.DEBUG), env=dict(cfg.env))
+            pid, _ = spawn_background(mcfg)
+            mounted = True
+            log.info("view of %s on %s (daemon pid %d)", p.image_real, mountpoint, pid)
+            if on_start is not None:
+                on_start(p, argv)
+            if sigs.signum == 0:
+                log.info("running: %s", " ".join(argv))
+                sigs.child = subprocess.Popen(argv, cwd=work, env=dict(cfg.env))
+                rc = sigs.child.wait()
+                outcome.exit_code = 128 - rc if rc < 0 else rc
+                ok = criu_ok = rc == 0
+            else:
+                outcome.exit_code = 128 + sigs.signum
+                log.error("%s: restore interrupted before criu ran",
+                          signal.Signals(sigs.signum).name)
+            outcome.signal = sigs.signum
+        finally:
+            if sigs.child is not None and sigs.child.poll() is None:  # an exception above
+                sigs.child.kill()
+                sigs.child.wait()
+            if mounted:
+                try:
+                    unmount(mountpoint)
+                except InetskError as e:
+                    log.error("%s (the view stays mounted; `overlayfs-inetsk umount %s`)",
+                              e, mountpoint)
+                    ok = False
+            elif os.path.ismount(mountpoint):  # cannot happen, but never leave a mount
+                with contextlib.suppress(InetskError):
+                    unmount(mountpoint)
+            if not os.path.ismount(mountpoint):
+                _rmdir(mountpoint)
+            if ok and not cfg.work_dir:
+                shutil.rmtree(work, ignore_errors=True)
+                outcome.work_dir = outcome.log = None
+            if not os.path.ismount(mountpoint):
+                _rmdir(base)  # empty unless the work dir is kept in it
+            if not ok and (sigs.child is None or criu_ok):
+                log.warning("work dir kept: %s", work)
+    if sigs.child is not None and not criu_ok:
+        log.error("criu restore failed (exit %d); log: %s; work dir kept: %s",
+                  outcome.exit_code, restore_log, work)
+    return outcome
+
+
+def _rmdir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def render_json(p: Plan, cfg: RestoreConfig, out: RestoreOutcome) -> str:
+    """`restore --json`: inspect's document (docs/json.md) plus what restore did."""
+    from .report import render_json as inspect_json
+
+    doc = json.loads(inspect_json(p.image_real, p.amap, p.results))
+    doc["netns"] = cfg.netns
+    doc["map_defaulted"] = p.map_defaulted
+    doc["restore"] = {
+        "exit_code": out.exit_code,
+        "criu_argv": out.argv,
+        "tcp_established_added": out.tcp_established_added,
+        "work_dir": out.work_dir,
+        "log": out.log,
+        "signal": signal.Signals(out.signal).name if out.signal else None,
+    }
+    return json.dumps(doc, indent=2) + "\n"
