@@ -7,6 +7,7 @@ re-serialized from pycriu's generated message, which keeps unknown fields.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
@@ -34,6 +35,8 @@ from .sockaddr import (
     is_special,
     words_to_addr,
 )
+
+log = logging.getLogger(__name__)
 
 FD_INETSK = 4
 SHUT_BOTH = 3
@@ -190,6 +193,22 @@ def _local_addresses(images: Mapping[str, bytes], interner: _Interner) -> list[I
     return list(seen.values())
 
 
+# Connected TCP states other than ESTABLISHED, by class (docs/tcp.md). TIME_WAIT sockets
+# belong to no process, so CRIU never dumps one: the class is there for completeness.
+_TCP_STATE_CLASSES = {2: "tcp-syn-sent", 3: "tcp-syn-sent", 4: "tcp-half-closed",
+                      5: "tcp-half-closed", 8: "tcp-half-closed", 9: "tcp-half-closed",
+                      11: "tcp-half-closed", 6: "tcp-time-wait"}
+
+
+def _peer(r: SocketReport, bmap: BoundMap) -> str:
+    """Where a connected TCP socket's peer goes: `self` (the same address: the process or
+    its host talks to itself), `moved` (a rule moves the peer's address: a group member),
+    `outside` (the peer stays where it was)."""
+    if r.dst == r.src:
+        return "self"
+    return "moved" if bmap.lookup(r.dst) is not None else "outside"
+
+
 def _classify(r: SocketReport, bmap: BoundMap) -> str:
     tcp = r.type == 1
     if tcp and r.state == TCP_LISTEN:
@@ -199,11 +218,10 @@ def _classify(r: SocketReport, bmap: BoundMap) -> str:
     if tcp:
         if r.state not in TCP_CONNECTED_STATES:
             return "unconnected"
-        if r.dst == r.src:
-            return "tcp-self"
-        if bmap.lookup(r.dst) is not None:
-            return "tcp-peer-moved"
-        return "tcp-peer-outside"
+        if r.state in _TCP_STATE_CLASSES:
+            return _TCP_STATE_CLASSES[r.state]
+        return {"self": "tcp-self", "moved": "tcp-peer-moved",
+                "outside": "tcp-peer-outside"}[_peer(r, bmap)]
     if r.type == 2:
         return "udp-connected" if r.dport else "udp-bound"
     return "other"
@@ -219,15 +237,20 @@ def _decide(r: SocketReport, bmap: BoundMap, options: RewriteOptions) -> None:
     r.klass = _classify(r, bmap)
     src_hit = bmap.lookup(r.src, is_src=True)
     dst_hit = bmap.lookup(r.dst)
-    if r.klass == "tcp-peer-outside" and src_hit is not None:
-        peer = fmt_addr(r.dst)
+    connected = r.type == 1 and r.state in TCP_CONNECTED_STATES and r.klass != "loopback"
+    peer_is = _peer(r, bmap) if connected else ""
+    if peer_is == "outside" and src_hit is not None:
+        peer = fmt_endpoint(r.dst, r.dport)
         if options.tcp_outside == "close":
             r.verdict = CLOSED
-            r.reason = f"peer {peer} is outside the map: restored as a closed connection"
+            r.reason = (f"peer {peer} is outside the map: restored as a closed connection "
+                        "(EOF on read, EPIPE on write; nothing bound)")
             return
         if options.tcp_outside == "fail":
             r.verdict = REFUSED
-            r.reason = f"peer {peer} is outside the map (fate fail)"
+            r.reason = (f"peer {peer} is outside the map and keeps the old 4-tuple: this "
+                        "connection cannot survive the move (--tcp-outside fail; close or "
+                        "keep would let the restore go on)")
             return
         r.new_src = src_hit[0]
         r.verdict = REWRITTEN
@@ -242,6 +265,10 @@ def _decide(r: SocketReport, bmap: BoundMap, options: RewriteOptions) -> None:
         if dst_hit is not None:
             r.new_dst = dst_hit[0]
             why.append(f"dst by {dst_hit[1]}")
+        if peer_is == "self":
+            why.append("connected to itself")
+        elif peer_is == "moved":
+            why.append("peer moves with the group (restore it with the same map)")
         r.verdict = REWRITTEN
         r.reason = "; ".join(why)
         return
@@ -270,6 +297,19 @@ def _set_words(field_: object, words: list[int]) -> None:
 _ZERO = (0, 0, 0, 0)
 
 
+def _log_decision(path: str, off: int, isk: object, d: SocketReport) -> None:
+    """One DEBUG line per socket: where, what, the verdict, the new endpoints, why."""
+    sport, dport = isk.src_port, isk.dst_port  # type: ignore[attr-defined]
+    new = ""
+    if d.new_src is not None or d.new_dst is not None:
+        new_l = fmt_endpoint(d.new_src if d.new_src is not None else d.src, sport)
+        new_r = fmt_endpoint(d.new_dst if d.new_dst is not None else d.dst, dport)
+        new = f" => {new_l} -> {new_r}"
+    log.debug("%s@%d: socket id %d %s%s %s %s -> %s: %s%s (%s)", path, off,
+              isk.id, d.proto_name, d.family_name[-1], d.state_name if d.type == 1 else "-",  # type: ignore[attr-defined]
+              fmt_endpoint(d.src, sport), fmt_endpoint(d.dst, dport), d.verdict, new, d.reason)
+
+
 def _rewrite_image(
     path: str,
     data: bytes,
@@ -287,6 +327,7 @@ def _rewrite_image(
     out: bytearray | None = None
     copied = 0
     pack = imagefile.pack_length
+    debug = log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
     for off, start, end, msg, isk in _inet_entries(data, path):
         fam = isk.family  # type: ignore[attr-defined]
         src_w = tuple(isk.src_addr)  # type: ignore[attr-defined]
@@ -311,6 +352,8 @@ def _rewrite_image(
         proto, new_src_w, new_dst_w = d
         verdict = proto.verdict
         counts[verdict] += 1
+        if debug:
+            _log_decision(path, off, isk, proto)
         report = None
         if want_reports or verdict in (REFUSED, NEEDS_ADDRESS):
             report = SocketReport(
