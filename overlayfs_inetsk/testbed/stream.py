@@ -1,0 +1,427 @@
+"""A numbered TCP stream in both directions, for moving established connections.
+
+    python -m overlayfs_inetsk.testbed.stream --ctl ENDPOINT (--listen EP | --connect EP)
+                                              [--interval S] [--reconnect] [--ready-fd N]
+
+ENDPOINT is ``ADDR:PORT`` (IPv6 ``[ADDR]:PORT``). The process holds ONE stream connection:
+``--listen`` accepts it (the listener stays open; a new connection replaces the current one), ``--connect``
+makes it at start (and, with ``--reconnect``, again every 0.2 s after a loss). Each side
+sends ``<n>\\n`` with n = 1, 2, 3, ... every ``--interval`` seconds (default 0.02) and checks
+that what it receives is 1, 2, 3, ... with nothing missing and nothing repeated. A new
+connection starts both counters again at 1.
+
+The control listener (``--ctl``) speaks the workload's protocol (``probe.tcp_command``): a
+hello line ``ctl <addr> <port>``, then commands answered by lines and ``END``:
+
+  STATUS   ``conn=<open|none> rd=<open|eof|ERRNO> wr=<open|shut|ERRNO> sent=N recv=N bad=N
+           local=EP peer=EP connects=N events=<e1,e2,...>``: bad counts received numbers
+           that were not the next one; events lists what happened to the stream
+           (``connected``, ``eof``, ``rd:ECONNRESET``, ``wr:EPIPE``, ...), oldest first
+  STOP     stop sending (numbers already queued still go out); answers STATUS's line
+  GO       send again
+  SHUTWR   stop sending and shutdown(SHUT_WR): the peer reads EOF, we still receive
+  BYE      close the control connection
+
+Reading EOF does not close the stream: the peer may have half-closed it, and we keep
+sending (CLOSE_WAIT). The stream socket is closed only on an error, or on EOF after our
+own SHUTWR (both directions done). One process, poll(), no threads, nothing written to
+files: safe to checkpoint with CRIU. ``start_stream(host, args)`` runs it as init of its
+own pid namespace, like ``criu.start_workload``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import select
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .workload import Endpoint, fmt_addr, parse_endpoint
+
+
+def _err(e: OSError) -> str:
+    return errno.errorcode.get(e.errno or 0, str(e))
+
+
+def _names(s: socket.socket) -> tuple[str, str]:
+    def f(fn: Any) -> str:
+        try:
+            a = fn()
+        except OSError:
+            return "-"
+        return fmt_addr(a[0], a[1])
+    return f(s.getsockname), f(s.getpeername)
+
+
+class Stream:
+    def __init__(self, app: App, sock: socket.socket):
+        self.app, self.sock = app, sock
+        self.inbuf = b""
+        self.outbuf = b""
+        self.sent = self.recv = self.bad = 0
+        self.rd = self.wr = "open"
+        self.closed = False
+        sock.setblocking(False)
+        app.sel.register(sock, selectors.EVENT_READ, self)
+        self.registered = True
+        app.events.append("connected")
+
+    def tick(self) -> None:
+        if self.app.sending and self.wr == "open":
+            self.sent += 1
+            self.outbuf += f"{self.sent}\n".encode()
+            self.flush()
+
+    def flush(self) -> None:
+        while self.outbuf and self.wr in ("open", "draining"):
+            try:
+                n = self.sock.send(self.outbuf)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self.fail("wr", e)
+                return
+            self.outbuf = self.outbuf[n:]
+        if self.closed:
+            return
+        if not self.outbuf and self.wr == "draining":
+            self.sock.shutdown(socket.SHUT_WR)
+            self.wr = "shut"
+            self.app.events.append("shutwr")
+        ev = (selectors.EVENT_READ if self.rd == "open" else 0) | (
+            selectors.EVENT_WRITE if self.outbuf and self.wr in ("open", "draining") else 0)
+        if ev and self.registered:
+            self.app.sel.modify(self.sock, ev, self)
+        elif ev:
+            self.app.sel.register(self.sock, ev, self)
+        elif self.registered:
+            self.app.sel.unregister(self.sock)
+        self.registered = bool(ev)
+
+    def shut_wr(self) -> None:
+        if self.wr == "open":
+            self.wr = "draining"
+            self.flush()
+
+    def on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self.flush()
+        if self.closed or not mask & selectors.EVENT_READ or self.rd != "open":
+            return
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.fail("rd", e)
+            return
+        if not data:
+            self.rd = "eof"
+            self.app.events.append("eof")
+            if self.wr == "shut":
+                self.close()
+            else:
+                self.flush()  # stop polling for reading; keep writing (half-closed)
+            return
+        self.inbuf += data
+        *lines, self.inbuf = self.inbuf.split(b"\n")
+        for line in lines:
+            self.recv += 1
+            if line != str(self.recv).encode():
+                self.bad += 1
+                self.app.events.append(f"bad:{line[:20].decode(errors='replace')}@{self.recv}")
+                try:
+                    self.recv = int(line)
+                except ValueError:
+                    pass
+
+    def fail(self, side: str, e: OSError) -> None:
+        setattr(self, side, _err(e))
+        self.app.events.append(f"{side}:{_err(e)}")
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.registered:
+            self.app.sel.unregister(self.sock)
+            self.registered = False
+        self.sock.close()
+        self.app.lost(self)
+
+
+class Ctl:
+    def __init__(self, app: App, sock: socket.socket):
+        self.app, self.sock, self.buf = app, sock, b""
+        sock.setblocking(True)
+        sock.settimeout(2)
+        local = sock.getsockname()
+        self.send(f"ctl {local[0]} {local[1]}")
+        sock.setblocking(False)
+        app.sel.register(sock, selectors.EVENT_READ, self)
+
+    def send(self, line: str) -> None:
+        try:
+            self.sock.setblocking(True)
+            self.sock.settimeout(2)
+            self.sock.sendall(line.encode() + b"\n")
+            self.sock.setblocking(False)
+        except OSError:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.app.sel.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        self.sock.close()
+
+    def on_event(self, mask: int) -> None:
+        try:
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            word = line.decode(errors="replace").strip()
+            if word == "BYE":
+                self.close()
+                return
+            if word == "STOP":
+                self.app.sending = False
+            elif word == "GO":
+                self.app.sending = True
+            elif word == "SHUTWR":
+                self.app.sending = False
+                if self.app.stream is not None:
+                    self.app.stream.shut_wr()
+            elif word != "STATUS":
+                self.send(f"ERROR unknown command {word!r}")
+                self.send("END")
+                continue
+            self.send(self.app.status())
+            self.send("END")
+
+
+class Acceptor:
+    def __init__(self, app: App, sock: socket.socket, ctl: bool):
+        self.app, self.sock, self.ctl = app, sock, ctl
+        sock.setblocking(False)
+        app.sel.register(sock, selectors.EVENT_READ, self)
+
+    def on_event(self, mask: int) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return
+        if self.ctl:
+            Ctl(self.app, conn)
+        else:
+            old = self.app.stream
+            if old is not None:  # one stream at a time: the newest one wins
+                self.app.events.append("replaced")
+                self.app.stream = None
+                old.close()
+            self.app.stream = Stream(self.app, conn)
+            self.app.connects += 1
+
+
+def _socket(ep: Endpoint) -> socket.socket:
+    s = socket.socket(ep.family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return s
+
+
+def _listen(ep: Endpoint) -> socket.socket:
+    s = _socket(ep)
+    s.bind(ep.sockaddr)
+    s.listen(8)
+    return s
+
+
+class App:
+    def __init__(self, interval: float, connect: Endpoint | None, reconnect: bool):
+        self.sel = selectors.PollSelector()  # poll(): no epoll fd to checkpoint
+        self.interval = interval
+        self.connect_to = connect
+        self.reconnect = reconnect
+        self.stream: Stream | None = None
+        self.sending = True
+        self.connects = 0
+        self.events: list[str] = []
+        self.last: Stream | None = None
+        self.retry_at: float | None = None
+        self.connecting: socket.socket | None = None
+
+    def status(self) -> str:
+        s = self.stream or self.last
+        if s is None:
+            return f"conn=none connects=0 events={','.join(self.events) or '-'}"
+        local, peer = _names(s.sock) if not s.closed else ("-", "-")
+        return (f"conn={'none' if s.closed else 'open'} rd={s.rd} wr={s.wr} sent={s.sent} "
+                f"recv={s.recv} bad={s.bad} local={local} peer={peer} "
+                f"connects={self.connects} events={','.join(self.events) or '-'}")
+
+    def lost(self, s: Stream) -> None:
+        if self.stream is s:
+            self.stream = None
+            self.last = s
+            if self.reconnect and self.connect_to is not None:
+                self.retry_at = time.monotonic()
+
+    def first_connect(self) -> None:
+        assert self.connect_to is not None
+        s = _socket(self.connect_to)
+        s.settimeout(5)
+        s.connect(self.connect_to.sockaddr)
+        self.stream = Stream(self, s)
+        self.connects += 1
+
+    def try_connect(self, now: float) -> None:
+        if self.retry_at is None or now < self.retry_at or self.connecting is not None:
+            return
+        assert self.connect_to is not None
+        self.retry_at = None
+        s = _socket(self.connect_to)
+        s.setblocking(False)
+        if s.connect_ex(self.connect_to.sockaddr) not in (0, errno.EINPROGRESS):
+            s.close()
+            self.retry_at = now + 0.2
+            return
+        self.connecting = s
+        self.sel.register(s, selectors.EVENT_WRITE, self)
+
+    def on_event(self, mask: int) -> None:  # the pending non-blocking connect finished
+        s = self.connecting
+        assert s is not None
+        self.sel.unregister(s)
+        self.connecting = None
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            s.close()
+            self.events.append(f"connect:{errno.errorcode.get(err, err)}")
+            self.retry_at = time.monotonic() + 0.2
+            return
+        self.stream = Stream(self, s)
+        self.connects += 1
+
+    def loop(self) -> None:
+        next_send = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_send:
+                if self.stream is not None:
+                    self.stream.tick()
+                next_send = now + self.interval
+            self.try_connect(now)
+            for key, mask in self.sel.select(max(0.0, next_send - time.monotonic())):
+                key.data.on_event(mask)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m overlayfs_inetsk.testbed.stream")
+    ap.add_argument("--ready-fd", type=int)
+    ap.add_argument("--ctl", required=True)
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--listen")
+    g.add_argument("--connect")
+    ap.add_argument("--interval", type=float, default=0.02)
+    ap.add_argument("--reconnect", action="store_true")
+    args = ap.parse_args(argv)
+    ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else sys.stdout
+    try:
+        connect = parse_endpoint(args.connect) if args.connect else None
+        app = App(args.interval, connect, args.reconnect)
+        Acceptor(app, _listen(parse_endpoint(args.ctl)), ctl=True)
+        if args.listen:
+            Acceptor(app, _listen(parse_endpoint(args.listen)), ctl=False)
+        else:
+            app.first_connect()
+    except (OSError, ValueError) as e:
+        ready.write(f"ERROR {e}\n")
+        ready.flush()
+        return 2
+    ready.write(f"READY {os.readlink('/proc/self')}\n")
+    ready.flush()
+    if args.ready_fd is not None:
+        ready.close()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    app.loop()
+    return 0
+
+
+# --------------------------------------------------------------------------- host side
+def start_stream(host: Any, args: list[str], timeout: float = 10) -> int:
+    """Start the stream in ``host`` as init of a new pid namespace (like
+    ``criu.start_workload``); wait for READY; return its pid as seen here."""
+    from .criu import WorkloadError, _ppid, workload_env
+
+    r, w = os.pipe()
+    try:
+        argv = ["unshare", "--pid", "--fork", "setsid", sys.executable, "-m",
+                "overlayfs_inetsk.testbed.stream", "--ready-fd", str(w), *args]
+        p = host.popen(argv, pass_fds=(w,), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, cwd="/", env=workload_env(),
+                       start_new_session=True)
+    finally:
+        os.close(w)
+    try:
+        line = b""
+        deadline = time.monotonic() + timeout
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                raise WorkloadError(f"stream not READY after {timeout}s: {args}")
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            line += chunk
+    finally:
+        os.close(r)
+    text = line.decode(errors="replace").strip()
+    if not text.startswith("READY "):
+        p.kill()
+        _, err = p.communicate(timeout=5)
+        raise WorkloadError(f"stream failed: {text or '(no output)'}; args={args}; "
+                            f"stderr={err.decode(errors='replace')[-2000:]}")
+    pid = int(text.split()[1])
+    if _ppid(pid) != p.pid:
+        raise WorkloadError(f"stream pid {pid} is not the child of unshare {p.pid}")
+    assert p.stderr is not None
+    p.stderr.close()
+    return pid
+
+
+def parse_status(line: str) -> dict[str, str]:
+    """STATUS's line as a dict (numbers stay strings)."""
+    return dict(part.split("=", 1) for part in line.split())
+
+
+def status(host: Any, addr: Any, port: int, command: str = "STATUS",
+           timeout: float = 5) -> dict[str, str]:
+    """Send a control command from ``host``; the stream's STATUS line as a dict."""
+    from .probe import tcp_command
+
+    lines = tcp_command(host, addr, port, command, timeout)
+    return parse_status(lines[-1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
