@@ -117,6 +117,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # file names are bytes: one that is not UTF-8 (decoded with surrogateescape) goes out
+    # as the same bytes in every locale, as in the C locale, instead of a UnicodeEncodeError
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
     parser = make_parser()
     args = parser.parse_args(argv)
     from .logsetup import setup_from_args
