@@ -1,0 +1,154 @@
+"""The group-restore barrier (overlayfs_inetsk/barrier.py) without CRIU: threads as members,
+a tmp dir as the barrier dir. The lock rules are checked as text (no netfilter here)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+
+import pytest
+
+from imagefactory import files_img, inet_file_entry, isk, reg_file_entry
+from overlayfs_inetsk import barrier
+from overlayfs_inetsk.barrier import BarrierError
+from overlayfs_inetsk.cli import main
+
+
+def run_members(d, names, members, timeout=5.0):
+    results: dict[str, object] = {}
+
+    def one(name):
+        try:
+            results[name] = barrier.wait(str(d), name, members, timeout, poll=0.005)
+        except BarrierError as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_all_members_pass_together(tmp_path):
+    res = run_members(tmp_path, ["C", "D", "E"], 3)
+    assert all(isinstance(r, barrier.Passed) for r in res.values()), res
+    assert (tmp_path / "outcome").read_text() == "released\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "C.arrived", "C.passed", "D.arrived", "D.passed", "E.arrived", "E.passed", "outcome"]
+
+
+def test_first_member_waits_for_the_last(tmp_path):
+    res: dict[str, object] = {}
+    t = threading.Thread(target=lambda: res.setdefault(
+        "C", barrier.wait(str(tmp_path), "C", 2, 5, poll=0.005)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and (tmp_path / "C.arrived").exists()
+    assert not (tmp_path / "outcome").exists()
+    barrier.wait(str(tmp_path), "D", 2, 5)
+    t.join(5)
+    assert isinstance(res["C"], barrier.Passed) and res["C"].waited >= 0.3
+
+
+def test_timeout_aborts_the_group_for_everyone(tmp_path):
+    with pytest.raises(BarrierError, match=r"C gave up after 0.2 s with 1 of 2 members "
+                                           r"arrived \(C\)"):
+        barrier.wait(str(tmp_path), "C", 2, timeout=0.2, poll=0.01)
+    assert (tmp_path / "outcome").read_text().startswith("aborted: C gave up")
+    with pytest.raises(BarrierError, match="group already aborted"):
+        barrier.wait(str(tmp_path), "D", 2, timeout=5)  # late: fails at once
+    assert not (tmp_path / "D.arrived").exists()
+
+
+def test_a_stale_dir_is_refused(tmp_path):
+    barrier.wait(str(tmp_path), "C", 1, 1)
+    with pytest.raises(BarrierError, match="group already released"):
+        barrier.wait(str(tmp_path), "C", 1, 1)
+    os.unlink(tmp_path / "outcome")
+    with pytest.raises(BarrierError, match="already arrived"):
+        barrier.wait(str(tmp_path), "C", 1, 1)
+
+
+def test_more_members_than_declared_abort(tmp_path):
+    (tmp_path / "X.arrived").write_text("")
+    (tmp_path / "Y.arrived").write_text("")
+    with pytest.raises(BarrierError, match=r"3 members arrived \(C, X, Y\), more than "
+                                           r"--members 2"):
+        barrier.wait(str(tmp_path), "C", 2, 1)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", ".x", "outcome"])
+def test_bad_names(tmp_path, name):
+    with pytest.raises(BarrierError, match="bad member name"):
+        barrier.wait(str(tmp_path), name, 1, 1)
+
+
+def test_missing_dir(tmp_path):
+    with pytest.raises(BarrierError, match="does not exist"):
+        barrier.wait(str(tmp_path / "nope"), "C", 1, 1)
+
+
+def test_action_filter(tmp_path):
+    env = {"CRTOOLS_SCRIPT_ACTION": "post-resume"}
+    assert barrier.run_action(str(tmp_path), "C", 2, 0.1, env=env) is None
+    env = {"CRTOOLS_SCRIPT_ACTION": "pre-restore"}
+    assert barrier.run_action(str(tmp_path), "C", 2, 0.1, env=env,
+                              lock_connections=False) is None
+    assert list(tmp_path.iterdir()) == []
+    got = barrier.run_action(str(tmp_path), "C", 1, 1,
+                             env={"CRTOOLS_SCRIPT_ACTION": "post-restore"})
+    assert isinstance(got, barrier.Passed)
+
+
+def test_lock_rules_are_criu_s_own():
+    """netfilter.c: "%s %s -t filter %s %s --protocol tcp -m mark ! --mark 0xC114 --source %s
+    --sport %d --destination %s --dport %d -j DROP", INPUT with (dst, dport, src, sport)
+    and OUTPUT with (src, sport, dst, dport): CRIU's unlock deletes exactly these."""
+    inp, out = barrier.lock_rules((4, "10.77.0.3", 40000, "10.77.0.4", 7400))
+    assert " ".join(inp) == ("-t filter INPUT --protocol tcp -m mark ! --mark 0xC114 "
+                             "--source 10.77.0.4 --sport 7400 --destination 10.77.0.3 "
+                             "--dport 40000 -j DROP")
+    assert " ".join(out) == ("-t filter OUTPUT --protocol tcp -m mark ! --mark 0xC114 "
+                             "--source 10.77.0.3 --sport 40000 --destination 10.77.0.4 "
+                             "--dport 7400 -j DROP")
+
+
+def test_image_connections(tmp_path):
+    (tmp_path / "files.img").write_bytes(files_img(
+        reg_file_entry(1),
+        inet_file_entry(isk(2, "10.77.0.3", 7400)),  # listener
+        inet_file_entry(isk(3, "10.77.0.3", 7400, "10.77.0.4", 40000)),
+        inet_file_entry(isk(4, "10.77.0.3", 7401, "10.77.0.4", 40001, state=8)),  # CLOSE_WAIT
+        inet_file_entry(isk(5, "0.0.0.0", 0, "0.0.0.0", 0, state=7)),  # closed by the rewrite
+        inet_file_entry(isk(6, "::ffff:10.77.0.3", 7402, "::ffff:10.77.0.4", 9)),
+        inet_file_entry(isk(7, "fd77::3", 7403, "fd77::4", 9)),
+        inet_file_entry(isk(8, "10.77.0.3", 5353, "10.77.0.4", 53, proto="udp")),
+    ))
+    assert barrier.image_connections(str(tmp_path)) == [
+        (4, "10.77.0.3", 7400, "10.77.0.4", 40000),
+        (4, "10.77.0.3", 7401, "10.77.0.4", 40001),
+        (4, "10.77.0.3", 7402, "10.77.0.4", 9),
+        (6, "fd77::3", 7403, "fd77::4", 9),
+    ]
+
+
+def test_barrier_script_runs_without_arguments(tmp_path):
+    bdir = tmp_path / "b"
+    bdir.mkdir()
+    script = tmp_path / "s.sh"
+    assert main(["barrier-script", str(script), "--dir", str(bdir), "--members", "1",
+                 "--name", "C", "--timeout", "3"]) == 0
+    assert os.access(script, os.X_OK)
+    env = dict(os.environ, CRTOOLS_SCRIPT_ACTION="pre-dump")
+    cp = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0 and list(bdir.iterdir()) == []
+    env["CRTOOLS_SCRIPT_ACTION"] = "post-restore"
+    cp = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert "C: all 1 members arrived" in cp.stderr
+    cp = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 7
+    assert cp.stderr.startswith("overlayfs-inetsk: error: member C: group already released")
