@@ -327,6 +327,8 @@ def _setup_logging(cfg: MountConfig) -> None:
     handler: logging.Handler
     if cfg.log_file:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.log_file)), exist_ok=True)
+        os.close(os.open(cfg.log_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o640))  # created 0640 (FileHandler would use 0666 & ~umask)
         handler = logging.FileHandler(cfg.log_file)
         fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     else:
@@ -361,6 +363,7 @@ def serve_foreground(cfg: MountConfig) -> int:
 
     from .fuse_ops import ViewOperations
 
+    os.umask(0o022)  # nothing the daemon creates is group- or world-writable
     _setup_logging(cfg)
     ready_fd = cfg.ready_fd
     if ready_fd is not None:
@@ -485,7 +488,8 @@ def spawn_background(cfg: MountConfig) -> tuple[int, str]:
     log_file = os.path.abspath(cfg.log_file or default_log_file(cfg.mountpoint))
     try:
         os.makedirs(os.path.dirname(log_file), mode=0o755, exist_ok=True)
-        out = open(log_file, "ab")
+        out = os.fdopen(os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                                | os.O_NOFOLLOW, 0o640), "ab")
     except OSError as e:
         raise MountError(f"{log_file}: cannot open log file: {e.strerror}") from None
     r, w = os.pipe()
@@ -494,7 +498,7 @@ def spawn_background(cfg: MountConfig) -> tuple[int, str]:
             proc = subprocess.Popen(
                 cfg.child_argv(w, log_file), stdin=subprocess.DEVNULL, stdout=out,
                 stderr=out, pass_fds=(w,), start_new_session=True, close_fds=True,
-                env=dict(cfg.env))
+                env=dict(cfg.env), umask=0o022)
         os.close(w)
         w = -1
         msg = _read_ready(r, proc)
