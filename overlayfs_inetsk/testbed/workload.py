@@ -582,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m overlayfs_inetsk.testbed.workload",
                                  description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--ready-fd", type=int, default=None)
+    ap.add_argument("--hold-mib", type=int, default=0,
+                    help="also hold this many MiB of touched memory (for restore benchmarks)")
     for flag, kind in (("--tcp-listen", "tcp"), ("--udp-bind", "udp"),
                        ("--udp-connect", "udpc"), ("--tcp-self", "self"),
                        ("--tcp-connect", "client")):
@@ -595,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
         ready.flush()
 
     app = App()
+    # every page written, so CRIU dumps (and restores) all of it
+    ballast = bytearray(b"\x5a") * (args.hold_mib << 20) if args.hold_mib else None
+    app.ballast = ballast  # type: ignore[attr-defined]
     try:
         # keep command-line order within each kind; listeners first so that --tcp-connect
         # to our own listener works

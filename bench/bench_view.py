@@ -1,0 +1,198 @@
+"""Benchmark: restoring through the per-node view vs. the alternatives.
+
+    .venv/bin/python bench/bench_view.py [--mib 1024] [--runs 5]
+
+One invocation, on test hosts made here, with a checkpoint holding --mib MiB of memory
+and a TCP listener on host A's address:
+  (a) restore straight from the image dir on host A (the limit: no rewrite needed there);
+  (b) restore on host B through `overlayfs-inetsk mount` (a fresh mount per run, so each
+      restore includes generating files.img);
+  (c) what users do today: copy the image dir, rewrite files.img (crit decode/edit/encode),
+      restore on B from the copy.
+Each is the median of --runs, page cache warm (one unmeasured warm-up restore first), runs
+interleaved. Also: `overlayfs-inetsk mount` to mount ready; the first open and the full
+read of a 10,000-socket files.img through a mount; the daemon's RSS idle, after
+validation, and after generating that files.img. Exits 1 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from overlayfs_inetsk.testbed import TestNet, probe  # noqa: E402
+from overlayfs_inetsk.testbed import criu as tb  # noqa: E402
+from overlayfs_inetsk.testbed.mount import BIN, ismount  # noqa: E402
+
+CRIT = os.path.join(os.path.dirname(sys.executable), "crit")
+
+
+def step(msg: str) -> None:
+    print(f"-- {msg}", file=sys.stderr, flush=True)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def daemon_pid(mnt: str) -> int:
+    out = subprocess.run(["pgrep", "-f", f"cli_mount mount .* {mnt} "], capture_output=True,
+                         text=True).stdout.split()
+    return int(out[0])
+
+
+def mount(img: str, mnt: str, *opts: str) -> float:
+    os.makedirs(mnt, exist_ok=True)
+    t = time.perf_counter()
+    subprocess.run([BIN, "mount", img, mnt, *opts], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def umount(mnt: str) -> None:
+    subprocess.run([BIN, "umount", mnt], check=False, stdout=subprocess.DEVNULL)
+    if ismount(mnt):
+        subprocess.run(["umount", "-l", mnt], check=False)
+
+
+def timed_restore(host, images: str, work: str) -> float:
+    shutil.rmtree(work, ignore_errors=True)
+    t = time.perf_counter()
+    pid = tb.restore(host, images, work, tcp_established=False, timeout=300)
+    dt = time.perf_counter() - t
+    tb.kill_tree(pid)
+    return dt
+
+
+def crit_rewrite(src: str, dst: str, old: str, new: str) -> None:
+    js = dst + ".json"
+    subprocess.run([CRIT, "decode", "-i", src, "-o", js, "--pretty"], check=True)
+    with open(js) as f:
+        doc = json.load(f)
+    for e in doc["entries"]:
+        isk = e.get("isk")
+        if isk:
+            for k in ("src_addr", "dst_addr"):
+                isk[k] = [new if a == old else a for a in isk.get(k, [])]
+    with open(js, "w") as f:
+        json.dump(doc, f)
+    os.unlink(dst)
+    subprocess.run([CRIT, "encode", "-i", js, "-o", dst], check=True)
+    os.unlink(js)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--sockets", type=int, default=10000)
+    opts = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, opts.sockets + 200)), hard))
+    work = tempfile.mkdtemp(prefix="oi-bench-view-")
+    results: list[tuple[str, str, str, bool]] = []
+
+    def report(label: str, value: str, target: str, good: bool = True) -> None:
+        results.append((label, value, target, good))
+
+    try:
+        with TestNet() as net:
+            a, b = net.add_host("A"), net.add_host("B")
+            a4, b4 = str(a.ipv4), str(b.ipv4)
+            big = os.path.join(work, "big")
+            step(f"dumping a service holding {opts.mib} MiB on host A")
+            pid = tb.start_workload(a, [f"--tcp-listen=svc@{a4}:8080",
+                                        f"--hold-mib={opts.mib}"], timeout=120)
+            tb.dump(a, pid, big, timeout=600)
+            size = sum(p.stat().st_size for p in Path(big).iterdir())
+            mnt = os.path.join(work, "mnt")
+            mopts = ("--map", f"local={b4}")
+
+            step("warm-up restores (page cache)")
+            timed_restore(a, big, os.path.join(work, "w-a"))
+            mount(big, mnt, *mopts)
+            timed_restore(b, mnt, os.path.join(work, "w-b"))
+            umount(mnt)
+
+            ta, tb_, tc, tmount = [], [], [], []
+            for i in range(opts.runs):
+                step(f"run {i + 1}/{opts.runs}: (a) direct, (b) through the mount, (c) copy")
+                ta.append(timed_restore(a, big, os.path.join(work, "w-a")))
+                tmount.append(mount(big, mnt, *mopts))
+                tb_.append(timed_restore(b, mnt, os.path.join(work, "w-b")))
+                umount(mnt)
+                copy = os.path.join(work, "copy")
+                shutil.rmtree(copy, ignore_errors=True)
+                t = time.perf_counter()
+                shutil.copytree(big, copy)
+                crit_rewrite(os.path.join(big, "files.img"), os.path.join(copy, "files.img"),
+                             a4, b4)
+                tb.restore(b, copy, os.path.join(work, "w-c"), tcp_established=False)
+                tc.append(time.perf_counter() - t)
+                assert probe.tcp_hello(a, b4, 8080) == f"svc {b4} 8080"
+                tb.kill_tree(int((Path(work) / "w-c" / "restore.pid").read_text()))
+                shutil.rmtree(copy)
+
+            step(f"a view of an image with {opts.sockets} sockets")
+            many = os.path.join(work, "many")
+            pid = tb.start_workload(a, [f"--udp-bind={a4}:{20000 + i}"
+                                        for i in range(opts.sockets)], timeout=120)
+            tb.dump(a, pid, many, timeout=300)
+            opens, reads, rss_idle, rss_gen = [], [], [], []
+            for _ in range(opts.runs):
+                mount(many, mnt, *mopts)
+                dpid = daemon_pid(mnt)
+                rss_idle.append(rss_kib(dpid))
+                t = time.perf_counter()
+                fd = os.open(os.path.join(mnt, "files.img"), os.O_RDONLY)
+                opens.append(time.perf_counter() - t)
+                while os.read(fd, 1 << 20):
+                    pass
+                reads.append(time.perf_counter() - t)
+                os.close(fd)
+                rss_gen.append(rss_kib(dpid))
+                umount(mnt)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    a_, b_, c_ = statistics.median(ta), statistics.median(tb_), statistics.median(tc)
+    print(f"checkpoint: {opts.mib} MiB of memory, {size / 2**20:.0f} MiB of images; "
+          f"median of {opts.runs} runs, warm page cache")
+    report("(a) restore from the image dir (the limit)", f"{a_:.3f} s", "")
+    report("(b) restore through the mount", f"{b_:.3f} s", "")
+    report("(c) copy + crit rewrite + restore (today)", f"{c_:.3f} s", "")
+    report("(b)/(a)", f"{b_ / a_:.3f}", "target <= 1.05", b_ / a_ <= 1.05)
+    report("(c)/(b)", f"{c_ / b_:.1f}x", "")
+    report("mount command until the view serves", f"{statistics.median(tmount) * 1000:.0f} ms",
+           "target < 1000 ms", statistics.median(tmount) < 1.0)
+    o, r = statistics.median(opens), statistics.median(reads)
+    report(f"open of files.img ({opts.sockets} sockets), generation included",
+           f"{o * 1000:.0f} ms", "target < 100 ms", o < 0.1)
+    report("open + read of all of it", f"{r * 1000:.0f} ms", "")
+    report("daemon RSS after mount (idle)", f"{statistics.median(rss_idle) / 1024:.1f} MB",
+           "target < 60 MB", statistics.median(rss_idle) < 60 * 1024)
+    report("daemon RSS after generating it", f"{statistics.median(rss_gen) / 1024:.1f} MB",
+           "target < 60 MB", statistics.median(rss_gen) < 60 * 1024)
+    for label, value, target, good in results:
+        mark = "" if not target else ("ok" if good else "MISSED")
+        print(f"{label:<58} {value:>10}   {target:<18} {mark}")
+    return 0 if all(g for *_, g in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
