@@ -10,6 +10,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -315,3 +316,15 @@ def test_image_dir_vanishes_while_mounted(tmp_path: Path) -> None:
         os.stat(m)  # still serving
     assert not os.path.ismount(tmp_path / "mnt")
     assert "Traceback" not in log.read_text(errors="replace")
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_short_soak_is_flat() -> None:
+    """bench/soak.py in small (the full one: 200 cycles, 10,000 opens): nothing left behind
+    after each mount/read/umount cycle, no fd growth, daemon RSS flat over the opens."""
+    soak = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
+    cp = subprocess.run([sys.executable, str(soak), "--cycles", "8", "--opens", "1000"],
+                        capture_output=True, text=True, timeout=300)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "flat: nothing left behind" in cp.stdout and "LEAK" not in cp.stdout
