@@ -15,7 +15,8 @@
 
 Prints the figures and exits 1 if anything grows: a leftover after a cycle, more fds at the
 end than at the start, daemon RSS growing more than --rss-slack-kb after the first tenth.
-The CLI runs as `python -m overlayfs_inetsk.cli`, so PYTHONPATH picks the code under test.
+The CLI runs as `python -m overlayfs_inetsk.cli`, which puts the current directory first on
+the path: to measure another tree, cd into it and set PYTHONPATH to it.
 """
 
 from __future__ import annotations
