@@ -37,7 +37,8 @@ def add_mount_parsers(subparsers: Any) -> None:
                    help="let other users than the mounting one see the view")
     g.add_argument("--serve", choices=("symlink", "read"), default="symlink",
                    help="how files other than socket images appear: symlinks to the "
-                        "originals (default; CRIU follows them) or served through read()")
+                        "originals through a read-only bind of IMAGE_DIR (default; CRIU "
+                        "follows them; see docs/security.md) or served through read()")
     g.add_argument("--log-file", metavar="PATH",
                    help="daemon log (default in the background: "
                         "/run/overlayfs-inetsk/<mountpoint>.log; in the foreground: stderr)")
@@ -46,7 +47,8 @@ def add_mount_parsers(subparsers: Any) -> None:
     p.set_defaults(func=cmd_mount)
 
     p = subparsers.add_parser(
-        "umount", help="unmount a view (also clears the mount of a killed daemon)")
+        "umount", help="unmount a view (also clears the mount and the read-only bind a "
+                       "killed daemon left)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_umount)
 

@@ -181,3 +181,44 @@ def test_nothing_created_world_writable_even_with_umask_0(image: Path, tmp_path:
             if fg:
                 p.wait(20)
         assert not os.path.ismount(mp) and not os.path.exists(bind)
+
+
+def test_bind_falls_back_to_bind_and_remount(image: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels without the new mount API (< 5.12): mount --bind, then remount read-only."""
+    from overlayfs_inetsk import daemon
+
+    def no_new_api(*_a: object) -> None:
+        raise OSError(errno.ENOSYS, "open_tree: Function not implemented")
+
+    monkeypatch.setattr(daemon, "_bind_new_api", no_new_api)
+    target = daemon.ro_bind_path(str(tmp_path / "fallback-mnt"))
+    mount_id = daemon.make_ro_bind(str(image), target)
+    try:
+        assert set(_mount_opts(target)) >= {"ro", "nosuid", "nodev", "noexec"}
+        with pytest.raises(OSError) as ei:
+            open(os.path.join(target, "spec.dump"), "r+b")
+        assert ei.value.errno == errno.EROFS
+        assert not daemon.clear_ro_bind(target, mount_id + 1000)  # not ours: left alone
+        assert find_mount(target) is not None
+    finally:
+        assert daemon.clear_ro_bind(target, mount_id)
+    assert find_mount(target) is None and not os.path.exists(target)
+
+
+def test_mount_point_inside_image_dir_is_left_out(image: Path, tmp_path: Path) -> None:
+    """The bind is not recursive: a file system mounted inside IMAGE_DIR would show as
+    dangling links, so the view leaves it out (symlink mode) with a warning."""
+    sub = image / "checkpoint" / "sub"
+    sub.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "oit-test", str(sub)], check=True)
+    try:
+        (sub / "x.img").write_bytes(b"x")
+        log = tmp_path / "daemon.log"
+        with mounted(image, tmp_path / "mnt", [*MAP, "--log-file", str(log)]) as mp:
+            assert "sub" not in os.listdir(Path(mp) / "checkpoint")
+        assert "left out checkpoint/sub: a mount point inside the image dir" in log.read_text()
+        with mounted(image, tmp_path / "mnt", [*MAP, "--serve", "read"]) as mp:
+            assert (Path(mp) / "checkpoint" / "sub" / "x.img").read_bytes() == b"x"
+    finally:
+        subprocess.run(["umount", str(sub)], check=True)
