@@ -210,8 +210,8 @@ def _mutate(draw: Callable[..., object], data: bytes) -> bytes:
 
 def _words(draw: Callable[..., object]) -> list[int]:
     n = draw(st.sampled_from([0, 1, 1, 2, 3, 4, 4, 5, 8]))
-    return [draw(st.sampled_from(INTERESTING_U32) | st.integers(0, 0xFFFF_FFFF))  # type: ignore[misc]
-            for _ in range(n)]  # type: ignore[call-overload]
+    word = st.sampled_from(INTERESTING_U32) | st.integers(0, 0xFFFF_FFFF)
+    return [draw(word) for _ in range(n)]  # type: ignore[call-overload, misc]
 
 
 def _mutate_socket(draw: Callable[..., object], payload: bytes) -> bytes | None:

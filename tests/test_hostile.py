@@ -39,7 +39,8 @@ LAST = 8 + 4 + len(GOOD_ENTRIES[0])  # offset of GOOD's last entry
 
 
 def _fe(sk: object, id_: int | None = None) -> bytes:
-    fe = fdinfo_pb2.file_entry(type=fdinfo_pb2.INETSK, id=sk.id if id_ is None else id_)  # type: ignore[attr-defined]
+    fid = sk.id if id_ is None else id_  # type: ignore[attr-defined]
+    fe = fdinfo_pb2.file_entry(type=fdinfo_pb2.INETSK, id=fid)
     fe.isk.CopyFrom(sk)
     return fe.SerializePartialToString()
 
