@@ -221,6 +221,13 @@ class View:
                 except OSError as exc:
                     self._leave_out(dino, name, f"cannot stat: {exc.strerror}")
                     continue
+                if stat.S_ISLNK(lst.st_mode) and name in _SOCKET_NAMES_B:
+                    # a socket image must be a regular file: kept as the link itself, so
+                    # validation (and any open) refuses it by name, as inspect/rewrite do
+                    next_ino += 1
+                    self._add(Node(next_ino, Kind.SOCKET_IMAGE, name, dino, path, lst))
+                    self.socket_groups.setdefault(dino, {})[_SOCKET_NAMES_B[name]] = path
+                    continue
                 if stat.S_ISLNK(lst.st_mode):
                     try:
                         target = os.path.realpath(path, strict=True)

@@ -24,6 +24,7 @@ from overlayfs_inetsk import imagefile
 from overlayfs_inetsk.addrmap import AddressMap
 from overlayfs_inetsk.cli import main
 from overlayfs_inetsk.errors import ImageError
+from overlayfs_inetsk.imagedir import read_socket_image
 from overlayfs_inetsk.rewrite import plan_group
 from overlayfs_inetsk.testbed.mount import BIN, mounted
 from overlayfs_inetsk.view import View
@@ -183,12 +184,15 @@ def test_socket_image_that_is_a_symlink(tmp_path: Path,
         err = capsys.readouterr().err
         assert err == (f"overlayfs-inetsk: error: {d}/files.img: socket image is a symlink; "
                        "refusing to follow it\n")
-    # the view never follows one out of the tree (an in-tree one is read from its target)
-    os.unlink(d / "files.img")
-    os.symlink("/etc/shadow", d / "files.img")
-    view = View.build(d)
-    assert view.lookup(1, b"files.img") is None
-    assert any(p == b"files.img" and "outside" in why for p, why in view.left_out)
+    # the view never follows one either, in the tree or out of it: it keeps the link
+    # itself, which the mount's validation (and any open) refuses by name
+    for target in ("real.img", "/etc/shadow"):
+        os.unlink(d / "files.img")
+        os.symlink(target, d / "files.img")
+        node = View.build(d).lookup(1, b"files.img")
+        assert node is not None and node.real_path == os.fsencode(str(d / "files.img"))
+        with pytest.raises(ImageError, match="socket image is a symlink; refusing to follow"):
+            read_socket_image(os.fsdecode(node.real_path))
 
 
 def _odd_tree(tmp_path: Path) -> Path:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from overlayfs_inetsk.errors import ImageError
+from overlayfs_inetsk.imagedir import read_socket_image
+
 from overlayfs_inetsk.view import ROOT_INODE, Kind, View, ViewError
 
 ODD = b"odd \xff\x01name"
@@ -133,8 +136,8 @@ def test_serve_read_mode(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_socket_image_symlink_in_tree(tmp_path: Path) -> None:
-    """files.img that is a symlink inside the tree is still a socket image, read from its
-    resolved original."""
+    """files.img that is a symlink (even inside the tree) is kept as the link itself, so
+    reading it is refused by name, as inspect and rewrite refuse it."""
     root = tmp_path / "img"
     (root / "store").mkdir(parents=True)
     (root / "ck").mkdir()
@@ -145,8 +148,10 @@ def test_socket_image_symlink_in_tree(tmp_path: Path) -> None:
     assert ck is not None
     f = view.lookup(ck.inode, b"files.img")
     assert f is not None and f.kind is Kind.SOCKET_IMAGE
-    assert dict(view.socket_group(ck.inode)) == {
-        "files.img": os.fsencode(os.path.realpath(root / "store" / "orig"))}
+    link = os.fsencode(str(root / "ck" / "files.img"))
+    assert dict(view.socket_group(ck.inode)) == {"files.img": link}
+    with pytest.raises(ImageError, match="socket image is a symlink; refusing to follow it"):
+        read_socket_image(os.fsdecode(link))
 
 
 def test_image_dir_errors(tmp_path: Path) -> None:
