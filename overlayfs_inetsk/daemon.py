@@ -44,6 +44,7 @@ FSNAME = "overlayfs-inetsk"
 FSTYPE = "fuse." + FSNAME
 RUN_DIR = "/run/overlayfs-inetsk"
 RO_DIR = os.path.join(RUN_DIR, "ro")  # read-only binds of image dirs, one per mountpoint
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 READY_TIMEOUT = 30.0  # seconds the background parent waits for the daemon
 EXIT_SIGNAL_OK = 0
 
@@ -377,6 +378,12 @@ def serve_foreground(cfg: MountConfig) -> int:
     options |= {"ro", f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if cfg.allow_other:
         options.add("allow_other")
+    # From here a SIGTERM/SIGINT/SIGHUP must never kill the daemon between mounting and the
+    # loop's own signal receiver (that would leave a mount without a daemon): until then
+    # they are only recorded, and the loop acts on them first thing.
+    early: list[int] = []
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda n, _frame: early.append(n))
     bind_id: int | None = None
     if prep.ro_bind is not None:
         try:
@@ -396,7 +403,7 @@ def serve_foreground(cfg: MountConfig) -> int:
     state = {"ready": False, "signal": 0}
     clean = False
     try:
-        trio.run(_main, prep.mountpoint, cfg, ready_fd, state)
+        trio.run(_main, prep.mountpoint, cfg, ready_fd, state, early)
         clean = True
     except BaseException:
         log.exception("main loop failed")
@@ -410,7 +417,7 @@ def serve_foreground(cfg: MountConfig) -> int:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s%s", prep.mountpoint, "" if clean else " after an error")
         _drop_ro_bind(prep.ro_bind, bind_id)
-    if not state["ready"]:
+    if not state["ready"] and not state["signal"]:  # a stop asked for is not a failure
         return _fail(cfg, ready_fd, MountError(f"{cfg.mountpoint}: the mount never became ready"))
     return 0
 
@@ -437,16 +444,22 @@ def _fail(cfg: MountConfig, ready_fd: int | None, err: InetskError) -> int:
 
 
 async def _main(mountpoint: str, cfg: MountConfig, ready_fd: int | None,
-                state: dict[str, int | bool]) -> None:
+                state: dict[str, int | bool], early: list[int]) -> None:
     import pyfuse3
     import trio
 
+    def stop(signum: int) -> None:
+        log.info("%s: unmounting", signal.Signals(signum).name)
+        state["signal"] = signum
+        pyfuse3.terminate()
+
     async def watch_signals() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as sigs:
+            if early:  # arrived while mounting
+                stop(early[0])
+                return
             async for signum in sigs:
-                log.info("%s: unmounting", signal.Signals(signum).name)
-                state["signal"] = signum
-                pyfuse3.terminate()
+                stop(signum)
                 return
 
     async def announce_ready() -> None:
