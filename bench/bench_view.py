@@ -7,6 +7,7 @@ and a TCP listener on host A's address:
   (a) restore straight from the image dir on host A (the limit: no rewrite needed there);
   (b) restore on host B through `overlayfs-inetsk mount` (a fresh mount per run, so each
       restore includes generating files.img);
+  (d) the same with `--serve read` (every file's bytes through the daemon's read());
   (c) what users do today: copy the image dir, rewrite files.img (crit decode/edit/encode),
       restore on B from the copy.
 Each is the median of --runs, page cache warm (one unmeasured warm-up restore first), runs
@@ -147,6 +148,12 @@ def main() -> int:
                 umount(mnt)
                 if not first_a:
                     ta.append(timed_restore(a, big, os.path.join(work, "w-a")))
+            td = []
+            for i in range(max(3, opts.runs // 3)):
+                step(f"run {i + 1}: (d) through a mount with --serve read")
+                mount(big, mnt, *mopts, "--serve", "read")
+                td.append(timed_restore(b, mnt, os.path.join(work, "w-d")))
+                umount(mnt)
             for i in range(opts.runs):
                 step(f"run {i + 1}/{opts.runs}: (c) copy, rewrite, restore")
                 copy = os.path.join(work, "copy")
@@ -195,6 +202,9 @@ def main() -> int:
     report("(c) copy + crit rewrite + restore (today)", f"{c_:.3f} s", "")
     report("(b)/(a)", f"{b_ / a_:.3f}", "target <= 1.05", b_ / a_ <= 1.05)
     report("(b)/(a), fastest runs", f"{min(tb_) / min(ta):.3f}", "(info)")
+    d_ = statistics.median(td)
+    report(f"(d) restore through a mount with --serve read ({len(td)} runs)", f"{d_:.3f} s", "")
+    report("(d)/(b): every byte through Python read()", f"{d_ / b_:.1f}x", "")
     report("(c)/(b)", f"{c_ / b_:.1f}x", "")
     report("mount command until the view serves", f"{statistics.median(tmount) * 1000:.0f} ms",
            "target < 1000 ms", statistics.median(tmount) < 1.0)

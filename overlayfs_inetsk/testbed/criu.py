@@ -151,7 +151,22 @@ def dump(host: Host, pid: int, images_dir: str | os.PathLike[str], *,
         raise CriuError("criu dump", cp.returncode, log, _tail(log) + cp.stderr[-2000:])
     if not leave_running:
         _wait_gone(pid)
+    _check_codec_identity(images)
     return log
+
+
+def _check_codec_identity(images: Path) -> None:
+    """Every socket image a test dump produces must come back byte for byte from our
+    codec (parse, then encode): checked here so that it holds for all of them."""
+    from .. import imagefile
+
+    for name in ("files.img", "inetsk.img"):
+        path = images / name
+        if path.exists():
+            data = path.read_bytes()
+            img = imagefile.parse(data, str(path))
+            if imagefile.encode(img.magic, (e.payload for e in img.entries)) != data:
+                raise AssertionError(f"{path}: codec round trip is not byte-identical")
 
 
 def _wait_gone(pid: int, timeout: float = 5) -> None:
