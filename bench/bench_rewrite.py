@@ -26,13 +26,13 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 
+from critroute import crit_rewrite  # noqa: E402
 from overlayfs_inetsk.testbed import TestNet  # noqa: E402
 from overlayfs_inetsk.testbed import criu as tb_criu  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(sys.executable), "overlayfs-inetsk")
-CRIT = os.path.join(os.path.dirname(sys.executable), "crit")
 OLD, NEW = "10.77.0.1", "10.77.0.2"
 
 
@@ -52,21 +52,9 @@ def make_dump(net: TestNet, args: list[str], out: str) -> None:
     tb_criu.dump(host, pid, out, timeout=300)
 
 
-def crit_route(src: str, dst: str, work: str) -> float:
-    """crit decode --pretty, replace OLD by NEW in every address list, crit encode."""
-    js = os.path.join(work, "files.json")
+def crit_route(src: str, dst: str) -> float:
     t = time.perf_counter()
-    subprocess.run([CRIT, "decode", "-i", src, "-o", js, "--pretty"], check=True)
-    with open(js) as f:
-        doc = json.load(f)
-    for e in doc["entries"]:
-        isk = e.get("isk")
-        if isk:
-            for k in ("src_addr", "dst_addr"):
-                isk[k] = [NEW if a == OLD else a for a in isk.get(k, [])]
-    with open(js, "w") as f:
-        json.dump(doc, f)
-    subprocess.run([CRIT, "encode", "-i", js, "-o", dst], check=True)
+    crit_rewrite(src, dst, OLD, NEW)
     return time.perf_counter() - t
 
 
@@ -136,7 +124,7 @@ def main() -> int:
         step("crit route (decode --pretty, edit JSON, encode)")
         crit_times = []
         for i in range(opts.crit_runs):
-            crit_times.append(crit_route(files_img, os.path.join(work, f"crit{i}.img"), work))
+            crit_times.append(crit_route(files_img, os.path.join(work, f"crit{i}.img")))
         crit = statistics.median(crit_times)
         same = open(os.path.join(work, "crit0.img"), "rb").read() == res.data
 

@@ -19,7 +19,6 @@ validation, and after generating that files.img. Exits 1 if a target is missed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -31,13 +30,13 @@ import time
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 
+from critroute import crit_rewrite  # noqa: E402
 from overlayfs_inetsk.testbed import TestNet, probe  # noqa: E402
 from overlayfs_inetsk.testbed import criu as tb  # noqa: E402
 from overlayfs_inetsk.testbed.mount import BIN, ismount  # noqa: E402
 
-CRIT = os.path.join(os.path.dirname(sys.executable), "crit")
 
 
 def step(msg: str) -> None:
@@ -83,23 +82,6 @@ def timed_restore(host, images: str, work: str) -> float:
     dt = time.perf_counter() - t
     tb.kill_tree(pid)
     return dt
-
-
-def crit_rewrite(src: str, dst: str, old: str, new: str) -> None:
-    js = dst + ".json"
-    subprocess.run([CRIT, "decode", "-i", src, "-o", js, "--pretty"], check=True)
-    with open(js) as f:
-        doc = json.load(f)
-    for e in doc["entries"]:
-        isk = e.get("isk")
-        if isk:
-            for k in ("src_addr", "dst_addr"):
-                isk[k] = [new if a == old else a for a in isk.get(k, [])]
-    with open(js, "w") as f:
-        json.dump(doc, f)
-    os.unlink(dst)
-    subprocess.run([CRIT, "encode", "-i", js, "-o", dst], check=True)
-    os.unlink(js)
 
 
 def main() -> int:

@@ -30,7 +30,6 @@ from .sockaddr import (
     TCP_STATES,
     IPAddress,
     addr_to_words,
-    fmt_addr,
     fmt_endpoint,
     is_special,
     words_to_addr,

@@ -81,7 +81,8 @@ def _ppid(pid: int) -> int | None:
         return None
 
 
-def start_workload(host: Host, args: Sequence[str], timeout: float = 10) -> int:
+def start_workload(host: Host, args: Sequence[str], timeout: float = 10,
+                   module: str = "overlayfs_inetsk.testbed.workload") -> int:
     """Start the workload in ``host`` as init of a new pid namespace, wait for READY.
 
     Returns its pid (as seen here). Raises :class:`WorkloadError` (with the workload's
@@ -90,7 +91,7 @@ def start_workload(host: Host, args: Sequence[str], timeout: float = 10) -> int:
     r, w = os.pipe()
     try:
         argv = ["unshare", "--pid", "--fork", "setsid", sys.executable, "-m",
-                "overlayfs_inetsk.testbed.workload", "--ready-fd", str(w), *args]
+                module, "--ready-fd", str(w), *args]
         # start_new_session: unshare leads its own group, so its child is no group
         # leader and `setsid` need not fork: python is pid 1 of the new pid namespace.
         p = host.popen(argv, pass_fds=(w,), stdout=subprocess.DEVNULL,

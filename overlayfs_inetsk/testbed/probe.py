@@ -230,3 +230,16 @@ def udp_echo(host: Any, addr: Any, port: int, payload: str, bind: str | None = N
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def wait_for(pred: Any, timeout: float = 5, what: str = "condition") -> Any:
+    """Poll pred() every 50 ms until it returns something true; return that, or raise
+    AssertionError after timeout seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -34,10 +34,8 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import select
 import selectors
 import socket
-import subprocess
 import sys
 import time
 from typing import Any
@@ -369,44 +367,11 @@ def main(argv: list[str] | None = None) -> int:
 
 # --------------------------------------------------------------------------- host side
 def start_stream(host: Any, args: list[str], timeout: float = 10) -> int:
-    """Start the stream in ``host`` as init of a new pid namespace (like
-    ``criu.start_workload``); wait for READY; return its pid as seen here."""
-    from .criu import WorkloadError, _ppid, workload_env
+    """Start the stream in ``host`` as init of a new pid namespace (as
+    ``criu.start_workload`` does the workload); wait for READY; return its pid here."""
+    from .criu import start_workload
 
-    r, w = os.pipe()
-    try:
-        argv = ["unshare", "--pid", "--fork", "setsid", sys.executable, "-m",
-                "overlayfs_inetsk.testbed.stream", "--ready-fd", str(w), *args]
-        p = host.popen(argv, pass_fds=(w,), stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, cwd="/", env=workload_env(),
-                       start_new_session=True)
-    finally:
-        os.close(w)
-    try:
-        line = b""
-        deadline = time.monotonic() + timeout
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([r], [], [], left)[0]:
-                raise WorkloadError(f"stream not READY after {timeout}s: {args}")
-            chunk = os.read(r, 4096)
-            if not chunk:
-                break
-            line += chunk
-    finally:
-        os.close(r)
-    text = line.decode(errors="replace").strip()
-    if not text.startswith("READY "):
-        p.kill()
-        _, err = p.communicate(timeout=5)
-        raise WorkloadError(f"stream failed: {text or '(no output)'}; args={args}; "
-                            f"stderr={err.decode(errors='replace')[-2000:]}")
-    pid = int(text.split()[1])
-    if _ppid(pid) != p.pid:
-        raise WorkloadError(f"stream pid {pid} is not the child of unshare {p.pid}")
-    assert p.stderr is not None
-    p.stderr.close()
-    return pid
+    return start_workload(host, args, timeout, module="overlayfs_inetsk.testbed.stream")
 
 
 def parse_status(line: str) -> dict[str, str]:

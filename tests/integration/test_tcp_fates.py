@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
 
 from overlayfs_inetsk.testbed import criu, probe
 from overlayfs_inetsk.testbed.mount import mounted, overlayfs_inetsk
+from overlayfs_inetsk.testbed.probe import wait_for
 from overlayfs_inetsk.testbed.stream import start_stream, status
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
@@ -23,17 +23,6 @@ pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
 A4, P4, C4 = "10.77.0.1", "10.77.0.2", "10.77.0.3"
 PORT, CTL = 7500, 7501
 MAP = ["--map", f"{A4}={C4}"]
-
-
-def wait_for(pred, timeout: float = 5, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from overlayfs_inetsk.testbed import criu
+from overlayfs_inetsk.testbed.probe import wait_for
 from overlayfs_inetsk.testbed.mount import mounted, overlayfs_inetsk
 from overlayfs_inetsk.testbed.stream import start_stream, status
 
@@ -41,17 +42,6 @@ def write_group_map(path: Path) -> Path:
         lines.append(f'"{V6[old]}" = "{V6[new]}"')
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def wait_for(pred, timeout: float = 5, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Group:
