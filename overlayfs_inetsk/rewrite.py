@@ -320,8 +320,8 @@ def _rewrite_image(
     counts = dict.fromkeys(VERDICTS, 0)
     reports: list[SocketReport] = []
     problems_: list[SocketReport] = []
-    # Sockets that agree on (type, state, family, src, dst, has-peer) get the same decision,
-    # made once: a 10,000-socket image usually has a handful of distinct keys.
+    # Sockets that agree on (type, state, family, src, dst, peer port) get the same
+    # decision, made once: a 10,000-socket image usually has a handful of distinct keys.
     decided: dict[tuple[object, ...], tuple[SocketReport, list[int] | None, list[int] | None]] = {}
     out: bytearray | None = None
     copied = 0
@@ -332,7 +332,7 @@ def _rewrite_image(
         src_w = tuple(isk.src_addr)  # type: ignore[attr-defined]
         dst_w = tuple(isk.dst_addr)  # type: ignore[attr-defined]
         dport = isk.dst_port  # type: ignore[attr-defined]
-        key = (isk.type, isk.state, fam, src_w, dst_w, dport != 0)  # type: ignore[attr-defined]
+        key = (isk.type, isk.state, fam, src_w, dst_w, dport)  # type: ignore[attr-defined]
         d = decided.get(key)
         if d is None:
             src = interner.get(fam, src_w, path, off, isk, "src_addr")

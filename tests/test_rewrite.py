@@ -256,3 +256,15 @@ def test_rewrite_gives_exactly_the_mapped_addresses(data, specs):
             assert a.payload == b.payload
         _with(o, src_addr=list(n.src_addr), dst_addr=list(n.dst_addr))
         assert o == n  # nothing but addresses changed
+
+
+def test_shared_decisions_still_name_each_sockets_own_peer():
+    data = files_img(
+        inet_file_entry(isk(2, "10.0.1.5", 5001, "10.0.3.3", 443)),
+        inet_file_entry(isk(3, "10.0.1.5", 5002, "10.0.3.3", 8443)),
+        inet_file_entry(isk(4, "10.0.1.5", 5003, "10.0.3.3", 443)),
+    )
+    res = rw(data, ["local=10.9.0.7"], tcp_outside="keep")
+    assert ["10.0.3.3:443" in r.reason for r in res.reports] == [True, False, True]
+    assert "10.0.3.3:8443" in res.reports[1].reason
+    assert [r.local for r in res.reports] == ["10.0.1.5:5001", "10.0.1.5:5002", "10.0.1.5:5003"]
