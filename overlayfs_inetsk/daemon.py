@@ -165,15 +165,8 @@ def validate(cfg: MountConfig) -> Prepared:
         log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
                     cfg.image_dir)
     resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
-    generate = functools.partial(_generate, amap=amap, resolve=resolver, options=options,
-                                 rewrite=rewrite_group)
+    generate = functools.partial(rewrite_group, amap=amap, resolve=resolver, options=options)
     return Prepared(view, generate, mp, groups, ro_bind)
-
-
-def _generate(images: Mapping[str, bytes], *, amap: object, resolve: object,
-              options: object, rewrite: Callable[..., Mapping[str, object]]
-              ) -> Mapping[str, object]:
-    return rewrite(images, amap, resolve, options)
 
 
 # -- the read-only bind of IMAGE_DIR -----------------------------------------------------
