@@ -17,7 +17,7 @@ from overlayfs_inetsk.daemon import find_mount, ro_bind_path
 from overlayfs_inetsk.testbed import criu, probe
 from overlayfs_inetsk.testbed.mount import BIN, ismount, mounted, overlayfs_inetsk
 
-pytestmark = [pytest.mark.root, pytest.mark.fuse]
+pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.criu]
 
 A4 = "10.77.0.1"
 

@@ -25,7 +25,7 @@ from overlayfs_inetsk.testbed import criu, probe
 from overlayfs_inetsk.testbed.mount import ismount, mounted, overlayfs_inetsk
 from overlayfs_inetsk.testbed.probe import ProbeError
 
-pytestmark = [pytest.mark.root, pytest.mark.criu]
+pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
 
 A4, A6 = "10.77.0.1", "fd77::1"
 P4 = "10.77.0.2"
