@@ -83,9 +83,12 @@ want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $CRIU_VERSION"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   log "installing the venv"
-  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q "$SRC/lib" "$SRC/crit"
-  "$VENV/bin/pip" install -q -e "$ROOT[test]"
+  piplog="$VENV/pip-install.log"
+  {
+    "$VENV/bin/pip" install -q --upgrade pip &&
+    "$VENV/bin/pip" install -q "$SRC/lib" "$SRC/crit" &&
+    "$VENV/bin/pip" install -q -e "$ROOT[test]"
+  } >"$piplog" 2>&1 || { tail -30 "$piplog"; die "pip install failed (log: $piplog)"; }
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/overlayfs-inetsk" --help >/dev/null || die ".venv/bin/overlayfs-inetsk --help failed"
