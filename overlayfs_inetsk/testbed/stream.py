@@ -40,21 +40,11 @@ import sys
 import time
 from typing import Any
 
-from .workload import Endpoint, fmt_addr, parse_endpoint
+from .workload import Endpoint, parse_endpoint, sock_names
 
 
 def _err(e: OSError) -> str:
     return errno.errorcode.get(e.errno or 0, str(e))
-
-
-def _names(s: socket.socket) -> tuple[str, str]:
-    def f(fn: Any) -> str:
-        try:
-            a = fn()
-        except OSError:
-            return "-"
-        return fmt_addr(a[0], a[1])
-    return f(s.getsockname), f(s.getpeername)
 
 
 class Stream:
@@ -269,7 +259,7 @@ class App:
         s = self.stream or self.last
         if s is None:
             return f"conn=none connects=0 events={','.join(self.events) or '-'}"
-        local, peer = _names(s.sock) if not s.closed else ("-", "-")
+        local, peer = sock_names(s.sock) if not s.closed else ("-", "-")
         return (f"conn={'none' if s.closed else 'open'} rd={s.rd} wr={s.wr} sent={s.sent} "
                 f"recv={s.recv} bad={s.bad} local={local} peer={peer} "
                 f"connects={self.connects} events={','.join(self.events) or '-'}")
