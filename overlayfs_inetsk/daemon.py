@@ -135,7 +135,7 @@ def validate(cfg: MountConfig) -> Prepared:
     """Everything that can fail for a user reason, before anything is mounted. Raises
     InetskError subclasses with one-line messages."""
     from .addrmap import AddressMap
-    from .imagedir import check_image_dir, read_socket_image
+    from .imagedir import check_image_dir, read_group
     from .nodeaddr import check_netns, make_resolver
     from .rewrite import RewriteOptions, rewrite_group, validate_group
     from .view import SERVE_MODES, View, ViewError
@@ -158,8 +158,7 @@ def validate(cfg: MountConfig) -> Prepared:
         raise InetskError(str(e)) from None
     groups = 0
     for _dino, group in view.iter_socket_groups():
-        validate_group({os.fsdecode(p): read_socket_image(os.fsdecode(p))
-                        for p in group.values()}, amap)
+        validate_group(read_group(group.values()), amap)
         groups += 1
     if groups == 0:
         log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",

@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from .errors import InetskError
-from .imagedir import read_socket_image
+from .imagedir import read_group
 from .view import Kind, Node, View
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class ViewOperations(pyfuse3.Operations):
         """Worker thread: read the originals, rewrite them together. The generator sees
         each image under its real path, so its messages name the real file."""
         by_path = {os.fsdecode(real): name for name, real in group.items()}
-        images = {path: read_socket_image(path) for path in by_path}
+        images = read_group(by_path)
         results = self._generate(images)
         out: dict[str, bytes] = {}
         for path, name in by_path.items():

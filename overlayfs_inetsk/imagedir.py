@@ -1,8 +1,9 @@
-"""Finding and reading the socket images of a checkpoint directory tree.
+"""Checking an image dir and reading its socket images safely.
 
-A plain CRIU image dir is flat; an extracted Podman or CRI-O checkpoint keeps the CRIU
-images in `checkpoint/` beside other files. Every directory holding a socket image is one
-checkpoint, rewritten as a group (its files.img and legacy inetsk.img together).
+Which files of a tree are socket images, and which directory (checkpoint) each belongs to,
+is decided once, by view.View, for mount, inspect and rewrite alike. Every directory
+holding a socket image is one checkpoint, rewritten as a group (its files.img and legacy
+inetsk.img together).
 """
 
 from __future__ import annotations
@@ -10,15 +11,11 @@ from __future__ import annotations
 import os
 import stat
 
+from collections.abc import Iterable
+
 from .errors import ImageError, InetskError
 
 SOCKET_IMAGE_NAMES = ("files.img", "inetsk.img")
-
-
-def is_socket_image(name: str | bytes) -> bool:
-    if isinstance(name, bytes):
-        return name in (b"files.img", b"inetsk.img")
-    return name in SOCKET_IMAGE_NAMES
 
 
 def check_image_dir(path: str) -> str:
@@ -60,23 +57,6 @@ def read_socket_image(path: str) -> bytes:
         os.close(fd)
 
 
-def checkpoint_dirs(root: str) -> dict[str, list[str]]:
-    """Directories (relative to root, '' for root itself) -> socket image names in them."""
-    found: dict[str, list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root, onerror=_walk_error):
-        dirnames.sort()
-        names = sorted(n for n in filenames if is_socket_image(n))
-        if names:
-            rel = os.path.relpath(dirpath, root)
-            found["" if rel == "." else rel] = names
-    return found
-
-
-def _walk_error(exc: OSError) -> None:
-    raise InetskError(f"{exc.filename}: cannot list: {exc.strerror}")
-
-
-def read_group(root: str, reldir: str, names: list[str]) -> dict[str, bytes]:
-    """name (path as shown to users) -> bytes, for the socket images of one checkpoint."""
-    base = os.path.join(root, reldir) if reldir else root
-    return {os.path.join(base, n): read_socket_image(os.path.join(base, n)) for n in names}
+def read_group(paths: Iterable[str | bytes]) -> dict[str, bytes]:
+    """Read the socket images of one checkpoint: path (as messages name it) -> bytes."""
+    return {os.fsdecode(p): read_socket_image(os.fsdecode(p)) for p in paths}

@@ -3,12 +3,13 @@ table or as JSON (schema in docs/json.md)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Mapping
 
 from .addrmap import AddressMap, Resolver
-from .imagedir import check_image_dir, checkpoint_dirs, read_group
+from .imagedir import check_image_dir, read_group
 from .rewrite import VERDICTS, RewriteOptions, RewriteResult, SocketReport, plan_group
 from .sockaddr import fmt_addr, fmt_endpoint
 
@@ -19,15 +20,22 @@ def collect(
     image_dir: str, amap: AddressMap, resolve: Resolver | None, options: RewriteOptions
 ) -> dict[str, RewriteResult]:
     """Plan the rewrite of every checkpoint under image_dir (nothing is written)."""
-    root = check_image_dir(image_dir)
+    from .view import View
+
+    view = View.build(check_image_dir(image_dir))
     results: dict[str, RewriteResult] = {}
-    for reldir, names in checkpoint_dirs(root).items():
-        results.update(plan_group(read_group(root, reldir, names), amap, resolve, options))
+    for _dino, group in view.iter_socket_groups():
+        results.update(plan_group(read_group(group.values()), amap, resolve, options))
     return results
 
 
+@functools.lru_cache(maxsize=8)
+def _real(root: str) -> str:
+    return os.path.realpath(root)
+
+
 def _rel(root: str, path: str) -> str:
-    return os.path.relpath(path, os.path.realpath(root))
+    return os.path.relpath(path, _real(root))
 
 
 def socket_dict(root: str, r: SocketReport) -> dict[str, object]:

@@ -1,25 +1,23 @@
 """`rewrite`: write a restorable view directory offline.
 
-Socket images are written rewritten; every other file is a symlink to the original (no bulk
-data is copied; CRIU follows symlinks in its images dir). The view is built in a temporary
-directory beside OUT_DIR and renamed into place, so OUT_DIR is whole or absent. IMAGE_DIR is
-never opened for writing.
+The same tree a mount serves (view.View decides what is shown), written to disk: socket
+images rewritten, every other file a symlink to the original (no bulk data is copied; CRIU
+follows symlinks in its images dir), directories as directories. The view is built in a
+temporary directory beside OUT_DIR and renamed into place, so OUT_DIR is whole or absent.
+IMAGE_DIR is never opened for writing.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import stat
 import tempfile
 
 from .addrmap import AddressMap, Resolver
 from .errors import InetskError
-from .imagedir import check_image_dir, checkpoint_dirs, is_socket_image, read_group
+from .imagedir import check_image_dir, read_group
 from .rewrite import RewriteOptions, RewriteResult, rewrite_group
-
-log = logging.getLogger(__name__)
+from .view import ROOT_INODE, Kind, View
 
 
 def inside(path: str, root: str) -> bool:
@@ -47,16 +45,17 @@ def write_view_dir(
         raise InetskError(f"{out_dir}: parent directory {parent} does not exist")
 
     # All rewriting happens before anything is written, so errors leave nothing behind.
+    view = View.build(root)
     results: dict[str, RewriteResult] = {}
-    for reldir, names in checkpoint_dirs(root).items():
+    for _dino, group in view.iter_socket_groups():
         results.update(
-            rewrite_group(read_group(root, reldir, names), amap, resolve, options, reports=True)
+            rewrite_group(read_group(group.values()), amap, resolve, options, reports=True)
         )
 
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_abs)}.", dir=parent)
     try:
         os.chmod(tmp, 0o755)
-        _populate(root, tmp, results)
+        _populate(view, os.fsencode(tmp), results)
         os.rename(tmp, out_abs)  # replaces an empty OUT_DIR atomically
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -64,41 +63,18 @@ def write_view_dir(
     return results
 
 
-def _populate(root: str, tmp: str, results: dict[str, RewriteResult]) -> None:
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        dest_dir = tmp if rel == "." else os.path.join(tmp, rel)
-        for name in list(dirnames):
-            src = os.path.join(dirpath, name)
-            if os.path.islink(src):  # os.walk does not descend into symlinked dirs
-                dirnames.remove(name)
-                _link(root, src, os.path.join(dest_dir, name))
-            else:
-                os.mkdir(os.path.join(dest_dir, name), 0o755)
-        for name in filenames:
-            src = os.path.join(dirpath, name)
-            dest = os.path.join(dest_dir, name)
-            res = results.get(src) if is_socket_image(name) else None
-            if res is not None:
-                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(res.data)
-            else:
-                _link(root, src, dest)
-
-
-def _link(root: str, src: str, dest: str) -> None:
-    """Symlink dest to src's real path, only if that stays inside root."""
-    real = os.path.realpath(src)
-    if not inside(real, root):
-        log.warning("%s: symlink leads outside the image dir (%s); left out", src, real)
-        return
-    try:
-        st = os.stat(real)
-    except OSError as exc:
-        log.warning("%s: %s; left out", src, exc.strerror)
-        return
-    if stat.S_ISDIR(st.st_mode) and os.path.islink(src):
-        log.warning("%s: symlink to a directory; left out", src)
-        return
-    os.symlink(real, dest)
+def _populate(view: View, tmp: bytes, results: dict[str, RewriteResult]) -> None:
+    # parents come before their children in the inode table
+    for node in view.nodes.values():
+        if node.inode == ROOT_INODE:
+            continue
+        dest = os.path.join(tmp, view.path(node.inode))
+        if node.kind is Kind.DIR:
+            os.mkdir(dest, 0o755)
+        elif node.kind is Kind.SOCKET_IMAGE:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(results[os.fsdecode(node.real_path)].data)
+        else:
+            assert node.link_target is not None
+            os.symlink(node.link_target, dest)
