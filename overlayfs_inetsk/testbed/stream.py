@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import selectors
 import socket
 import sys
 import time
 from typing import Any
 
-from .workload import Endpoint, parse_endpoint, sock_names
+from .workload import Endpoint, parse_endpoint, serve, sock_names
 
 
 def _err(e: OSError) -> str:
@@ -330,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=0.02)
     ap.add_argument("--reconnect", action="store_true")
     args = ap.parse_args(argv)
-    ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else sys.stdout
-    try:
+    def setup() -> App:
         connect = parse_endpoint(args.connect) if args.connect else None
         app = App(args.interval, connect, args.reconnect)
         Acceptor(app, _listen(parse_endpoint(args.ctl)), ctl=True)
@@ -339,20 +337,9 @@ def main(argv: list[str] | None = None) -> int:
             Acceptor(app, _listen(parse_endpoint(args.listen)), ctl=False)
         else:
             app.first_connect()
-    except (OSError, ValueError) as e:
-        ready.write(f"ERROR {e}\n")
-        ready.flush()
-        return 2
-    ready.write(f"READY {os.readlink('/proc/self')}\n")
-    ready.flush()
-    if args.ready_fd is not None:
-        ready.close()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    app.loop()
-    return 0
+        return app
+
+    return serve(args.ready_fd, setup)
 
 
 # --------------------------------------------------------------------------- host side

@@ -47,6 +47,7 @@ import selectors
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -590,27 +591,34 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(flag, dest=kind, action="append", default=[], metavar="SPEC")
     args = ap.parse_args(argv)
 
-    ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else sys.stdout
-
-    def report(line: str) -> None:
-        ready.write(line + "\n")
-        ready.flush()
-
-    app = App()
-    # every page written, so CRIU dumps (and restores) all of it
-    ballast = bytearray(b"\x5a") * (args.hold_mib << 20) if args.hold_mib else None
-    app.ballast = ballast  # type: ignore[attr-defined]
-    try:
+    def setup() -> App:
+        app = App()
+        # every page written, so CRIU dumps (and restores) all of it
+        app.ballast = bytearray(b"\x5a") * (args.hold_mib << 20) if args.hold_mib else None  # type: ignore[attr-defined]
         # keep command-line order within each kind; listeners first so that --tcp-connect
         # to our own listener works
         specs = [parse_spec(kind, s) for kind in ("tcp", "udp", "udpc", "self", "client")
                  for s in getattr(args, kind)]
         app.setup(specs)
+        return app
+
+    return serve(args.ready_fd, setup)
+
+
+def serve(ready_fd: int | None, setup: Callable[[], Any]) -> int:
+    """The start-up protocol of the test programs: run setup(); write `ERROR <message>`
+    (exit 2) or `READY <pid here>` to ready_fd (or stdout); point fds 0-2 at /dev/null so
+    nothing changes size under CRIU; run the app's loop."""
+    ready = os.fdopen(ready_fd, "w") if ready_fd is not None else sys.stdout
+    try:
+        app = setup()
     except (OSError, ValueError) as e:
-        report(f"ERROR {e}")
+        ready.write(f"ERROR {e}\n")
+        ready.flush()
         return 2
-    report(f"READY {os.readlink('/proc/self')}")
-    if args.ready_fd is not None:
+    ready.write(f"READY {os.readlink('/proc/self')}\n")
+    ready.flush()
+    if ready_fd is not None:
         ready.close()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
