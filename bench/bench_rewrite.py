@@ -25,13 +25,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
+from inetsk_testbed.critroute import crit_rewrite
+from inetsk_testbed import TestNet
+from inetsk_testbed import criu as tb_criu
 
-from critroute import crit_rewrite  # noqa: E402
-from overlayfs_inetsk.testbed import TestNet  # noqa: E402
-from overlayfs_inetsk.testbed import criu as tb_criu  # noqa: E402
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the peak-memory child's cwd
 BIN = os.path.join(os.path.dirname(sys.executable), "overlayfs-inetsk")
 OLD, NEW = "10.77.0.1", "10.77.0.2"
 
@@ -60,13 +58,13 @@ def crit_route(src: str, dst: str) -> float:
 
 MEM_PROBE = r"""
 import resource, sys, tracemalloc
-from overlayfs_inetsk.addrmap import AddressMap
-from overlayfs_inetsk.rewrite import rewrite_group
+from overlayfs_inetsk.core.addrmap import AddressMap
+from overlayfs_inetsk.core.plan import rewrite_checkpoint
 amap = AddressMap.from_args(["local=%s"])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 tracemalloc.start()
 data = open(sys.argv[1], "rb").read()
-out = rewrite_group({"files.img": data}, amap)["files.img"].data
+out = rewrite_checkpoint({"files.img": data}, amap)["files.img"].data
 cur, peak = tracemalloc.get_traced_memory()
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(peak, (rss - base) * 1024)
@@ -86,8 +84,8 @@ def main() -> int:
         return 2
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
 
-    from overlayfs_inetsk.addrmap import AddressMap
-    from overlayfs_inetsk.rewrite import rewrite_group
+    from overlayfs_inetsk.core.addrmap import AddressMap
+    from overlayfs_inetsk.core.plan import rewrite_checkpoint
 
     work = tempfile.mkdtemp(prefix="oi-bench-")
     ok = True
@@ -109,7 +107,7 @@ def main() -> int:
         times = []
         for _ in range(opts.runs):
             t = time.perf_counter()
-            res = rewrite_group({"files.img": data}, amap)["files.img"]
+            res = rewrite_checkpoint({"files.img": data}, amap)["files.img"]
             times.append(time.perf_counter() - t)
         ours = statistics.median(times)
         assert res.changed == opts.sockets, (res.changed, opts.sockets)

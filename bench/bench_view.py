@@ -29,13 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
-
-from critroute import crit_rewrite  # noqa: E402
-from overlayfs_inetsk.testbed import TestNet, probe  # noqa: E402
-from overlayfs_inetsk.testbed import criu as tb  # noqa: E402
-from overlayfs_inetsk.testbed.mount import BIN, ismount  # noqa: E402
+from inetsk_testbed.critroute import crit_rewrite
+from inetsk_testbed import TestNet, probe
+from inetsk_testbed import criu as tb
+from inetsk_testbed.mount import BIN, ismount
 
 
 
@@ -52,7 +49,7 @@ def rss_kib(pid: int) -> int:
 
 
 def daemon_pid(mnt: str) -> int:
-    out = subprocess.run(["pgrep", "-f", f"cli_mount mount .* {mnt} "], capture_output=True,
+    out = subprocess.run(["pgrep", "-f", f"cli.mount mount .* {mnt} "], capture_output=True,
                          text=True).stdout.split()
     return int(out[0])
 

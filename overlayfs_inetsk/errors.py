@@ -37,3 +37,30 @@ class RewriteError(InetskError):
     socket refused by the `fail` fate): exit code 5."""
 
     exit_code = 5
+
+
+class MountError(InetskError):
+    """The mount cannot be made or found (mountpoint, fuse, not our mount): exit code 6."""
+
+    exit_code = 6
+
+
+class BarrierError(InetskError):
+    """The group barrier failed (timeout, an aborted group, a stale or bad directory):
+    exit code 7. As an action script, a non-zero exit makes CRIU abort the restore."""
+
+    exit_code = 7
+
+
+class RestoreError(InetskError):
+    """The restore cannot start (criu missing, no CRIU images, a reserved criu option):
+    exit code 1."""
+
+
+class NodeAddressError(InetskError):
+    """The namespace or interface `auto` refers to is missing or unusable: exit code 1."""
+
+
+class TreeError(InetskError):
+    """IMAGE_DIR cannot be used as a tree (missing, not a directory, unreadable, a bad serve
+    mode or link root): exit code 1."""

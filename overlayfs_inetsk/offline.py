@@ -1,6 +1,6 @@
-"""`rewrite`: write a restorable view directory offline.
+"""The view written to disk as a directory: `rewrite` (offline, no FUSE).
 
-The same tree a mount serves (view.View decides what is shown), written to disk: socket
+The same tree a mount serves (core.tree.ImageTree decides what is shown), written to disk: socket
 images rewritten, every other file a symlink to the original (no bulk data is copied; CRIU
 follows symlinks in its images dir), directories as directories. The view is built in a
 temporary directory beside OUT_DIR and renamed into place, so OUT_DIR is whole or absent.
@@ -13,11 +13,12 @@ import os
 import shutil
 import tempfile
 
-from .addrmap import AddressMap, Resolver
+from .core.addrmap import AddressMap, Resolver
+from .core.decide import RewriteOptions
+from .core.imagedir import check_image_dir
+from .core.plan import RewriteResult, plan_tree, raise_problems
+from .core.tree import ROOT_INODE, ImageTree, Kind
 from .errors import InetskError
-from .imagedir import check_image_dir, read_group
-from .rewrite import RewriteOptions, RewriteResult, rewrite_group
-from .view import ROOT_INODE, Kind, View
 
 
 def inside(path: str, root: str) -> bool:
@@ -45,17 +46,16 @@ def write_view_dir(
         raise InetskError(f"{out_dir}: parent directory {parent} does not exist")
 
     # All rewriting happens before anything is written, so errors leave nothing behind.
-    view = View.build(root)
+    tree = ImageTree.build(root)
     results: dict[str, RewriteResult] = {}
-    for _dino, group in view.iter_socket_groups():
-        results.update(
-            rewrite_group(read_group(group.values()), amap, resolve, options, reports=True)
-        )
+    for cp in plan_tree(tree, amap, resolve, options, mode="rewrite"):
+        raise_problems(cp.results, options)
+        results.update(cp.results)
 
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_abs)}.", dir=parent)
     try:
         os.chmod(tmp, 0o755)
-        _populate(view, os.fsencode(tmp), results)
+        _populate(tree, os.fsencode(tmp), results)
         os.rename(tmp, out_abs)  # replaces an empty OUT_DIR atomically
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,12 +63,12 @@ def write_view_dir(
     return results
 
 
-def _populate(view: View, tmp: bytes, results: dict[str, RewriteResult]) -> None:
+def _populate(tree: ImageTree, tmp: bytes, results: dict[str, RewriteResult]) -> None:
     # parents come before their children in the inode table
-    for node in view.nodes.values():
+    for node in tree.nodes.values():
         if node.inode == ROOT_INODE:
             continue
-        dest = os.path.join(tmp, view.path(node.inode))
+        dest = os.path.join(tmp, tree.path(node.inode))
         if node.kind is Kind.DIR:
             os.mkdir(dest, 0o755)
         elif node.kind is Kind.SOCKET_IMAGE:

@@ -7,7 +7,7 @@ Inputs are seeds (a files.img from a real CRIU dump in tests/fuzz_corpus/seeds/,
 images built here with pycriu's classes) mutated by byte flips, length-prefix edits,
 truncation, splicing, garbage and protobuf-aware edits of inet socket entries (family,
 address word counts, ids, states, ports, unknown fields). Each input goes through
-imagefile.parse/encode and rewrite.plan_group with one of several maps and options.
+imagefile.parse/encode and rewrite.plan_checkpoint with one of several maps and options.
 
 The property: bad input ends in an InetskError whose message is one line naming the file;
 anything else escaping is a crash. A rewritten image must parse again, keep its entry count
@@ -22,7 +22,6 @@ import hashlib
 import ipaddress
 import os
 import struct
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,14 +31,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pycriu.images import fdinfo_pb2
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from imagefactory import files_img, inet_file_entry, inetsk_img, isk, reg_file_entry  # noqa: E402
-from overlayfs_inetsk import imagefile  # noqa: E402
-from overlayfs_inetsk.addrmap import AddressMap  # noqa: E402
-from overlayfs_inetsk.errors import ImageError, InetskError  # noqa: E402
-from overlayfs_inetsk.report import render_table  # noqa: E402
-from overlayfs_inetsk.rewrite import RewriteOptions, plan_group, problems  # noqa: E402
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, inetsk_img, isk, reg_file_entry
+from overlayfs_inetsk.core import imagefile
+from overlayfs_inetsk.core.addrmap import AddressMap
+from overlayfs_inetsk.errors import ImageError, InetskError
+from overlayfs_inetsk.core.render import render_table
+from overlayfs_inetsk.core.decide import RewriteOptions
+from overlayfs_inetsk.core.plan import plan_checkpoint, problems
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 U32 = struct.Struct("=I")
@@ -128,7 +126,7 @@ def run_one(kind: str, data: bytes, map_i: int, opt_i: int) -> None:
         assert imagefile.encode(img.magic, (e.payload for e in img.entries)) == data
     amap, options = MAPS[map_i], OPTIONS[opt_i]
     try:
-        results = plan_group({path: data}, amap, _resolve, options, reports=True)
+        results = plan_checkpoint({path: data}, amap, _resolve, options, reports=True)
         problems(results, options)
     except InetskError as e:
         _check_message(e, path)
@@ -149,7 +147,7 @@ def run_one(kind: str, data: bytes, map_i: int, opt_i: int) -> None:
             assert _is_inet(kind, a.payload), "a non-socket entry was changed"
     assert changed <= res.changed
     # and the output goes through the rewrite again without a parse error
-    plan_group({path: out}, amap, _resolve, options, reports=False)
+    plan_checkpoint({path: out}, amap, _resolve, options, reports=False)
 
 
 def _is_inet(kind: str, payload: bytes) -> bool:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from overlayfs_inetsk.addrmap import AddressMap
+from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.errors import MapError, RewriteError
 
 

@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from imagefactory import files_img, inet_file_entry, isk, reg_file_entry
-from overlayfs_inetsk import barrier
-from overlayfs_inetsk.barrier import BarrierError
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
+from overlayfs_inetsk.node import barrier
+from overlayfs_inetsk.errors import BarrierError
 from overlayfs_inetsk.cli import main
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from overlayfs_inetsk.cli import main
 
-from imagefactory import files_img, inet_file_entry, isk, reg_file_entry
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
 
 EXE = os.path.join(os.path.dirname(sys.executable), "overlayfs-inetsk")
 

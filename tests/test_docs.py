@@ -243,7 +243,7 @@ def _reap_orphans() -> None:
 @pytest.mark.criu
 @pytest.mark.parametrize("page", RUN_PAGES, ids=lambda p: p.name)
 def test_run_page(page: Path, tmp_path: Path):
-    from overlayfs_inetsk.testbed import TestNet
+    from inetsk_testbed import TestNet
 
     scratch = tmp_path / "scratch"
     (tmp_path / "tmp").mkdir()

@@ -17,12 +17,13 @@ import pyfuse3
 import pytest
 import trio
 
-from imagefactory import files_img, inet_file_entry, isk, reg_file_entry
-from overlayfs_inetsk.addrmap import AddressMap
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
+from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.errors import RewriteError
-from overlayfs_inetsk.fuse_ops import ViewOperations
-from overlayfs_inetsk.rewrite import RewriteOptions, rewrite_group
-from overlayfs_inetsk.view import ROOT_INODE, View
+from overlayfs_inetsk.fuse.ops import ViewOperations
+from overlayfs_inetsk.core.decide import RewriteOptions
+from overlayfs_inetsk.core.plan import rewrite_checkpoint
+from overlayfs_inetsk.core.tree import ROOT_INODE, ImageTree
 
 
 @dataclass
@@ -61,7 +62,7 @@ def tree(tmp_path: Path) -> Path:
 
 
 def ops_for(root: Path, gen: Callable[..., Any], serve: str = "symlink") -> ViewOperations:
-    return ViewOperations(View.build(root, serve=serve), gen)  # type: ignore[arg-type]
+    return ViewOperations(ImageTree.build(root, serve=serve), gen)  # type: ignore[arg-type]
 
 
 def run(fn: Callable[..., Any], *args: Any) -> Any:
@@ -238,7 +239,7 @@ def test_unexpected_exception_becomes_eio(tree: Path,
         assert errno_of(open_files) == errno.EIO
     assert any(r.exc_info for r in caplog.records)  # logged with its traceback
     # a broken view node can't escape either
-    ops.view.nodes[ROOT_INODE].children = None  # type: ignore[assignment]
+    ops.tree.nodes[ROOT_INODE].children = None  # type: ignore[assignment]
     with caplog.at_level(logging.ERROR):
         assert errno_of(ops.lookup, ROOT_INODE, b"ck", None) in (errno.EIO, errno.ENOENT)
 
@@ -294,17 +295,17 @@ def test_everything_that_writes_is_erofs(tree: Path) -> None:
 
 
 def test_real_rewrite_group(tree: Path) -> None:
-    """With the core's rewrite_group: the served bytes carry the mapped address."""
+    """With the core's rewrite_checkpoint: the served bytes carry the mapped address."""
     sk = isk(1, "10.0.1.5", 8080)
     original = files_img(inet_file_entry(sk), reg_file_entry(2))
     (tree / "ck" / "files.img").write_bytes(original)
     (tree / "ck" / "inetsk.img").unlink()
     amap = AddressMap.from_args(["10.0.1.5=10.9.0.7"])
-    gen = functools.partial(rewrite_group, amap=amap, resolve=None, options=RewriteOptions())
+    gen = functools.partial(rewrite_checkpoint, amap=amap, resolve=None, options=RewriteOptions())
     ops = ops_for(tree, gen)
     data, _ = run(read_all, ops, b"ck/files.img")
     path = os.path.realpath(tree / "ck" / "files.img")
-    expected = rewrite_group({path: original}, amap, None, RewriteOptions())[path].data
+    expected = rewrite_checkpoint({path: original}, amap, None, RewriteOptions())[path].data
     assert data == expected != original
     from test_mount import served_src
     assert served_src(data) == ["10.9.0.7"]

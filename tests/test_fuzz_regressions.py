@@ -17,7 +17,7 @@ import pytest
 from fuzz_rewrite import CORPUS, MAPS, OPTIONS, run_one
 from fuzz_rewrite import run_budget
 from overlayfs_inetsk.errors import ImageError
-from overlayfs_inetsk.rewrite import plan_group
+from overlayfs_inetsk.core.plan import plan_checkpoint
 
 CRASHES = sorted((CORPUS / "crashes").glob("*"))
 ALL = sorted(p for p in CORPUS.rglob("*") if p.is_file())
@@ -44,7 +44,7 @@ def test_crash_is_an_image_error_naming_file_and_offset(path: Path) -> None:
     required fields decodes, then fails to re-serialize once its address changed)."""
     name = f"/x/{_kind(path)}"
     with pytest.raises(ImageError) as ei:
-        plan_group({name: path.read_bytes()}, MAPS[0])
+        plan_checkpoint({name: path.read_bytes()}, MAPS[0])
     e = ei.value
     assert e.path == name and e.offset is not None and e.offset >= 8
     assert "missing required fields" in str(e) and "\n" not in str(e)

@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 from pycriu.images import fdinfo_pb2
 
-from imagefactory import files_img, inet_file_entry, inetsk_img, isk, reg_file_entry
-from overlayfs_inetsk import imagefile
-from overlayfs_inetsk.addrmap import AddressMap
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, inetsk_img, isk, reg_file_entry
+from overlayfs_inetsk.core import imagefile
+from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.cli import main
 from overlayfs_inetsk.errors import ImageError
-from overlayfs_inetsk.imagedir import read_socket_image
-from overlayfs_inetsk.rewrite import plan_group
-from overlayfs_inetsk.testbed.mount import BIN, mounted
-from overlayfs_inetsk.view import View
+from overlayfs_inetsk.core.imagedir import read_socket_image
+from overlayfs_inetsk.core.plan import plan_checkpoint
+from inetsk_testbed.mount import BIN, mounted
+from overlayfs_inetsk.core.tree import ImageTree
 
 U32 = struct.Struct("=I")
 MAP = AddressMap.from_args(["10.0.1.0/24=10.77.1.0/24", "fd00::/64=fd77::/64"])
@@ -115,7 +115,7 @@ def test_core_raises_image_error(case: tuple[str, str, bytes, str, int | None]) 
     _, name, data, words, offset = case
     path = f"/img/{name}"
     with pytest.raises(ImageError) as ei:
-        plan_group({path: data}, MAP)
+        plan_checkpoint({path: data}, MAP)
     assert ei.value.exit_code == 4 and ei.value.offset == offset
     _expect(ei.value, path, words, offset)
 
@@ -126,7 +126,7 @@ def test_huge_length_prefix_allocates_nothing_big() -> None:
     try:
         t0 = time.monotonic()
         with pytest.raises(ImageError):
-            plan_group({"/img/files.img": data}, MAP)
+            plan_checkpoint({"/img/files.img": data}, MAP)
         took = time.monotonic() - t0
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -189,7 +189,7 @@ def test_socket_image_that_is_a_symlink(tmp_path: Path,
     for target in ("real.img", "/etc/shadow"):
         os.unlink(d / "files.img")
         os.symlink(target, d / "files.img")
-        node = View.build(d).lookup(1, b"files.img")
+        node = ImageTree.build(d).lookup(1, b"files.img")
         assert node is not None and node.real_path == os.fsencode(str(d / "files.img"))
         with pytest.raises(ImageError, match="socket image is a symlink; refusing to follow"):
             read_socket_image(os.fsdecode(node.real_path))
@@ -228,7 +228,7 @@ def test_symlink_loops_escapes_and_odd_names(
     names = set(os.listdir(os.fsencode(out_dir)))
     assert {b"files.img", b"odd\xff\n name\x01", b"dir\xfe"} <= names
     assert not names & {b"loop-a", b"loop-b", b"self", b"up", b"escape", b"escape-rel"}
-    view = View.build(d)
+    view = ImageTree.build(d)
     shown = {n.name for n in view.children(1)}
     assert shown == {b"files.img", b"odd\xff\n name\x01", b"dir\xfe"}
     reasons = dict(view.left_out)
@@ -287,7 +287,7 @@ def test_mount_eio_one_log_line_and_keeps_serving(tmp_path: Path) -> None:
             assert f"{real}: socket image {words}" in line
         real.rmdir()
         real.write_bytes(GOOD)
-        assert served.read_bytes() == plan_group({str(real): GOOD}, MAP)[str(real)].data
+        assert served.read_bytes() == plan_checkpoint({str(real): GOOD}, MAP)[str(real)].data
     assert "Traceback" not in log.read_text(errors="replace")
 
 
@@ -326,10 +326,11 @@ def test_image_dir_vanishes_while_mounted(tmp_path: Path) -> None:
 @pytest.mark.root
 @pytest.mark.fuse
 def test_short_soak_is_flat() -> None:
-    """bench/soak.py in small (the full one: 200 cycles, 10,000 opens): nothing left behind
-    after each mount/read/umount cycle, no fd growth, daemon RSS flat over the opens."""
-    soak = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
-    cp = subprocess.run([sys.executable, str(soak), "--cycles", "8", "--opens", "1000"],
+    """The soak (inetsk_testbed.soak, bench/soak.py) in small (the full one: 200 cycles,
+    10,000 opens): nothing left behind after each mount/read/umount cycle, no fd growth,
+    daemon RSS flat over the opens."""
+    cp = subprocess.run([sys.executable, "-m", "inetsk_testbed.soak", "--cycles", "8",
+                         "--opens", "1000"],
                         capture_output=True, text=True, timeout=300)
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "flat: nothing left behind" in cp.stdout and "LEAK" not in cp.stdout

@@ -3,10 +3,10 @@ import struct
 import pytest
 from hypothesis import given, strategies as st
 
-from overlayfs_inetsk import imagefile
+from overlayfs_inetsk.core import imagefile
 from overlayfs_inetsk.errors import ImageError
 
-from imagefactory import files_img, inet_file_entry, isk, reg_file_entry
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
 
 
 def test_parse_splits_entries_and_keeps_bytes():

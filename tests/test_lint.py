@@ -14,6 +14,6 @@ RUFF = shutil.which("ruff", path=os.path.dirname(sys.executable)) or shutil.whic
 
 @pytest.mark.skipif(RUFF is None, reason="ruff is not installed (scripts/setup.sh installs it)")
 def test_ruff_check_is_clean():
-    cp = subprocess.run([RUFF, "check", "overlayfs_inetsk", "tests", "bench"], cwd=ROOT,
+    cp = subprocess.run([RUFF, "check", "overlayfs_inetsk", "tests", "bench", "testbed"], cwd=ROOT,
                         capture_output=True, text=True)
     assert cp.returncode == 0, cp.stdout + cp.stderr

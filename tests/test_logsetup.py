@@ -12,11 +12,11 @@ import tempfile
 
 import pytest
 
-from imagefactory import files_img, inet_file_entry, isk
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
 from overlayfs_inetsk import logsetup
-from overlayfs_inetsk.addrmap import AddressMap
+from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.cli import make_parser
-from overlayfs_inetsk.rewrite import plan_group
+from overlayfs_inetsk.core.plan import plan_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -96,11 +96,11 @@ def test_one_debug_line_per_socket_decision(caplog):
                      inet_file_entry(isk(2, "10.77.0.1", 81)),
                      inet_file_entry(isk(3, "127.0.0.1", 82)))
     amap = AddressMap.from_args(["10.77.0.1=10.77.0.2"])
-    with caplog.at_level(logging.INFO, logger="overlayfs_inetsk.rewrite"):
-        plan_group({"files.img": data}, amap)
+    with caplog.at_level(logging.INFO, logger="overlayfs_inetsk.core.decide"):
+        plan_checkpoint({"files.img": data}, amap)
     assert caplog.records == []  # nothing below DEBUG
-    with caplog.at_level(logging.DEBUG, logger="overlayfs_inetsk.rewrite"):
-        plan_group({"files.img": data}, amap)
+    with caplog.at_level(logging.DEBUG, logger="overlayfs_inetsk.core.decide"):
+        plan_checkpoint({"files.img": data}, amap)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3
     assert "socket id 1 tcp4 LISTEN 10.77.0.1:80" in lines[0]

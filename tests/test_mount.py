@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory import files_img, inet_file_entry, isk, reg_file_entry
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
 from pycriu.images import fdinfo_pb2
-from overlayfs_inetsk.addrmap import AddressMap
-from overlayfs_inetsk.rewrite import RewriteOptions, rewrite_group
+from overlayfs_inetsk.core.addrmap import AddressMap
+from overlayfs_inetsk.core.decide import RewriteOptions
+from overlayfs_inetsk.core.plan import rewrite_checkpoint
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -148,7 +149,7 @@ def image(tmp_path: Path) -> Path:
 def expected_files_img(image: Path, *specs: str) -> bytes:
     path = str(image / "checkpoint" / "files.img")
     data = Path(path).read_bytes()
-    return rewrite_group({path: data}, AddressMap.from_args(specs), None,
+    return rewrite_checkpoint({path: data}, AddressMap.from_args(specs), None,
                          RewriteOptions())[path].data
 
 

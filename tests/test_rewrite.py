@@ -4,13 +4,14 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from pycriu.images import fdinfo_pb2, sk_inet_pb2
 
-from overlayfs_inetsk import imagefile
-from overlayfs_inetsk.addrmap import AddressMap
+from overlayfs_inetsk.core import imagefile
+from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.errors import ImageError, RewriteError
-from overlayfs_inetsk.rewrite import RewriteOptions, plan_group, rewrite_group
-from overlayfs_inetsk.sockaddr import words_to_addr
+from overlayfs_inetsk.core.decide import RewriteOptions
+from overlayfs_inetsk.core.plan import plan_checkpoint, rewrite_checkpoint
+from overlayfs_inetsk.core.sockaddr import words_to_addr
 
-from imagefactory import files_img, inet_file_entry, inetsk_img, isk, reg_file_entry
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, inetsk_img, isk, reg_file_entry
 
 
 def sockets_of(data, name="files.img"):
@@ -33,7 +34,7 @@ def addr(s, which):
 
 
 def rw(data, specs, name="files.img", **opts):
-    res = rewrite_group({name: data}, AddressMap.from_args(specs), None, RewriteOptions(**opts),
+    res = rewrite_checkpoint({name: data}, AddressMap.from_args(specs), None, RewriteOptions(**opts),
                         reports=True)
     return res[name]
 
@@ -111,7 +112,7 @@ def test_tcp_peer_outside_fates():
 
     with pytest.raises(RewriteError, match="outside the map"):
         rw(data, ["local=10.9.0.7"], tcp_outside="fail")
-    planned = plan_group({"files.img": data}, AddressMap.from_args(["local=10.9.0.7"]), None,
+    planned = plan_checkpoint({"files.img": data}, AddressMap.from_args(["local=10.9.0.7"]), None,
                          RewriteOptions(tcp_outside="fail"))
     assert planned["files.img"].reports[0].verdict == "refused"
 
@@ -136,7 +137,7 @@ def test_legacy_inetsk_img():
 def test_local_addresses_gathered_across_files_img_and_inetsk_img():
     files = files_img(inet_file_entry(isk(2, "10.0.1.5", 5000, "10.0.1.6", 80)))
     legacy = inetsk_img(isk(3, "10.0.1.6", 80))
-    res = rewrite_group({"files.img": files, "inetsk.img": legacy},
+    res = rewrite_checkpoint({"files.img": files, "inetsk.img": legacy},
                         AddressMap.from_args(["local=10.9.0.7"]))
     s = sockets_of(res["files.img"].data)[2]
     assert addr(s, "dst_addr") == ip.ip_address("10.9.0.7")  # the peer is local: follows
@@ -145,7 +146,7 @@ def test_local_addresses_gathered_across_files_img_and_inetsk_img():
 def test_auto_without_resolver_is_a_rewrite_error_naming_the_file():
     data = files_img(inet_file_entry(isk(2, "10.0.1.5", 80)))
     with pytest.raises(RewriteError, match=r"^/x/files.img: --map local=auto: auto target has no IPv4"):
-        rewrite_group({"/x/files.img": data}, AddressMap.from_args(["local=auto"]), None)
+        rewrite_checkpoint({"/x/files.img": data}, AddressMap.from_args(["local=auto"]), None)
 
 
 def _with(sk, **changes):
@@ -235,7 +236,7 @@ def test_empty_map_is_identity(data):
 @given(images(), st.sampled_from(MAPS))
 def test_rewrite_gives_exactly_the_mapped_addresses(data, specs):
     amap = AddressMap.from_args(specs)
-    res = rewrite_group({"files.img": data}, amap, None, RewriteOptions(tcp_outside="keep"))[
+    res = rewrite_checkpoint({"files.img": data}, amap, None, RewriteOptions(tcp_outside="keep"))[
         "files.img"]
     before = imagefile.parse(data, "files.img").entries
     after = imagefile.parse(res.data, "files.img").entries

@@ -1,19 +1,20 @@
-"""Classes and verdicts of connected TCP sockets (rewrite._classify/_decide, issue 6)."""
+"""Classes and verdicts of connected TCP sockets (core/decide.py, issue 6)."""
 
 from __future__ import annotations
 
 import pytest
 
-from imagefactory import files_img, inet_file_entry, isk
-from overlayfs_inetsk.addrmap import AddressMap
-from overlayfs_inetsk.rewrite import RewriteOptions, plan_group
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
+from overlayfs_inetsk.core.addrmap import AddressMap
+from overlayfs_inetsk.core.decide import RewriteOptions
+from overlayfs_inetsk.core.plan import plan_checkpoint
 
 GROUP = ["10.77.0.1=10.77.0.3", "10.77.0.2=10.77.0.4", "fd77::1=fd77::3"]
 
 
 def plan(*entries, specs=GROUP, fate="close"):
     data = files_img(*(inet_file_entry(e) for e in entries))
-    res = plan_group({"files.img": data}, AddressMap.from_args(specs), None,
+    res = plan_checkpoint({"files.img": data}, AddressMap.from_args(specs), None,
                      RewriteOptions(tcp_outside=fate))
     return res["files.img"].reports
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from overlayfs_inetsk.errors import ImageError
-from overlayfs_inetsk.imagedir import read_socket_image
+from overlayfs_inetsk.core.imagedir import read_socket_image
 
-from overlayfs_inetsk.view import ROOT_INODE, Kind, View, ViewError
+from overlayfs_inetsk.core.tree import ROOT_INODE, ImageTree, Kind
+from overlayfs_inetsk.errors import TreeError
 
 ODD = b"odd \xff\x01name"
 
@@ -44,13 +45,13 @@ def tree(tmp_path: Path) -> Path:
     return root
 
 
-def by_path(view: View) -> dict[bytes, int]:
+def by_path(view: ImageTree) -> dict[bytes, int]:
     return {view.path(i): i for i in view.nodes}
 
 
 def test_tree_kinds_and_groups(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        view = View.build(str(tree))
+        view = ImageTree.build(str(tree))
     real = os.fsencode(os.path.realpath(tree))
     assert view.image_dir == real
     paths = by_path(view)
@@ -94,7 +95,7 @@ def test_tree_kinds_and_groups(tree: Path, caplog: pytest.LogCaptureFixture) -> 
 
 
 def test_lookup_children_and_modes(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
-    view = View.build(os.fsencode(tree))
+    view = ImageTree.build(os.fsencode(tree))
     ck = view.lookup(ROOT_INODE, b"checkpoint")
     assert ck is not None and ck.kind is Kind.DIR
     assert view.lookup(ck.inode, b".") is ck
@@ -124,7 +125,7 @@ def test_lookup_children_and_modes(tree: Path, caplog: pytest.LogCaptureFixture)
 
 
 def test_serve_read_mode(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
-    view = View.build(str(tree), serve="read")
+    view = ImageTree.build(str(tree), serve="read")
     paths = by_path(view)
     real = os.fsencode(os.path.realpath(tree))
     pages = view.node(paths[b"checkpoint/pages-1.img"])
@@ -143,7 +144,7 @@ def test_socket_image_symlink_in_tree(tmp_path: Path) -> None:
     (root / "ck").mkdir()
     (root / "store" / "orig").write_bytes(b"x")
     os.symlink("../store/orig", root / "ck" / "files.img")
-    view = View.build(root)
+    view = ImageTree.build(root)
     ck = view.lookup(ROOT_INODE, b"ck")
     assert ck is not None
     f = view.lookup(ck.inode, b"files.img")
@@ -155,18 +156,18 @@ def test_socket_image_symlink_in_tree(tmp_path: Path) -> None:
 
 
 def test_image_dir_errors(tmp_path: Path) -> None:
-    with pytest.raises(ViewError, match="No such file"):
-        View.build(tmp_path / "missing")
+    with pytest.raises(TreeError, match="No such file"):
+        ImageTree.build(tmp_path / "missing")
     (tmp_path / "file").write_bytes(b"")
-    with pytest.raises(ViewError, match="not a directory"):
-        View.build(tmp_path / "file")
-    with pytest.raises(ViewError, match="serve mode"):
-        View.build(tmp_path, serve="copy")  # type: ignore[arg-type]
+    with pytest.raises(TreeError, match="not a directory"):
+        ImageTree.build(tmp_path / "file")
+    with pytest.raises(TreeError, match="serve mode"):
+        ImageTree.build(tmp_path, serve="copy")  # type: ignore[arg-type]
 
 
 def test_root_through_symlink_and_inodes_stable(tree: Path, tmp_path: Path) -> None:
     os.symlink(tree, tmp_path / "alias")
-    a = View.build(tmp_path / "alias")
-    b = View.build(tree)
+    a = ImageTree.build(tmp_path / "alias")
+    b = ImageTree.build(tree)
     assert a.image_dir == b.image_dir
     assert by_path(a) == by_path(b)  # same walk, same inode numbers

@@ -1,85 +1,24 @@
-"""Command-line entry point: `overlayfs-inetsk inspect|rewrite|mount|umount ...`.
+"""Command-line entry point: `overlayfs-inetsk inspect|rewrite|mount|umount|restore|...`.
 
-Thin adapter: parses arguments, calls the core, prints. User errors are one line on stderr
+Thin adapter: parses arguments, calls the core, prints. One module per group of commands
+(images, mount, restore, doctor, group); the options more than one command needs are
+described once in options.py. User errors are one line on stderr
 with the exit code of their InetskError class (docs/cli.md); no tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable, Sequence
 
-from .errors import InetskError
+from ..errors import InetskError
 
 EXIT_INTERNAL = 70
 
 
-def add_map_options(p: argparse.ArgumentParser) -> None:
-    """The address-map options shared by every command that rewrites."""
-    g = p.add_argument_group("address map")
-    g.add_argument("--map", action="append", default=[], metavar="OLD=NEW",
-                   help="a rule: ADDR=ADDR, PREFIX=PREFIX, ADDR=auto, local=ADDR|auto "
-                        "(repeatable; see docs/map.md)")
-    g.add_argument("--map-file", action="append", default=[], metavar="FILE",
-                   help="TOML or JSON file of rules (repeatable)")
-    g.add_argument("--strict", action="store_true",
-                   help="fail when a socket keeps a specific address no rule covers")
-    g.add_argument("--tcp-outside", choices=("close", "keep", "fail"), default="close",
-                   help="fate of a TCP connection whose local end moves but whose peer is "
-                        "outside the map (default: close; see docs/tcp.md)")
-    g.add_argument("--netns", metavar="PATH",
-                   help="network namespace whose address `auto` means "
-                        "(/run/netns/NAME or /proc/PID/ns/net; default: our own)")
-    g.add_argument("--iface", metavar="NAME",
-                   help="interface whose address `auto` means (default: the default route's)")
-
-
-def build_map(args: argparse.Namespace):  # -> AddressMap
-    from .addrmap import AddressMap
-
-    return AddressMap.from_args(args.map, args.map_file, env=os.environ)
-
-
-def build_options(args: argparse.Namespace):  # -> RewriteOptions
-    from .rewrite import RewriteOptions
-
-    return RewriteOptions(strict=args.strict, tcp_outside=args.tcp_outside)
-
-
-def build_resolver(args: argparse.Namespace):  # -> Resolver | None
-    from .nodeaddr import make_resolver
-
-    return make_resolver(netns=args.netns, iface=args.iface)
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .report import collect, render_json, render_table
-
-    amap = build_map(args)
-    resolver = build_resolver(args) if amap.auto_families() else None
-    results = collect(args.image_dir, amap, resolver, build_options(args))
-    if args.json:
-        sys.stdout.write(render_json(args.image_dir, amap, results))
-    else:
-        sys.stdout.write(render_table(args.image_dir, results, with_map=not amap.is_empty()))
-    return 0
-
-
-def _cmd_rewrite(args: argparse.Namespace) -> int:
-    from .report import render_table
-    from .viewdir import write_view_dir
-
-    amap = build_map(args)
-    resolver = build_resolver(args) if amap.auto_families() else None
-    results = write_view_dir(args.image_dir, args.out_dir, amap, resolver, build_options(args))
-    sys.stdout.write(render_table(args.image_dir, results, with_map=True, only_changes=True))
-    return 0
-
-
 def make_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="overlayfs-inetsk",
@@ -88,29 +27,18 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="list the inet sockets of an image (and a map's effect)")
-    p.add_argument("image_dir", metavar="IMAGE_DIR")
-    p.add_argument("--json", action="store_true", help="machine-readable output (docs/json.md)")
-    add_map_options(p)
-    p.set_defaults(func=_cmd_inspect)
+    from .doctor import add_doctor_parser
+    from .group import add_group_parsers
+    from .images import add_image_parsers
+    from .mount import add_mount_parsers
+    from .restore import add_restore_parsers
 
-    p = sub.add_parser("rewrite", help="write a restorable view dir with rewritten sockets")
-    p.add_argument("image_dir", metavar="IMAGE_DIR")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="new or empty directory")
-    add_map_options(p)
-    p.set_defaults(func=_cmd_rewrite)
-
-    try:
-        from .cli_mount import add_mount_parsers
-    except ImportError:  # pragma: no cover - only while the FUSE adapter is absent
-        pass
-    else:
-        add_mount_parsers(sub)
-    from .cli_group import add_group_parsers; add_group_parsers(sub)  # noqa: E702
-    from .cli_restore import add_restore_parsers
-
+    add_image_parsers(sub)
+    add_mount_parsers(sub)
+    add_group_parsers(sub)
     add_restore_parsers(sub)
-    from .logsetup import add_log_options
+    add_doctor_parser(sub)
+    from ..logsetup import add_log_options
 
     add_log_options(parser, sub)  # -v/-q before and after COMMAND (docs/logging.md)
     return parser
@@ -124,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reconfigure(errors="surrogateescape")
     parser = make_parser()
     args = parser.parse_args(argv)
-    from .logsetup import setup_from_args
+    from ..logsetup import setup_from_args
 
     setup_from_args(args)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -143,7 +71,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         print("overlayfs-inetsk: internal error (a bug; please report it)", file=sys.stderr)
         return EXIT_INTERNAL
-
-
-if __name__ == "__main__":
-    sys.exit(main())

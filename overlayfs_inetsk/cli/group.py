@@ -1,6 +1,6 @@
 """`overlayfs-inetsk barrier` and `barrier-script`: the group-restore barrier (docs/tcp.md).
 
-cli.py calls add_group_parsers(subparsers).
+cli/__init__.py calls add_group_parsers(subparsers). The work is in node/barrier.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 
 def _barrier_options(p: argparse.ArgumentParser) -> None:
-    from .barrier import ACTIONS, DEFAULT_ACTION, DEFAULT_TIMEOUT
+    from ..node.barrier import ACTIONS, DEFAULT_ACTION, DEFAULT_TIMEOUT
 
     p.add_argument("--dir", required=True, metavar="DIR",
                    help="the barrier directory, one per group restore, reachable by every "
@@ -54,9 +54,7 @@ def add_group_parsers(subparsers: Any) -> None:
 
 
 def cmd_barrier(args: argparse.Namespace) -> int:
-    from .barrier import run_action
-
-    from .barrier import Passed
+    from ..node.barrier import Passed, run_action
 
     got = run_action(args.dir, args.name, args.members, args.timeout, args.action,
                      lock_connections=args.lock)
@@ -70,7 +68,7 @@ def cmd_barrier(args: argparse.Namespace) -> int:
 
 
 def cmd_barrier_script(args: argparse.Namespace) -> int:
-    from .barrier import write_script
+    from ..node.barrier import write_script
 
     path = write_script(args.path, args.dir, args.name, args.members, args.timeout,
                         args.action, lock_connections=args.lock)

@@ -1,6 +1,6 @@
-"""`overlayfs-inetsk restore` and `doctor`: argument parsing and output.
+"""`overlayfs-inetsk restore`: argument parsing and output.
 
-cli.py calls add_restore_parsers(subparsers). The work is in restore.py and doctor.py.
+cli/__init__.py calls add_restore_parsers(subparsers). The work is in node/restore.py.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 from typing import Any
+
+from .options import SERVE_MODES, add_map_options
 
 RESTORE_EPILOG = """\
 Without --map or --map-file (and without $INETSK_LOCAL_IPV4/6), the map is
@@ -44,9 +46,7 @@ class _SplitAtDashDash(argparse.ArgumentParser):
 
 
 def add_restore_parsers(subparsers: Any) -> None:
-    """Add `restore` and `doctor` to the main parser's subparsers (handlers in `func`)."""
-    from .cli import add_map_options
-
+    """Add `restore` to the main parser's subparsers (handler in `func`)."""
     p = subparsers.add_parser(
         "restore", help="restore a checkpoint on this node: mount a view, criu restore, unmount",
         description="Restore the CRIU checkpoint IMAGE_DIR in network namespace --netns "
@@ -66,24 +66,15 @@ def add_restore_parsers(subparsers: Any) -> None:
     g.add_argument("--work-dir", metavar="DIR",
                    help="criu's work dir (logs), kept afterwards (default: a temporary dir, "
                         "removed after a successful restore)")
-    g.add_argument("--serve", choices=("symlink", "read"), default="symlink",
+    g.add_argument("--serve", choices=SERVE_MODES, default="symlink",
                    help="how the view shows files other than socket images (see mount)")
     g.add_argument("--json", action="store_true",
                    help="print a JSON report after criu returns (docs/json.md)")
     p.set_defaults(func=cmd_restore)
 
-    p = subparsers.add_parser(
-        "doctor", help="check that this node can restore with overlayfs-inetsk",
-        description="Check what a node needs: criu (found, its version, `criu check`, kernel "
-                    "features it reports missing), /dev/fuse, fusermount3, nsenter, "
-                    "iptables-restore, root, the Python modules. Prints each problem with "
-                    "how to fix it. Exit status 0: ready; 1: not ready.")
-    p.add_argument("--json", action="store_true", help="machine-readable output (docs/json.md)")
-    p.set_defaults(func=cmd_doctor)
-
 
 def _print_summary(plan: Any, argv: list[str]) -> None:
-    from .report import render_table
+    from ..core.render import render_table
 
     table = render_table(plan.image_real, plan.results, with_map=True, only_changes=True)
     sys.stdout.write(table)
@@ -95,7 +86,7 @@ def _print_summary(plan: Any, argv: list[str]) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .restore import RestoreConfig, plan, render_json, run
+    from ..node.restore import RestoreConfig, plan, render_json, run
 
     cfg = RestoreConfig(
         image_dir=args.image_dir, netns=args.netns, maps=list(args.map),
@@ -107,11 +98,3 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(render_json(p, cfg, out))
     return out.exit_code
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import render_json, render_text, run_checks
-
-    checks = run_checks()
-    sys.stdout.write(render_json(checks) if args.json else render_text(checks))
-    return 0 if all(c.status != "fail" for c in checks) else 1

@@ -23,7 +23,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from .errors import MapError, RewriteError
+from ..errors import MapError, RewriteError
 from .sockaddr import IPAddress, is_special
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

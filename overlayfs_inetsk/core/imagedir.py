@@ -1,7 +1,7 @@
 """Checking an image dir and reading its socket images safely.
 
 Which files of a tree are socket images, and which directory (checkpoint) each belongs to,
-is decided once, by view.View, for mount, inspect and rewrite alike. Every directory
+is decided once, by tree.ImageTree, for mount, inspect and rewrite alike. Every directory
 holding a socket image is one checkpoint, rewritten as a group (its files.img and legacy
 inetsk.img together).
 """
@@ -13,7 +13,7 @@ import stat
 
 from collections.abc import Iterable
 
-from .errors import ImageError, InetskError
+from ..errors import ImageError, InetskError
 
 SOCKET_IMAGE_NAMES = ("files.img", "inetsk.img")
 

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple
 
-from .errors import ImageError
+from ..errors import ImageError
 
 IMG_COMMON = 0x54564319
 FILES_MAGIC = 0x56303138  # files.img: file_entry messages

@@ -1,5 +1,5 @@
-"""Running the rewrite over a whole image dir for `inspect`, and rendering its report as a
-table or as JSON (schema in docs/json.md)."""
+"""inspect's report: the plans of a tree rendered as a table or as JSON (schema in
+docs/json.md). Display only: the planning is plan.py's."""
 
 from __future__ import annotations
 
@@ -8,25 +8,12 @@ import json
 import os
 from typing import Mapping
 
-from .addrmap import AddressMap, Resolver
-from .imagedir import check_image_dir, read_group
-from .rewrite import VERDICTS, RewriteOptions, RewriteResult, SocketReport, plan_group
-from .sockaddr import fmt_addr, fmt_endpoint
+from .addrmap import AddressMap
+from .decide import VERDICTS, SocketReport
+from .plan import RewriteResult
+from .sockaddr import SOCK_STREAM, fmt_addr, fmt_endpoint
 
 JSON_SCHEMA_VERSION = 1
-
-
-def collect(
-    image_dir: str, amap: AddressMap, resolve: Resolver | None, options: RewriteOptions
-) -> dict[str, RewriteResult]:
-    """Plan the rewrite of every checkpoint under image_dir (nothing is written)."""
-    from .view import View
-
-    view = View.build(check_image_dir(image_dir))
-    results: dict[str, RewriteResult] = {}
-    for _dino, group in view.iter_socket_groups():
-        results.update(plan_group(read_group(group.values()), amap, resolve, options))
-    return results
 
 
 @functools.lru_cache(maxsize=8)
@@ -94,7 +81,7 @@ def render_table(
             if only_changes and r.verdict == "kept":
                 continue
             row = [_rel(image_dir, r.file), str(r.id), f"{r.proto_name}{r.family_name[-1]}",
-                   r.state_name if r.type == 1 else "-", r.local, r.remote, r.klass]
+                   r.state_name if r.type == SOCK_STREAM else "-", r.local, r.remote, r.klass]
             if with_map:
                 new_l = fmt_endpoint(r.new_src, r.sport) if r.new_src is not None else "-"
                 new_r = fmt_endpoint(r.new_dst, r.dport) if r.new_dst is not None else "-"
@@ -109,5 +96,3 @@ def render_table(
     if len(rows) == 1:
         lines = []
     return "\n".join(line.rstrip() for line in lines) + ("\n" if lines else "") + tail + "\n"
-
-

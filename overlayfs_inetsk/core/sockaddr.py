@@ -7,36 +7,53 @@ u32: one word for AF_INET (CRIU accepts more and uses the first), exactly four f
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 from typing import Sequence
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-AF_INET = 2
-AF_INET6 = 10
+# Linux's values, as CRIU stores them (pycriu defines none of these: its .proto files hold
+# plain integers); the socket module has the same ones.
+AF_INET = int(socket.AF_INET)  # 2
+AF_INET6 = int(socket.AF_INET6)  # 10
 FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}
 
-SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
-PROTOCOLS = {0: "ip", 1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
+SOCK_STREAM = int(socket.SOCK_STREAM)  # 1
+SOCK_DGRAM = int(socket.SOCK_DGRAM)  # 2
+SOCK_TYPES = {SOCK_STREAM: "stream", SOCK_DGRAM: "dgram", int(socket.SOCK_RAW): "raw",
+              int(socket.SOCK_SEQPACKET): "seqpacket"}
+PROTOCOLS = {0: "ip", socket.IPPROTO_ICMP: "icmp", socket.IPPROTO_TCP: "tcp",
+             socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMPV6: "icmpv6",
+             socket.IPPROTO_SCTP: "sctp", 136: "udplite"}
 
+# TCP states (include/net/tcp_states.h; neither pycriu nor the socket module names them)
 TCP_ESTABLISHED = 1
+TCP_SYN_SENT = 2
+TCP_SYN_RECV = 3
+TCP_FIN_WAIT1 = 4
+TCP_FIN_WAIT2 = 5
+TCP_TIME_WAIT = 6
 TCP_CLOSE = 7
+TCP_CLOSE_WAIT = 8
+TCP_LAST_ACK = 9
 TCP_LISTEN = 10
+TCP_CLOSING = 11
 TCP_STATES = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
+    TCP_ESTABLISHED: "ESTABLISHED",
+    TCP_SYN_SENT: "SYN_SENT",
+    TCP_SYN_RECV: "SYN_RECV",
+    TCP_FIN_WAIT1: "FIN_WAIT1",
+    TCP_FIN_WAIT2: "FIN_WAIT2",
+    TCP_TIME_WAIT: "TIME_WAIT",
+    TCP_CLOSE: "CLOSE",
+    TCP_CLOSE_WAIT: "CLOSE_WAIT",
+    TCP_LAST_ACK: "LAST_ACK",
+    TCP_LISTEN: "LISTEN",
+    TCP_CLOSING: "CLOSING",
 }
 # TCP states in which the socket has a peer (a 4-tuple that must still agree after a move).
-TCP_CONNECTED_STATES = frozenset({1, 2, 3, 4, 5, 6, 8, 9, 11})
+TCP_CONNECTED_STATES = frozenset(TCP_STATES) - {TCP_CLOSE, TCP_LISTEN}
 
 _ORDER = sys.byteorder
 

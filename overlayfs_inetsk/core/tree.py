@@ -1,6 +1,8 @@
-"""The read-only tree a mount serves, built once from IMAGE_DIR.
+"""ImageTree: the model of what a view of IMAGE_DIR shows, built once from IMAGE_DIR.
 
-Pure model, no FUSE: an inode table of directories, socket images (generated on open by
+Which dirs are checkpoints (every dir holding files.img or inetsk.img), which entries are
+shown and how (the symlink policy) is decided here, for the FUSE view, the offline
+`rewrite` and `inspect` alike. Pure model, no FUSE: an inode table of directories, socket images (generated on open by
 the FUSE layer), symlinks (to originals or, for in-tree directory symlinks, to the view's
 own entry) and files served through read(). Names and paths are bytes throughout.
 
@@ -19,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..errors import TreeError
 from .imagedir import SOCKET_IMAGE_NAMES
 
 log = logging.getLogger(__name__)
@@ -68,12 +71,8 @@ class Node:
         return self.st.st_size
 
 
-class ViewError(Exception):
-    """IMAGE_DIR cannot be used (missing, not a directory, unreadable)."""
-
-
 @dataclass
-class View:
+class ImageTree:
     image_dir: bytes  # absolute real path
     serve: ServeMode
     # where the symlinks to files point: image_dir itself, or a read-only bind of it (the
@@ -139,37 +138,37 @@ class View:
     # -- construction --------------------------------------------------------------------
     @classmethod
     def build(cls, image_dir: str | bytes, serve: ServeMode = "symlink",
-              link_root: str | bytes | None = None) -> View:
+              link_root: str | bytes | None = None) -> ImageTree:
         """Walk IMAGE_DIR (without following symlinks) and build the inode table.
 
         Symlinks to files point at their original's real path, re-rooted under `link_root`
         when given (a path where IMAGE_DIR is bind-mounted read-only; it need not exist yet).
         real_path stays the original's (socket images are read, and named in messages, there).
 
-        Raises ViewError when IMAGE_DIR itself is unusable. Entries that cannot be shown
+        Raises TreeError when IMAGE_DIR itself is unusable. Entries that cannot be shown
         (escaping, dangling or looping symlinks, special files, unreadable directories)
         are left out with one WARNING line each and listed in `left_out`.
         """
         if serve not in SERVE_MODES:
-            raise ViewError(f"unknown serve mode {serve!r}")
+            raise TreeError(f"unknown serve mode {serve!r}")
         raw = os.fsencode(image_dir)
         try:
             real = os.path.realpath(raw, strict=True)
             st = os.stat(real)
         except OSError as e:
-            raise ViewError(f"{os.fsdecode(raw)}: {e.strerror}") from None
+            raise TreeError(f"{os.fsdecode(raw)}: {e.strerror}") from None
         if not stat.S_ISDIR(st.st_mode):
-            raise ViewError(f"{os.fsdecode(raw)}: not a directory")
+            raise TreeError(f"{os.fsdecode(raw)}: not a directory")
         try:
             os.listdir(real)
         except OSError as e:
-            raise ViewError(f"{os.fsdecode(raw)}: {e.strerror}") from None
+            raise TreeError(f"{os.fsdecode(raw)}: {e.strerror}") from None
         root = real if link_root is None else os.fsencode(link_root)
         if not os.path.isabs(root):
-            raise ViewError(f"link root {os.fsdecode(root)!r} is not an absolute path")
-        view = cls(image_dir=real, serve=serve, link_root=root.rstrip(b"/") or b"/")
-        view._walk(st)
-        return view
+            raise TreeError(f"link root {os.fsdecode(root)!r} is not an absolute path")
+        tree = cls(image_dir=real, serve=serve, link_root=root.rstrip(b"/") or b"/")
+        tree._walk(st)
+        return tree
 
     def _add(self, node: Node) -> Node:
         self.nodes[node.inode] = node

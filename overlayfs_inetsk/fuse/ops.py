@@ -1,4 +1,5 @@
-"""Thin pyfuse3 adapter over view.View: read-only, socket images generated on first open.
+"""Thin pyfuse3 adapter over core.tree.ImageTree: read-only, socket images generated on first
+open through core.plan (served_bytes + the generator of plan.generator).
 
 Every handler raises only pyfuse3.FUSEError: a failed rewrite (InetskError) is logged as
 one line naming the file and the reason and becomes EIO; any other exception is logged
@@ -17,9 +18,9 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 import pyfuse3
 import trio
 
-from .errors import InetskError
-from .imagedir import read_group
-from .view import Kind, Node, View
+from ..core.plan import served_bytes
+from ..core.tree import ImageTree, Kind, Node
+from ..errors import InetskError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ R = TypeVar("R")
 
 
 class Generated(Protocol):
-    """What the generator returns per image name (rewrite.RewriteResult fits)."""
+    """What the generator returns per image path (core.plan.RewriteResult fits)."""
 
     data: bytes
     changed: int
@@ -64,9 +65,9 @@ class ViewOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, view: View, generate: GenerateFn, *, max_threads: int = 2) -> None:
+    def __init__(self, tree: ImageTree, generate: GenerateFn, *, max_threads: int = 2) -> None:
         super().__init__()
-        self.view = view
+        self.tree = tree
         self._generate = generate
         self._generated: dict[int, dict[str, bytes]] = {}  # dir inode -> name -> bytes
         self._locks: dict[int, trio.Lock] = {}
@@ -78,7 +79,7 @@ class ViewOperations(pyfuse3.Operations):
     # -- helpers -------------------------------------------------------------------------
     def _node(self, inode: int) -> Node:
         try:
-            return self.view.node(inode)
+            return self.tree.node(inode)
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
@@ -127,44 +128,37 @@ class ViewOperations(pyfuse3.Operations):
             data = self.generated_data(node)  # another open may have generated meanwhile
             if data is not None:
                 return data
-            group = dict(self.view.socket_group(node.parent))
+            group = dict(self.tree.socket_group(node.parent))
             try:
                 result = await trio.to_thread.run_sync(
                     self._generate_group, group, limiter=self._limiter)
             except (InetskError, OSError) as e:
                 # one line, not cached: the next open retries
-                log.error("cannot generate %s: %s", self.view.display(node.inode), e)
+                log.error("cannot generate %s: %s", self.tree.display(node.inode), e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             self._generated[node.parent] = result
             self.generations += 1
-            dpath = self.view.display(node.parent)
+            dpath = self.tree.display(node.parent)
             log.info("generated %s", ", ".join(
                 f"{dpath}/{name} ({len(d)} bytes)" for name, d in sorted(result.items())))
             data = result.get(os.fsdecode(node.name))
             if data is None:  # cannot happen unless the generator dropped a name
-                log.error("cannot generate %s: no result", self.view.display(node.inode))
+                log.error("cannot generate %s: no result", self.tree.display(node.inode))
                 raise pyfuse3.FUSEError(errno.EIO)
             return data
 
     def _generate_group(self, group: Mapping[str, bytes]) -> dict[str, bytes]:
         """Worker thread: read the originals, rewrite them together. The generator sees
         each image under its real path, so its messages name the real file."""
-        by_path = {os.fsdecode(real): name for name, real in group.items()}
-        images = read_group(by_path)
-        results = self._generate(images)
-        out: dict[str, bytes] = {}
-        for path, name in by_path.items():
-            r = results.get(path)
-            out[name] = images[path] if r is None else bytes(r.data)
-        return out
+        return served_bytes(group, self._generate)
 
     # -- lookups and attributes ----------------------------------------------------------
     @_guard
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        node = self.view.lookup(parent_inode, name)
+        node = self.tree.lookup(parent_inode, name)
         if node is None:
-            if parent_inode not in self.view.nodes:
+            if parent_inode not in self.tree.nodes:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             a = pyfuse3.EntryAttributes()
             a.st_ino = 0  # negative entry, cached: the tree does not change
@@ -203,7 +197,7 @@ class ViewOperations(pyfuse3.Operations):
         s.f_blocks = 0
         s.f_bfree = 0
         s.f_bavail = 0
-        s.f_files = len(self.view)
+        s.f_files = len(self.tree)
         s.f_ffree = 0
         s.f_favail = 0
         s.f_namemax = 255
@@ -218,7 +212,7 @@ class ViewOperations(pyfuse3.Operations):
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        children = self.view.children(fh)
+        children = self.tree.children(fh)
         for i in range(start_id, len(children)):
             child = children[i]
             if not pyfuse3.readdir_reply(token, child.name, self._attrs(child), i + 1):
@@ -245,7 +239,7 @@ class ViewOperations(pyfuse3.Operations):
                 fd = await trio.to_thread.run_sync(
                     os.open, node.real_path, os.O_RDONLY | os.O_CLOEXEC, limiter=self._limiter)
             except OSError as e:
-                log.error("cannot open %s: %s", self.view.display(inode), e.strerror)
+                log.error("cannot open %s: %s", self.tree.display(inode), e.strerror)
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
             return pyfuse3.FileInfo(fh=self._new_fh(fd), keep_cache=True)
         raise pyfuse3.FUSEError(errno.ELOOP)  # a symlink is never opened through FUSE

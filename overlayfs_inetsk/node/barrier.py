@@ -38,7 +38,7 @@ go on, or every member that has not gone on yet fails (its restore is aborted by
 its tasks killed). A directory serves one group restore; a name that already arrived is
 an error (a stale directory).
 
-Pure but for the filesystem and the clock; the CLI adapter is in cli_group.py.
+Pure but for the filesystem and the clock; the CLI adapter is in cli/group.py.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import InetskError
+from ..errors import BarrierError
 
 ACTIONS = ("pre-restore", "post-setup-namespaces", "post-restore", "network-unlock",
            "pre-resume", "post-resume")
@@ -63,13 +63,6 @@ ENV_ACTION = "CRTOOLS_SCRIPT_ACTION"
 OUTCOME = "outcome"
 RELEASED = "released"
 ABORTED = "aborted"
-
-
-class BarrierError(InetskError):
-    """The group barrier failed (timeout, an aborted group, a stale or bad directory):
-    exit code 7. As an action script, a non-zero exit makes CRIU abort the restore."""
-
-    exit_code = 7
 
 
 @dataclass(frozen=True)
@@ -189,16 +182,19 @@ def image_connections(image_dir: str) -> list[Conn]:
     """The 4-tuples of every TCP socket with a peer in the checkpoint(s) under image_dir, as
     the images say (for a view: after the rewrite). Sockets the rewrite closed are in state
     CLOSE and not listed."""
-    from .addrmap import AddressMap
-    from .report import collect
-    from .rewrite import RewriteOptions
-    from .sockaddr import TCP_CONNECTED_STATES
+    from ..core.addrmap import AddressMap
+    from ..core.imagedir import check_image_dir
+    from ..core.plan import merged, plan_tree
+    from ..core.sockaddr import SOCK_STREAM, TCP_CONNECTED_STATES, TCP_TIME_WAIT
+    from ..core.tree import ImageTree
 
     out: list[Conn] = []
-    results = collect(image_dir, AddressMap.from_args([]), None, RewriteOptions())
+    tree = ImageTree.build(check_image_dir(image_dir))
+    results = merged(plan_tree(tree, AddressMap.from_args([])))
     for res in results.values():
         for r in res.reports:
-            if r.type != 1 or r.state not in TCP_CONNECTED_STATES or r.state == 6:
+            if (r.type != SOCK_STREAM or r.state not in TCP_CONNECTED_STATES
+                    or r.state == TCP_TIME_WAIT):
                 continue
             src, dst = r.src, r.dst
             v4src, v4dst = getattr(src, "ipv4_mapped", None), getattr(dst, "ipv4_mapped", None)

@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
-from .errors import InetskError
+from ..errors import InetskError
 
 TESTED_CRIU = (4, 2, 1)
 MIN_CRIU = (4, 0)
@@ -65,7 +65,7 @@ def _tool(name: str, env: Mapping[str, str], why: str, fix: str) -> Check:
 
 def run_checks(env: Mapping[str, str] | None = None, run: Runner = subprocess.run,
                euid: int | None = None, dev_fuse: str = "/dev/fuse") -> list[Check]:
-    from .restore import find_criu
+    from .criu import find_criu
 
     env = dict(os.environ) if env is None else dict(env)
     euid = os.geteuid() if euid is None else euid

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import InetskError
+from ..errors import InetskError, NodeAddressError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[int], IPAddress | None]
@@ -37,10 +37,6 @@ _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 T = TypeVar("T")
 _libc: ctypes.CDLL | None = None
-
-
-class NodeAddressError(InetskError):
-    """The namespace or interface `auto` refers to is missing or unusable: exit code 1."""
 
 
 def _setns(fd: int) -> None:

@@ -28,21 +28,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InetskError
+from ..errors import InetskError, RestoreError
+from .criu import CRIU_DEFAULT, find_criu  # noqa: F401 (find_criu: the restore API)
 
 log = logging.getLogger(__name__)
 
-CRIU_DEFAULT = "/usr/local/sbin/criu"
 DEFAULT_MAP = "local=auto"
 # criu options restore sets itself: a second value would point criu elsewhere
 RESERVED_CRIU_OPTIONS = ("-D", "--images-dir", "-W", "--work-dir", "-o", "--log-file")
 TCP_OPTIONS = ("--tcp-established", "--tcp-close")
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class RestoreError(InetskError):
-    """The restore cannot start (criu missing, no CRIU images, a reserved criu option):
-    exit code 1."""
 
 
 @dataclass
@@ -68,22 +63,6 @@ class RestoreOutcome:
     log: str | None
     tcp_established_added: bool
     signal: int = 0
-
-
-def find_criu(env: Mapping[str, str]) -> str:
-    """$CRIU, else `criu` on $PATH, else /usr/local/sbin/criu."""
-    if env.get("CRIU"):
-        path = env["CRIU"]
-        if shutil.which(path) is None:
-            raise RestoreError(f"$CRIU={path}: not an executable")
-        return path
-    found = shutil.which("criu", path=env.get("PATH", os.defpath))
-    if found:
-        return found
-    if os.access(CRIU_DEFAULT, os.X_OK):
-        return CRIU_DEFAULT
-    raise RestoreError("criu not found ($CRIU, $PATH, /usr/local/sbin/criu): run "
-                       "scripts/setup.sh, which builds CRIU 4.2.1, or set $CRIU")
 
 
 def criu_subdir(image_real: str) -> str:
@@ -144,11 +123,12 @@ class Plan:
 
 def plan(cfg: RestoreConfig) -> Plan:
     """Everything that can fail for a user reason, before anything is mounted."""
-    from .addrmap import AddressMap
-    from .imagedir import check_image_dir
+    from ..core.addrmap import AddressMap
+    from ..core.decide import RewriteOptions
+    from ..core.imagedir import check_image_dir
+    from ..core.plan import merged, plan_tree, raise_problems
+    from ..core.tree import ImageTree
     from .nodeaddr import check_netns, make_resolver
-    from .report import collect
-    from .rewrite import RewriteOptions, problems
 
     image_real = check_image_dir(cfg.image_dir)
     sub = criu_subdir(image_real)
@@ -159,16 +139,8 @@ def plan(cfg: RestoreConfig) -> Plan:
     amap = AddressMap.from_args(maps, cfg.map_files, env=cfg.env)
     options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
     resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
-    results = collect(image_real, amap, resolver, options)
-    bad = problems(results, options)
-    if bad:
-        from .errors import RewriteError
-
-        first = bad[0]
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise RewriteError(f"{first.file}: socket id {first.id} {first.proto_name} "
-                           f"{first.local} -> {first.remote}: {first.verdict}: "
-                           f"{first.reason}{more}")
+    results = merged(plan_tree(ImageTree.build(image_real), amap, resolver, options))
+    raise_problems(results, options)
     add_tcp = (has_tcp_stream(os.path.join(image_real, sub))
                and not any(a in TCP_OPTIONS for a in cfg.criu_args))
     return Plan(image_real, sub, amap, results, maps, defaulted, add_tcp)
@@ -207,7 +179,9 @@ def run(cfg: RestoreConfig, prepared: Plan | None = None,
         on_start: Callable[[Plan, list[str]], None] | None = None) -> RestoreOutcome:
     """Mount the view, run criu restore, unmount. `on_start(plan, argv)` is called once the
     view serves, right before criu starts (to print the summary)."""
-    from .daemon import MountConfig, spawn_background, unmount
+    from ..fuse.daemon import MountConfig
+    from ..fuse.robind import unmount
+    from ..fuse.spawn import spawn_background
 
     p = prepared or plan(cfg)
     criu = find_criu(cfg.env)
@@ -288,7 +262,7 @@ def _rmdir(path: str) -> None:
 
 def render_json(p: Plan, cfg: RestoreConfig, out: RestoreOutcome) -> str:
     """`restore --json`: inspect's document (docs/json.md) plus what restore did."""
-    from .report import render_json as inspect_json
+    from ..core.render import render_json as inspect_json
 
     doc = json.loads(inspect_json(p.image_real, p.amap, p.results))
     doc["netns"] = cfg.netns

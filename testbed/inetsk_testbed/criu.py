@@ -6,7 +6,7 @@
     kill_tree(rpid)
 
 The workload is started as ``nsenter --net=<ns> unshare --pid --fork setsid python -m
-overlayfs_inetsk.testbed.workload`` and the pid dumped is the child of ``unshare``: init of
+inetsk_testbed.workload`` and the pid dumped is the child of ``unshare``: init of
 its own pid namespace (CRIU then restores it into a fresh pid namespace; see FACTS.md).
 CRIU runs with ``nsenter --net=<ns>`` so the network namespace is not part of the image.
 
@@ -30,7 +30,7 @@ from typing import Any
 from .net import Host, become_subreaper, try_reap
 
 CRIU = "/usr/local/sbin/criu"
-PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where inetsk_testbed is
 
 
 class CriuError(RuntimeError):
@@ -82,7 +82,7 @@ def _ppid(pid: int) -> int | None:
 
 
 def start_workload(host: Host, args: Sequence[str], timeout: float = 10,
-                   module: str = "overlayfs_inetsk.testbed.workload") -> int:
+                   module: str = "inetsk_testbed.workload") -> int:
     """Start the workload in ``host`` as init of a new pid namespace, wait for READY.
 
     Returns its pid (as seen here). Raises :class:`WorkloadError` (with the workload's
@@ -159,7 +159,7 @@ def dump(host: Host, pid: int, images_dir: str | os.PathLike[str], *,
 def _check_codec_identity(images: Path) -> None:
     """Every socket image a test dump produces must come back byte for byte from our
     codec (parse, then encode): checked here so that it holds for all of them."""
-    from .. import imagefile
+    from overlayfs_inetsk.core import imagefile
 
     for name in ("files.img", "inetsk.img"):
         path = images / name

@@ -1,7 +1,7 @@
 """The main job on its built-in default scenario: move a checkpointed service to another
 host through the per-node view, printing each step.
 
-    python -m overlayfs_inetsk.testbed.demo      (as root; scripts/demo.sh sets up first)
+    python -m inetsk_testbed.demo      (as root; scripts/demo.sh sets up first)
 
 1. make two test hosts, A (10.77.0.1, fd77::1) and B (10.77.0.2, fd77::2), in network
    namespaces on a private bridge;

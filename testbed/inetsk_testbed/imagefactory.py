@@ -6,8 +6,8 @@ import ipaddress
 
 from pycriu.images import fdinfo_pb2, fown_pb2, regfile_pb2, sk_inet_pb2, sk_opts_pb2
 
-from overlayfs_inetsk import imagefile
-from overlayfs_inetsk.sockaddr import AF_INET, AF_INET6, addr_to_words
+from overlayfs_inetsk.core import imagefile
+from overlayfs_inetsk.core.sockaddr import AF_INET, AF_INET6, addr_to_words
 
 
 def isk(

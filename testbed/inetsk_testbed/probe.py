@@ -1,6 +1,6 @@
 """Client checks run inside a test host's network namespace, always with timeouts.
 
-Host side (each runs ``nsenter --net=<host ns> python -m overlayfs_inetsk.testbed.probe``):
+Host side (each runs ``nsenter --net=<host ns> python -m inetsk_testbed.probe``):
 
     tcp_hello(host, addr, port, timeout=5) -> str          # first line from the server
     tcp_command(host, addr, port, command, timeout=5) -> list[str]   # a workload command
@@ -14,8 +14,8 @@ A failed check raises :class:`ProbeError` with ``kind`` one of ``refused``, ``ti
 
 Command line (prints one JSON object, exit 0 on success, 1 on a failed check):
 
-    python -m overlayfs_inetsk.testbed.probe tcp ADDR PORT [--cmd LINE]... [--echo LINE] [--timeout T]
-    python -m overlayfs_inetsk.testbed.probe udp ADDR PORT PAYLOAD [--bind ADDR:PORT] [--timeout T]
+    python -m inetsk_testbed.probe tcp ADDR PORT [--cmd LINE]... [--echo LINE] [--timeout T]
+    python -m inetsk_testbed.probe udp ADDR PORT PAYLOAD [--bind ADDR:PORT] [--timeout T]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where inetsk_testbed is
 
 
 class ProbeError(Exception):
@@ -137,7 +137,7 @@ def run_udp(addr: str, port: int, payload: str, bind: str | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m overlayfs_inetsk.testbed.probe")
+    ap = argparse.ArgumentParser(prog="python -m inetsk_testbed.probe")
     sub = ap.add_subparsers(dest="mode", required=True)
     t = sub.add_parser("tcp")
     t.add_argument("addr")
@@ -170,7 +170,7 @@ def _run(host: Any, args: list[str], timeout: float) -> dict[str, Any]:
     env = dict(os.environ)
     env["PYTHONPATH"] = PKG_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    argv = [sys.executable, "-m", "overlayfs_inetsk.testbed.probe", *args,
+    argv = [sys.executable, "-m", "inetsk_testbed.probe", *args,
             "--timeout", str(timeout)]
     try:
         cp = host.run(argv, check=False, timeout=timeout + 10, env=env)

@@ -1,6 +1,6 @@
 """A numbered TCP stream in both directions, for moving established connections.
 
-    python -m overlayfs_inetsk.testbed.stream --ctl ENDPOINT (--listen EP | --connect EP)
+    python -m inetsk_testbed.stream --ctl ENDPOINT (--listen EP | --connect EP)
                                               [--interval S] [--reconnect] [--ready-fd N]
 
 ENDPOINT is ``ADDR:PORT`` (IPv6 ``[ADDR]:PORT``). The process holds ONE stream connection:
@@ -320,7 +320,7 @@ class App:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m overlayfs_inetsk.testbed.stream")
+    ap = argparse.ArgumentParser(prog="python -m inetsk_testbed.stream")
     ap.add_argument("--ready-fd", type=int)
     ap.add_argument("--ctl", required=True)
     g = ap.add_mutually_exclusive_group(required=True)
@@ -348,7 +348,7 @@ def start_stream(host: Any, args: list[str], timeout: float = 10) -> int:
     ``criu.start_workload`` does the workload); wait for READY; return its pid here."""
     from .criu import start_workload
 
-    return start_workload(host, args, timeout, module="overlayfs_inetsk.testbed.stream")
+    return start_workload(host, args, timeout, module="inetsk_testbed.stream")
 
 
 def parse_status(line: str) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Sample service program to checkpoint: holds the sockets its command line asks for.
 
-    python -m overlayfs_inetsk.testbed.workload [--ready-fd N] SOCKET-FLAGS...
+    python -m inetsk_testbed.workload [--ready-fd N] SOCKET-FLAGS...
 
 Socket flags (each repeatable). ENDPOINT is ``ADDR:PORT``, IPv6 as ``[ADDR]:PORT``.
 An IPv6 ENDPOINT makes an AF_INET6 socket with IPV6_V6ONLY off (dual stack) unless
@@ -580,7 +580,7 @@ class App:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m overlayfs_inetsk.testbed.workload",
+    ap = argparse.ArgumentParser(prog="python -m inetsk_testbed.workload",
                                  description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--ready-fd", type=int, default=None)
     ap.add_argument("--hold-mib", type=int, default=0,

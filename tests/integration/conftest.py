@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import pytest
 
-from overlayfs_inetsk.testbed import TestNet, cleanup_stale
+from inetsk_testbed import TestNet, cleanup_stale
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,9 +15,9 @@ import subprocess
 
 import pytest
 
-from overlayfs_inetsk.testbed import TestNet, criu, probe
-from overlayfs_inetsk.testbed.net import list_netns
-from overlayfs_inetsk.testbed.probe import ProbeError
+from inetsk_testbed import TestNet, criu, probe
+from inetsk_testbed.net import list_netns
+from inetsk_testbed.probe import ProbeError
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 

@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
 
 def test_demo_moves_the_service_and_leaves_nothing():
     before_ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    cp = subprocess.run([sys.executable, "-m", "overlayfs_inetsk.testbed.demo"],
+    cp = subprocess.run([sys.executable, "-m", "inetsk_testbed.demo"],
                         capture_output=True, text=True, timeout=300)
     out = cp.stdout
     assert cp.returncode == 0, out + cp.stderr

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayfs_inetsk.daemon import find_mount, ro_bind_path
-from overlayfs_inetsk.testbed import criu, probe
-from overlayfs_inetsk.testbed.mount import BIN, ismount, mounted, overlayfs_inetsk
+from overlayfs_inetsk.fuse.robind import find_mount, ro_bind_path
+from inetsk_testbed import criu, probe
+from inetsk_testbed.mount import BIN, ismount, mounted, overlayfs_inetsk
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.criu]
 
@@ -31,7 +31,7 @@ def daemon_pid(mp: str) -> int:
                 cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"overlayfs_inetsk.cli_mount" in cmd and key in cmd:
+            if b"overlayfs_inetsk.cli.mount" in cmd and key in cmd:
                 return int(d)
     raise AssertionError(f"no daemon for {mp}")
 
@@ -103,7 +103,7 @@ def test_auto_netns_gone_at_open_is_eio_with_the_reason(tmp_path: Path) -> None:
     mount gives EIO and one log line naming it; the daemon keeps serving."""
     import secrets
 
-    from imagefactory import files_img, inet_file_entry, isk
+    from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
 
     img = tmp_path / "img"
     img.mkdir()
@@ -139,7 +139,7 @@ def test_auto_netns_gone_at_open_is_eio_with_the_reason(tmp_path: Path) -> None:
 ], ids=["missing", "toml-syntax", "bad-rule-toml", "bad-rule-json", "unknown-key"])
 def test_map_file_errors_before_mounting(tmp_path: Path, content: str | None,
                                          words: str) -> None:
-    from imagefactory import files_img, inet_file_entry, isk
+    from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
 
     img = tmp_path / "img"
     img.mkdir()

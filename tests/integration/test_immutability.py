@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from overlayfs_inetsk.testbed import criu, probe
-from overlayfs_inetsk.testbed.mount import mounted
+from inetsk_testbed import criu, probe
+from inetsk_testbed.mount import mounted
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.criu]
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from overlayfs_inetsk import imagefile
-from overlayfs_inetsk.testbed import criu, probe
-from overlayfs_inetsk.testbed.mount import ismount, mounted, overlayfs_inetsk
-from overlayfs_inetsk.testbed.probe import ProbeError
+from overlayfs_inetsk.core import imagefile
+from inetsk_testbed import criu, probe
+from inetsk_testbed.mount import ismount, mounted, overlayfs_inetsk
+from inetsk_testbed.probe import ProbeError
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
 
@@ -173,7 +173,7 @@ def test_killed_daemon_fails_restore_then_umount_and_remount(dumped):
     mnt = dirs.root / "mnt-B"
     opts = ["--map", f"local={b.ipv4}", "--map", f"local6={b.ipv6}"]
     with mounted(dirs.images, mnt, opts):
-        pid = int(subprocess.run(["pgrep", "-f", f"overlayfs_inetsk.cli_mount mount .* {mnt} "],
+        pid = int(subprocess.run(["pgrep", "-f", f"overlayfs_inetsk.cli.mount mount .* {mnt} "],
                                  capture_output=True, text=True).stdout.split()[0])
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory import files_img, inet_file_entry, isk
-from overlayfs_inetsk.testbed import criu, probe
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
+from inetsk_testbed import criu, probe
 
 CLI = [sys.executable, "-m", "overlayfs_inetsk.cli"]
 A4, A6 = "10.77.0.1", "fd77::1"

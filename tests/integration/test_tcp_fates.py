@@ -13,10 +13,10 @@ import subprocess
 
 import pytest
 
-from overlayfs_inetsk.testbed import criu, probe
-from overlayfs_inetsk.testbed.mount import mounted, overlayfs_inetsk
-from overlayfs_inetsk.testbed.probe import wait_for
-from overlayfs_inetsk.testbed.stream import start_stream, status
+from inetsk_testbed import criu, probe
+from inetsk_testbed.mount import mounted, overlayfs_inetsk
+from inetsk_testbed.probe import wait_for
+from inetsk_testbed.stream import start_stream, status
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
 
@@ -111,7 +111,7 @@ def test_keep_the_peer_resets_the_moved_connection(moved):
 
 
 def overlayfs_inetsk_argv() -> list[str]:
-    from overlayfs_inetsk.testbed.mount import BIN
+    from inetsk_testbed.mount import BIN
 
     return [BIN]
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from overlayfs_inetsk.testbed import criu
-from overlayfs_inetsk.testbed.probe import wait_for
-from overlayfs_inetsk.testbed.mount import mounted, overlayfs_inetsk
-from overlayfs_inetsk.testbed.stream import start_stream, status
+from inetsk_testbed import criu
+from inetsk_testbed.probe import wait_for
+from inetsk_testbed.mount import mounted, overlayfs_inetsk
+from inetsk_testbed.stream import start_stream, status
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
 

@@ -1,0 +1,72 @@
+"""`overlayfs-inetsk inspect` and `rewrite`: the commands that read an image dir offline."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .options import add_map_options
+
+
+def add_image_parsers(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="list the inet sockets of an image (and a map's effect)")
+    p.add_argument("image_dir", metavar="IMAGE_DIR")
+    p.add_argument("--json", action="store_true", help="machine-readable output (docs/json.md)")
+    add_map_options(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = subparsers.add_parser(
+        "rewrite", help="write a restorable view dir with rewritten sockets")
+    p.add_argument("image_dir", metavar="IMAGE_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new or empty directory")
+    add_map_options(p)
+    p.set_defaults(func=cmd_rewrite)
+
+
+def build_map(args: argparse.Namespace):  # -> AddressMap
+    from ..core.addrmap import AddressMap
+
+    return AddressMap.from_args(args.map, args.map_file, env=os.environ)
+
+
+def build_options(args: argparse.Namespace):  # -> RewriteOptions
+    from ..core.decide import RewriteOptions
+
+    return RewriteOptions(strict=args.strict, tcp_outside=args.tcp_outside)
+
+
+def build_resolver(args: argparse.Namespace):  # -> Resolver | None
+    from ..node.nodeaddr import make_resolver
+
+    return make_resolver(netns=args.netns, iface=args.iface)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..core.imagedir import check_image_dir
+    from ..core.plan import merged, plan_tree
+    from ..core.render import render_json, render_table
+    from ..core.tree import ImageTree
+
+    amap = build_map(args)
+    resolver = build_resolver(args) if amap.auto_families() else None
+    tree = ImageTree.build(check_image_dir(args.image_dir))
+    results = merged(plan_tree(tree, amap, resolver, build_options(args)))
+    if args.json:
+        sys.stdout.write(render_json(args.image_dir, amap, results))
+    else:
+        sys.stdout.write(render_table(args.image_dir, results, with_map=not amap.is_empty()))
+    return 0
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    from ..core.render import render_table
+    from ..offline import write_view_dir
+
+    amap = build_map(args)
+    resolver = build_resolver(args) if amap.auto_families() else None
+    results = write_view_dir(args.image_dir, args.out_dir, amap, resolver, build_options(args))
+    sys.stdout.write(render_table(args.image_dir, results, with_map=True, only_changes=True))
+    return 0

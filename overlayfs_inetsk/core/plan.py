@@ -1,0 +1,262 @@
+"""The one entry point from an image tree and an address map to what happens to its sockets.
+
+    plan_tree(tree, amap, resolve, options)   one CheckpointPlan per checkpoint dir
+    plan_checkpoint(images, amap, ...)        one checkpoint dir, its images already read
+
+Every adapter goes through here: `inspect` (cli/images.py), the offline `rewrite`
+(offline.py), `restore` and `barrier` (node/), mount validation (fuse/daemon.py) and the
+FUSE view's generation on first open (fuse/ops.py). No other module loops over checkpoint
+dirs or socket entries. Per entry, in ONE decoding pass: entries.py decodes it, decide.py
+decides its fate (once per distinct key), entries.py splices a changed entry back when the
+bytes are asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
+
+from ..errors import RewriteError
+from .addrmap import AddressMap, BoundMap, Resolver
+from .decide import (
+    CLOSED,
+    KEPT,
+    NEEDS_ADDRESS,
+    REFUSED,
+    REWRITTEN,
+    VERDICTS,
+    Decision,
+    RewriteOptions,
+    SocketReport,
+    decision,
+    log_decision,
+)
+from .decide import log as decide_log
+from .entries import Interner, Splicer, close_connection, inet_entries, set_addresses
+from .imagedir import read_group
+from .sockaddr import IPAddress
+from .tree import ImageTree
+
+# what a pass does: "check" decodes only (mount validation: the map is not applied yet, an
+# `auto` address may not exist yet); "plan" decides every socket; "rewrite" also splices
+Mode = Literal["check", "plan", "rewrite"]
+
+
+@dataclass
+class RewriteResult:
+    """The plan of one socket image (and its bytes when rewritten)."""
+
+    path: str
+    data: bytes | bytearray  # the rewritten bytes ("rewrite"), else the original ones
+    reports: list[SocketReport] = field(default_factory=list)  # only when asked for
+    counts: dict[str, int] = field(default_factory=dict)  # verdict -> number of sockets
+    problems: list[SocketReport] = field(default_factory=list)  # refused / needs-address
+
+    @property
+    def changed(self) -> int:
+        return self.counts.get(REWRITTEN, 0) + self.counts.get(CLOSED, 0)
+
+
+@dataclass
+class CheckpointPlan:
+    """One checkpoint dir of a tree: its socket images and what happens to every socket."""
+
+    dir_inode: int
+    name: str  # the dir inside the tree, for messages ("." for the root)
+    paths: dict[str, str]  # image name ("files.img") -> real path, as messages name it
+    results: dict[str, RewriteResult]  # real path -> its plan (data only, in "check" mode)
+    mode: Mode
+    _rewrite: Callable[[], dict[str, RewriteResult]] = field(repr=False)
+
+    def rewritten(self) -> dict[str, RewriteResult]:
+        """The results with their rewritten bytes: the same ones when planned with
+        mode="rewrite" (one pass), else one more pass made now, on demand."""
+        if self.mode != "rewrite":
+            self.results = self._rewrite()
+            self.mode = "rewrite"
+        return self.results
+
+
+def _local_addresses(images: Mapping[str, bytes], interner: Interner) -> list[IPAddress]:
+    """Every address the checkpoint's sockets use as a source address (for `local` rules;
+    an extra decoding pass, made only when a destination needs it)."""
+    seen: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
+    for path, data in images.items():
+        for off, _s, _e, _m, isk in inet_entries(data, path):
+            key = (isk.family, tuple(isk.src_addr))  # type: ignore[attr-defined]
+            if key not in seen:
+                seen[key] = interner.get(key[0], key[1], path, off, isk, "src_addr")
+    return list(seen.values())
+
+
+def _check_image(path: str, data: bytes, interner: Interner) -> RewriteResult:
+    for off, _s, _e, _m, isk in inet_entries(data, path):
+        interner.get(isk.family, tuple(isk.src_addr), path, off, isk, "src_addr")  # type: ignore[attr-defined]
+        interner.get(isk.family, tuple(isk.dst_addr), path, off, isk, "dst_addr")  # type: ignore[attr-defined]
+    return RewriteResult(path, data)
+
+
+def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
+                options: RewriteOptions, want_reports: bool, rewrite: bool) -> RewriteResult:
+    counts = dict.fromkeys(VERDICTS, 0)
+    reports: list[SocketReport] = []
+    problems_: list[SocketReport] = []
+    # Sockets that agree on (type, state, family, src, dst, peer port) get the same
+    # decision, made once: a 10,000-socket image usually has a handful of distinct keys.
+    decided: dict[tuple[object, ...], Decision] = {}
+    splicer = Splicer(data, path) if rewrite else None
+    debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
+    for off, _start, end, msg, isk in inet_entries(data, path):
+        fam = isk.family  # type: ignore[attr-defined]
+        src_w = tuple(isk.src_addr)  # type: ignore[attr-defined]
+        dst_w = tuple(isk.dst_addr)  # type: ignore[attr-defined]
+        dport = isk.dst_port  # type: ignore[attr-defined]
+        key = (isk.type, isk.state, fam, src_w, dst_w, dport)  # type: ignore[attr-defined]
+        d = decided.get(key)
+        if d is None:
+            src = interner.get(fam, src_w, path, off, isk, "src_addr")
+            dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
+            first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,  # type: ignore[attr-defined]
+                                 isk.state, src, isk.src_port, dst, dport)  # type: ignore[attr-defined]
+            d = decided[key] = decision(first, bmap, options)
+        proto = d.report
+        verdict = proto.verdict
+        counts[verdict] += 1
+        if debug:
+            log_decision(path, off, isk, proto)
+        if want_reports or verdict in (REFUSED, NEEDS_ADDRESS):
+            report = SocketReport(
+                path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,  # type: ignore[attr-defined]
+                proto.src, isk.src_port, proto.dst, dport, proto.klass, verdict, proto.reason,  # type: ignore[attr-defined]
+                proto.new_src, proto.new_dst,
+            )
+            if want_reports:
+                reports.append(report)
+            if verdict != REWRITTEN and verdict != CLOSED and verdict != KEPT:
+                problems_.append(report)
+        if splicer is None:
+            continue
+        if verdict == REWRITTEN:
+            set_addresses(isk, d.src_words, d.dst_words)
+        elif verdict == CLOSED:
+            close_connection(isk)
+        else:
+            continue
+        splicer.replace(off, end, msg, isk)
+    out = data if splicer is None else splicer.result()
+    return RewriteResult(path, out, reports, counts, problems_)
+
+
+def plan_checkpoint(
+    images: Mapping[str, bytes],
+    amap: AddressMap,
+    resolve: Resolver | None = None,
+    options: RewriteOptions = RewriteOptions(),
+    reports: bool = True,
+    mode: Mode = "rewrite",
+) -> dict[str, RewriteResult]:
+    """Plan (and with mode="rewrite" rewrite) all socket images of ONE checkpoint (path ->
+    bytes) together. Never raises for a refused socket or a --strict violation: those show
+    in the results (see problems()). With reports=False, only problem sockets get a
+    SocketReport (less memory)."""
+    interner = Interner()
+    if mode == "check":
+        return {path: _check_image(path, data, interner) for path, data in images.items()}
+    # With a `local` rule, a destination equal to any source address of the checkpoint
+    # follows it: that needs one extra decoding pass, made only when such a destination
+    # comes up.
+    bmap = amap.bind(lambda: _local_addresses(images, interner), resolve)
+    return {
+        path: _plan_image(path, data, interner, bmap, options, reports, mode == "rewrite")
+        for path, data in images.items()
+    }
+
+
+def problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> list[SocketReport]:
+    """The sockets that make the rewrite fail: refused ones, and with --strict the ones left
+    on an uncovered specific address."""
+    bad = {REFUSED} | ({NEEDS_ADDRESS} if options.strict else set())
+    return [r for res in results.values() for r in res.problems if r.verdict in bad]
+
+
+def raise_problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> None:
+    """RewriteError naming the first socket that makes the rewrite fail, if any."""
+    bad = problems(results, options)
+    if bad:
+        first = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise RewriteError(
+            f"{first.file}: socket id {first.id} {first.proto_name} {first.local} -> "
+            f"{first.remote}: {first.verdict}: {first.reason}{more}"
+        )
+
+
+def rewrite_checkpoint(
+    images: Mapping[str, bytes],
+    amap: AddressMap,
+    resolve: Resolver | None = None,
+    options: RewriteOptions = RewriteOptions(),
+    reports: bool = False,
+) -> dict[str, RewriteResult]:
+    """plan_checkpoint with the bytes, raising RewriteError when any socket is refused or
+    violates --strict (what a view serves must restore as planned)."""
+    results = plan_checkpoint(images, amap, resolve, options, reports)
+    raise_problems(results, options)
+    return results
+
+
+def generator(amap: AddressMap, resolve: Resolver | None, options: RewriteOptions
+              ) -> Callable[[Mapping[str, bytes]], dict[str, RewriteResult]]:
+    """What the FUSE view calls on first open of a checkpoint's socket image."""
+    return partial(rewrite_checkpoint, amap=amap, resolve=resolve, options=options)
+
+
+def served_bytes(paths: Mapping[str, bytes | str],
+                 generate: Callable[[Mapping[str, bytes]], Mapping[str, object]]
+                 ) -> dict[str, bytes]:
+    """Read one checkpoint's originals (image name -> real path) and run `generate` over
+    them: image name -> the bytes to serve (the original where the generator left one
+    out). The generator sees each image under its real path, so messages name the file."""
+    by_path = {os.fsdecode(real): name for name, real in paths.items()}
+    images = read_group(by_path)
+    results = generate(images)
+    out: dict[str, bytes] = {}
+    for path, name in by_path.items():
+        r = results.get(path)
+        out[name] = images[path] if r is None else bytes(r.data)  # type: ignore[attr-defined]
+    return out
+
+
+def plan_tree(
+    tree: ImageTree,
+    amap: AddressMap,
+    resolve: Resolver | None = None,
+    options: RewriteOptions = RewriteOptions(),
+    *,
+    mode: Mode = "plan",
+    reports: bool = True,
+) -> Iterator[CheckpointPlan]:
+    """One CheckpointPlan per checkpoint dir of `tree` (every dir holding a socket image),
+    in the tree's order. Raises ImageError for a malformed image; never for a refused
+    socket (see problems())."""
+    for dino, group in tree.iter_socket_groups():
+        paths = {name: os.fsdecode(real) for name, real in group.items()}
+
+        def run(m: Mode = mode, paths: dict[str, str] = paths) -> dict[str, RewriteResult]:
+            return plan_checkpoint(read_group(paths.values()), amap, resolve, options,
+                                   reports, m)
+
+        yield CheckpointPlan(dino, tree.display(dino), paths, run(), mode, partial(run, "rewrite"))
+
+
+def merged(plans: Iterator[CheckpointPlan]) -> dict[str, RewriteResult]:
+    """Every image's result of every checkpoint, by real path (inspect's, rewrite's and
+    restore's view of a whole tree)."""
+    out: dict[str, RewriteResult] = {}
+    for cp in plans:
+        out.update(cp.results)
+    return out

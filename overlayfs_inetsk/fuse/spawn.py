@@ -1,0 +1,99 @@
+"""The background mount: re-execute `mount --foreground --ready-fd N` detached and wait for
+its ready byte or its one-line failure (forking after pyfuse3.init is not safe, so the child
+is a fresh interpreter). Its command line is derived from cli/options.py's description of
+the `mount` options, never copied by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+
+from ..cli.options import MOUNT_OPTIONS, to_argv
+from ..errors import InetskError, MountError
+from .daemon import READY_TIMEOUT, MountConfig
+from .robind import RUN_DIR
+
+CHILD_MODULE = "overlayfs_inetsk.cli.mount"  # `python -m` entry point of the child
+
+
+def child_argv(cfg: MountConfig, ready_fd: int, log_file: str) -> list[str]:
+    """The command line of the detached foreground daemon: every `mount` option of `cfg`,
+    then the ones only the spawn sets."""
+    return [sys.executable, "-m", CHILD_MODULE, "mount", *to_argv(MOUNT_OPTIONS, cfg),
+            "--foreground", "--ready-fd", str(ready_fd), "--log-file", log_file]
+
+
+def default_log_file(mountpoint: str) -> str:
+    """/run/overlayfs-inetsk/<mountpoint, systemd-escape style>.log"""
+    real = os.path.realpath(mountpoint).strip("/") or "-"
+    name = "".join(c if (c.isalnum() or c in "_.") else ("-" if c == "/" else f"\\x{ord(c):02x}")
+                   for c in real)
+    return os.path.join(RUN_DIR, name + ".log")
+
+
+def spawn_background(cfg: MountConfig) -> tuple[int, str]:
+    """Start the detached daemon and wait until it serves. Returns (pid, log file); raises
+    InetskError carrying the daemon's own one-line message when it fails."""
+    log_file = os.path.abspath(cfg.log_file or default_log_file(cfg.mountpoint))
+    try:
+        os.makedirs(os.path.dirname(log_file), mode=0o755, exist_ok=True)
+        out = os.fdopen(os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                                | os.O_NOFOLLOW, 0o640), "ab")
+    except OSError as e:
+        raise MountError(f"{log_file}: cannot open log file: {e.strerror}") from None
+    r, w = os.pipe()
+    try:
+        with out:
+            proc = subprocess.Popen(
+                child_argv(cfg, w, log_file), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=out, pass_fds=(w,), start_new_session=True, close_fds=True,
+                env=dict(cfg.env), umask=0o022)
+        os.close(w)
+        w = -1
+        msg = _read_ready(r, proc)
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+    if msg == b"R":
+        return proc.pid, log_file
+    if msg.startswith(b"E"):
+        code = proc.wait(5) if proc.poll() is None else proc.returncode
+        err = InetskError(msg[1:].decode(errors="replace"))
+        err.exit_code = code or 1
+        raise err
+    rc = proc.poll()
+    if rc is None:  # no answer in time: do not leave a half-started daemon behind
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise MountError(f"{cfg.mountpoint}: the daemon did not become ready within "
+                         f"{READY_TIMEOUT:.0f} s (log: {log_file})")
+    raise MountError(f"{cfg.mountpoint}: the daemon exited with status {rc} before it was "
+                     f"ready (log: {log_file})")
+
+
+def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> bytes:
+    deadline = time.monotonic() + READY_TIMEOUT
+    buf = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return buf
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if not ready:
+            if proc.poll() is not None:  # died without closing? (the pipe would be EOF)
+                return buf
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return buf
+        buf += chunk
+        if buf == b"R":
+            return buf
