@@ -48,7 +48,7 @@ def write_view_dir(
     # All rewriting happens before anything is written, so errors leave nothing behind.
     tree = ImageTree.build(root)
     results: dict[str, RewriteResult] = {}
-    for cp in plan_tree(tree, amap, resolve, options, mode="rewrite"):
+    for cp in plan_tree(tree, amap, resolve, options):
         raise_problems(cp.results, options)
         results.update(cp.results)
 

@@ -41,9 +41,12 @@ from .imagedir import read_group
 from .sockaddr import IPAddress
 from .tree import ImageTree
 
-# what a pass does: "check" decodes only (mount validation: the map is not applied yet, an
-# `auto` address may not exist yet); "plan" decides every socket; "rewrite" also splices
-Mode = Literal["check", "plan", "rewrite"]
+# What a pass does: "check" decodes only (mount validation: the map is applied on first
+# open, when an `auto` address is looked up); "rewrite" decides every socket and splices
+# the changed entries back in the same pass. inspect needs the splice too: an entry that
+# decodes but cannot be re-encoded (a proto2 required field missing) is an image error
+# (exit 4) for inspect as for rewrite and mount.
+Mode = Literal["check", "rewrite"]
 
 
 @dataclass
@@ -69,16 +72,10 @@ class CheckpointPlan:
     name: str  # the dir inside the tree, for messages ("." for the root)
     paths: dict[str, str]  # image name ("files.img") -> real path, as messages name it
     results: dict[str, RewriteResult]  # real path -> its plan (data only, in "check" mode)
-    mode: Mode
-    _rewrite: Callable[[], dict[str, RewriteResult]] = field(repr=False)
 
-    def rewritten(self) -> dict[str, RewriteResult]:
-        """The results with their rewritten bytes: the same ones when planned with
-        mode="rewrite" (one pass), else one more pass made now, on demand."""
-        if self.mode != "rewrite":
-            self.results = self._rewrite()
-            self.mode = "rewrite"
-        return self.results
+    def data(self) -> dict[str, bytes | bytearray]:
+        """Image name -> the bytes to serve or write (the original where nothing changed)."""
+        return {name: self.results[path].data for name, path in self.paths.items()}
 
 
 def _local_addresses(images: Mapping[str, bytes], interner: Interner) -> list[IPAddress]:
@@ -101,14 +98,14 @@ def _check_image(path: str, data: bytes, interner: Interner) -> RewriteResult:
 
 
 def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
-                options: RewriteOptions, want_reports: bool, rewrite: bool) -> RewriteResult:
+                options: RewriteOptions, want_reports: bool) -> RewriteResult:
     counts = dict.fromkeys(VERDICTS, 0)
     reports: list[SocketReport] = []
     problems_: list[SocketReport] = []
     # Sockets that agree on (type, state, family, src, dst, peer port) get the same
     # decision, made once: a 10,000-socket image usually has a handful of distinct keys.
     decided: dict[tuple[object, ...], Decision] = {}
-    splicer = Splicer(data, path) if rewrite else None
+    splicer = Splicer(data, path)
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
     for off, _start, end, msg, isk in inet_entries(data, path):
         fam = isk.family  # type: ignore[attr-defined]
@@ -138,8 +135,6 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 reports.append(report)
             if verdict != REWRITTEN and verdict != CLOSED and verdict != KEPT:
                 problems_.append(report)
-        if splicer is None:
-            continue
         if verdict == REWRITTEN:
             set_addresses(isk, d.src_words, d.dst_words)
         elif verdict == CLOSED:
@@ -147,8 +142,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         else:
             continue
         splicer.replace(off, end, msg, isk)
-    out = data if splicer is None else splicer.result()
-    return RewriteResult(path, out, reports, counts, problems_)
+    return RewriteResult(path, splicer.result(), reports, counts, problems_)
 
 
 def plan_checkpoint(
@@ -159,10 +153,10 @@ def plan_checkpoint(
     reports: bool = True,
     mode: Mode = "rewrite",
 ) -> dict[str, RewriteResult]:
-    """Plan (and with mode="rewrite" rewrite) all socket images of ONE checkpoint (path ->
-    bytes) together. Never raises for a refused socket or a --strict violation: those show
-    in the results (see problems()). With reports=False, only problem sockets get a
-    SocketReport (less memory)."""
+    """Plan and rewrite all socket images of ONE checkpoint (path -> bytes) together, in one
+    decoding pass (mode="check": decode and validate only). Never raises for a refused
+    socket or a --strict violation: those show in the results (see problems()). With
+    reports=False, only problem sockets get a SocketReport (less memory)."""
     interner = Interner()
     if mode == "check":
         return {path: _check_image(path, data, interner) for path, data in images.items()}
@@ -171,7 +165,7 @@ def plan_checkpoint(
     # comes up.
     bmap = amap.bind(lambda: _local_addresses(images, interner), resolve)
     return {
-        path: _plan_image(path, data, interner, bmap, options, reports, mode == "rewrite")
+        path: _plan_image(path, data, interner, bmap, options, reports)
         for path, data in images.items()
     }
 
@@ -237,7 +231,7 @@ def plan_tree(
     resolve: Resolver | None = None,
     options: RewriteOptions = RewriteOptions(),
     *,
-    mode: Mode = "plan",
+    mode: Mode = "rewrite",
     reports: bool = True,
 ) -> Iterator[CheckpointPlan]:
     """One CheckpointPlan per checkpoint dir of `tree` (every dir holding a socket image),
@@ -245,12 +239,9 @@ def plan_tree(
     socket (see problems())."""
     for dino, group in tree.iter_socket_groups():
         paths = {name: os.fsdecode(real) for name, real in group.items()}
-
-        def run(m: Mode = mode, paths: dict[str, str] = paths) -> dict[str, RewriteResult]:
-            return plan_checkpoint(read_group(paths.values()), amap, resolve, options,
-                                   reports, m)
-
-        yield CheckpointPlan(dino, tree.display(dino), paths, run(), mode, partial(run, "rewrite"))
+        results = plan_checkpoint(read_group(paths.values()), amap, resolve, options, reports,
+                                  mode)
+        yield CheckpointPlan(dino, tree.display(dino), paths, results)
 
 
 def merged(plans: Iterator[CheckpointPlan]) -> dict[str, RewriteResult]:
