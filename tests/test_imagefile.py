@@ -53,3 +53,13 @@ def test_truncated_entry_reports_offset():
         imagefile.parse(data, "files.img", imagefile.FILES_MAGIC)
     assert ei.value.offset == 8 + 4 + 3
     assert "entry at offset 15" in str(ei.value)
+
+
+def test_magics_are_pycriu_s() -> None:
+    """The codec keeps its magics as literals (importing pycriu.images loads all of pycriu):
+    they must be the ones pycriu defines."""
+    from pycriu.images import magic
+
+    assert imagefile.IMG_COMMON == magic.by_name["IMG_COMMON"]
+    assert imagefile.FILES_MAGIC == magic.by_name["FILES"]
+    assert imagefile.INETSK_MAGIC == magic.by_name["INETSK"]

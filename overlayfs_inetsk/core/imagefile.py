@@ -16,6 +16,7 @@ from ..errors import ImageError
 IMG_COMMON = 0x54564319
 FILES_MAGIC = 0x56303138  # files.img: file_entry messages
 INETSK_MAGIC = 0x56443851  # legacy inetsk.img (CRIU <= 3.3): bare inet_sk_entry messages
+# (= pycriu.images.magic.by_name; kept literal: importing it loads all of pycriu.images)
 
 MAGIC_BY_NAME = {"files.img": FILES_MAGIC, "inetsk.img": INETSK_MAGIC}
 

@@ -1,5 +1,7 @@
 """A barrier for restoring a group of checkpoints whose members hold TCP connections to each
 other: no member's sockets go live before every member's sockets exist (docs/tcp.md).
+Long: the barrier protocol (arrive, release, abort) and the TCP lock around it are one
+state machine on one directory; split, neither half could be read alone.
 
 Run as a CRIU action script. CRIU 4.2.1 runs `post-restore` once every task of the restore
 has its files (sockets in TCP repair mode, bound and connected, sending nothing) and

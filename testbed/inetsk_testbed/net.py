@@ -1,4 +1,5 @@
 """Test networks: network namespaces as "hosts" on a bridge in its own "switch" namespace.
+Long: creating and always cleaning up namespaces, bridge, veths and addresses go together.
 
 Nothing is created or changed in the root network namespace: the bridge and the switch end
 of every veth pair live in the switch namespace, the other end (``eth0``) in the host

@@ -1,4 +1,5 @@
 """A numbered TCP stream in both directions, for moving established connections.
+Long: both ends, the control channel and the checks of the numbering are one protocol.
 
     python -m inetsk_testbed.stream --ctl ENDPOINT (--listen EP | --connect EP)
                                               [--interval S] [--reconnect] [--ready-fd N]

@@ -1,4 +1,6 @@
 """Sample service program to checkpoint: holds the sockets its command line asks for.
+Long: one self-contained program (it runs as init of its own pid namespace) for every
+socket kind the tests dump.
 
     python -m inetsk_testbed.workload [--ready-fd N] SOCKET-FLAGS...
 
