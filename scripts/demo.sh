@@ -5,4 +5,4 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-exec .venv/bin/python -m overlayfs_inetsk.testbed.demo "$@"
+exec .venv/bin/python -m inetsk_testbed.demo "$@"

@@ -79,7 +79,7 @@ log "criu: $(/usr/local/sbin/criu --version | head -1)"
 # --- the venv --------------------------------------------------------------------------
 VENV="$ROOT/.venv"
 stamp="$VENV/.setup-stamp"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $CRIU_VERSION"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/testbed/pyproject.toml" | sha256sum | cut -d' ' -f1) $CRIU_VERSION"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   log "installing the venv"
@@ -87,7 +87,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   {
     "$VENV/bin/pip" install -q --upgrade pip &&
     "$VENV/bin/pip" install -q "$SRC/lib" "$SRC/crit" &&
-    "$VENV/bin/pip" install -q -e "$ROOT[test]"
+    "$VENV/bin/pip" install -q -e "$ROOT[test]" &&
+    "$VENV/bin/pip" install -q -e "$ROOT/testbed"
   } >"$piplog" 2>&1 || { tail -30 "$piplog"; die "pip install failed (log: $piplog)"; }
   echo "$want" > "$stamp"
 fi
