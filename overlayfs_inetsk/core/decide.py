@@ -8,6 +8,7 @@ here reads or writes image bytes (entries.py does) or walks a tree (plan.py does
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import RewriteError
@@ -32,6 +33,7 @@ from .sockaddr import (
     TCP_TIME_WAIT,
     IPAddress,
     addr_to_words,
+    fmt_addr,
     fmt_endpoint,
     is_special,
 )
@@ -241,3 +243,34 @@ def decision(proto: SocketReport, bmap: BoundMap, options: RewriteOptions) -> De
         None if proto.new_src is None else addr_to_words(proto.new_src),
         None if proto.new_dst is None else addr_to_words(proto.new_dst),
     )
+
+
+# Deciding sockets that differ only in their peer (plan.py): a server with 10,000 clients
+# has 10,000 distinct peers but one decision. decide() reads of a socket's peer (dst,
+# dport) only whether the map moves dst, whether dst is the socket's own src and whether
+# dport is 0; the peer's endpoint text goes into some reasons. Keep these two functions in
+# step with decide() (tests/test_peer_class.py compares them with decide() socket by socket).
+
+def peer_class(type_: int, state: int, family: int, src_key: object, src: IPAddress,
+               sport: int, dst: IPAddress, dport: int, bmap: BoundMap) -> tuple[object, ...]:
+    """Sockets with equal peer_class get the same klass, verdict, new_src and new_dst from
+    decide(), and reasons that differ at most in the peer's endpoint (reason_maker).
+    `src_key` stands for src (its address words: cheaper to hash)."""
+    return (type_, state, family, src_key, bool(sport), bool(dport), dst == src,
+            bmap.lookup(dst))
+
+
+def reason_maker(first: SocketReport) -> Callable[[IPAddress, int], str] | None:
+    """A function giving the reason decide() gives a socket of first's peer_class whose
+    peer is (dst, dport); None when first's reason shows the peer in a way it cannot redo
+    (then decide() each such socket)."""
+    reason = first.reason
+    old = fmt_endpoint(first.dst, first.dport)
+    before, found, after = reason.partition(old)
+    rest = before + after
+    if old in after or fmt_addr(first.dst) in rest or str(first.dst) in rest or (
+            str(first.dport) in rest):
+        return None
+    if not found:
+        return lambda dst, dport: reason
+    return lambda dst, dport: f"{before}{fmt_endpoint(dst, dport)}{after}"

@@ -34,7 +34,10 @@ from .decide import (
     SocketReport,
     decision,
     log_decision,
+    peer_class,
+    reason_maker,
 )
+from .decide import decide as decide_one
 from .decide import log as decide_log
 from .entries import Interner, Splicer, close_connection, inet_entries, set_addresses
 from .imagedir import read_group
@@ -102,9 +105,15 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     counts = dict.fromkeys(VERDICTS, 0)
     reports: list[SocketReport] = []
     problems_: list[SocketReport] = []
-    # Sockets that agree on (type, state, family, src, dst, peer port) get the same
-    # decision, made once: a 10,000-socket image usually has a handful of distinct keys.
-    decided: dict[tuple[object, ...], Decision] = {}
+    # Two caches, so that decide() runs once per kind of socket, not once per socket:
+    # `same` by everything the entry says that matters (type, state, family, src, dst, peer
+    # port, bound or not): a 10,000-socket listener or UDP service has a handful of keys;
+    # `classes` by decide.peer_class, for sockets that differ only in their peer (a server
+    # with 10,000 clients). A socket's own report is made only when asked for (reports, or
+    # a problem), its reason derived from its class's first one (decide.reason_maker).
+    same: dict[tuple[object, ...], tuple[Decision, IPAddress, IPAddress]] = {}
+    classes: dict[tuple[object, ...], Decision] = {}
+    makers: dict[int, Callable[[IPAddress, int], str] | None] = {}  # id(Decision) -> maker
     splicer = Splicer(data, path)
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
     for off, _start, end, msg, isk in inet_entries(data, path):
@@ -112,25 +121,47 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         src_w = tuple(isk.src_addr)  # type: ignore[attr-defined]
         dst_w = tuple(isk.dst_addr)  # type: ignore[attr-defined]
         dport = isk.dst_port  # type: ignore[attr-defined]
-        key = (isk.type, isk.state, fam, src_w, dst_w, dport)  # type: ignore[attr-defined]
-        d = decided.get(key)
-        if d is None:
+        # whether the socket is bound (src port 0 or not) shows in the reason of one on
+        # the any-address: part of the key
+        key = (isk.type, isk.state, fam, src_w, dst_w, dport, not isk.src_port)  # type: ignore[attr-defined]
+        hit = same.get(key)
+        if hit is None:
             src = interner.get(fam, src_w, path, off, isk, "src_addr")
             dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
-            first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,  # type: ignore[attr-defined]
-                                 isk.state, src, isk.src_port, dst, dport)  # type: ignore[attr-defined]
-            d = decided[key] = decision(first, bmap, options)
+            try:
+                ckey = peer_class(isk.type, isk.state, fam, src_w, src, isk.src_port, dst,  # type: ignore[attr-defined]
+                                  dport, bmap)
+            except RewriteError as exc:  # an `auto` target that cannot be resolved
+                raise RewriteError(f"{path}: {exc}") from None
+            d = classes.get(ckey)
+            if d is None:
+                first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,  # type: ignore[attr-defined]
+                                     isk.state, src, isk.src_port, dst, dport)  # type: ignore[attr-defined]
+                d = classes[ckey] = decision(first, bmap, options)
+            hit = same[key] = (d, src, dst)
+        d, src, dst = hit
         proto = d.report
         verdict = proto.verdict
         counts[verdict] += 1
-        if debug:
-            log_decision(path, off, isk, proto)
-        if want_reports or verdict in (REFUSED, NEEDS_ADDRESS):
-            report = SocketReport(
-                path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,  # type: ignore[attr-defined]
-                proto.src, isk.src_port, proto.dst, dport, proto.klass, verdict, proto.reason,  # type: ignore[attr-defined]
-                proto.new_src, proto.new_dst,
-            )
+        if want_reports or verdict in (REFUSED, NEEDS_ADDRESS) or debug:
+            if proto.offset == off and proto.file == path:
+                report = proto  # the class's first socket, decided as itself
+            else:
+                report = SocketReport(
+                    path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,  # type: ignore[attr-defined]
+                    src, isk.src_port, dst, dport, proto.klass, verdict, proto.reason,  # type: ignore[attr-defined]
+                    proto.new_src, proto.new_dst,
+                )
+                if dport != proto.dport or dst != proto.dst:
+                    mk = makers.get(id(d), False)
+                    if mk is False:
+                        mk = makers[id(d)] = reason_maker(proto)
+                    if mk is None:
+                        decide_one(report, bmap, options)
+                    else:
+                        report.reason = mk(dst, dport)
+            if debug:
+                log_decision(path, off, isk, report)
             if want_reports:
                 reports.append(report)
             if verdict != REWRITTEN and verdict != CLOSED and verdict != KEPT:
