@@ -4,14 +4,13 @@ docs/json.md). Display only: the planning is plan.py's."""
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Mapping
 
 from .addrmap import AddressMap
 from .decide import VERDICTS, SocketReport
 from .plan import RewriteResult
-from .sockaddr import SOCK_STREAM, fmt_addr, fmt_endpoint
+from .sockaddr import SOCK_STREAM, fmt_addr
 
 JSON_SCHEMA_VERSION = 1
 
@@ -55,6 +54,8 @@ def summary(results: Mapping[str, RewriteResult]) -> dict[str, int]:
 
 
 def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteResult]) -> str:
+    import json  # here: `rewrite` and the table need no json (start-up time)
+
     doc = {
         "schema": JSON_SCHEMA_VERSION,
         "image_dir": os.path.realpath(image_dir),
@@ -76,19 +77,38 @@ def render_table(
     if with_map:
         head += ["NEW LOCAL", "NEW REMOTE", "VERDICT", "REASON"]
     rows = [head]
+    # 10,000 sockets make 10,000 rows: what repeats (files, protocols, addresses) is
+    # formatted once
+    addr_text: dict[object, str] = {}
+
+    def endpoint(addr, port: int) -> str:  # = fmt_endpoint(addr, port)
+        text = addr_text.get(addr)
+        if text is None:
+            text = addr_text[addr] = (f"[{fmt_addr(addr)}]" if addr.version == 6
+                                      else fmt_addr(addr))
+        return f"{text}:{port}"
+
+    proto_text: dict[tuple[int, int, int], str] = {}
     for res in results.values():
+        file = _rel(image_dir, res.path) if res.reports else ""
         for r in res.reports:
             if only_changes and r.verdict == "kept":
                 continue
-            row = [_rel(image_dir, r.file), str(r.id), f"{r.proto_name}{r.family_name[-1]}",
-                   r.state_name if r.type == SOCK_STREAM else "-", r.local, r.remote, r.klass]
+            pkey = (r.proto, r.type, r.family)
+            proto = proto_text.get(pkey)
+            if proto is None:
+                proto = proto_text[pkey] = f"{r.proto_name}{r.family_name[-1]}"
+            row = [file if r.file == res.path else _rel(image_dir, r.file), str(r.id), proto,
+                   r.state_name if r.type == SOCK_STREAM else "-", endpoint(r.src, r.sport),
+                   endpoint(r.dst, r.dport), r.klass]
             if with_map:
-                new_l = fmt_endpoint(r.new_src, r.sport) if r.new_src is not None else "-"
-                new_r = fmt_endpoint(r.new_dst, r.dport) if r.new_dst is not None else "-"
+                new_l = endpoint(r.new_src, r.sport) if r.new_src is not None else "-"
+                new_r = endpoint(r.new_dst, r.dport) if r.new_dst is not None else "-"
                 row += [new_l, new_r, r.verdict, r.reason]
             rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    widths = [max(map(len, col)) for col in list(zip(*rows))[:-1]]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"  # = c.ljust(w) for each column
+    lines = [fmt.format(*row) for row in rows]
     s = summary(results)
     tail = f"{s['sockets']} inet socket(s)"
     if with_map:
