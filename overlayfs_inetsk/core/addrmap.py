@@ -18,8 +18,6 @@ Pure: no I/O but reading map files.
 from __future__ import annotations
 
 import ipaddress
-import json
-import tomllib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -133,11 +131,15 @@ def _load_map_file(path: str) -> list[tuple[str, str]]:
         raise MapError(f"{path}: map file is not UTF-8 text") from None
     doc: object
     if path.endswith(".json") or text.lstrip().startswith("{"):
+        import json  # here, not at the top: only map files need it (start-up time)
+
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
             raise MapError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     else:
+        import tomllib
+
         try:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

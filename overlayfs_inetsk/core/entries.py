@@ -9,14 +9,46 @@ What changes in an entry is decided in decide.py; this module only reads and wri
 from __future__ import annotations
 
 import posixpath
+import sys
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from google.protobuf.message import DecodeError, EncodeError
-from pycriu.images import fdinfo_pb2, sk_inet_pb2
 
 from ..errors import ImageError
 from . import imagefile
 from .sockaddr import AF_INET, AF_INET6, TCP_CLOSE, IPAddress, words_to_addr
+
+
+def _generated() -> tuple[Any, Any]:
+    """pycriu's fdinfo_pb2 and sk_inet_pb2, without importing the pycriu.images package
+    when nothing else did: its __init__ loads every generated module it has (about 100,
+    most of our start-up time); these two need about 25. pycriu's generated modules import
+    each other by top-level name (pycriu.images puts its own dir on sys.path), so they are
+    loaded the same way; a later `import pycriu.images` reuses them."""
+    if "pycriu.images" not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.find_spec("pycriu")  # finds the package, does not run it
+        locations = spec.submodule_search_locations if spec is not None else None
+        if locations:
+            images_dir = posixpath.join(list(locations)[0], "images")
+            sys.path.append(images_dir)
+            try:
+                import fdinfo_pb2  # type: ignore[import-not-found]
+                import sk_inet_pb2  # type: ignore[import-not-found]
+
+                return fdinfo_pb2, sk_inet_pb2
+            except ImportError:
+                pass
+            finally:
+                sys.path.remove(images_dir)
+    from pycriu.images import fdinfo_pb2, sk_inet_pb2
+
+    return fdinfo_pb2, sk_inet_pb2
+
+
+fdinfo_pb2, sk_inet_pb2 = _generated()
 
 FD_INETSK = fdinfo_pb2.INETSK  # file_entry.type of an inet socket (4)
 SHUT_BOTH = 3  # SHUT_RDWR + 1: CRIU's sk_shutdown SK_SHUTDOWN__BOTH (sk-opts.proto)
