@@ -106,6 +106,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     # decision, made once: a 10,000-socket image usually has a handful of distinct keys.
     decided: dict[tuple[object, ...], Decision] = {}
     splicer = Splicer(data, path)
+    replace = splicer.replace
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
     for off, _start, end, msg, isk in inet_entries(data, path):
         fam = isk.family  # type: ignore[attr-defined]
@@ -141,7 +142,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             close_connection(isk)
         else:
             continue
-        splicer.replace(off, end, msg, isk)
+        replace(off, end, msg, isk)
     return RewriteResult(path, splicer.result(), reports, counts, problems_)
 
 
