@@ -557,6 +557,7 @@ static int overlayfs_inetsk_init(int stage)
 		pr_perror("cannot open a network namespace");
 		return -1;
 	}
+	pr_info("criu pid %d: asking the planner for a per-node view\n", (int)getpid());
 	r = ask_agent(imgfd, netnsfd, reply, sizeof(reply));
 	if (r == 0)
 		r = run_cli(imgfd, netnsfd, reply, sizeof(reply));
