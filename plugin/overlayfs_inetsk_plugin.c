@@ -35,12 +35,10 @@
 #include <time.h>
 #include <unistd.h>
 
-/* CRIU's header defines dummy callbacks with unused parameters: not our warnings */
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-parameter"
-#include "criu-plugin.h"
-#pragma GCC diagnostic pop
+/* criu-plugin.h, and a descriptor that registers UPDATE_INETSK only on a CRIU that has it */
+#include "criu_hook_abi.h"
 #include "criu-log.h"
+#include "inetsk_hook.h"
 
 #ifndef NS_GET_NSTYPE
 #define NS_GET_NSTYPE _IO(0xb7, 0x3)
@@ -58,7 +56,7 @@
 #define CLI_CONF_NAME "overlayfs-inetsk-plugin.cli" /* beside the .so; CRIU loads only *.so */
 #define DEFAULT_CLI "overlayfs-inetsk"
 #define VIEW_ROOT "/run/overlayfs-inetsk/plugin/"
-#define REPLY_MAX 4096
+#define REPLY_MAX (128 * 1024) /* a hook table is up to 512 lines */
 #define REQ_MAX 16384
 #define DEFAULT_TIMEOUT_MS 30000
 
@@ -257,7 +255,8 @@ static size_t build_request(char *buf, size_t cap)
 	size_t len;
 	char **e;
 
-	len = snprintf(buf, cap, "OVERLAYFS-INETSK-VIEW 1 pid=%d", (int)getpid()) + 1;
+	len = snprintf(buf, cap, "OVERLAYFS-INETSK-VIEW 1 pid=%d%s", (int)getpid(),
+		       inetsk_criu_calls_update_inetsk() ? " hook=1" : "") + 1;
 	for (e = environ; e && *e; e++) {
 		size_t n = strlen(*e) + 1;
 
@@ -413,7 +412,8 @@ static int run_cli(int imgfd, int netnsfd, char *reply, size_t cap)
 			_exit(127);
 		syscall(SYS_close_range, 5, ~0U, 0);
 		signal(SIGPIPE, SIG_DFL);
-		execlp(cli, cli, "plugin-view", "--images-fd", "3", "--netns-fd", "4", (char *)NULL);
+		execlp(cli, cli, "plugin-view", "--images-fd", "3", "--netns-fd", "4",
+		       inetsk_criu_calls_update_inetsk() ? "--hook" : (char *)NULL, (char *)NULL);
 		_exit(127);
 	}
 	close(p[1]);
@@ -532,9 +532,10 @@ static int use_view(int imgfd, const char *path)
 
 /* ---------------------------------------------------------------- init / fini ----- */
 
+static char reply[REPLY_MAX];
+
 static int overlayfs_inetsk_init(int stage)
 {
-	char reply[REPLY_MAX];
 	int imgfd, netnsfd, r;
 	long t0;
 
@@ -542,6 +543,7 @@ static int overlayfs_inetsk_init(int stage)
 		return 0;
 	t0 = now_ms();
 	view_path[0] = '\0';
+	inetsk_hook_clear();
 	imgfd = criu_get_image_dir();
 	if (imgfd < 0) {
 		pr_err("no images dir fd\n");
@@ -557,13 +559,27 @@ static int overlayfs_inetsk_init(int stage)
 		pr_perror("cannot open a network namespace");
 		return -1;
 	}
-	pr_info("criu pid %d: asking the planner for a per-node view\n", (int)getpid());
+	pr_info("criu pid %d: asking the planner for a per-node view%s\n", (int)getpid(),
+		inetsk_criu_calls_update_inetsk() ? " or a table for CRIU's UPDATE_INETSK hook" : "");
 	r = ask_agent(imgfd, netnsfd, reply, sizeof(reply));
 	if (r == 0)
 		r = run_cli(imgfd, netnsfd, reply, sizeof(reply));
 	close(netnsfd);
 	if (r < 0)
 		return -1;
+	if (!strncmp(reply, "TABLE ", 6)) {
+		if (!inetsk_criu_calls_update_inetsk()) {
+			pr_err("the planner answered a hook table, but this CRIU has no UPDATE_INETSK\n");
+			return -1;
+		}
+		if (reply[strlen(reply) - 1] == '\n')
+			reply[strlen(reply) - 1] = '\0';
+		if (inetsk_hook_load(reply))
+			return -1;
+		pr_info("no view: the plan goes through CRIU's UPDATE_INETSK hook, %.*s keys (%ld ms)\n",
+			(int)strcspn(reply + 6, "\n"), reply + 6, now_ms() - t0);
+		return 0;
+	}
 	reply[strcspn(reply, "\n")] = '\0';
 	if (!strcmp(reply, "NONE") || !strncmp(reply, "NONE ", 5)) {
 		pr_info("nothing to change%s%s (%ld ms)\n", reply[4] ? ":" : "", reply + 4,
@@ -589,6 +605,8 @@ static void overlayfs_inetsk_fini(int stage, int ret)
 	(void)ret;
 	if (stage == CR_PLUGIN_STAGE__RESTORE)
 		remove_view();
+	inetsk_hook_clear();
 }
 
-CR_PLUGIN_REGISTER("overlayfs-inetsk", overlayfs_inetsk_init, overlayfs_inetsk_fini)
+INETSK_PLUGIN_REGISTER("overlayfs-inetsk", overlayfs_inetsk_init, overlayfs_inetsk_fini,
+		       inetsk_update_inetsk)

@@ -4,7 +4,7 @@ Long-running, so the imports (protobuf, pycriu, pyroute2) and the interpreter st
 once, not at every restore. One SOCK_SEQPACKET unix socket (default
 /run/overlayfs-inetsk/agent.sock, mode 0600); only root and the agent's own uid are
 served (SO_PEERCRED). A request is one
-message: `OVERLAYFS-INETSK-VIEW 1 pid=N` then NUL-separated KEY=VALUE (CRIU's
+message: `OVERLAYFS-INETSK-VIEW 1 pid=N [hook=1]` then NUL-separated KEY=VALUE (CRIU's
 OVERLAYFS_INETSK_* and INETSK_* variables), with SCM_RIGHTS [images dir fd, netns fd]. The
 answer is one message: viewmaker.make_view()'s line. Each request runs in a thread of its
 own (the netns lookup setns()es only a short-lived thread of its own).
@@ -34,8 +34,8 @@ class RequestError(Exception):
     pass
 
 
-def parse_request(data: bytes) -> tuple[int, dict[str, str]]:
-    """(criu pid, environment) from a request's bytes."""
+def parse_request(data: bytes) -> tuple[int, dict[str, str], bool]:
+    """(criu pid, environment, CRIU calls UPDATE_INETSK) from a request's bytes."""
     parts = data.split(b"\0")
     head = parts[0].split()
     if b" ".join(head[:2]) != HEADER or len(head) < 3 or not head[2].startswith(b"pid="):
@@ -51,7 +51,7 @@ def parse_request(data: bytes) -> tuple[int, dict[str, str]]:
         key, eq, value = item.decode("utf-8", "replace").partition("=")
         if eq and (key.startswith("OVERLAYFS_INETSK_") or key.startswith("INETSK_")):
             env[key] = value
-    return pid, env
+    return pid, env, b"hook=1" in head[3:]
 
 
 def handle(conn: socket.socket) -> None:
@@ -67,11 +67,11 @@ def handle(conn: socket.socket) -> None:
             reply = f"ERR the agent needs 2 fds (images dir, netns), got {len(fds)}"
         else:
             try:
-                pid, env = parse_request(data)
+                pid, env, hook = parse_request(data)
             except RequestError as e:
                 reply = f"ERR {e}"
             else:
-                reply = make_view(fds[0], fds[1], env, pid)
+                reply = make_view(fds[0], fds[1], env, pid, hook=hook)
         conn.send(reply.encode("utf-8", "replace"))
     except OSError as e:
         log.warning("request failed: %s", e)

@@ -63,10 +63,12 @@ def plugin_view_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="overlayfs-inetsk plugin-view")
     p.add_argument("--images-fd", type=int, required=True)
     p.add_argument("--netns-fd", type=int, required=True)
+    p.add_argument("--hook", action="store_true",
+                   help="CRIU calls UPDATE_INETSK: answer a table where the hook is exact")
     args = p.parse_args(argv)
     from .viewmaker import make_view
 
-    reply = make_view(args.images_fd, args.netns_fd, os.environ, os.getppid())
+    reply = make_view(args.images_fd, args.netns_fd, os.environ, os.getppid(), hook=args.hook)
     sys.stdout.write(reply + "\n")
     sys.stdout.flush()
     return 0

@@ -1,9 +1,12 @@
 """Make the per-node view the CRIU plugin puts in place of its images dir.
 
-make_view(images_fd, netns_fd, env, pid) answers the plugin with one line:
+make_view(images_fd, netns_fd, env, pid, hook) answers the plugin with one line:
   NONE <why>     nothing to change (or the images dir is a per-node view already);
   VIEW <dir>     a private view dir made for this restore (the plugin removes it at fini);
-  ERR <message>  the map cannot be applied: the restore must fail, with this line.
+  ERR <message>  the map cannot be applied: the restore must fail, with this line;
+  TABLE <n>      only when the plugin says CRIU calls UPDATE_INETSK (hook=True) and the
+                 hook can apply the plan exactly: n more lines, the table the hook applies
+                 socket by socket, and no view (hooktable.py, docs/upstream-hook.md).
 
 The view is written by the offline writer (relative symlinks to every other image, the
 rewritten socket images), built in a temporary dir and renamed, so it is whole or absent.
@@ -32,6 +35,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..hooktable import hook_plan
 from .planning import (
     VIEW_MARKER,
     AddressMap,
@@ -41,6 +45,7 @@ from .planning import (
     RewriteOptions,
     make_resolver,
     plan,
+    top_level,
     write_view,
 )
 
@@ -226,22 +231,23 @@ def _one_line(text: str) -> str:
 
 
 def make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
-              view_root: str = VIEW_ROOT) -> str:
+              view_root: str = VIEW_ROOT, hook: bool = False) -> str:
     t0 = time.perf_counter()
     try:
-        reply = _make_view(images_fd, netns_fd, env, pid, view_root)
+        reply = _make_view(images_fd, netns_fd, env, pid, view_root, hook)
     except InetskError as e:
         reply = "ERR " + _one_line(str(e))
     except Exception as e:  # a bug: the restore fails with its name, the log has the rest
         log.exception("plugin-view for criu pid %d failed", pid)
         reply = "ERR internal error (a bug; please report it): " + _one_line(
             f"{type(e).__name__}: {e}")
-    log.info("criu pid %d: %s (%.0f ms)", pid, reply, (time.perf_counter() - t0) * 1000)
+    log.info("criu pid %d: %s (%.0f ms)", pid, reply.split("\n", 1)[0],
+             (time.perf_counter() - t0) * 1000)
     return reply
 
 
 def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
-               view_root: str) -> str:
+               view_root: str, hook: bool = False) -> str:
     root = images_root(images_fd)
     why = already_a_view(images_fd, root)
     if why:
@@ -251,7 +257,7 @@ def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
     if cfg.amap.auto_families():
         resolve = make_resolver(netns=f"/proc/self/fd/{netns_fd}", iface=cfg.iface)
     try:
-        view, results = plan(root, cfg.amap, resolve, cfg.options)
+        view, results = plan(root, cfg.amap, resolve, cfg.options, reports=hook)
     except ImageError:
         raise
     except InetskError as e:  # name the map it came from
@@ -260,6 +266,12 @@ def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
     changed = sum(r.changed for r in results.values())
     if not changed:
         return f"NONE no socket to change (map: {cfg.map_source})"
+    if hook:
+        hp = hook_plan(top_level(view, results))
+        if hp.entries is not None and hp.changed:
+            return hp.wire()
+        log.info("criu pid %d: a view, not the hook: %s", pid,
+                 hp.why_not or "only sockets in sub-dirs change")
     os.makedirs(view_root, mode=0o711, exist_ok=True)
     remove_stale_views(view_root)
     out = os.path.join(view_root, f"view-{pid}-{secrets.token_hex(4)}")

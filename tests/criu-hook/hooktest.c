@@ -18,7 +18,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
-#include "hook_abi.h"
+#include "criu_hook_abi.h"
 
 #ifndef HT_NAME
 #define HT_NAME "hooktest"

@@ -2,7 +2,7 @@
 
 What this proves about our patched CRIU (tests/criu-hook/update-inetsk.patch, built by
 tests/criu-hook/build.sh into a private prefix) and about the load-time detection in
-tests/criu-hook/hook_abi.h, with ONE .so built against stock 4.2.1's criu-plugin.h:
+plugin/criu_hook_abi.h, with ONE .so built against stock 4.2.1's criu-plugin.h:
 - stock 4.2.1 loads the plugin (max_hooks 0) and never calls the hook;
 - the patched CRIU calls it once per inet socket with (family, state, src, dst) as in the
   image, before bind/connect; 0 = addresses changed, -ENOTSUP = next plugin, another
@@ -24,6 +24,7 @@ from overlayfs_inetsk.testbed.probe import ProbeError
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 
 HERE = Path(__file__).resolve().parent.parent / "criu-hook"
+PLUGIN_SRC = HERE.parent.parent / "plugin"  # criu_hook_abi.h
 CACHE = Path(os.environ.get("OVERLAYFS_INETSK_CACHE", "/var/cache/overlayfs-inetsk"))
 HOOK_CRIU = CACHE / "criu-hook" / "prefix" / "sbin" / "criu"
 STOCK_HEADERS = Path("/usr/local/include/criu")  # 4.2.1's criu-plugin.h: 13 hooks
@@ -48,7 +49,7 @@ def build_plugin(libdir: Path, letter: str) -> Path:
     subprocess.run(
         ["cc", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
          f'-DHT_NAME="hooktest-{letter}"', f'-DHT_ENV="HOOKTEST_{letter.upper()}_"',
-         f"-I{HERE}", f"-I{STOCK_HEADERS}", "-o", str(out), str(HERE / "hooktest.c")],
+         f"-I{PLUGIN_SRC}", f"-I{STOCK_HEADERS}", "-o", str(out), str(HERE / "hooktest.c")],
         check=True, capture_output=True, text=True)
     return out
 
