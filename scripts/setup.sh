@@ -3,7 +3,8 @@
 #   1. Debian packages (CRIU build deps, FUSE 3, iproute2, iptables, Python venv support);
 #   2. CRIU 4.2.1 built from Debian's source package into /usr/local (skipped when
 #      /usr/local/sbin/criu already reports 4.2.1 and the source tree is kept);
-#   3. .venv/ with the package (editable), pycriu and crit from that CRIU tree, and test deps.
+#   3. test-only: CRIU 4.2.1 with the UPDATE_INETSK hook in $CACHE/criu-hook/prefix;
+#   4. .venv/ with the package (editable), pycriu and crit from that CRIU tree, and test deps.
 set -euo pipefail
 
 CRIU_VERSION=4.2.1
@@ -75,6 +76,14 @@ criu_ok || die "/usr/local/sbin/criu does not report $CRIU_VERSION"
 # crit's version module is normally written by CRIU's top-level `make install`.
 [ -f "$SRC/crit/crit/version.py" ] || echo "__version__ = '$CRIU_VERSION'" > "$SRC/crit/crit/version.py"
 log "criu: $(/usr/local/sbin/criu --version | head -1)"
+
+# --- test-only: CRIU 4.2.1 + the UPDATE_INETSK hook, in a private prefix ----------------
+# Only tests/integration/test_criu_hook*.py use it (the hook is not in any CRIU release);
+# never installed over /usr/local/sbin/criu. Cached; OVERLAYFS_INETSK_SKIP_CRIU_HOOK=1 skips.
+if [ "${OVERLAYFS_INETSK_SKIP_CRIU_HOOK:-0}" != 1 ]; then
+  OVERLAYFS_INETSK_CACHE="$CACHE" "$ROOT/tests/criu-hook/build.sh" >/dev/null ||
+    die "the test-only patched CRIU did not build (tests/criu-hook/build.sh)"
+fi
 
 # --- the venv --------------------------------------------------------------------------
 VENV="$ROOT/.venv"
