@@ -46,7 +46,8 @@ def setup_plugin(work: str) -> tuple[str, str]:
     subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "plugin"), f"OUT={out}"], check=True)
     cli = os.path.join(work, "overlayfs-inetsk")
     with open(cli, "w") as f:
-        f.write(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m overlayfs_inetsk.cli \"$@\"\n")
+        f.write(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} "
+                "-m overlayfs_inetsk.cli \"$@\"\n")
     os.chmod(cli, 0o755)
     libdir = os.path.join(work, "criu-lib")
     subprocess.run([cli, "plugin", "install", "--libdir", libdir, "--so",
