@@ -20,7 +20,7 @@ import struct
 import threading
 from collections.abc import Callable
 
-from .viewmaker import make_view, remove_stale_views
+from .viewmaker import VIEW_ROOT, make_view, remove_stale_views
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def parse_request(data: bytes) -> tuple[int, dict[str, str], bool]:
     return pid, env, b"hook=1" in head[3:]
 
 
-def handle(conn: socket.socket) -> None:
+def handle(conn: socket.socket, view_root: str = VIEW_ROOT) -> None:
     fds: list[int] = []
     try:
         conn.settimeout(10)
@@ -71,7 +71,7 @@ def handle(conn: socket.socket) -> None:
             except RequestError as e:
                 reply = f"ERR {e}"
             else:
-                reply = make_view(fds[0], fds[1], env, pid, hook=hook)
+                reply = make_view(fds[0], fds[1], env, pid, view_root, hook=hook)
         conn.send(reply.encode("utf-8", "replace"))
     except OSError as e:
         log.warning("request failed: %s", e)
@@ -103,12 +103,14 @@ def _listen(path: str) -> socket.socket:
         raise InetskError(f"{path}: another agent is listening there")
     probe.close()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    old = os.umask(0o077)
+    tmp = f"{path}.{os.getpid()}"
+    old = os.umask(0o177)  # the socket: 0600
     try:
-        s.bind(path)
+        s.bind(tmp)
     finally:
         os.umask(old)
     s.listen(64)
+    os.rename(tmp, path)  # the path appears only once it accepts connections
     return s
 
 
@@ -122,7 +124,9 @@ def _notify_ready() -> None:
         s.sendto(b"READY=1", addr)
 
 
-def serve(path: str = DEFAULT_SOCKET, on_ready: Callable[[], None] | None = None) -> int:
+def serve(path: str = DEFAULT_SOCKET, view_root: str = VIEW_ROOT,
+          on_ready: Callable[[], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (run it in the main thread)."""
     _warm_up()
     s = _listen(path)
 
@@ -130,7 +134,7 @@ def serve(path: str = DEFAULT_SOCKET, on_ready: Callable[[], None] | None = None
         raise SystemExit(0)
 
     old_term = signal.signal(signal.SIGTERM, stop)
-    removed = remove_stale_views()
+    removed = remove_stale_views(view_root)
     if removed:
         log.info("removed %d stale view(s)", len(removed))
     log.info("agent listening on %s", path)
@@ -140,7 +144,7 @@ def serve(path: str = DEFAULT_SOCKET, on_ready: Callable[[], None] | None = None
     try:
         while True:
             conn, _ = s.accept()
-            threading.Thread(target=handle, args=(conn,), daemon=True,
+            threading.Thread(target=handle, args=(conn, view_root), daemon=True,
                              name="overlayfs-inetsk-request").start()
     except (SystemExit, KeyboardInterrupt):
         return 0

@@ -28,10 +28,14 @@ def add_plugin_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     q.set_defaults(func=_cmd_remove)
 
     from .agent import DEFAULT_SOCKET
+    from .viewmaker import VIEW_ROOT
 
     p = sub.add_parser("agent", help="serve the CRIU plugin's requests (the node agent)")
     p.add_argument("--socket", default=DEFAULT_SOCKET,
                    help=f"unix socket to listen on (default: {DEFAULT_SOCKET})")
+    p.add_argument("--view-root", default=VIEW_ROOT, metavar="DIR",
+                   help=f"where views are made (default: {VIEW_ROOT}; the CRIU plugin "
+                        "accepts views there only)")
     p.set_defaults(func=_cmd_agent)
 
 
@@ -54,7 +58,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 def _cmd_agent(args: argparse.Namespace) -> int:
     from .agent import serve
 
-    return serve(args.socket)
+    return serve(args.socket, args.view_root)
 
 
 def plugin_view_main(argv: Sequence[str]) -> int:

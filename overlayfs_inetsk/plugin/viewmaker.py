@@ -245,6 +245,7 @@ def make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
 
 def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
                view_root: str, hook: bool = False) -> str:
+    t0 = time.perf_counter()
     root = images_root(images_fd)
     why = already_a_view(images_fd, root)
     if why:
@@ -260,6 +261,7 @@ def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
     except InetskError as e:  # name the map it came from
         raise InetskError(f"{e} (map: {cfg.map_source}; options: {cfg.options_source})") \
             from None
+    t1 = time.perf_counter()
     changed = sum(r.changed for r in results.values())
     if not changed:
         return f"NONE no socket to change (map: {cfg.map_source})"
@@ -273,4 +275,6 @@ def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
     remove_stale_views(view_root)
     out = os.path.join(view_root, f"view-{pid}-{secrets.token_hex(4)}")
     write_view(root, out, cfg.amap, resolve, cfg.options, view, results)
+    log.debug("%s: planned in %.1f ms (map: %s), view written in %.1f ms", root,
+              (t1 - t0) * 1000, cfg.map_source, (time.perf_counter() - t1) * 1000)
     return f"VIEW {out}"

@@ -173,6 +173,39 @@ def test_plain_restore_on_another_host_with_no_map(service, plugin):
         subprocess.run(["umount", str(shared)], check=False)
 
 
+def test_the_new_netns_handed_over_as_runc_does(testnet, image_dirs, plugin):
+    """As under runc: criu runs in the host's namespace; the checkpoint's network namespace
+    was dumped as external (extRootNetNS) and the restore gets the new one (host B's) as an
+    inherited fd. The plugin finds that fd and resolves `auto` inside it, not in criu's."""
+    a, b, c = testnet.add_host("A"), testnet.add_host("B"), testnet.add_host("C")
+    pid = criu.start_workload(a, SERVICE)
+    ino = os.stat(a.netns_path).st_ino
+    dirs = image_dirs
+    cp = subprocess.run([criu.CRIU, "dump", "-t", str(pid), "-D", str(dirs.images), "-o",
+                         "dump.log", "-v4", "--external", f"net[{ino}]:extRootNetNS"],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, (dirs.images / "dump.log").read_text()[-3000:]
+    work = dirs.work_for("B")
+    fd = os.open(b.netns_path, os.O_RDONLY)
+    criu.become_subreaper()
+    try:
+        cp = subprocess.run([criu.CRIU, "restore", "-D", str(dirs.images), "-W", str(work),
+                             "-o", "restore.log", "-v4", "-d", "--pidfile", str(work / "pid"),
+                             "-L", str(plugin.libdir), "--inherit-fd", f"fd[{fd}]:extRootNetNS"],
+                            pass_fds=(fd,), capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(fd)
+    lines = plugin_lines(work)
+    assert cp.returncode == 0, lines
+    rpid = int((work / "pid").read_text())
+    b.adopt(rpid)
+    b_ino = os.stat(b.netns_path).st_ino
+    assert any(re.search(rf"target network namespace: fd \d+ \(net:\[{b_ino}\]\)", ln)
+               for ln in lines), lines
+    assert_answers(c, str(b.ipv4), str(b.ipv6))
+    criu.kill_tree(rpid)
+
+
 def test_nothing_to_change_makes_no_view(testnet, image_dirs, plugin):
     """Listeners on 0.0.0.0 and 127.0.0.1 only: the planner answers NONE; no socket at all:
     the plugin's fast path, no planner asked."""
