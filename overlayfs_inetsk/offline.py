@@ -4,7 +4,11 @@ The same tree a mount serves (core.tree.ImageTree decides what is shown), writte
 images rewritten, every other file a symlink to the original (no bulk data is copied; CRIU
 follows symlinks in its images dir), directories as directories. The view is built in a
 temporary directory beside OUT_DIR and renamed into place, so OUT_DIR is whole or absent.
-IMAGE_DIR is never opened for writing.
+IMAGE_DIR is never opened for writing. The view holds a marker file (VIEW_MARKER), so that
+the runtime plugin does not rewrite a view again.
+
+relative_links=True (the runtime plugin): the symlinks are relative to their own directory,
+so they resolve inside a restored container's mount namespace too (FACTS.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from .core.plan import RewriteResult, plan_tree, raise_problems
 from .core.tree import ROOT_INODE, ImageTree, Kind
 from .errors import InetskError
 
+VIEW_MARKER = ".overlayfs-inetsk-view"
+
 
 def inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
@@ -31,7 +37,13 @@ def write_view_dir(
     amap: AddressMap,
     resolve: Resolver | None,
     options: RewriteOptions,
+    *,
+    relative_links: bool = False,
+    tree: ImageTree | None = None,
+    results: dict[str, RewriteResult] | None = None,
 ) -> dict[str, RewriteResult]:
+    """`tree` and `results`: an ImageTree of image_dir and its plan, made by the caller
+    (they are made here when absent)."""
     root = check_image_dir(image_dir)
     out_abs = os.path.abspath(out_dir)
     if inside(os.path.realpath(out_abs), root):
@@ -46,16 +58,21 @@ def write_view_dir(
         raise InetskError(f"{out_dir}: parent directory {parent} does not exist")
 
     # All rewriting happens before anything is written, so errors leave nothing behind.
-    tree = ImageTree.build(root)
-    results: dict[str, RewriteResult] = {}
-    for cp in plan_tree(tree, amap, resolve, options):
-        raise_problems(cp.results, options)
-        results.update(cp.results)
+    if tree is None:
+        tree = ImageTree.build(root)
+    if results is None:
+        results = {}
+        for cp in plan_tree(tree, amap, resolve, options):
+            raise_problems(cp.results, options)
+            results.update(cp.results)
 
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_abs)}.", dir=parent)
     try:
         os.chmod(tmp, 0o755)
-        _populate(tree, os.fsencode(tmp), results)
+        links_from = os.path.join(os.path.realpath(parent), os.path.basename(out_abs))
+        _populate(tree, os.fsencode(tmp), results,
+                  os.fsencode(links_from) if relative_links else None)
+        _write_marker(os.path.join(tmp, VIEW_MARKER))
         os.rename(tmp, out_abs)  # replaces an empty OUT_DIR atomically
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,7 +80,19 @@ def write_view_dir(
     return results
 
 
-def _populate(tree: ImageTree, tmp: bytes, results: dict[str, RewriteResult]) -> None:
+def _write_marker(path: str) -> None:
+    try:  # O_EXCL: a marker linked from IMAGE_DIR (a view of a view) is left as it is
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write("a per-node view written by overlayfs-inetsk: its socket images are "
+                "rewritten already\n")
+
+
+def _populate(tree: ImageTree, tmp: bytes, results: dict[str, RewriteResult],
+              links_from: bytes | None = None) -> None:
+    """links_from: where the view will be (its real path), to make links relative to."""
     # parents come before their children in the inode table
     for node in tree.nodes.values():
         if node.inode == ROOT_INODE:
@@ -77,4 +106,8 @@ def _populate(tree: ImageTree, tmp: bytes, results: dict[str, RewriteResult]) ->
                 f.write(results[os.fsdecode(node.real_path)].data)
         else:
             assert node.link_target is not None
-            os.symlink(node.link_target, dest)
+            target = node.link_target
+            if links_from is not None and os.path.isabs(target):
+                here = os.path.dirname(os.path.join(links_from, tree.path(node.inode)))
+                target = os.path.relpath(target, here)
+            os.symlink(target, dest)

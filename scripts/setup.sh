@@ -3,7 +3,11 @@
 #   1. Debian packages (CRIU build deps, FUSE 3, iproute2, iptables, Python venv support);
 #   2. CRIU 4.2.1 built from Debian's source package into /usr/local (skipped when
 #      /usr/local/sbin/criu already reports 4.2.1 and the source tree is kept);
-#   3. .venv/ with the package (editable), pycriu and crit from that CRIU tree, and test deps.
+#   3. .venv/ with the package (editable), pycriu and crit from that CRIU tree, and test deps;
+#   4. the CRIU plugin built (plugin/build/) and copied to /usr/local/lib/overlayfs-inetsk/, where
+#      `overlayfs-inetsk plugin install` takes it from (installing it into CRIU's plugin dir
+#      is that command's job: setup changes no restore by itself);
+#   5. test-only: CRIU 4.2.1 with the UPDATE_INETSK hook in $CACHE/criu-hook/prefix.
 set -euo pipefail
 
 CRIU_VERSION=4.2.1
@@ -75,6 +79,22 @@ criu_ok || die "/usr/local/sbin/criu does not report $CRIU_VERSION"
 # crit's version module is normally written by CRIU's top-level `make install`.
 [ -f "$SRC/crit/crit/version.py" ] || echo "__version__ = '$CRIU_VERSION'" > "$SRC/crit/crit/version.py"
 log "criu: $(/usr/local/sbin/criu --version | head -1)"
+
+# --- test-only: CRIU 4.2.1 + the UPDATE_INETSK hook, in a private prefix ----------------
+# Only tests/integration/test_criu_hook*.py use it (the hook is not in any CRIU release);
+# never installed over /usr/local/sbin/criu. Cached; OVERLAYFS_INETSK_SKIP_CRIU_HOOK=1 skips.
+if [ "${OVERLAYFS_INETSK_SKIP_CRIU_HOOK:-0}" != 1 ]; then
+  OVERLAYFS_INETSK_CACHE="$CACHE" "$ROOT/tests/criu-hook/build.sh" >/dev/null ||
+    die "the test-only patched CRIU did not build (tests/criu-hook/build.sh)"
+fi
+
+# --- the CRIU plugin (-Wall -Wextra -Werror against this CRIU's criu-plugin.h) ---------
+PLUGIN_SO=/usr/local/lib/overlayfs-inetsk/overlayfs_inetsk_plugin.so
+make -s -C "$ROOT/plugin" CRIU_SRC="$SRC" OUT="$ROOT/plugin/build" >/dev/null || die "plugin build failed (make -C plugin)"
+if ! cmp -s "$ROOT/plugin/build/overlayfs_inetsk_plugin.so" "$PLUGIN_SO"; then
+  install -D -m 755 "$ROOT/plugin/build/overlayfs_inetsk_plugin.so" "$PLUGIN_SO"
+  log "plugin: $PLUGIN_SO (overlayfs-inetsk plugin install puts it into CRIU's plugin dir)"
+fi
 
 # --- the venv --------------------------------------------------------------------------
 VENV="$ROOT/.venv"

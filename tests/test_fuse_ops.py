@@ -1,4 +1,4 @@
-"""fuse_ops.ViewOperations: handlers called directly, no mount."""
+"""fuse.ops.ViewOperations: handlers called directly, no mount."""
 
 from __future__ import annotations
 

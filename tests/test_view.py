@@ -1,4 +1,4 @@
-"""view.View: the static tree model, no FUSE."""
+"""core.tree.ImageTree: the static tree model, no FUSE."""
 
 from __future__ import annotations
 

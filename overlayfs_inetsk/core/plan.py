@@ -115,6 +115,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     classes: dict[tuple[object, ...], Decision] = {}
     makers: dict[int, Callable[[IPAddress, int], str] | None] = {}  # id(Decision) -> maker
     splicer = Splicer(data, path)
+    replace = splicer.replace
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
     for off, _start, end, msg, isk in inet_entries(data, path):
         fam = isk.family  # type: ignore[attr-defined]
@@ -172,7 +173,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             close_connection(isk)
         else:
             continue
-        splicer.replace(off, end, msg, isk)
+        replace(off, end, msg, isk)
     return RewriteResult(path, splicer.result(), reports, counts, problems_)
 
 

@@ -105,6 +105,9 @@ def run_checks(env: Mapping[str, str] | None = None, run: Runner = subprocess.ru
                         "restore", "apt-get install iptables (or pass `-- --network-lock "
                         "nftables` to restore)"))
     checks.append(_check_modules())
+    from ..plugin.install import doctor_check
+
+    checks.append(Check("plugin", *doctor_check(criu, env, run)))
     return checks
 
 

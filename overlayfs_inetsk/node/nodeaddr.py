@@ -167,7 +167,7 @@ def node_address(family: int, netns: str | None = None,
 
 
 def make_resolver(netns: str | None = None, iface: str | None = None) -> Resolver:
-    """A Resolver for rewrite_group: looks the address up on every call (a node may get its
+    """A Resolver for core.plan: looks the address up on every call (a node may get its
     address after the mount), raising NodeAddressError for a missing netns/interface."""
 
     def resolve(family: int) -> IPAddress | None:

@@ -1,0 +1,166 @@
+"""Benchmark: what the CRIU plugin adds to a restore.
+
+    .venv/bin/python bench/bench_plugin.py [--runs 11] [--sockets 10000] [--big-runs 5]
+
+In one invocation, on test hosts made here, with CRIU 4.2.1:
+  (1) a small service (TCP on IPv4 and IPv6, bound UDP) dumped on host A, then restored
+      `--runs` times each, alternating: (a) on A without the plugin (keeps its address: the
+      baseline), (b) on B with the plugin through the node agent (new address), (c) on B
+      with the plugin running the CLI (no agent). Wall time of the whole `criu restore -d`.
+  (2) a process with `--sockets` UDP sockets bound to A's address: (a) on A without the
+      plugin, (b) on B with the plugin (agent), (c) (CLI); `--big-runs` alternating runs.
+      The plugin's own time is also read from restore.log (`view ready (N ms)`).
+Prints every median and the ratios / differences against the baseline of the same run.
+Needs root and CRIU (scripts/setup.sh) and a built plugin (make -C plugin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from inetsk_testbed import TestNet
+from inetsk_testbed import criu as tb_criu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+A4, A6 = "10.77.0.1", "fd77::1"
+SMALL = ["--tcp-listen", f"{A4}:7001", "--udp-bind", f"{A4}:7002", "--tcp-listen", f"[{A6}]:7004"]
+
+
+def step(msg: str) -> None:
+    print(f"-- {msg}", file=sys.stderr, flush=True)
+
+
+def setup_plugin(work: str) -> tuple[str, str]:
+    out = os.path.join(work, "build")
+    subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "plugin"), f"OUT={out}"], check=True)
+    cli = os.path.join(work, "overlayfs-inetsk")
+    with open(cli, "w") as f:
+        f.write(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} "
+                "-m overlayfs_inetsk.cli \"$@\"\n")
+    os.chmod(cli, 0o755)
+    libdir = os.path.join(work, "criu-lib")
+    subprocess.run([cli, "plugin", "install", "--libdir", libdir, "--so",
+                    os.path.join(out, "overlayfs_inetsk_plugin.so"), "--cli", cli],
+                   check=True, stdout=subprocess.DEVNULL)
+    return libdir, cli
+
+
+def start_agent(cli: str, sock: str) -> subprocess.Popen[bytes]:
+    p = subprocess.Popen([cli, "agent", "--socket", sock], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL)
+    end = time.monotonic() + 30
+    while not os.path.exists(sock):
+        if p.poll() is not None or time.monotonic() > end:
+            raise SystemExit("the agent did not start")
+        time.sleep(0.02)
+    return p
+
+
+def one_restore(host, images: str, work: str, extra: list[str]) -> tuple[float, float | None]:
+    """(wall seconds, plugin ms from the log or None)."""
+    shutil.rmtree(work, ignore_errors=True)
+    t = time.perf_counter()
+    pid = tb_criu.restore(host, images, work, extra=extra, timeout=300)
+    wall = time.perf_counter() - t
+    tb_criu.kill_tree(pid)
+    log = open(os.path.join(work, "restore.log"), errors="replace").read()
+    m = re.search(r"overlayfs-inetsk: view ready \((\d+) ms\)", log)
+    if "-L" in extra and m is None:
+        raise SystemExit(f"no view made: {work}/restore.log")
+    return wall, (float(m.group(1)) if m else None)
+
+
+
+
+def report(title: str, res: dict[str, list[tuple[float, float | None]]]) -> None:
+    base = statistics.median(w for w, _ in res["baseline"])
+    print(f"\n{title}")
+    print(f"  {'route':<34} {'median wall':>12} {'vs baseline':>12} {'plugin (log)':>13}")
+    for k, v in res.items():
+        med = statistics.median(w for w, _ in v)
+        logs = [p for _, p in v if p is not None]
+        plug = f"{statistics.median(logs):.0f} ms" if logs else "-"
+        rel = "" if k == "baseline" else f"x{med / base:.3f} {1000 * (med - base):+.0f} ms"
+        print(f"  {k:<34} {med * 1000:>9.0f} ms {rel:>12} {plug:>13}")
+        print(f"    runs: {' '.join(f'{w * 1000:.0f}' for w, _ in v)}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=11)
+    ap.add_argument("--sockets", type=int, default=10000)
+    ap.add_argument("--big-runs", type=int, default=5)
+    opts = ap.parse_args()
+    need = opts.sockets + 200
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(need, hard)), hard))
+    work = tempfile.mkdtemp(prefix="oi-bench-plugin-")
+    agent = None
+    try:
+        libdir, cli = setup_plugin(work)
+        sock = os.path.join(work, "agent.sock")
+        agent = start_agent(cli, sock)
+        os.environ.pop("OVERLAYFS_INETSK_MAP", None)
+        with TestNet() as net:
+            a, b = net.add_host("A"), net.add_host("B")
+            small = os.path.join(work, "small")
+            tb_criu.dump(a, tb_criu.start_workload(a, SMALL), small)
+            plug = ["-L", libdir]
+            runs = {
+                "baseline": (a, small, os.path.join(work, "w0"), []),
+                "plugin, agent (new address)": (b, small, os.path.join(work, "w1"), plug),
+                "plugin, CLI (new address)": (b, small, os.path.join(work, "w2"), plug),
+            }
+            step(f"small service: {opts.runs} alternating runs of each")
+            os.environ["OVERLAYFS_INETSK_AGENT_SOCK"] = sock
+            res: dict[str, list] = {k: [] for k in runs}
+            for i in range(opts.runs):
+                order = list(runs) if i % 2 == 0 else list(reversed(runs))
+                for k in order:
+                    host, images, w, extra = runs[k]
+                    os.environ["OVERLAYFS_INETSK_AGENT_SOCK"] = (
+                        os.path.join(work, "none.sock") if "CLI" in k else sock)
+                    res[k].append(one_restore(host, images, w, extra))
+            report("small service (3 inet sockets)", res)
+
+            step(f"dumping a process with {opts.sockets} UDP sockets on {A4}")
+            big = os.path.join(work, "big")
+            tb_criu.dump(a, tb_criu.start_workload(
+                a, [f"--udp-bind={A4}:{20000 + i}" for i in range(opts.sockets)], timeout=120),
+                big, timeout=300)
+            runs = {
+                "baseline": (a, big, os.path.join(work, "b0"), []),
+                "plugin, agent (new address)": (b, big, os.path.join(work, "b1"), plug),
+                "plugin, CLI (new address)": (b, big, os.path.join(work, "b2"), plug),
+            }
+            step(f"{opts.sockets} sockets: {opts.big_runs} alternating runs of each")
+            res = {k: [] for k in runs}
+            for i in range(opts.big_runs):
+                order = list(runs) if i % 2 == 0 else list(reversed(runs))
+                for k in order:
+                    host, images, w, extra = runs[k]
+                    os.environ["OVERLAYFS_INETSK_AGENT_SOCK"] = (
+                        os.path.join(work, "none.sock") if "CLI" in k else sock)
+                    res[k].append(one_restore(host, images, w, extra))
+            report(f"{opts.sockets} UDP sockets (files.img "
+                   f"{os.path.getsize(os.path.join(big, 'files.img'))} bytes)", res)
+    finally:
+        if agent is not None:
+            agent.terminate()
+            agent.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

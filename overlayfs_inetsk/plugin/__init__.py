@@ -1,0 +1,7 @@
+"""The runtime plugin's Python side (docs/plugin.md).
+
+The CRIU plugin (plugin/overlayfs_inetsk_plugin.c) asks, at restore init, for a per-node view
+of the images dir: the node agent (`overlayfs-inetsk agent`, agent.py) or, when none runs,
+the hidden command `overlayfs-inetsk plugin-view` (cli.py). Both answer with
+viewmaker.make_view(): one line, NONE | VIEW <dir> | ERR <message>.
+"""

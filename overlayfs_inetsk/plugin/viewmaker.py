@@ -1,0 +1,280 @@
+"""Make the per-node view the CRIU plugin puts in place of its images dir.
+
+make_view(images_fd, netns_fd, env, pid, hook) answers the plugin with one line:
+  NONE <why>     nothing to change (or the images dir is a per-node view already);
+  VIEW <dir>     a private view dir made for this restore (the plugin removes it at fini);
+  ERR <message>  the map cannot be applied: the restore must fail, with this line;
+  TABLE <n>      only when the plugin says CRIU calls UPDATE_INETSK (hook=True) and the
+                 hook can apply the plan exactly: n more lines, the table the hook applies
+                 socket by socket, and no view (hooktable.py, docs/upstream-hook.md).
+
+The view is written by the offline writer (relative symlinks to every other image, the
+rewritten socket images), built in a temporary dir and renamed, so it is whole or absent.
+`auto` is resolved in the restore's network namespace (netns_fd).
+
+Where the map comes from (the first that has one wins, as a whole; docs/plugin.md):
+  1. CRIU's environment: OVERLAYFS_INETSK_MAP (rules as for --map, separated by commas or
+     blanks) and/or INETSK_LOCAL_IPV4 / INETSK_LOCAL_IPV6;
+  2. the checkpoint: a map file `overlayfs-inetsk.map` in the images dir (--map-file syntax);
+  3. the node: /etc/overlayfs-inetsk/plugin.map (--map-file syntax);
+  4. the default: local=auto.
+Options (--strict, --tcp-outside, --iface) likewise: OVERLAYFS_INETSK_OPTIONS, then
+`overlayfs-inetsk.options` in the images dir, then /etc/overlayfs-inetsk/plugin.options.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import stat
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..core.hooktable import hook_plan
+from ..fuse.robind import FSTYPE as FUSE_FSTYPE
+from ..fuse.robind import mounts
+from .planning import (
+    VIEW_MARKER,
+    AddressMap,
+    ImageError,
+    InetskError,
+    MapError,
+    RewriteOptions,
+    make_resolver,
+    plan,
+    top_level,
+    write_view,
+)
+
+log = logging.getLogger(__name__)
+
+VIEW_ROOT = "/run/overlayfs-inetsk/plugin"
+ENV_MAP = "OVERLAYFS_INETSK_MAP"
+ENV_OPTIONS = "OVERLAYFS_INETSK_OPTIONS"
+ENV_CONF_DIR = "OVERLAYFS_INETSK_CONF_DIR"
+ENV_LOCAL = ("INETSK_LOCAL_IPV4", "INETSK_LOCAL_IPV6")
+NODE_CONF_DIR = "/etc/overlayfs-inetsk"
+CHECKPOINT_MAP = "overlayfs-inetsk.map"
+CHECKPOINT_OPTIONS = "overlayfs-inetsk.options"
+NODE_MAP = "plugin.map"
+NODE_OPTIONS = "plugin.options"
+DEFAULT_MAP = "local=auto"
+_VIEW_NAME = re.compile(r"^\.?view-(\d+)-")
+
+
+@dataclass
+class Config:
+    amap: AddressMap
+    map_source: str
+    options: RewriteOptions
+    iface: str | None
+    options_source: str
+
+
+# -- where the images are -----------------------------------------------------------------
+def images_root(images_fd: int) -> str:
+    """The path of the images dir fd, checked to be that very directory from here."""
+    link = f"/proc/self/fd/{images_fd}"
+    try:
+        path = os.readlink(link)
+        fst = os.fstat(images_fd)
+    except OSError as e:
+        raise InetskError(f"images dir fd {images_fd}: {e.strerror}") from None
+    if not stat.S_ISDIR(fst.st_mode):
+        raise InetskError(f"images dir fd {images_fd} ({path}) is not a directory")
+    try:
+        pst = os.stat(path)
+    except OSError:
+        pst = None
+    if pst is None or (pst.st_dev, pst.st_ino) != (fst.st_dev, fst.st_ino):
+        raise InetskError(f"images dir {path} is not reachable by that path from the planner "
+                          "(another mount namespace?)")
+    return path
+
+
+def _fstype_of_fd(fd: int) -> str | None:
+    """The file system type of the mount holding fd (from fdinfo's mnt_id)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            mnt_id = next((ln.split()[1] for ln in f if ln.startswith("mnt_id:")), None)
+        if mnt_id is None:
+            return None
+        return next((m.fstype for m in mounts() if m.id == int(mnt_id)), None)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def already_a_view(images_fd: int, root: str) -> str | None:
+    """Why the images dir must not be rewritten again, or None."""
+    if root == VIEW_ROOT or root.startswith(VIEW_ROOT + "/"):
+        return "the images dir is a view the plugin made"
+    if os.path.lexists(os.path.join(root, VIEW_MARKER)):
+        return f"the images dir is a per-node view already ({VIEW_MARKER})"
+    if _fstype_of_fd(images_fd) == FUSE_FSTYPE:
+        return "the images dir is an overlayfs-inetsk mount (a per-node view already)"
+    return None
+
+
+# -- the map and options ------------------------------------------------------------------
+def _file(path: str) -> str | None:
+    """path if it exists; MapError if it is there but not a regular file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MapError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MapError(f"{path}: not a regular file (a symlink is not followed)")
+    return path
+
+
+def parse_options(text: str, source: str) -> tuple[RewriteOptions, str | None]:
+    """--strict, --tcp-outside FATE, --iface NAME, as on the command line."""
+    try:
+        words = shlex.split(text, comments=True)
+    except ValueError as e:
+        raise MapError(f"{source}: {e}") from None
+    strict, fate, iface = False, "close", None
+    i = 0
+    while i < len(words):
+        w = words[i]
+        name, eq, val = w.partition("=")
+        if w == "--strict":
+            strict = True
+        elif name in ("--tcp-outside", "--iface"):
+            if not eq:
+                i += 1
+                if i == len(words):
+                    raise MapError(f"{source}: {name} needs a value")
+                val = words[i]
+            if name == "--iface":
+                iface = val
+            elif val not in ("close", "keep", "fail"):
+                raise MapError(f"{source}: --tcp-outside must be close, keep or fail, not {val!r}")
+            else:
+                fate = val
+        else:
+            raise MapError(f"{source}: unknown option {w!r} (allowed: --strict, "
+                           "--tcp-outside close|keep|fail, --iface NAME)")
+        i += 1
+    return RewriteOptions(strict=strict, tcp_outside=fate), iface
+
+
+def load_config(root: str, env: Mapping[str, str]) -> Config:
+    conf_dir = env.get(ENV_CONF_DIR) or NODE_CONF_DIR
+    specs = [s for s in re.split(r"[,\s]+", env.get(ENV_MAP, "")) if s]
+    env_local = [n for n in ENV_LOCAL if env.get(n, "").strip()]
+    if specs or env_local:
+        amap = AddressMap.from_args(specs, env=env)
+        what = [f"{ENV_MAP}={env[ENV_MAP]}"] if specs else []
+        map_source = "CRIU's environment (" + ", ".join(what + env_local) + ")"
+    elif (path := _file(os.path.join(root, CHECKPOINT_MAP))) is not None:
+        amap, map_source = AddressMap.from_args(files=[path]), path
+    elif (path := _file(os.path.join(conf_dir, NODE_MAP))) is not None:
+        amap, map_source = AddressMap.from_args(files=[path]), path
+    else:
+        amap, map_source = AddressMap.from_args([DEFAULT_MAP]), f"the default {DEFAULT_MAP}"
+    if env.get(ENV_OPTIONS, "").strip():
+        text, options_source = env[ENV_OPTIONS], f"${ENV_OPTIONS}"
+    else:
+        text, options_source = "", "defaults"
+        for path in (os.path.join(root, CHECKPOINT_OPTIONS), os.path.join(conf_dir, NODE_OPTIONS)):
+            if _file(path) is not None:
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        text = f.read()
+                except (OSError, UnicodeDecodeError) as e:
+                    raise MapError(f"{path}: cannot read: {e}") from None
+                options_source = path
+                break
+    options, iface = parse_options(text, options_source)
+    return Config(amap, map_source, options, iface, options_source)
+
+
+# -- the view -----------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_views(view_root: str = VIEW_ROOT) -> list[str]:
+    """Views (and half-made ones) of restores whose criu is gone (killed before fini)."""
+    gone = []
+    try:
+        names = os.listdir(view_root)
+    except FileNotFoundError:
+        return gone
+    for name in names:
+        m = _VIEW_NAME.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(view_root, name), ignore_errors=True)
+            gone.append(name)
+    return gone
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:1000]
+
+
+def make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
+              view_root: str = VIEW_ROOT, hook: bool = False) -> str:
+    t0 = time.perf_counter()
+    try:
+        reply = _make_view(images_fd, netns_fd, env, pid, view_root, hook)
+    except InetskError as e:
+        reply = "ERR " + _one_line(str(e))
+    except Exception as e:  # a bug: the restore fails with its name, the log has the rest
+        log.exception("plugin-view for criu pid %d failed", pid)
+        reply = "ERR internal error (a bug; please report it): " + _one_line(
+            f"{type(e).__name__}: {e}")
+    log.info("criu pid %d: %s (%.0f ms)", pid, reply.split("\n", 1)[0],
+             (time.perf_counter() - t0) * 1000)
+    return reply
+
+
+def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
+               view_root: str, hook: bool = False) -> str:
+    t0 = time.perf_counter()
+    root = images_root(images_fd)
+    why = already_a_view(images_fd, root)
+    if why:
+        return f"NONE {why}"
+    cfg = load_config(root, env)
+    resolve = None
+    if cfg.amap.auto_families():
+        resolve = make_resolver(netns=f"/proc/self/fd/{netns_fd}", iface=cfg.iface)
+    try:
+        view, results = plan(root, cfg.amap, resolve, cfg.options, reports=hook)
+    except ImageError:
+        raise
+    except InetskError as e:  # name the map it came from
+        raise InetskError(f"{e} (map: {cfg.map_source}; options: {cfg.options_source})") \
+            from None
+    t1 = time.perf_counter()
+    changed = sum(r.changed for r in results.values())
+    if not changed:
+        return f"NONE no socket to change (map: {cfg.map_source})"
+    if hook:
+        hp = hook_plan(top_level(view, results))
+        if hp.entries is not None and hp.changed:
+            return hp.wire()
+        log.info("criu pid %d: a view, not the hook: %s", pid,
+                 hp.why_not or "only sockets in sub-dirs change")
+    os.makedirs(view_root, mode=0o711, exist_ok=True)
+    remove_stale_views(view_root)
+    out = os.path.join(view_root, f"view-{pid}-{secrets.token_hex(4)}")
+    write_view(root, out, cfg.amap, resolve, cfg.options, view, results)
+    log.debug("%s: planned in %.1f ms (map: %s), view written in %.1f ms", root,
+              (t1 - t0) * 1000, cfg.map_source, (time.perf_counter() - t1) * 1000)
+    return f"VIEW {out}"
