@@ -195,15 +195,20 @@ def main() -> int:
         step("in-process: udp and tcp alternating, without and with reports")
         amap = AddressMap.from_args(MAP)
         ropts = RewriteOptions(tcp_outside="keep")
+        rules = AddressMap.from_args([f"{OLD4}={NEW4}", f"{OLD6}={NEW6}"])
         inproc: dict[tuple[str, bool], list[float]] = {}
+        inproc_cpu: dict[tuple[str, bool], list[float]] = {}
         outs: dict[str, object] = {}
         for _ in range(opts.runs):
-            for name in ("udp", "tcp"):
+            for name in ("udp", "tcp", "tcp-rules"):
                 for reports in (False, True):
+                    img = data[name.split("-")[0]]
+                    c = time.process_time()
                     t = time.perf_counter()
-                    res = plan_checkpoint({"files.img": data[name]}, amap, None, ropts,
-                                          reports)["files.img"]
+                    res = plan_checkpoint({"files.img": img}, rules if "rules" in name else amap,
+                                          None, ropts, reports)["files.img"]
                     inproc.setdefault((name, reports), []).append(time.perf_counter() - t)
+                    inproc_cpu.setdefault((name, reports), []).append(time.process_time() - c)
                     outs[name] = res
         for name, fig in figs.items():
             res = outs[name]
@@ -243,17 +248,25 @@ def main() -> int:
         line(f"[{name}] ratio crit / ours, whole process (CPU)", f"{cc / pc:.1f}x", "(info)")
     for name, fig in figs.items():
         m = statistics.median(inproc[(name, False)])
+        mc = statistics.median(inproc_cpu[(name, False)])
         mr = statistics.median(inproc[(name, True)])
         cw = fig.med(fig.crit, 0)
         target = "target < 100 ms" if name == "tcp" else ""
         line(f"[{name}] ours in-process, no reports (mount)", f"{m * 1000:.1f} ms", target,
              m < 0.1 if name == "tcp" else None)
+        line(f"[{name}]   the same, CPU time", f"{mc * 1000:.1f} ms")
         line(f"[{name}] ours in-process, with reports (inspect)", f"{mr * 1000:.1f} ms")
         line(f"[{name}] ratio crit / ours in-process", f"{cw / m:.0f}x")
     udp_m = statistics.median(inproc[("udp", False)])
     tcp_m = statistics.median(inproc[("tcp", False)])
     line("in-process tcp / udp (distinct peers / one address)", f"{tcp_m / udp_m:.2f}x",
          "target < 2x", tcp_m / udp_m < 2)
+    udp_c = statistics.median(inproc_cpu[("udp", False)])
+    tcp_c = statistics.median(inproc_cpu[("tcp", False)])
+    line("  the same ratio in CPU time", f"{tcp_c / udp_c:.2f}x", "(info)")
+    tr = statistics.median(inproc[("tcp-rules", False)])
+    line("[tcp] with address rules instead of local= (no", f"{tr * 1000:.1f} ms", "(info)")
+    line("  second pass for the local addresses): / udp", f"{tr / udp_m:.2f}x", "(info)")
     for name, fig in figs.items():
         line(f"[{name}] crit route, ours, view: same bytes", str(fig.same), "must be True",
              fig.same)

@@ -281,6 +281,8 @@ class BoundMap:
             hit = (ipaddress.IPv6Address("::ffff:" + str(hit[0])), hit[1])
         if hit is not None and hit[0] == addr:
             hit = None
+        if len(cache) >= 1024:  # 10,000 distinct peers: keep memory flat
+            cache.clear()
         cache[addr] = hit
         return hit
 

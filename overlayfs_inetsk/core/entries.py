@@ -98,7 +98,10 @@ def inet_entries(data: bytes, path: str) -> Iterator[InetEntry]:
 
 
 class Interner:
-    """One IPAddress object per distinct (family, words) of a checkpoint, validated once."""
+    """One IPAddress object per distinct (family, words) of a checkpoint, validated once
+    (up to MAX of them at a time)."""
+
+    MAX = 1024
 
     def __init__(self) -> None:
         self.addrs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
@@ -115,6 +118,8 @@ class Interner:
                 got = words_to_addr(words, family)
             except ValueError as exc:
                 raise ImageError(path, f"inet socket id {isk.id}: {which}: {exc}", off) from None  # type: ignore[attr-defined]
+            if len(self.addrs) >= self.MAX:  # 10,000 distinct peers: keep memory flat
+                self.addrs.clear()
             self.addrs[key] = got
         return got
 

@@ -100,6 +100,9 @@ def _check_image(path: str, data: bytes, interner: Interner) -> RewriteResult:
     return RewriteResult(path, data)
 
 
+_SAME_MAX = 1024  # keys kept by _plan_image's first cache (memory for 10,000 peers)
+
+
 def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 options: RewriteOptions, want_reports: bool) -> RewriteResult:
     counts = dict.fromkeys(VERDICTS, 0)
@@ -139,6 +142,8 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,  # type: ignore[attr-defined]
                                      isk.state, src, isk.src_port, dst, dport)  # type: ignore[attr-defined]
                 d = classes[ckey] = decision(first, bmap, options)
+            if len(same) >= _SAME_MAX:  # distinct peers: a key seldom comes back
+                same.clear()
             hit = same[key] = (d, src, dst)
         d, src, dst = hit
         proto = d.report
