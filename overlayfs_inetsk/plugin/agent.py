@@ -20,11 +20,11 @@ import struct
 import threading
 from collections.abc import Callable
 
+from .defaults import DEFAULT_SOCKET
 from .viewmaker import VIEW_ROOT, make_view, remove_stale_views
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET = "/run/overlayfs-inetsk/agent.sock"
 HEADER = b"OVERLAYFS-INETSK-VIEW 1"
 MAX_REQUEST = 65536
 _UCRED = struct.Struct("3i")

@@ -27,8 +27,7 @@ def add_plugin_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
                    help=f"CRIU's plugin dir (default: {DEFAULT_LIBDIR})")
     q.set_defaults(func=_cmd_remove)
 
-    from .agent import DEFAULT_SOCKET
-    from .viewmaker import VIEW_ROOT
+    from .defaults import DEFAULT_SOCKET, VIEW_ROOT
 
     p = sub.add_parser("agent", help="serve the CRIU plugin's requests (the node agent)")
     p.add_argument("--socket", default=DEFAULT_SOCKET,
