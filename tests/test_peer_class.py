@@ -98,3 +98,21 @@ def test_a_class_shares_one_decision_among_distinct_peers():
     assert [row(r) for r in res.reports] == reference(data, amap, options)
     assert len({r.reason for r in res.reports}) == 300  # each names its own peer
     assert res.counts["rewritten"] == 300
+
+
+@pytest.mark.parametrize("order", ["listener-first", "listener-last"])
+def test_a_source_address_met_after_a_peer_was_judged(order):
+    """plan_checkpoint answers `local` questions with the source addresses met so far and
+    plans again when a later one was already judged as a peer: the result is the same
+    as with every source address known from the start."""
+    conn = isk(1, "10.77.0.1", 40000, "10.77.0.2", 80)  # its peer is the listener below
+    other = isk(2, "10.77.0.1", 40001, "10.77.9.9", 443)  # a peer outside
+    listener = isk(3, "10.77.0.2", 80)
+    entries = [listener, conn, other] if order == "listener-first" else [conn, other, listener]
+    data = files_img(*(inet_file_entry(s) for s in entries))
+    amap = AddressMap.from_args(["local=10.77.0.99"])
+    options = RewriteOptions(tcp_outside="keep")
+    res = plan_checkpoint({"files.img": data}, amap, None, options)["files.img"]
+    assert [row(r) for r in res.reports] == reference(data, amap, options)
+    r = next(r for r in res.reports if r.id == 1)
+    assert (r.klass, str(r.new_dst)) == ("tcp-peer-moved", "10.77.0.99")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 from ..errors import MapError, RewriteError
-from .sockaddr import IPAddress, is_special
+from .sockaddr import IPAddress, is_multicast, is_special
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[int], IPAddress | None]
@@ -228,6 +228,9 @@ class AddressMap:
         return BoundMap(self, local_addrs, resolve)
 
 
+_MISS = object()
+
+
 class BoundMap:
     """An AddressMap applied to one image: maps single addresses."""
 
@@ -273,8 +276,9 @@ class BoundMap:
         some socket's source address (so it is local without asking). An IPv4-mapped IPv6
         address is mapped by the IPv4 rules and stays mapped."""
         cache = self._cache
-        if addr in cache:
-            return cache[addr]
+        hit = cache.get(addr, _MISS)
+        if hit is not _MISS:
+            return hit  # type: ignore[return-value]
         v4 = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
         hit = self._lookup_plain(v4 if v4 is not None else addr, is_src)
         if hit is not None and v4 is not None:
@@ -301,7 +305,7 @@ class BoundMap:
                 return ipaddress.ip_address(int(new.network_address) | host), rule.source
             return new, rule.source
         lr = self._local_rules.get(addr.version)
-        if lr is None or special or addr.is_multicast:
+        if lr is None or special or is_multicast(addr):
             return None
         if not is_src and addr not in self.local_addrs:
             return None

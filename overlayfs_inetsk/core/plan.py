@@ -81,18 +81,6 @@ class CheckpointPlan:
         return {name: self.results[path].data for name, path in self.paths.items()}
 
 
-def _local_addresses(images: Mapping[str, bytes], interner: Interner) -> list[IPAddress]:
-    """Every address the checkpoint's sockets use as a source address (for `local` rules;
-    an extra decoding pass, made only when a destination needs it)."""
-    seen: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
-    for path, data in images.items():
-        for off, _s, _e, _m, isk in inet_entries(data, path):
-            key = (isk.family, tuple(isk.src_addr))  # type: ignore[attr-defined]
-            if key not in seen:
-                seen[key] = interner.get(key[0], key[1], path, off, isk, "src_addr")
-    return list(seen.values())
-
-
 def _check_image(path: str, data: bytes, interner: Interner) -> RewriteResult:
     for off, _s, _e, _m, isk in inet_entries(data, path):
         interner.get(isk.family, tuple(isk.src_addr), path, off, isk, "src_addr")  # type: ignore[attr-defined]
@@ -104,7 +92,7 @@ _SAME_MAX = 1024  # keys kept by _plan_image's first cache (memory for 10,000 pe
 
 
 def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
-                options: RewriteOptions, want_reports: bool) -> RewriteResult:
+                options: RewriteOptions, want_reports: bool, seen: _Seen) -> RewriteResult:
     counts = dict.fromkeys(VERDICTS, 0)
     reports: list[SocketReport] = []
     problems_: list[SocketReport] = []
@@ -131,12 +119,15 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         hit = same.get(key)
         if hit is None:
             src = interner.get(fam, src_w, path, off, isk, "src_addr")
+            seen.src((fam, src_w), src)
             dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
             try:
                 ckey = peer_class(isk.type, isk.state, fam, src_w, src, isk.src_port, dst,  # type: ignore[attr-defined]
                                   dport, bmap)
             except RewriteError as exc:  # an `auto` target that cannot be resolved
                 raise RewriteError(f"{path}: {exc}") from None
+            if seen.asking:
+                seen.judged.add(_plain_hash(dst))
             d = classes.get(ckey)
             if d is None:
                 first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,  # type: ignore[attr-defined]
@@ -198,13 +189,47 @@ def plan_checkpoint(
     if mode == "check":
         return {path: _check_image(path, data, interner) for path, data in images.items()}
     # With a `local` rule, a destination equal to any source address of the checkpoint
-    # follows it: that needs one extra decoding pass, made only when such a destination
-    # comes up.
-    bmap = amap.bind(lambda: _local_addresses(images, interner), resolve)
-    return {
-        path: _plan_image(path, data, interner, bmap, options, reports)
-        for path, data in images.items()
-    }
+    # follows it: the map asks for the source addresses when such a destination first
+    # comes up. It gets those met so far (one pass instead of two). The pass notes the
+    # source addresses it meets after that (`seen.late`) and the destinations judged since
+    # (`seen.judged`, hashed): if one of the late ones was judged, that answer may be
+    # wrong, and the checkpoint is planned again knowing every source address.
+    seen = _Seen()
+    bmap = amap.bind(seen.asked, resolve)
+    results = {path: _plan_image(path, data, interner, bmap, options, reports, seen)
+               for path, data in images.items()}
+    if seen.late and any(_plain_hash(a) in seen.judged for a in seen.late):
+        bmap = amap.bind(list(seen.srcs.values()), resolve)
+        results = {path: _plan_image(path, data, Interner(), bmap, options, reports, _Seen())
+                   for path, data in images.items()}
+    return results
+
+
+def _plain_hash(addr: IPAddress) -> int:
+    """hash() of the address as the map compares it (IPv4-mapped ones as IPv4)."""
+    return hash(getattr(addr, "ipv4_mapped", None) or addr)
+
+
+class _Seen:
+    """What one planning pass met: for plan_checkpoint's `local` check."""
+
+    __slots__ = ("srcs", "asking", "late", "judged")
+
+    def __init__(self) -> None:
+        self.srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # every source
+        self.asking = False  # the map has asked for the source addresses
+        self.late: list[IPAddress] = []  # sources first met after it asked
+        self.judged: set[int] = set()  # _plain_hash of destinations looked up after it asked
+
+    def asked(self) -> list[IPAddress]:
+        self.asking = True
+        return list(self.srcs.values())
+
+    def src(self, key: tuple[int, tuple[int, ...]], addr: IPAddress) -> None:
+        if key not in self.srcs:
+            self.srcs[key] = addr
+            if self.asking:
+                self.late.append(addr)
 
 
 def problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> list[SocketReport]:

@@ -95,6 +95,12 @@ def is_special(addr: IPAddress) -> bool:
     return n == 0 or n >> 24 == 127 or n >> 16 == 0xA9FE  # 0.0.0.0, 127/8, 169.254/16
 
 
+def is_multicast(addr: IPAddress) -> bool:
+    """addr.is_multicast, as an integer test (224.0.0.0/4, ff00::/8)."""
+    n = int(addr)
+    return n >> 120 == 0xFF if addr.version == 6 else n >> 28 == 0xE
+
+
 def fmt_addr(addr: IPAddress) -> str:
     """str(addr), with IPv4-mapped IPv6 addresses written the usual way (::ffff:10.0.0.1)."""
     if addr.version == 4:
