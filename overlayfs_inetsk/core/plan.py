@@ -127,7 +127,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             except RewriteError as exc:  # an `auto` target that cannot be resolved
                 raise RewriteError(f"{path}: {exc}") from None
             if seen.asking:
-                seen.judged.add(_plain_hash(dst))
+                seen.judge(dst)
             d = classes.get(ckey)
             if d is None:
                 first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,  # type: ignore[attr-defined]
@@ -192,34 +192,53 @@ def plan_checkpoint(
     # follows it: the map asks for the source addresses when such a destination first
     # comes up. It gets those met so far (one pass instead of two). The pass notes the
     # source addresses it meets after that (`seen.late`) and the destinations judged since
-    # (`seen.judged`, hashed): if one of the late ones was judged, that answer may be
-    # wrong, and the checkpoint is planned again knowing every source address.
+    # (`seen.judged`, a bitmap of their hashes): if one of the late ones may have been
+    # judged, that answer may be wrong, and the checkpoint is planned again knowing every
+    # source address.
     seen = _Seen()
     bmap = amap.bind(seen.asked, resolve)
     results = {path: _plan_image(path, data, interner, bmap, options, reports, seen)
                for path, data in images.items()}
-    if seen.late and any(_plain_hash(a) in seen.judged for a in seen.late):
+    if seen.late and any(seen.was_judged(a) for a in seen.late):
+        decide_log.debug("%s: a source address came after the peers judged against it: "
+                         "planning again", ", ".join(images))
         bmap = amap.bind(list(seen.srcs.values()), resolve)
         results = {path: _plan_image(path, data, Interner(), bmap, options, reports, _Seen())
                    for path, data in images.items()}
     return results
 
 
-def _plain_hash(addr: IPAddress) -> int:
-    """hash() of the address as the map compares it (IPv4-mapped ones as IPv4)."""
-    return hash(getattr(addr, "ipv4_mapped", None) or addr)
-
-
 class _Seen:
     """What one planning pass met: for plan_checkpoint's `local` check."""
 
     __slots__ = ("srcs", "asking", "late", "judged")
+    BITS = 1 << 20  # 128 KiB: 10,000 destinations set 1% of the bits (false hits: a replan)
+    # (_bit gives 20 bits)
 
     def __init__(self) -> None:
         self.srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # every source
         self.asking = False  # the map has asked for the source addresses
         self.late: list[IPAddress] = []  # sources first met after it asked
-        self.judged: set[int] = set()  # _plain_hash of destinations looked up after it asked
+        self.judged: bytearray | None = None  # destinations looked up after it asked
+
+    @staticmethod
+    def _bit(addr: IPAddress) -> int:
+        n = int(addr)
+        if n >> 32 == 0xFFFF:  # IPv4-mapped: as the map compares it, as IPv4
+            n &= 0xFFFFFFFF
+        # mixed (Fibonacci hashing: the top 20 bits of a 64-bit product), so that
+        # neighbouring addresses spread over the bitmap
+        return (((n ^ (n >> 64)) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> 44
+
+    def judge(self, dst: IPAddress) -> None:
+        if self.judged is None:
+            self.judged = bytearray(self.BITS >> 3)
+        b = self._bit(dst)
+        self.judged[b >> 3] |= 1 << (b & 7)
+
+    def was_judged(self, addr: IPAddress) -> bool:
+        b = self._bit(addr)
+        return self.judged is not None and bool(self.judged[b >> 3] & (1 << (b & 7)))
 
     def asked(self) -> list[IPAddress]:
         self.asking = True
