@@ -222,7 +222,7 @@ def log_decision(path: str, off: int, isk: object, d: SocketReport) -> None:
 @dataclass(slots=True)
 class Decision:
     """What decide() made of one socket, ready to be applied to every entry that agrees with
-    it on (type, state, family, src, dst, peer port): the report of the first such socket
+    it on plan.py's key (every fact decide() reads): the report of the first such socket
     and the new address words (None: that side stays)."""
 
     report: SocketReport
