@@ -57,7 +57,7 @@ def test_inspect_json_with_map(image_dir, capsys):
     assert doc["summary"] == {"sockets": 3, "rewritten": 1, "closed": 0, "kept": 1,
                               "needs-address": 1, "refused": 0}
     s = {x["id"]: x for x in doc["sockets"]}
-    assert set(s[2]) == {"file", "offset", "id", "ino", "family", "proto", "state", "class",
+    assert set(s[2]) == {"file", "offset", "id", "ino", "family", "type", "proto", "state", "class",
                          "src", "src_port", "dst", "dst_port", "new_src", "new_dst", "verdict",
                          "reason"}
     assert (s[2]["proto"], s[2]["state"], s[2]["class"]) == ("tcp", "LISTEN", "listener")

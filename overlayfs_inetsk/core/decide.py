@@ -15,8 +15,10 @@ from .addrmap import BoundMap
 from .sockaddr import (
     AF_INET,
     FAMILY_NAMES,
+    ICMP_PROTOS,
     PROTOCOLS,
     SOCK_DGRAM,
+    SOCK_RAW,
     SOCK_STREAM,
     SOCK_TYPES,
     TCP_CLOSE_WAIT,
@@ -93,6 +95,38 @@ class SocketReport:
         return name
 
     @property
+    def type_name(self) -> str:
+        """`stream`, `dgram`, `raw` (JSON `type`, table TYPE)."""
+        return SOCK_TYPES.get(self.type, str(self.type))
+
+    @property
+    def proto_label(self) -> str:
+        """The protocol with the family's digit, as the table shows it: tcp4, udp6, icmp6
+        (not icmpv66)."""
+        name = self.proto_name
+        if name.endswith(("v4", "v6")):
+            name = name[:-2]
+        return name + self.family_name[-1]
+
+    @property
+    def kind(self) -> str:
+        """Protocol and type for messages: `tcp`, `udp`, `ping`, `raw udp`."""
+        if self.type == SOCK_RAW:
+            return f"raw {self.proto_name}"
+        if self.type == SOCK_DGRAM and self.proto in ICMP_PROTOS:
+            return "ping"
+        return self.proto_name
+
+    @property
+    def kind_label(self) -> str:
+        """kind with the family's digit (the -v log lines): tcp4, ping6, raw udp4."""
+        if self.type == SOCK_RAW:
+            return f"raw {self.proto_label}"
+        if self.type == SOCK_DGRAM and self.proto in ICMP_PROTOS:
+            return "ping" + self.family_name[-1]
+        return self.proto_label
+
+    @property
     def state_name(self) -> str:
         return TCP_STATES.get(self.state, str(self.state))
 
@@ -124,10 +158,19 @@ def _peer(r: SocketReport, bmap: BoundMap) -> str:
     return "moved" if bmap.lookup(r.dst) is not None else "outside"
 
 
+def _is_ping(r: SocketReport) -> bool:
+    return r.type == SOCK_DGRAM and r.proto in ICMP_PROTOS
+
+
 def _classify(r: SocketReport, bmap: BoundMap) -> str:
     tcp = r.type == SOCK_STREAM
     if tcp and r.state == TCP_LISTEN:
         return "listener"
+    # the type first: a raw or ping socket restores differently from UDP on any address
+    if r.type == SOCK_RAW:
+        return "raw"
+    if _is_ping(r):
+        return "ping"
     if _is_loopback(r.src):
         return "loopback"
     if tcp:
@@ -194,9 +237,17 @@ def decide(r: SocketReport, bmap: BoundMap, options: RewriteOptions) -> None:
         r.reason = "loopback address" if _is_loopback(src) else "link-local address"
     elif src.is_multicast:
         r.reason = "multicast address"
+    elif r.klass == "ping":
+        # CRIU 4.2.1 never binds a ping socket (sk-inet.c skips inet_bind for ICMP): the
+        # restored socket is unbound, the old address can make nothing fail
+        r.reason = (f"no rule covers {src}; CRIU does not bind a ping socket, so the "
+                    "address is not restored")
     else:
         r.verdict = NEEDS_ADDRESS
-        if r.family == AF_INET:
+        if r.type == SOCK_RAW:  # CRIU binds raw sockets without IP_FREEBIND, IPv6 too
+            r.reason = (f"no rule covers {src}: bind fails (Cannot assign requested "
+                        "address; raw sockets get no IP_FREEBIND) unless this node has it")
+        elif r.family == AF_INET:
             r.reason = (f"no rule covers {src}: bind fails (Cannot assign requested address) "
                         "unless this node has it")
         else:
@@ -212,8 +263,8 @@ def log_decision(path: str, off: int, isk: object, d: SocketReport) -> None:
         new_l = fmt_endpoint(d.new_src if d.new_src is not None else d.src, sport)
         new_r = fmt_endpoint(d.new_dst if d.new_dst is not None else d.dst, dport)
         new = f" => {new_l} -> {new_r}"
-    log.debug("%s@%d: socket id %d %s%s %s %s -> %s: %s%s (%s)", path, off,
-              isk.id, d.proto_name, d.family_name[-1], d.state_name if d.type == SOCK_STREAM else "-",  # type: ignore[attr-defined]
+    log.debug("%s@%d: socket id %d %s %s %s -> %s: %s%s (%s)", path, off,
+              isk.id, d.kind_label, d.state_name if d.type == SOCK_STREAM else "-",  # type: ignore[attr-defined]
               fmt_endpoint(d.src, sport), fmt_endpoint(d.dst, dport), d.verdict, new, d.reason)
 
 

@@ -104,7 +104,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     problems_: list[SocketReport] = []
     # Sockets that agree on the key get the same decision, made once: a 10,000-socket image
     # usually has a handful of distinct keys. The key holds every fact decide() reads:
-    # (type, state, family, src, dst, peer port) and whether the local port is 0
+    # (type, proto, state, family, src, dst, peer port) and whether the local port is 0
     # (the reason says "not bound" or "bound to any address"). Keying on the port itself
     # would make one decision per bound UDP socket: twice the time of a 10k-socket image.
     decided: dict[tuple[object, ...], Decision] = {}
@@ -116,7 +116,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         src_w = tuple(isk.src_addr)  # type: ignore[attr-defined]
         dst_w = tuple(isk.dst_addr)  # type: ignore[attr-defined]
         dport = isk.dst_port  # type: ignore[attr-defined]
-        key = (isk.type, isk.state, fam, src_w, dst_w, dport, isk.src_port == 0)  # type: ignore[attr-defined]
+        key = (isk.type, isk.proto, isk.state, fam, src_w, dst_w, dport, isk.src_port == 0)  # type: ignore[attr-defined]
         d = decided.get(key)
         if d is None:
             src = interner.get(fam, src_w, path, off, isk, "src_addr")
@@ -188,7 +188,7 @@ def raise_problems(results: Mapping[str, RewriteResult], options: RewriteOptions
         first = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise RewriteError(
-            f"{first.file}: socket id {first.id} {first.proto_name} {first.local} -> "
+            f"{first.file}: socket id {first.id} {first.kind} {first.local} -> "
             f"{first.remote}: {first.verdict}: {first.reason}{more}"
         )
 
