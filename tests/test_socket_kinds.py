@@ -87,16 +87,25 @@ def test_raw_socket_is_rewritten_when_a_rule_covers_it_else_needs_its_address():
     # without one the restore's bind fails in BOTH families (no IP_FREEBIND for SOCK_RAW)
     by_id = {r.id: r for r in plan(raw(1, "10.0.1.5", IPPROTO_UDP),
                                    raw(2, "fd00::5", IPPROTO_ICMPV6),
-                                   raw(3, "10.9.9.9", IPPROTO_ICMP),
-                                   raw(4, "fd09::9", IPPROTO_ICMPV6),
+                                   raw(3, "10.9.9.9", IPPROTO_UDP),
+                                   raw(4, "fd09::9", 253),
                                    raw(5, "0.0.0.0", IPPROTO_UDP))}
     assert (by_id[1].verdict, str(by_id[1].new_src)) == ("rewritten", "10.77.1.5")
     assert (by_id[2].verdict, str(by_id[2].new_src)) == ("rewritten", "fd77::5")
     for i in (3, 4):
         assert by_id[i].verdict == "needs-address"
-        assert "bind fails" in by_id[i].reason and "FREEBIND" not in by_id[i].reason.replace(
-            "no IP_FREEBIND", "")
+        assert "bind fails" in by_id[i].reason and "raw sockets get no IP_FREEBIND" in (
+            by_id[i].reason)
     assert (by_id[5].verdict, by_id[5].reason) == ("kept", "bound to any address")
+
+
+@pytest.mark.parametrize("sk", [raw(1, "10.9.9.9", IPPROTO_ICMP),
+                                raw(1, "fd09::9", IPPROTO_ICMPV6)], ids=["raw4", "raw6"])
+def test_raw_icmp_socket_is_never_bound_by_criu(sk):
+    # open_inet_sk skips inet_bind for IPPROTO_ICMP/ICMPV6 whatever the type
+    [r] = plan(sk)
+    assert (r.klass, r.verdict) == ("raw", "kept")
+    assert "CRIU does not bind an ICMP socket" in r.reason
 
 
 def test_ping_socket_is_never_bound_so_an_uncovered_address_is_no_problem():
@@ -106,7 +115,7 @@ def test_ping_socket_is_never_bound_so_an_uncovered_address_is_no_problem():
     assert (by_id[1].verdict, str(by_id[1].new_src)) == ("rewritten", "10.77.1.5")
     for i in (2, 3):
         assert by_id[i].verdict == "kept", by_id[i]
-        assert "CRIU does not bind a ping socket" in by_id[i].reason
+        assert "CRIU does not bind an ICMP socket" in by_id[i].reason
     # connected (a non-zero peer "port"): CRIU connects it, so the peer follows the map
     assert (by_id[4].klass, by_id[4].verdict, str(by_id[4].new_dst)) == (
         "ping", "rewritten", "10.77.1.8")

@@ -237,10 +237,11 @@ def decide(r: SocketReport, bmap: BoundMap, options: RewriteOptions) -> None:
         r.reason = "loopback address" if _is_loopback(src) else "link-local address"
     elif src.is_multicast:
         r.reason = "multicast address"
-    elif r.klass == "ping":
-        # CRIU 4.2.1 never binds a ping socket (sk-inet.c skips inet_bind for ICMP): the
-        # restored socket is unbound, the old address can make nothing fail
-        r.reason = (f"no rule covers {src}; CRIU does not bind a ping socket, so the "
+    elif r.proto in ICMP_PROTOS:
+        # CRIU 4.2.1 never binds an ICMP socket, ping or raw (open_inet_sk skips inet_bind
+        # for IPPROTO_ICMP/ICMPV6; seen here: a raw ICMPv6 socket on fd77::1 came back on
+        # `*`): the old address can make nothing fail, and is not restored either
+        r.reason = (f"no rule covers {src}; CRIU does not bind an ICMP socket, so the "
                     "address is not restored")
     else:
         r.verdict = NEEDS_ADDRESS
