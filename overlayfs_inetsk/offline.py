@@ -60,6 +60,7 @@ def write_view_dir(
     # All rewriting happens before anything is written, so errors leave nothing behind.
     if tree is None:
         tree = ImageTree.build(root)
+    tree.refuse_outside_parent()
     if results is None:
         results = {}
         for cp in plan_tree(tree, amap, resolve, options):
