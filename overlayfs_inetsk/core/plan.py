@@ -36,7 +36,14 @@ from .decide import (
     log_decision,
 )
 from .decide import log as decide_log
-from .entries import Interner, Splicer, close_connection, inet_entries, set_addresses
+from .entries import (
+    Interner,
+    Splicer,
+    check_required,
+    close_connection,
+    inet_entries,
+    set_addresses,
+)
 from .imagedir import read_group
 from .sockaddr import IPAddress
 from .tree import ImageTree
@@ -91,7 +98,8 @@ def _local_addresses(images: Mapping[str, bytes], interner: Interner) -> list[IP
 
 
 def _check_image(path: str, data: bytes, interner: Interner) -> RewriteResult:
-    for off, _s, _e, _m, isk in inet_entries(data, path):
+    for off, _s, _e, msg, isk in inet_entries(data, path):
+        check_required(path, off, msg, isk)
         interner.get(isk.family, tuple(isk.src_addr), path, off, isk, "src_addr")  # type: ignore[attr-defined]
         interner.get(isk.family, tuple(isk.dst_addr), path, off, isk, "dst_addr")  # type: ignore[attr-defined]
     return RewriteResult(path, data)
@@ -109,7 +117,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     # would make one decision per bound UDP socket: twice the time of a 10k-socket image.
     decided: dict[tuple[object, ...], Decision] = {}
     splicer = Splicer(data, path)
-    replace = splicer.replace
+    replace, keep = splicer.replace, splicer.keep
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
     for off, _start, end, msg, isk in inet_entries(data, path):
         fam = isk.family  # type: ignore[attr-defined]
@@ -144,6 +152,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         elif verdict == CLOSED:
             close_connection(isk)
         else:
+            keep(off, msg, isk)
             continue
         replace(off, end, msg, isk)
     return RewriteResult(path, splicer.result(), reports, counts, problems_)
