@@ -4,7 +4,8 @@
 #   2. CRIU 4.2.1 built from Debian's source package into /usr/local (skipped when
 #      /usr/local/sbin/criu already reports 4.2.1 and the source tree is kept);
 #   3. test-only: CRIU 4.2.1 with the UPDATE_INETSK hook in $CACHE/criu-hook/prefix;
-#   4. .venv/ with the package (editable), pycriu and crit from that CRIU tree, and test deps.
+#   4. .venv/ with the package (editable), pycriu and crit from that CRIU tree, and test deps;
+#   5. scripts/setup-containers.sh: Podman, runc, containerd and the base image.
 set -euo pipefail
 
 CRIU_VERSION=4.2.1
@@ -102,4 +103,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/overlayfs-inetsk" --help >/dev/null || die ".venv/bin/overlayfs-inetsk --help failed"
+
+# --- container runtimes (Podman, runc, containerd, the base image) for the runtime tests and
+# bench; OVERLAYFS_INETSK_NO_CONTAINERS=1 skips them (those tests then skip) -------------
+if [ "${OVERLAYFS_INETSK_NO_CONTAINERS:-}" != 1 ]; then
+  bash "$ROOT/scripts/setup-containers.sh"
+fi
 log "ready: $VENV/bin/overlayfs-inetsk"
