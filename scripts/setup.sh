@@ -7,7 +7,8 @@
 #   4. the CRIU plugin built (plugin/build/) and copied to /usr/local/lib/overlayfs-inetsk/, where
 #      `overlayfs-inetsk plugin install` takes it from (installing it into CRIU's plugin dir
 #      is that command's job: setup changes no restore by itself);
-#   5. test-only: CRIU 4.2.1 with the UPDATE_INETSK hook in $CACHE/criu-hook/prefix.
+#   5. test-only: CRIU 4.2.1 with the UPDATE_INETSK hook in $CACHE/criu-hook/prefix;
+#   6. scripts/setup-containers.sh: Podman, runc, containerd and the base image.
 set -euo pipefail
 
 CRIU_VERSION=4.2.1
@@ -113,4 +114,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/overlayfs-inetsk" --help >/dev/null || die ".venv/bin/overlayfs-inetsk --help failed"
+
+# --- container runtimes (Podman, runc, containerd, the base image) for the runtime tests and
+# bench; OVERLAYFS_INETSK_NO_CONTAINERS=1 skips them (those tests then skip) -------------
+if [ "${OVERLAYFS_INETSK_NO_CONTAINERS:-}" != 1 ]; then
+  bash "$ROOT/scripts/setup-containers.sh"
+fi
 log "ready: $VENV/bin/overlayfs-inetsk"

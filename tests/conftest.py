@@ -1,4 +1,5 @@
-"""Marker gating: tests marked root / fuse / criu skip, with a reason, where they cannot run."""
+"""Marker gating: tests marked root / fuse / criu / podman skip, with a reason, where they
+cannot run."""
 
 from __future__ import annotations
 
@@ -28,10 +29,15 @@ def _missing(marker: str) -> str | None:
         if cp.returncode != 0:
             return f"{CRIU} --version failed: {cp.stderr.strip()[:200]}"
         return None if shutil.which("ip") else "needs ip (iproute2) for network namespaces"
+    if marker == "podman":
+        for prog, pkg in (("podman", "podman"), ("runc", "runc"), ("nsenter", "util-linux")):
+            if not shutil.which(prog):
+                return f"needs {prog} (package {pkg}; scripts/setup-containers.sh installs it)"
+        return None
     return None
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    for marker in ("root", "fuse", "criu"):
+    for marker in ("root", "fuse", "criu", "podman"):
         if item.get_closest_marker(marker) is not None and (why := _missing(marker)):
             pytest.skip(f"[{marker}] {why}")
