@@ -131,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except InetskError as exc:
-        print(f"overlayfs-inetsk: error: {exc}", file=sys.stderr)
+        from .logsetup import error_prefix
+
+        print(f"{error_prefix()}overlayfs-inetsk: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

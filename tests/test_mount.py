@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import re
 import secrets
 import signal
 import socket
@@ -387,3 +388,33 @@ def test_stop_signal_right_after_mounting_unmounts_cleanly(mounts: Mounts, image
         p.send_signal(signal.SIGINT if i % 2 else signal.SIGTERM)
         assert p.wait(20) == 0
         assert not os.path.ismount(mp)
+
+
+def test_under_systemd_every_log_line_carries_its_priority(mounts: Mounts, image: Path,
+                                                           tmp_path: Path) -> None:
+    """stderr is the journal ($JOURNAL_STREAM names it): every line the daemon logs starts
+    with `<N>` (so `journalctl -p warning` finds its errors), the error as <3>."""
+    bad = image / "bad"
+    bad.mkdir()
+    good = files_img(inet_file_entry(isk(1, "1.2.3.4", 8080)))
+    (bad / "files.img").write_bytes(good)
+    mp = mounts.mountpoint()
+    with open(tmp_path / "journal", "w+") as journal:
+        st = os.fstat(journal.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        mounts.points.append(mp)
+        p = subprocess.Popen([*CLI, "mount", str(image), str(mp), "--foreground", "--systemd",
+                              *MAP], stdout=subprocess.DEVNULL, stderr=journal, env=env)
+        mounts.procs.append(p)
+        _wait_mounted(mp)
+        (bad / "files.img").write_bytes(good[:-3])  # broken after the mount's checks
+        with pytest.raises(OSError) as exc:
+            (mp / "bad" / "files.img").read_bytes()
+        assert exc.value.errno == errno.EIO
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+        journal.seek(0)
+        lines = journal.read().splitlines()
+    assert lines and [x for x in lines if not re.match(r"<[0-7]>", x)] == []
+    assert any(x.startswith("<3>") and "bad/files.img" in x for x in lines), lines
+    assert any(x.startswith("<6>") and "SIGTERM" in x for x in lines), lines
