@@ -4,14 +4,22 @@ Under CI=true a skip is a failure (CI has root, FUSE and CRIU: a skip there is a
 install step): every skipped test, and every module skipped at collection, is reported as
 failed with its skip reason. The only way out is `@pytest.mark.ci_may_skip("why")` on a test
 whose skip is genuinely environmental, with the reason documented there (none today).
+
+Every test fails on a WARNING or ERROR (or worse) log record it did not declare, from any
+logger in this process: declare one with the `expect_log(level, pattern)` fixture or
+`@pytest.mark.expect_log(level, pattern)` (pattern: a regex searched in the message; the
+level must match exactly). A declared record that never came fails the test too.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -47,6 +55,8 @@ def _ci() -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{CI_MAY_SKIP}(reason): this test may skip under "
                             "CI=true (a documented, genuinely environmental skip)")
+    config.addinivalue_line("markers", "expect_log(level, pattern): the test logs a "
+                            "record of that level whose message matches the regex")
 
 
 def _skip_reason(longrepr: object) -> str:
@@ -108,3 +118,55 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     for marker in ("root", "fuse", "criu"):
         if item.get_closest_marker(marker) is not None and (why := _missing(marker)):
             pytest.skip(f"[{marker}] {why}")
+
+
+# ------------------------------------------------------------- unexpected log records
+class _LogGuard(logging.Handler):
+    """Collects every WARNING+ record; at the end, each must match a declared expectation
+    and each expectation must have matched a record."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.expected: list[tuple[int, re.Pattern[str]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def expect(self, level: int, pattern: str) -> None:
+        self.expected.append((level, re.compile(pattern)))
+
+    def problems(self) -> list[str]:
+        out, met = [], set()
+        for r in self.records:
+            msg = r.getMessage()
+            hits = [k for k, (lvl, pat) in enumerate(self.expected)
+                    if r.levelno == lvl and pat.search(msg)]
+            if hits:
+                met.update(hits)
+            else:
+                out.append(f"unexpected log: {r.levelname} {r.name}: {msg}")
+        out += [f"expected log never came: {logging.getLevelName(lvl)} {pat.pattern!r}"
+                for k, (lvl, pat) in enumerate(self.expected) if k not in met]
+        return out
+
+
+@pytest.fixture(autouse=True)
+def _log_guard(request: pytest.FixtureRequest) -> Iterator[_LogGuard]:
+    guard = _LogGuard()
+    for m in request.node.iter_markers("expect_log"):
+        guard.expect(*m.args, **m.kwargs)
+    root = logging.getLogger()
+    root.addHandler(guard)
+    try:
+        yield guard
+    finally:
+        root.removeHandler(guard)
+    if problems := guard.problems():
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def expect_log(_log_guard: _LogGuard):  # type: ignore[no-untyped-def]
+    """expect_log(level, pattern): declare a WARNING/ERROR record this test logs."""
+    return _log_guard.expect

@@ -198,6 +198,7 @@ def test_concurrent_opens_generate_once(tree: Path) -> None:
     assert sorted(results) == [b"FILES!"] * 5 + [b"INETSK!"] * 5
 
 
+@pytest.mark.expect_log(logging.ERROR, r"^cannot generate ck/files\.img: files\.img: auto target")
 def test_failed_generation_is_eio_logged_once_and_retried(
         tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     gen = FakeRewrite()
@@ -224,6 +225,8 @@ def test_failed_generation_is_eio_logged_once_and_retried(
     assert run(lookup_path, ops, b"ck/pages-1.img").st_ino > 0
 
 
+@pytest.mark.expect_log(logging.ERROR, r"^internal error in open\(")
+@pytest.mark.expect_log(logging.ERROR, r"^internal error in lookup\(")
 def test_unexpected_exception_becomes_eio(tree: Path,
                                           caplog: pytest.LogCaptureFixture) -> None:
     gen = FakeRewrite()
@@ -243,6 +246,7 @@ def test_unexpected_exception_becomes_eio(tree: Path,
         assert errno_of(ops.lookup, ROOT_INODE, b"ck", None) in (errno.EIO, errno.ENOENT)
 
 
+@pytest.mark.expect_log(logging.ERROR, r"^cannot generate ck/files\.img: .*inetsk\.img: cannot open")
 def test_missing_original_is_eio(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     ops = ops_for(tree, FakeRewrite())
     os.unlink(tree / "ck" / "inetsk.img")

@@ -64,6 +64,8 @@ def test_terminal_format_is_level_then_message():
     assert buf.getvalue() == "INFO hello there\n"
 
 
+@pytest.mark.expect_log(logging.WARNING, "^two\nlines$")
+@pytest.mark.expect_log(logging.ERROR, "^e$")
 def test_journal_format_when_stderr_is_the_journal_stream():
     with tempfile.TemporaryFile("w+") as f:
         st = os.fstat(f.fileno())
