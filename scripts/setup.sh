@@ -52,14 +52,11 @@ if ! criu_ok || ! pycriu_ok; then
     # deb-src only: a `Types: deb` line for sid would upgrade libc on the next install.
     srcfile=/etc/apt/sources.list.d/overlayfs-inetsk-criu-src.sources
     if [ ! -f "$srcfile" ]; then
-      log "adding a deb-src (only) entry for sid to fetch criu's source package"
-      cat > "$srcfile" <<SRC
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: sid
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
+      log "adding a deb-src (only) entry for sid, on this machine's Debian mirror"
+      # shellcheck source=scripts/apt-mirror.sh
+      . "$ROOT/scripts/apt-mirror.sh"
+      entry=$(criu_src_entry) || die "cannot pick a mirror from /etc/apt (see above)"
+      printf '%s\n' "$entry" > "$srcfile"
     fi
     apt-get update -qq
     log "fetching criu=$CRIU_DEB_VERSION source"

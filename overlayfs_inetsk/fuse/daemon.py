@@ -153,7 +153,9 @@ def _setup_logging(cfg: MountConfig) -> None:
         # systemd's journal adds time and pid itself
         fmt = ("%(levelname)s %(name)s: %(message)s" if cfg.systemd
                else "%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler.setFormatter(logging.Formatter(fmt))
+    from ..logsetup import formatter_for  # `<N>` priorities when stderr is the journal
+
+    handler.setFormatter(formatter_for(handler.stream, fmt))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if cfg.verbose else logging.INFO)
     logging.getLogger("pyfuse3").setLevel(logging.INFO if cfg.verbose else logging.WARNING)

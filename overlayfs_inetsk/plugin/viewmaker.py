@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from ..core.hooktable import hook_plan
 from ..fuse.robind import FSTYPE as FUSE_FSTYPE
 from ..fuse.robind import mounts
+from . import VIEW_ROOT
 from .planning import (
     VIEW_MARKER,
     AddressMap,
@@ -53,7 +54,6 @@ from .planning import (
 
 log = logging.getLogger(__name__)
 
-VIEW_ROOT = "/run/overlayfs-inetsk/plugin"
 ENV_MAP = "OVERLAYFS_INETSK_MAP"
 ENV_OPTIONS = "OVERLAYFS_INETSK_OPTIONS"
 ENV_CONF_DIR = "OVERLAYFS_INETSK_CONF_DIR"
