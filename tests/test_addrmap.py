@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from overlayfs_inetsk.core.addrmap import AddressMap, PortRangeError
-from overlayfs_inetsk.errors import MapError, RewriteError
+from overlayfs_inetsk.core.addrmap import AddressMap
+from overlayfs_inetsk.errors import MapError, PortRangeError, RewriteError
 
 
 def A(s):

@@ -10,9 +10,9 @@ from contextlib import ExitStack
 
 import pytest
 
-from overlayfs_inetsk.nodeaddr import NodeAddressError, in_netns
-from overlayfs_inetsk.portcheck import Holder, Want, clashes, parse_table, read_tables, taken
-from overlayfs_inetsk.sockaddr import AF_INET, AF_INET6
+from overlayfs_inetsk.node.nodeaddr import NodeAddressError, in_netns
+from overlayfs_inetsk.node.portcheck import Holder, Want, clashes, parse_table, read_tables, taken
+from overlayfs_inetsk.core.sockaddr import AF_INET, AF_INET6
 
 A = ip.ip_address
 

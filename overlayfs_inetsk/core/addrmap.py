@@ -30,7 +30,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from ..errors import MapError, RewriteError
+from ..errors import MapError, PortRangeError, RewriteError
 from .sockaddr import IPAddress, is_special
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -565,11 +565,6 @@ class Moved:
     addr_by: str | None
     port_by: str | None
     why: str
-
-
-class PortRangeError(RewriteError):
-    """A port offset pushes a socket's port out of 1..65535 (exit code 5); the caller names
-    the socket."""
 
 
 def _names_special(net: Network) -> bool:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .nodeaddr import in_netns
-from .sockaddr import AF_INET, AF_INET6, TCP_STATES, IPAddress, fmt_endpoint, words_to_addr
+from ..core.sockaddr import AF_INET, AF_INET6, TCP_STATES, IPAddress, fmt_endpoint, words_to_addr
 
 TCP_LISTEN_HEX = 0x0A
 TCP_CLOSE_HEX = 0x07
