@@ -44,6 +44,11 @@ class PortRangeError(RewriteError):
     it into a refused socket, named."""
 
 
+class PortTakenError(RewriteError):
+    """With --strict, a port the restore would bind is taken in the target network
+    namespace: exit code 5 (without --strict it is a warning)."""
+
+
 class MountError(InetskError):
     """The mount cannot be made or found (mountpoint, fuse, not our mount): exit code 6."""
 

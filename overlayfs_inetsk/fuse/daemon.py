@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import InetskError, MountError
+from ..errors import InetskError, MountError, NodeAddressError, RewriteError
 from .robind import FSNAME, FSTYPE, clear_ro_bind, find_mount, make_ro_bind, ro_bind_path
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class MountConfig:
     iface: str | None = None
     strict: bool = False
     tcp_outside: str = "close"
+    port_offset: int | None = None
+    no_port_check: bool = False  # the caller checked the ports to bind (restore, spawn)
     serve: str = "symlink"
     allow_other: bool = False
     systemd: bool = False
@@ -103,7 +105,8 @@ def validate(cfg: MountConfig) -> Prepared:
         raise MountError(f"--serve must be one of {', '.join(SERVE_MODES)}")
     image_real = check_image_dir(cfg.image_dir)
     mp = check_mountpoint(cfg.mountpoint, image_real)
-    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env)
+    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env,
+                                port_offset=cfg.port_offset)
     try:
         options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
     except ValueError as e:
@@ -118,7 +121,47 @@ def validate(cfg: MountConfig) -> Prepared:
         log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
                     cfg.image_dir)
     resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
+    if groups and not cfg.no_port_check:
+        _check_ports(tree, amap, resolver, options, cfg, log.warning)
     return Prepared(tree, generator(amap, resolver, options), mp, groups, ro_bind)
+
+
+def check_ports(cfg: MountConfig, warn: Callable[[str], None]) -> None:
+    """The port check alone (the background `mount` makes it before it spawns the daemon,
+    so that its warnings reach the terminal)."""
+    from ..core.addrmap import AddressMap
+    from ..core.decide import RewriteOptions
+    from ..core.imagedir import check_image_dir
+    from ..core.tree import ImageTree
+    from ..node.nodeaddr import check_netns, make_resolver
+
+    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env,
+                                port_offset=cfg.port_offset)
+    if cfg.netns:
+        check_netns(cfg.netns)
+    try:
+        options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
+    except ValueError as e:
+        raise MountError(str(e)) from None
+    tree = ImageTree.build(check_image_dir(cfg.image_dir))
+    resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
+    _check_ports(tree, amap, resolver, options, cfg, warn)
+
+
+def _check_ports(tree: object, amap: object, resolver: object, options: object,
+                 cfg: MountConfig, warn: Callable[[str], None]) -> None:
+    """Warn (with --strict: refuse) when a port the view's restore would bind is taken in
+    --netns. The map is applied for it now; when an `auto` address is not there yet, the
+    check is left out (the view resolves it on first open)."""
+    from ..core.plan import merged, plan_tree
+    from ..node.portcheck import check_plan
+
+    try:
+        results = merged(plan_tree(tree, amap, resolver, options))  # type: ignore[arg-type]
+    except (RewriteError, NodeAddressError) as e:  # `auto` not there yet: told on first open
+        log.debug("port check left out: %s", e)
+        return
+    check_plan(results, cfg.netns, cfg.strict, warn)
 
 
 # -- the foreground daemon ---------------------------------------------------------------

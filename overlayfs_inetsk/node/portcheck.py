@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from ..errors import PortTakenError
 from .nodeaddr import in_netns
 from ..core.sockaddr import AF_INET, AF_INET6, TCP_STATES, IPAddress, fmt_endpoint, words_to_addr
 
@@ -56,6 +57,8 @@ class Want:
     label: str = ""  # who wants it, for messages (e.g. "files.img: socket id 7")
     reuseaddr: bool = False  # the socket's SO_REUSEADDR, from its image
     v6only: bool = False
+    file: str = ""  # the socket image and the socket's id, when it comes from a plan
+    id: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,3 +192,50 @@ def taken(wants: Iterable[Want], netns: str | None = None) -> list[Clash]:
     Raises NodeAddressError when the namespace cannot be entered."""
     where = f"netns {netns}" if netns else "this network namespace"
     return clashes(list(wants), read_tables(netns), where)
+
+
+def wants_of(reports: Iterable[object]) -> list[Want]:
+    """The endpoints a restore of these planned sockets (core.decide.SocketReport) binds on
+    its own: listeners, bound TCP sockets, UDP sockets with a port, at their NEW address and
+    port. Connections share their listener's port; closed ones bind nothing."""
+    from ..core.decide import CLOSED, REFUSED
+    from ..core.sockaddr import SOCK_DGRAM, SOCK_STREAM, TCP_CONNECTED_STATES
+
+    out: list[Want] = []
+    seen: set[tuple[str, int, IPAddress, int]] = set()
+    for r in reports:
+        verdict = r.verdict  # type: ignore[attr-defined]
+        if verdict in (CLOSED, REFUSED):
+            continue
+        kind = r.type  # type: ignore[attr-defined]
+        if kind == SOCK_STREAM and r.state in TCP_CONNECTED_STATES:  # type: ignore[attr-defined]
+            continue
+        if kind not in (SOCK_STREAM, SOCK_DGRAM):
+            continue
+        port = r.new_sport if r.new_sport is not None else r.sport  # type: ignore[attr-defined]
+        if not port:
+            continue
+        addr = r.new_src if r.new_src is not None else r.src  # type: ignore[attr-defined]
+        proto = "tcp" if kind == SOCK_STREAM else "udp"
+        key = (proto, r.family, addr, port)  # type: ignore[attr-defined]
+        if key in seen:
+            continue
+        seen.add(key)
+        label = f"{r.file}: socket id {r.id}"  # type: ignore[attr-defined]
+        out.append(Want(proto, r.family, addr, port, label,  # type: ignore[attr-defined]
+                        file=r.file, id=r.id))  # type: ignore[attr-defined]
+    return out
+
+
+def check_plan(results: Mapping[str, object], netns: str | None, strict: bool,
+               warn: Callable[[str], None]) -> list[Clash]:
+    """The port check of a planned restore (core.plan results by path): each taken port is
+    passed to `warn` as one line; with `strict`, PortTakenError names the first."""
+    reports = [r for res in results.values() for r in res.reports]  # type: ignore[attr-defined]
+    found = taken(wants_of(reports), netns)
+    for c in found:
+        warn(f"{c}: the restore would fail there (EADDRINUSE)")
+    if found and strict:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise PortTakenError(f"{found[0]}{more} (--strict)")
+    return found

@@ -49,6 +49,7 @@ class RestoreConfig:
     iface: str | None = None
     strict: bool = False
     tcp_outside: str = "close"
+    port_offset: int | None = None
     serve: str = "symlink"
     criu_args: Sequence[str] = ()
     work_dir: str | None = None  # kept; default: a temporary dir, removed on success
@@ -129,6 +130,7 @@ def plan(cfg: RestoreConfig) -> Plan:
     from ..core.plan import merged, plan_tree, raise_problems
     from ..core.tree import ImageTree
     from .nodeaddr import check_netns, make_resolver
+    from .portcheck import check_plan
 
     image_real = check_image_dir(cfg.image_dir)
     sub = criu_subdir(image_real)
@@ -136,11 +138,13 @@ def plan(cfg: RestoreConfig) -> Plan:
     if cfg.netns:
         check_netns(cfg.netns)
     maps, defaulted = effective_maps(cfg.maps, cfg.map_files, cfg.env)
-    amap = AddressMap.from_args(maps, cfg.map_files, env=cfg.env)
+    amap = AddressMap.from_args(maps, cfg.map_files, env=cfg.env, port_offset=cfg.port_offset)
     options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
     resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
     results = merged(plan_tree(ImageTree.build(image_real), amap, resolver, options))
     raise_problems(results, options)
+    # a port the restore binds that is taken there: named now, not by CRIU halfway through
+    check_plan(results, cfg.netns, cfg.strict, log.warning)
     add_tcp = (has_tcp_stream(os.path.join(image_real, sub))
                and not any(a in TCP_OPTIONS for a in cfg.criu_args))
     return Plan(image_real, sub, amap, results, maps, defaulted, add_tcp)
@@ -206,6 +210,7 @@ def run(cfg: RestoreConfig, prepared: Plan | None = None,
                 image_dir=p.image_real, mountpoint=mountpoint, maps=p.maps,
                 map_files=list(cfg.map_files), netns=cfg.netns, iface=cfg.iface,
                 strict=cfg.strict, tcp_outside=cfg.tcp_outside, serve=cfg.serve,
+                port_offset=cfg.port_offset, no_port_check=True,
                 log_file=os.path.join(work, "mount.log"),
                 verbose=log.isEnabledFor(logging.DEBUG), env=dict(cfg.env))
             pid, _ = spawn_background(mcfg)
