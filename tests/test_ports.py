@@ -135,7 +135,9 @@ def test_accepted_on_a_specific_address_rule_but_listener_on_any_is_refused_for_
 def test_two_sockets_onto_one_port_are_refused_naming_each_other():
     rs = reports(isk(1, A, 80), isk(2, A, 81), specs=[":80=:81"])
     assert rs[1].verdict == rs[2].verdict == "refused"
-    assert "moves to 10.77.0.1:81, where files.img: socket id 2 (10.77.0.1:81)" in rs[1].reason
+    assert rs[1].reason == ("two sockets onto one port: 10.77.0.1:80 goes to 10.77.0.1:81 by "
+                            "--map :80=:81, where files.img: socket id 2 (10.77.0.1:81) also "
+                            "goes (stays)")
     # onto a wildcard socket's port
     rs = reports(isk(1, A, 80), isk(2, "0.0.0.0", 81), specs=[f"{A}:80=:81"])
     assert rs[1].verdict == "refused"

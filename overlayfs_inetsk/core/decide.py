@@ -305,27 +305,31 @@ class PortContext:
         """Two sockets that did not share a port before and would after the move (the same
         address, or one of them on the wildcard address): both refused, each naming the
         other. Sockets that shared one before (SO_REUSEPORT, ...) share it still."""
-        by_new: dict[tuple[int, int, int], list[tuple[Sock, IPAddress]]] = {}
+        by_new: dict[tuple[int, int, int], list[tuple[Sock, IPAddress, str]]] = {}
         for key, k in binders.items():
             try:
                 m = bmap.endpoint(k.src, k.sport)
             except PortRangeError:
                 continue  # refused on its own
             addr, port = (k.src, k.sport) if m is None else (m.addr, m.port)
-            by_new.setdefault((k.type, k.family, port), []).append((k, addr))
+            by = "" if m is None else (m.port_by or m.addr_by or "")
+            by_new.setdefault((k.type, k.family, port), []).append((k, addr, by))
         for (_t, _f, port), group in by_new.items():
-            for i, (a, a_new) in enumerate(group):
-                for b, b_new in group[i + 1:]:
+            for i, (a, a_new, a_by) in enumerate(group):
+                for b, b_new, b_by in group[i + 1:]:
                     if not (_covers(a_new, b_new) or _covers(b_new, a_new)):
                         continue
                     if a.sport == b.sport and (_covers(a.src, b.src) or _covers(b.src, a.src)):
                         continue
-                    for x, x_new, y in ((a, a_new, b), (b, b_new, a)):
+                    for x, x_new, x_by, y, y_by in ((a, a_new, a_by, b, b_by),
+                                                    (b, b_new, b_by, a, a_by)):
+                        how = f" by {x_by}" if x_by else " (stays)"
+                        other = f" by {y_by}" if y_by else " (stays)"
                         self.clashes.setdefault(
                             (x.type, x.family, x.src, x.sport),
-                            f"two sockets onto one port: moves to {fmt_endpoint(x_new, port)}, "
-                            f"where {y.file}: socket id {y.id} ({fmt_endpoint(y.src, y.sport)}) "
-                            "also goes")
+                            f"two sockets onto one port: {fmt_endpoint(x.src, x.sport)} goes to "
+                            f"{fmt_endpoint(x_new, port)}{how}, where {y.file}: socket id "
+                            f"{y.id} ({fmt_endpoint(y.src, y.sport)}) also goes{other}")
 
     def listener_for(self, family: int, addr: IPAddress, port: int) -> IPAddress | None:
         """The address of the checkpoint's listener that accepted a connection on

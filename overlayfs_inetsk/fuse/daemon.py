@@ -153,7 +153,7 @@ def _check_ports(tree: object, amap: object, resolver: object, options: object,
     """Warn (with --strict: refuse) when a port the view's restore would bind is taken in
     --netns. The map is applied for it now; when an `auto` address is not there yet, the
     check is left out (the view resolves it on first open)."""
-    from ..core.plan import merged, plan_tree
+    from ..core.plan import merged, plan_tree, raise_problems
     from ..node.portcheck import check_plan
 
     try:
@@ -161,6 +161,10 @@ def _check_ports(tree: object, amap: object, resolver: object, options: object,
     except (RewriteError, NodeAddressError) as e:  # `auto` not there yet: told on first open
         log.debug("port check left out: %s", e)
         return
+    if amap.moves_ports():  # type: ignore[attr-defined]
+        # a port map refused for a socket (two onto one port, a split connection, an
+        # offset past 65535) stops the mount now rather than at the first open
+        raise_problems(results, options)  # type: ignore[arg-type]
     check_plan(results, cfg.netns, cfg.strict, warn)
 
 
