@@ -1,4 +1,6 @@
-"""The address map: where the checkpoint's addresses move to on this node.
+"""The address map: where the checkpoint's addresses (and ports) move to on this node.
+Long: the whole map language (address, local, port rules, the port offset, map files), its
+checks and its binding to one image are read together.
 
 Rules are `OLD=NEW`:
   * `10.0.1.5=10.9.0.7`, `fd00::5=fd09::7`: one address;

@@ -1,5 +1,7 @@
 """THE one place that decides what happens to a socket: its class, its verdict, the reason,
-and its new addresses (docs/tcp.md, docs/design.md).
+and its new addresses and ports (docs/tcp.md, docs/map.md, docs/design.md).
+Long: the address decisions and the port decisions (which need the checkpoint's other
+sockets: listeners, peers, clashes) are one decision and stay in this one place.
 
 Pure: a decoded inet socket entry and a bound address map in, a SocketReport out. Nothing
 here reads or writes image bytes (entries.py does) or walks a tree (plan.py does).
