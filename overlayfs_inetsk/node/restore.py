@@ -120,6 +120,7 @@ class Plan:
     maps: list[str]
     map_defaulted: bool
     tcp_established_added: bool
+    ports_taken: list[Any] = field(default_factory=list)  # portcheck.Clash, warned about
 
 
 def plan(cfg: RestoreConfig) -> Plan:
@@ -144,10 +145,10 @@ def plan(cfg: RestoreConfig) -> Plan:
     results = merged(plan_tree(ImageTree.build(image_real), amap, resolver, options))
     raise_problems(results, options)
     # a port the restore binds that is taken there: named now, not by CRIU halfway through
-    check_plan(results, cfg.netns, cfg.strict, log.warning)
+    taken = check_plan(results, cfg.netns, cfg.strict, log.warning)
     add_tcp = (has_tcp_stream(os.path.join(image_real, sub))
                and not any(a in TCP_OPTIONS for a in cfg.criu_args))
-    return Plan(image_real, sub, amap, results, maps, defaulted, add_tcp)
+    return Plan(image_real, sub, amap, results, maps, defaulted, add_tcp, taken)
 
 
 class _Signals:
@@ -269,7 +270,7 @@ def render_json(p: Plan, cfg: RestoreConfig, out: RestoreOutcome) -> str:
     """`restore --json`: inspect's document (docs/json.md) plus what restore did."""
     from ..core.render import render_json as inspect_json
 
-    doc = json.loads(inspect_json(p.image_real, p.amap, p.results))
+    doc = json.loads(inspect_json(p.image_real, p.amap, p.results, p.ports_taken))
     doc["netns"] = cfg.netns
     doc["map_defaulted"] = p.map_defaulted
     doc["restore"] = {
