@@ -67,10 +67,7 @@ class RewriteResult:
     reports: list[SocketReport] = field(default_factory=list)  # only when asked for
     counts: dict[str, int] = field(default_factory=dict)  # verdict -> number of sockets
     problems: list[SocketReport] = field(default_factory=list)  # refused / needs-address
-
-    @property
-    def changed(self) -> int:
-        return self.counts.get(REWRITTEN, 0) + self.counts.get(CLOSED, 0)
+    changed: int = 0  # entries spliced: rewritten, closed, and needs-address ones whose port moves
 
 
 @dataclass
@@ -133,6 +130,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     # Sockets that agree on (type, state, family, src, dst, peer port) get the same
     # decision, made once: a 10,000-socket image usually has a handful of distinct keys.
     decided: dict[tuple[object, ...], Decision] = {}
+    changed = 0
     splicer = Splicer(data, path)
     replace = splicer.replace
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
@@ -174,7 +172,8 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         else:
             continue
         replace(off, end, msg, isk)
-    return RewriteResult(path, splicer.result(), reports, counts, problems_)
+        changed += 1
+    return RewriteResult(path, splicer.result(), reports, counts, problems_, changed)
 
 
 def plan_checkpoint(
