@@ -167,3 +167,23 @@ def test_taken_matches_a_real_bind(netns):
 def test_missing_namespace_is_one_clear_error(tmp_path):
     with pytest.raises(NodeAddressError, match=f"netns {tmp_path}/nope"):
         taken([Want("tcp", AF_INET, A("127.0.0.1"), 1)], str(tmp_path / "nope"))
+
+
+def test_wants_of_a_plan_are_the_new_endpoints_the_restore_binds():
+    from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
+
+    from overlayfs_inetsk.core.addrmap import AddressMap
+    from overlayfs_inetsk.core.plan import plan_checkpoint
+    from overlayfs_inetsk.node.portcheck import wants_of
+
+    data = files_img(*(inet_file_entry(e) for e in (
+        isk(1, "10.0.0.1", 80),                                 # listener: moves
+        isk(2, "10.0.0.1", 80, "10.0.0.1", 40000),              # accepted: shares it
+        isk(3, "10.0.0.1", 40000, "10.9.9.9", 443),             # outside: closed
+        isk(4, "::", 53, proto="udp"),                          # bound udp
+        isk(5, "0.0.0.0", 0, state=7),                          # unbound
+    )))
+    res = plan_checkpoint({"f.img": data}, AddressMap.from_args(["10.0.0.1=10.0.0.2"],
+                                                                port_offset=1000))
+    got = [(w.proto, str(w.addr), w.port, w.id) for w in wants_of(res["f.img"].reports)]
+    assert got == [("tcp", "10.0.0.2", 1080, 1), ("udp", "::", 1053, 4)]

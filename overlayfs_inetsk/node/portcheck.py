@@ -230,12 +230,12 @@ def wants_of(reports: Iterable[object]) -> list[Want]:
 def check_plan(results: Mapping[str, object], netns: str | None, strict: bool,
                warn: Callable[[str], None]) -> list[Clash]:
     """The port check of a planned restore (core.plan results by path): each taken port is
-    passed to `warn` as one line; with `strict`, PortTakenError names the first."""
+    passed to `warn` as one line; with `strict`, PortTakenError names the first instead."""
     reports = [r for res in results.values() for r in res.reports]  # type: ignore[attr-defined]
     found = taken(wants_of(reports), netns)
-    for c in found:
-        warn(f"{c}: the restore would fail there (EADDRINUSE)")
-    if found and strict:
+    if found and strict:  # one line: the error alone
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise PortTakenError(f"{found[0]}{more} (--strict)")
+    for c in found:
+        warn(f"{c}: the restore would fail there (EADDRINUSE)")
     return found
