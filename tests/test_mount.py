@@ -417,3 +417,33 @@ def test_under_systemd_every_log_line_carries_its_priority(mounts: Mounts, image
     assert lines and [x for x in lines if not re.match(r"<[0-7]>", x)] == []
     assert any(x.startswith("<3>") and "bad/files.img" in x for x in lines), lines
     assert any(x.startswith("<6>") and "SIGTERM" in x for x in lines), lines
+
+
+def test_port_taken_in_netns_warns_and_strict_refuses(mounts: Mounts, image: Path,
+                                                      netns: str) -> None:
+    """The image's UDP socket 10.0.1.5:53 moves to 10.77.31.7:5353 (local address of the
+    namespace); a socket there already holds udp 5353: `mount` names it on stderr (the
+    background parent) and mounts; with --strict it refuses before mounting (exit 5)."""
+    from overlayfs_inetsk.node.nodeaddr import in_netns
+
+    def hold() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", 5353))
+        return s
+
+    opts = ("--map", "10.0.1.5=10.77.31.7", "--map", ":53=:5353", "--netns", netns)
+    with in_netns(netns, hold):
+        mp = mounts.mountpoint()
+        cp = mounts.mount(image, mp, *opts)
+        assert (f"warning: {image}/checkpoint/files.img: socket id 3: udp 10.77.31.7:5353 is "
+                f"taken in netns {netns} by udp 0.0.0.0:5353 bound") in cp.stderr
+        assert mounts.umount(mp).returncode == 0
+        mp2 = mounts.mountpoint("mnt2")
+        cp = mounts.mount(image, mp2, *opts, "--strict", "--map", "1.2.3.4=10.77.31.7",
+                          check=False)
+        assert cp.returncode == 5, cp.stderr
+        assert len(cp.stderr.strip().splitlines()) == 1 and "(--strict)" in cp.stderr
+        assert not os.path.ismount(mp2)
+    # the port is free again: no warning
+    mp3 = mounts.mountpoint("mnt3")
+    assert "warning" not in mounts.mount(image, mp3, *opts).stderr

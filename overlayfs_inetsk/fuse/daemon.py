@@ -44,6 +44,8 @@ class MountConfig:
     iface: str | None = None
     strict: bool = False
     tcp_outside: str = "close"
+    port_offset: int | None = None
+    no_port_check: bool = False  # the caller checked the ports to bind (restore, spawn)
     serve: str = "symlink"
     allow_other: bool = False
     systemd: bool = False
@@ -103,7 +105,8 @@ def validate(cfg: MountConfig) -> Prepared:
         raise MountError(f"--serve must be one of {', '.join(SERVE_MODES)}")
     image_real = check_image_dir(cfg.image_dir)
     mp = check_mountpoint(cfg.mountpoint, image_real)
-    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env)
+    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env,
+                                port_offset=cfg.port_offset)
     try:
         options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
     except ValueError as e:
@@ -119,6 +122,10 @@ def validate(cfg: MountConfig) -> Prepared:
         log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
                     cfg.image_dir)
     resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
+    if groups and not cfg.no_port_check:
+        from .preflight import plan_ports
+
+        plan_ports(tree, amap, resolver, options, cfg.netns, cfg.strict, log.warning)
     return Prepared(tree, generator(amap, resolver, options), mp, groups, ro_bind)
 
 
