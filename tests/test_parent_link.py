@@ -7,6 +7,7 @@ tracking, which these kernels lack: the chain is made by the test."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def test_rewrite_of_one_dump_with_an_outside_parent_is_refused(tmp_path, capsys)
     assert not out.exists()
 
 
+@pytest.mark.expect_log(logging.WARNING, r"ckpt/2/parent: the link to the previous dump")
 def test_inspect_of_one_dump_still_works_with_one_warning(tmp_path, capsys, caplog):
     assert main(["inspect", str(_chain(tmp_path) / "2"), *MAP]) == 0
     assert "rewritten" in capsys.readouterr().out

@@ -44,6 +44,8 @@ class MountConfig:
     iface: str | None = None
     strict: bool = False
     tcp_outside: str = "close"
+    port_offset: int | None = None
+    no_port_check: bool = False  # the caller checked the ports to bind (restore, spawn)
     serve: str = "symlink"
     allow_other: bool = False
     systemd: bool = False
@@ -103,7 +105,8 @@ def validate(cfg: MountConfig) -> Prepared:
         raise MountError(f"--serve must be one of {', '.join(SERVE_MODES)}")
     image_real = check_image_dir(cfg.image_dir)
     mp = check_mountpoint(cfg.mountpoint, image_real)
-    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env)
+    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env,
+                                port_offset=cfg.port_offset)
     try:
         options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
     except ValueError as e:
@@ -111,7 +114,8 @@ def validate(cfg: MountConfig) -> Prepared:
     if cfg.netns:
         check_netns(cfg.netns)
     ro_bind = ro_bind_path(mp) if cfg.serve == "symlink" else None
-    tree = ImageTree.build(image_real, cfg.serve, ro_bind)  # type: ignore[arg-type]
+    # relative links: they resolve in a container's mount namespace too (runc restore)
+    tree = ImageTree.build(image_real, cfg.serve, ro_bind, link_from=mp)  # type: ignore[arg-type]
     tree.refuse_outside_parent()
     # every socket image parses (the map is applied on first open: `auto` is looked up then)
     groups = sum(1 for _ in plan_tree(tree, amap, mode="check"))
@@ -119,6 +123,10 @@ def validate(cfg: MountConfig) -> Prepared:
         log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
                     cfg.image_dir)
     resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
+    if groups and not cfg.no_port_check:
+        from .preflight import plan_ports
+
+        plan_ports(tree, amap, resolver, options, cfg.netns, cfg.strict, log.warning)
     return Prepared(tree, generator(amap, resolver, options), mp, groups, ro_bind)
 
 
@@ -153,7 +161,9 @@ def _setup_logging(cfg: MountConfig) -> None:
         # systemd's journal adds time and pid itself
         fmt = ("%(levelname)s %(name)s: %(message)s" if cfg.systemd
                else "%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler.setFormatter(logging.Formatter(fmt))
+    from ..logsetup import formatter_for  # `<N>` priorities when stderr is the journal
+
+    handler.setFormatter(formatter_for(handler.stream, fmt))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if cfg.verbose else logging.INFO)
     logging.getLogger("pyfuse3").setLevel(logging.INFO if cfg.verbose else logging.WARNING)
