@@ -127,3 +127,17 @@ def test_ping_and_udp_with_one_address_get_their_own_decisions():
                                                                 state=7))}
     assert (r[1].klass, r[1].verdict) == ("ping", "kept")
     assert (r[2].klass, r[2].verdict) == ("udp-bound", "needs-address")
+
+
+@pytest.mark.parametrize("make", [lambda: ping(1, "10.0.1.5", 7),
+                                  lambda: raw(1, "10.0.1.5", IPPROTO_UDP)], ids=["ping", "raw"])
+def test_port_offset_leaves_echo_ids_and_raw_protocols_alone(make):
+    # a ping socket's "port" is its ICMP echo id and a raw socket's its protocol: CRIU binds
+    # neither port, so a port offset moves neither (only the address)
+    data = files_img(inet_file_entry(make()), inet_file_entry(isk(2, "10.0.1.5", 7, proto="udp",
+                                                                   state=7)))
+    res = plan_checkpoint({"files.img": data}, AddressMap.from_args(MAP, port_offset=1000),
+                          None, RewriteOptions())["files.img"]
+    r = {x.id: x for x in res.reports}
+    assert (r[1].verdict, str(r[1].new_src), r[1].new_sport) == ("rewritten", "10.77.1.5", None)
+    assert (r[2].verdict, r[2].new_sport) == ("rewritten", 1007)  # UDP port 7 does move

@@ -312,6 +312,7 @@ class Sock:
     sport: int
     dst: IPAddress
     dport: int
+    proto: int = 0  # ICMP: a ping socket, whose "port" is an echo id
 
     @property
     def binds(self) -> bool:
@@ -321,7 +322,8 @@ class Sock:
             return False
         if self.type == SOCK_STREAM:
             return self.state not in TCP_CONNECTED_STATES
-        return self.type == SOCK_DGRAM
+        # a ping socket's "port" is its echo id: CRIU never binds it
+        return self.type == SOCK_DGRAM and self.proto not in ICMP_PROTOS
 
 
 def _covers(listener: IPAddress, addr: IPAddress) -> bool:
@@ -348,7 +350,7 @@ class PortContext:
                 ctx.listeners.setdefault((k.family, k.sport), []).append(k.src)
             elif k.type == SOCK_STREAM and k.state in TCP_CONNECTED_STATES:
                 ctx.tcp_ends.add((k.family, k.src, k.sport, k.dst, k.dport))
-            elif k.type == SOCK_DGRAM and k.sport:
+            elif k.type == SOCK_DGRAM and k.sport and k.proto not in ICMP_PROTOS:
                 ctx.udp_bound.setdefault((k.family, k.sport), []).append(k.src)
             if k.binds:
                 binders.setdefault((k.type, k.family, k.src, k.sport), k)
@@ -450,8 +452,8 @@ def _refuse(r: SocketReport, reason: str) -> None:
 def _decide_ports(r: SocketReport, bmap: BoundMap, options: RewriteOptions,
                   ports: PortContext) -> None:
     """Add the port moves to an address decision (which is neither closed nor refused)."""
-    if r.type not in (SOCK_STREAM, SOCK_DGRAM):
-        return
+    if r.type not in (SOCK_STREAM, SOCK_DGRAM) or r.proto in ICMP_PROTOS:
+        return  # raw: the "port" is the protocol; ping: the echo id. Neither is bound
     clash = ports.clashes.get((r.type, r.family, r.src, r.sport))
     if clash is not None:
         _refuse(r, clash)

@@ -110,7 +110,7 @@ def _port_context(images: Mapping[str, bytes], interner: Interner,
                            interner.get(fam, tuple(isk.src_addr), path, off, isk, "src_addr"),  # type: ignore[attr-defined]
                            isk.src_port,  # type: ignore[attr-defined]
                            interner.get(fam, tuple(isk.dst_addr), path, off, isk, "dst_addr"),  # type: ignore[attr-defined]
-                           isk.dst_port)  # type: ignore[attr-defined]
+                           isk.dst_port, isk.proto)  # type: ignore[attr-defined]
 
     return PortContext.build(socks(), bmap)
 
