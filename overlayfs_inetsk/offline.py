@@ -63,6 +63,7 @@ def write_view_dir(
         # relative links are made relative to where the view will be (its real path)
         links_from = os.path.join(os.path.realpath(parent), os.path.basename(out_abs))
         tree = ImageTree.build(root, link_from=links_from if relative_links else None)
+    tree.refuse_outside_parent()
     if results is None:
         results = {}
         for cp in plan_tree(tree, amap, resolve, options):

@@ -18,8 +18,10 @@ from .addrmap import BoundMap, Moved
 from .sockaddr import (
     AF_INET,
     FAMILY_NAMES,
+    ICMP_PROTOS,
     PROTOCOLS,
     SOCK_DGRAM,
+    SOCK_RAW,
     SOCK_STREAM,
     SOCK_TYPES,
     TCP_CLOSE_WAIT,
@@ -114,6 +116,38 @@ class SocketReport:
         return name
 
     @property
+    def type_name(self) -> str:
+        """`stream`, `dgram`, `raw` (JSON `type`, table TYPE)."""
+        return SOCK_TYPES.get(self.type, str(self.type))
+
+    @property
+    def proto_label(self) -> str:
+        """The protocol with the family's digit, as the table shows it: tcp4, udp6, icmp6
+        (not icmpv66)."""
+        name = self.proto_name
+        if name.endswith(("v4", "v6")):
+            name = name[:-2]
+        return name + self.family_name[-1]
+
+    @property
+    def kind(self) -> str:
+        """Protocol and type for messages: `tcp`, `udp`, `ping`, `raw udp`."""
+        if self.type == SOCK_RAW:
+            return f"raw {self.proto_name}"
+        if self.type == SOCK_DGRAM and self.proto in ICMP_PROTOS:
+            return "ping"
+        return self.proto_name
+
+    @property
+    def kind_label(self) -> str:
+        """kind with the family's digit (the -v log lines): tcp4, ping6, raw udp4."""
+        if self.type == SOCK_RAW:
+            return f"raw {self.proto_label}"
+        if self.type == SOCK_DGRAM and self.proto in ICMP_PROTOS:
+            return "ping" + self.family_name[-1]
+        return self.proto_label
+
+    @property
     def state_name(self) -> str:
         return TCP_STATES.get(self.state, str(self.state))
 
@@ -145,10 +179,19 @@ def _peer(r: SocketReport, bmap: BoundMap) -> str:
     return "moved" if bmap.lookup(r.dst) is not None else "outside"
 
 
+def _is_ping(r: SocketReport) -> bool:
+    return r.type == SOCK_DGRAM and r.proto in ICMP_PROTOS
+
+
 def _classify(r: SocketReport, bmap: BoundMap) -> str:
     tcp = r.type == SOCK_STREAM
     if tcp and r.state == TCP_LISTEN:
         return "listener"
+    # the type first: a raw or ping socket restores differently from UDP on any address
+    if r.type == SOCK_RAW:
+        return "raw"
+    if _is_ping(r):
+        return "ping"
     if _is_loopback(r.src):
         return "loopback"
     if tcp:
@@ -224,9 +267,18 @@ def _decide_addresses(r: SocketReport, bmap: BoundMap, options: RewriteOptions) 
         r.reason = "loopback address" if _is_loopback(src) else "link-local address"
     elif src.is_multicast:
         r.reason = "multicast address"
+    elif r.proto in ICMP_PROTOS:
+        # CRIU 4.2.1 never binds an ICMP socket, ping or raw (open_inet_sk skips inet_bind
+        # for IPPROTO_ICMP/ICMPV6; seen here: a raw ICMPv6 socket on fd77::1 came back on
+        # `*`): the old address can make nothing fail, and is not restored either
+        r.reason = (f"no rule covers {src}; CRIU does not bind an ICMP socket, so the "
+                    "address is not restored")
     else:
         r.verdict = NEEDS_ADDRESS
-        if r.family == AF_INET:
+        if r.type == SOCK_RAW:  # CRIU binds raw sockets without IP_FREEBIND, IPv6 too
+            r.reason = (f"no rule covers {src}: bind fails (Cannot assign requested "
+                        "address; raw sockets get no IP_FREEBIND) unless this node has it")
+        elif r.family == AF_INET:
             r.reason = (f"no rule covers {src}: bind fails (Cannot assign requested address) "
                         "unless this node has it")
         else:
@@ -260,6 +312,7 @@ class Sock:
     sport: int
     dst: IPAddress
     dport: int
+    proto: int = 0  # ICMP: a ping socket, whose "port" is an echo id
 
     @property
     def binds(self) -> bool:
@@ -269,7 +322,8 @@ class Sock:
             return False
         if self.type == SOCK_STREAM:
             return self.state not in TCP_CONNECTED_STATES
-        return self.type == SOCK_DGRAM
+        # a ping socket's "port" is its echo id: CRIU never binds it
+        return self.type == SOCK_DGRAM and self.proto not in ICMP_PROTOS
 
 
 def _covers(listener: IPAddress, addr: IPAddress) -> bool:
@@ -296,7 +350,7 @@ class PortContext:
                 ctx.listeners.setdefault((k.family, k.sport), []).append(k.src)
             elif k.type == SOCK_STREAM and k.state in TCP_CONNECTED_STATES:
                 ctx.tcp_ends.add((k.family, k.src, k.sport, k.dst, k.dport))
-            elif k.type == SOCK_DGRAM and k.sport:
+            elif k.type == SOCK_DGRAM and k.sport and k.proto not in ICMP_PROTOS:
                 ctx.udp_bound.setdefault((k.family, k.sport), []).append(k.src)
             if k.binds:
                 binders.setdefault((k.type, k.family, k.src, k.sport), k)
@@ -398,8 +452,8 @@ def _refuse(r: SocketReport, reason: str) -> None:
 def _decide_ports(r: SocketReport, bmap: BoundMap, options: RewriteOptions,
                   ports: PortContext) -> None:
     """Add the port moves to an address decision (which is neither closed nor refused)."""
-    if r.type not in (SOCK_STREAM, SOCK_DGRAM):
-        return
+    if r.type not in (SOCK_STREAM, SOCK_DGRAM) or r.proto in ICMP_PROTOS:
+        return  # raw: the "port" is the protocol; ping: the echo id. Neither is bound
     clash = ports.clashes.get((r.type, r.family, r.src, r.sport))
     if clash is not None:
         _refuse(r, clash)
@@ -522,8 +576,8 @@ def log_decision(path: str, off: int, isk: object, d: SocketReport) -> None:
         new_r = fmt_endpoint(d.new_dst if d.new_dst is not None else d.dst,
                              dport if d.new_dport is None else d.new_dport)
         new = f" => {new_l} -> {new_r}"
-    log.debug("%s@%d: socket id %d %s%s %s %s -> %s: %s%s (%s)", path, off,
-              isk.id, d.proto_name, d.family_name[-1], d.state_name if d.type == SOCK_STREAM else "-",  # type: ignore[attr-defined]
+    log.debug("%s@%d: socket id %d %s %s %s -> %s: %s%s (%s)", path, off,
+              isk.id, d.kind_label, d.state_name if d.type == SOCK_STREAM else "-",  # type: ignore[attr-defined]
               fmt_endpoint(d.src, sport), fmt_endpoint(d.dst, dport), d.verdict, new, d.reason)
 
 
@@ -532,7 +586,7 @@ def log_decision(path: str, off: int, isk: object, d: SocketReport) -> None:
 @dataclass(slots=True)
 class Decision:
     """What decide() made of one socket, ready to be applied to every entry that agrees with
-    it on (type, state, family, src, dst, peer port): the report of the first such socket
+    it on plan.py's key (every fact decide() reads): the report of the first such socket
     and the new address words (None: that side stays)."""
 
     report: SocketReport

@@ -32,6 +32,7 @@ def socket_dict(root: str, r: SocketReport) -> dict[str, object]:
         "id": r.id,
         "ino": r.ino,
         "family": r.family_name,
+        "type": r.type_name,
         "proto": r.proto_name,
         "state": r.state_name,
         "class": r.klass,
@@ -93,7 +94,7 @@ def render_table(
     with_map: bool,
     only_changes: bool = False,
 ) -> str:
-    head = ["FILE", "ID", "PROTO", "STATE", "LOCAL", "REMOTE", "CLASS"]
+    head = ["FILE", "ID", "TYPE", "PROTO", "STATE", "LOCAL", "REMOTE", "CLASS"]
     if with_map:
         head += ["NEW LOCAL", "NEW REMOTE", "VERDICT", "REASON"]
     rows = [head]
@@ -101,7 +102,7 @@ def render_table(
         for r in res.reports:
             if only_changes and r.verdict == "kept":
                 continue
-            row = [_rel(image_dir, r.file), str(r.id), f"{r.proto_name}{r.family_name[-1]}",
+            row = [_rel(image_dir, r.file), str(r.id), r.type_name, r.proto_label,
                    r.state_name if r.type == SOCK_STREAM else "-", r.local, r.remote, r.klass]
             if with_map:
                 row += [r.new_local or "-", r.new_remote or "-", r.verdict, r.reason]

@@ -30,6 +30,7 @@ ROOT_INODE = 1
 ServeMode = Literal["symlink", "read"]
 SERVE_MODES: tuple[ServeMode, ...] = ("symlink", "read")
 _SOCKET_NAMES_B = {os.fsencode(n): n for n in SOCKET_IMAGE_NAMES}
+CRIU_PARENT_LINK = b"parent"  # CRIU's CR_PARENT_LINK: a dump's link to the previous one
 
 
 class Kind(enum.Enum):
@@ -84,6 +85,9 @@ class ImageTree:
     # directory inode -> {socket image name ("files.img"): real path of its original}
     socket_groups: dict[int, dict[str, bytes]] = field(default_factory=dict)
     left_out: list[tuple[bytes, str]] = field(default_factory=list)  # (view path, reason)
+    # CRIU's `parent` links (--prev-images-dir) that point outside image_dir:
+    # (real path of the link, its resolved target); see refuse_outside_parent()
+    outside_parents: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     # -- queries -------------------------------------------------------------------------
     def node(self, inode: int) -> Node:
@@ -136,6 +140,24 @@ class ImageTree:
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    def refuse_outside_parent(self, warn_only: bool = False) -> None:
+        """TreeError naming the first `parent` link (CRIU's link to the previous dump of an
+        incremental chain, --prev-images-dir) that points outside image_dir. A view (mount,
+        rewrite) cannot show it, and CRIU cannot restore such a dump without it: its
+        restorer fails late ("No parent for snapshot pagemap"). Refused at once instead,
+        naming the dir to use. warn_only (inspect, which serves nothing): one WARNING line
+        per such link instead."""
+        for link_b, target_b in self.outside_parents:
+            link, target = os.fsdecode(link_b), os.fsdecode(target_b)
+            chain = os.path.commonpath([os.path.dirname(link), target])
+            msg = (f"{link}: the link to the previous dump (--prev-images-dir) points outside "
+                   f"IMAGE_DIR ({target}): a view of this dir cannot show it and CRIU cannot "
+                   "restore the dump without it; use the directory holding the whole chain "
+                   f"({chain}) and restore from its subdirectory")
+            if not warn_only:
+                raise TreeError(msg)
+            log.warning("%s", msg)
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -191,11 +213,12 @@ class ImageTree:
             parent.children[node.name] = node.inode
         return node
 
-    def _leave_out(self, parent: int, name: bytes, reason: str) -> None:
+    def _leave_out(self, parent: int, name: bytes, reason: str, warn: bool = True) -> None:
         p = self.path(parent)
         vpath = name if p == b"." else p + b"/" + name
         self.left_out.append((vpath, reason))
-        log.warning("left out %s: %s", os.fsdecode(vpath), reason)
+        if warn:
+            log.warning("left out %s: %s", os.fsdecode(vpath), reason)
 
     def _inside(self, path: bytes) -> bool:
         return path == self.image_dir or path.startswith(self.image_dir.rstrip(b"/") + b"/")
@@ -256,8 +279,13 @@ class ImageTree:
                         self._leave_out(dino, name, reason)
                         continue
                     if not self._inside(target):
+                        parent_link = name == CRIU_PARENT_LINK
+                        # a `parent` link is reported by refuse_outside_parent(): an
+                        # error for a view, one warning for inspect
                         self._leave_out(dino, name, "symlink points outside the image dir "
-                                        f"({os.fsdecode(target)})")
+                                        f"({os.fsdecode(target)})", warn=not parent_link)
+                        if parent_link:
+                            self.outside_parents.append((path, target))
                         continue
                     if stat.S_ISDIR(tst.st_mode):
                         # resolved after the walk, when every real directory has an inode

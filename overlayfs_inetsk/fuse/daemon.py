@@ -116,6 +116,7 @@ def validate(cfg: MountConfig) -> Prepared:
     ro_bind = ro_bind_path(mp) if cfg.serve == "symlink" else None
     # relative links: they resolve in a container's mount namespace too (runc restore)
     tree = ImageTree.build(image_real, cfg.serve, ro_bind, link_from=mp)  # type: ignore[arg-type]
+    tree.refuse_outside_parent()
     # every socket image parses (the map is applied on first open: `auto` is looked up then)
     groups = sum(1 for _ in plan_tree(tree, amap, mode="check"))
     if groups == 0:
