@@ -388,3 +388,31 @@ def test_stop_signal_right_after_mounting_unmounts_cleanly(mounts: Mounts, image
         p.send_signal(signal.SIGINT if i % 2 else signal.SIGTERM)
         assert p.wait(20) == 0
         assert not os.path.ismount(mp)
+
+
+def test_auto_follows_the_node_address_between_opens(mounts: Mounts, image: Path,
+                                                     netns: str) -> None:
+    """`auto` is looked up again at every open of a socket image: after the namespace's
+    address changed, the next open serves the new one; an open handle keeps the bytes it
+    opened; an open with no change does not regenerate."""
+    mp = mounts.mountpoint()
+    mounts.mount(image, mp, "--map", "1.2.3.4=auto", "--netns", netns)
+    files = mp / "checkpoint" / "files.img"
+    assert served_src(files.read_bytes())[0] == "10.77.31.7"
+    assert served_src(files.read_bytes())[0] == "10.77.31.7"
+    held = os.open(files, os.O_RDONLY)
+    try:
+        name = os.path.basename(netns)
+        for args in (["addr", "del", "10.77.31.7/24", "dev", "v0"],
+                     ["addr", "add", "10.77.31.8/24", "dev", "v0"],
+                     ["route", "add", "default", "via", "10.77.31.1", "dev", "v0"]):
+            subprocess.run(["ip", "-n", name, *args], check=True, capture_output=True)
+        assert served_src(files.read_bytes())[0] == "10.77.31.8"
+        # the handle opened before the change keeps its bytes
+        assert served_src(os.pread(held, 1 << 20, 0))[0] == "10.77.31.7"
+    finally:
+        os.close(held)
+    log = (mounts.tmp / "mnt.log").read_text()
+    generated = [ln for ln in log.splitlines() if " generated " in ln]
+    assert len(generated) == 2, log  # the unchanged second open reused the first
+    assert "IPv4 10.77.31.7 -> IPv4 10.77.31.8: generating" in log, log

@@ -61,6 +61,9 @@ class Prepared:
     mountpoint: str
     groups: int
     ro_bind: str | None = None  # where IMAGE_DIR is to be bind-mounted read-only (symlink mode)
+    # with `auto` in the map: () -> (the node's auto addresses now, the generator for them);
+    # ops.py calls it at every open of a socket image (fuse/ops.py CurrentFn)
+    current: Callable[[], tuple[object, Callable[..., object]]] | None = None
 
 
 # -- validation --------------------------------------------------------------------------
@@ -97,7 +100,7 @@ def validate(cfg: MountConfig) -> Prepared:
     from ..core.imagedir import check_image_dir
     from ..core.plan import generator, plan_tree
     from ..core.tree import SERVE_MODES, ImageTree
-    from ..node.nodeaddr import check_netns, make_resolver
+    from ..node.nodeaddr import check_netns, describe, snapshot
 
     if cfg.serve not in SERVE_MODES:
         raise MountError(f"--serve must be one of {', '.join(SERVE_MODES)}")
@@ -117,8 +120,17 @@ def validate(cfg: MountConfig) -> Prepared:
     if groups == 0:
         log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
                     cfg.image_dir)
-    resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
-    return Prepared(tree, generator(amap, resolver, options), mp, groups, ro_bind)
+    families = amap.auto_families()
+    if not families:
+        return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind)
+
+    import pyroute2  # noqa: F401  (imported here, not in the first open: about 60 ms)
+
+    def current() -> tuple[object, Callable[..., object]]:
+        snap, resolve = snapshot(families, cfg.netns, cfg.iface)
+        return describe(snap), generator(amap, resolve, options)
+
+    return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind, current)
 
 
 # -- the foreground daemon ---------------------------------------------------------------
@@ -188,7 +200,7 @@ def serve_foreground(cfg: MountConfig) -> int:
         prep = validate(cfg)
     except InetskError as e:
         return _fail(cfg, ready_fd, e)
-    ops = ViewOperations(prep.tree, prep.generate)  # type: ignore[arg-type]
+    ops = ViewOperations(prep.tree, prep.generate, current=prep.current)  # type: ignore[arg-type]
     options = set(pyfuse3.default_options)  # default_permissions
     options |= {"ro", f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if cfg.allow_other:
