@@ -416,3 +416,51 @@ def test_auto_follows_the_node_address_between_opens(mounts: Mounts, image: Path
     generated = [ln for ln in log.splitlines() if " generated " in ln]
     assert len(generated) == 2, log  # the unchanged second open reused the first
     assert "IPv4 10.77.31.7 -> IPv4 10.77.31.8: generating" in log, log
+
+
+def test_refusal_known_at_mount_is_refused_at_mount(mounts: Mounts, image: Path,
+                                                   tmp_path: Path, netns: str) -> None:
+    """--strict and --tcp-outside fail refusals that the map already decides are refused by
+    `mount` itself: one line naming the socket, RewriteError's exit code (5), nothing
+    mounted, no daemon left (background and foreground alike)."""
+    mp = mounts.mountpoint()
+    est = tmp_path / "est"
+    est.mkdir()
+    (est / "files.img").write_bytes(files_img(
+        inet_file_entry(isk(1, "1.2.3.4", 8080)),
+        inet_file_entry(isk(7, "1.2.3.4", 40000, "10.99.0.1", 5555, state=1))))
+    cases = [
+        ((str(image), str(mp), "--map", "1.2.3.4=10.1.1.1", "--strict"), "socket id 3"),
+        ((str(est), str(mp), "--map", "1.2.3.4=10.1.1.1", "--tcp-outside", "fail"),
+         "socket id 7"),
+        # auto resolves now (the namespace has its address): planned fully too
+        ((str(image), str(mp), "--map", "1.2.3.4=auto", "--netns", netns, "--strict"),
+         "socket id 3"),
+    ]
+    for args, word in cases:
+        for fg in ((), ("--foreground",)):
+            cp = subprocess.run([*CLI, "mount", *args, *fg], capture_output=True, text=True,
+                                timeout=60)
+            err = cp.stderr.strip()
+            assert cp.returncode == 5, (args, fg, cp.returncode, err)
+            assert "\n" not in err and word in err and "Traceback" not in err, (args, err)
+            assert not os.path.ismount(mp)
+            assert daemon_pids(tmp_path) == []
+
+
+def test_auto_without_address_warns_at_mount_and_mounts(mounts: Mounts, image: Path,
+                                                        netns: str) -> None:
+    """`auto` with no address in the namespace yet (lo has none of scope global): one
+    WARNING line naming the family and the namespace, the view mounts, and the open fails
+    with EIO until the node has its address."""
+    mp = mounts.mountpoint()
+    cp = mounts.mount(image, mp, "--map", "1.2.3.4=auto", "--netns", netns, "--iface", "lo")
+    warn = [ln for ln in cp.stderr.splitlines() if ln.strip()]
+    assert len(warn) == 1 and "WARNING" in warn[0], cp.stderr
+    assert "IPv4" in warn[0] and netns in warn[0], warn
+    with pytest.raises(OSError) as ei:
+        (mp / "checkpoint" / "files.img").read_bytes()
+    assert ei.value.errno == errno.EIO
+    subprocess.run(["ip", "-n", os.path.basename(netns), "addr", "add", "10.77.32.1/32",
+                    "dev", "lo"], check=True)
+    assert served_src((mp / "checkpoint" / "files.img").read_bytes())[0] == "10.77.32.1"

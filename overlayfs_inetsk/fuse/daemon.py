@@ -1,4 +1,6 @@
 """The mount daemon's foreground lifecycle: validate, mount, serve, unmount.
+Long: validate() (what `mount` refuses or warns about before mounting) and the lifecycle it
+guards are read together.
 
     validate()          everything that can fail for a user reason, BEFORE mounting
     serve_foreground()  pyfuse3.init -> trio.run(main loop + signals + readiness) -> close
@@ -64,6 +66,7 @@ class Prepared:
     # with `auto` in the map: () -> (the node's auto addresses now, the generator for them);
     # ops.py calls it at every open of a socket image (fuse/ops.py CurrentFn)
     current: Callable[[], tuple[object, Callable[..., object]]] | None = None
+    warnings: list[str] = field(default_factory=list)  # one line each, shown by `mount`
 
 
 # -- validation --------------------------------------------------------------------------
@@ -92,13 +95,24 @@ def check_mountpoint(mountpoint: str, image_dir_real: str) -> str:
     return real
 
 
+class _NoAutoYet(Exception):
+    """An `auto` target with no address at mount (the plan falls back to checking only)."""
+
+
 def validate(cfg: MountConfig) -> Prepared:
     """Everything that can fail for a user reason, before anything is mounted. Raises
-    InetskError subclasses with one-line messages."""
+    InetskError subclasses with one-line messages.
+
+    Where the outcome is already known (no `auto` in the map, or `auto` resolves now), every
+    socket is planned here, so a refusal (--strict, --tcp-outside fail) stops the mount with
+    the socket named instead of an EIO inside CRIU later. Where a socket needs an `auto`
+    address the node does not have yet, the images are only checked, and a warning naming
+    the family and the namespace goes into Prepared.warnings (the node may get its address
+    before CRIU opens files.img; the open fails with EIO until then)."""
     from ..core.addrmap import AddressMap
     from ..core.decide import RewriteOptions
     from ..core.imagedir import check_image_dir
-    from ..core.plan import generator, plan_tree
+    from ..core.plan import generator, plan_tree, raise_problems
     from ..core.tree import SERVE_MODES, ImageTree
     from ..node.nodeaddr import check_netns, describe, snapshot
 
@@ -115,22 +129,48 @@ def validate(cfg: MountConfig) -> Prepared:
         check_netns(cfg.netns)
     ro_bind = ro_bind_path(mp) if cfg.serve == "symlink" else None
     tree = ImageTree.build(image_real, cfg.serve, ro_bind)  # type: ignore[arg-type]
-    # every socket image parses (the map is applied on first open: `auto` is looked up then)
-    groups = sum(1 for _ in plan_tree(tree, amap, mode="check"))
+    families = amap.auto_families()
+    warnings: list[str] = []
+    resolve = None
+    if families:
+        import pyroute2  # noqa: F401  (imported here, not in the first open: about 60 ms)
+
+        snap, found = snapshot(families, cfg.netns, cfg.iface)
+        where = f"netns {cfg.netns}" if cfg.netns else "our network namespace"
+        on = f" on {cfg.iface}" if cfg.iface else ""
+        missing = {fam: v for fam, v in snap if v == "none" or v.startswith("error: ")}
+
+        def resolve(family: int) -> object:
+            if family in missing:
+                raise _NoAutoYet(family)
+            return found(family)
+
+    groups = 0
+    try:
+        for cp in plan_tree(tree, amap, resolve, options, reports=False):  # type: ignore[arg-type]
+            raise_problems(cp.results, options)
+            groups += 1
+    except _NoAutoYet as e:
+        fam = e.args[0]
+        why = missing[fam]
+        why = (f"no IPv{fam} address in {where}{on} yet" if why == "none"
+               else f"IPv{fam}: {why[len('error: '):]}")
+        warnings.append(f"auto: {why}; the view mounts, and files.img fails to open (EIO) "
+                        "until there is one")
+        groups = sum(1 for _ in plan_tree(tree, amap, mode="check"))  # every image parses
     if groups == 0:
         log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
                     cfg.image_dir)
-    families = amap.auto_families()
     if not families:
-        return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind)
-
-    import pyroute2  # noqa: F401  (imported here, not in the first open: about 60 ms)
+        return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind,
+                        warnings=warnings)
 
     def current() -> tuple[object, Callable[..., object]]:
         snap, resolve = snapshot(families, cfg.netns, cfg.iface)
         return describe(snap), generator(amap, resolve, options)
 
-    return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind, current)
+    return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind, current,
+                    warnings)
 
 
 # -- the foreground daemon ---------------------------------------------------------------
@@ -170,6 +210,16 @@ def _setup_logging(cfg: MountConfig) -> None:
     logging.getLogger("pyfuse3").setLevel(logging.INFO if cfg.verbose else logging.WARNING)
 
 
+def _send_warning(fd: int | None, line: str) -> None:
+    """A warning for the background parent to show (`W<line>\n` before the ready byte)."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"W" + line.replace("\n", " ").encode(errors="replace") + b"\n")
+    except OSError:
+        pass
+
+
 def _write_ready(fd: int | None, payload: bytes) -> None:
     if fd is None:
         return
@@ -200,6 +250,9 @@ def serve_foreground(cfg: MountConfig) -> int:
         prep = validate(cfg)
     except InetskError as e:
         return _fail(cfg, ready_fd, e)
+    for w in prep.warnings:
+        log.warning("%s", w)
+        _send_warning(ready_fd, w)
     ops = ViewOperations(prep.tree, prep.generate, current=prep.current)  # type: ignore[arg-type]
     options = set(pyfuse3.default_options)  # default_permissions
     options |= {"ro", f"fsname={FSNAME}", f"subtype={FSNAME}"}

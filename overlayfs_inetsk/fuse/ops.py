@@ -1,5 +1,6 @@
 """Thin pyfuse3 adapter over core.tree.ImageTree: read-only, socket images generated on first
 open through core.plan (served_bytes + the generator of plan.generator).
+Long: one pyfuse3.Operations class, a handler per FUSE request (most of them one-line EROFS).
 
 With `current` (a map with `auto` targets), every open of a socket image first asks what the
 generation depends on now (the node's `auto` addresses: one netlink query, about 1 ms) and

@@ -6,6 +6,7 @@ the `mount` options, never copied by hand.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import subprocess
@@ -16,6 +17,8 @@ from ..cli.options import MOUNT_OPTIONS, to_argv
 from ..errors import InetskError, MountError
 from .daemon import READY_TIMEOUT, MountConfig
 from .robind import RUN_DIR
+
+log = logging.getLogger(__name__)
 
 CHILD_MODULE = "overlayfs_inetsk.cli.mount"  # `python -m` entry point of the child
 
@@ -59,6 +62,9 @@ def spawn_background(cfg: MountConfig) -> tuple[int, str]:
         if w >= 0:
             os.close(w)
         os.close(r)
+    while msg.startswith(b"W") and b"\n" in msg:  # the daemon's warnings, one line each
+        line, msg = msg[1:].split(b"\n", 1)
+        log.warning("%s", line.decode(errors="replace"))
     if msg == b"R":
         return proc.pid, log_file
     if msg.startswith(b"E"):
@@ -95,5 +101,5 @@ def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> bytes:
         if not chunk:
             return buf
         buf += chunk
-        if buf == b"R":
+        if buf.endswith(b"R") and (buf == b"R" or buf.endswith(b"\nR")):
             return buf
