@@ -464,3 +464,50 @@ def test_auto_without_address_warns_at_mount_and_mounts(mounts: Mounts, image: P
     subprocess.run(["ip", "-n", os.path.basename(netns), "addr", "add", "10.77.32.1/32",
                     "dev", "lo"], check=True)
     assert served_src((mp / "checkpoint" / "files.img").read_bytes())[0] == "10.77.32.1"
+
+
+def test_default_log_kept_only_when_worth_reading(mounts: Mounts, image: Path,
+                                                  netns: str) -> None:
+    """The default log (/run/overlayfs-inetsk/<mountpoint>.log) of a daemon that ended
+    cleanly and logged nothing above INFO is removed with it; a warning, a SIGKILL, or an
+    earlier daemon's lines in it keep it (docs/logging.md)."""
+    from overlayfs_inetsk.fuse.spawn import default_log_file
+
+    mp = mounts.mountpoint()
+    log = Path(default_log_file(str(mp)))
+
+    def mount(*opts: str) -> None:
+        cp = subprocess.run([*CLI, "mount", str(image), str(mp), *opts], capture_output=True,
+                            text=True, timeout=60)
+        assert cp.returncode == 0 and str(log) in cp.stdout, cp.stderr
+
+    try:
+        mount(*MAP)
+        assert log.exists()  # while mounted
+        (mp / "checkpoint" / "files.img").read_bytes()
+        assert mounts.umount(mp).returncode == 0
+        _wait_gone(log)
+        # a warning: kept
+        mount("--map", "1.2.3.4=auto", "--netns", netns, "--iface", "lo")
+        assert mounts.umount(mp).returncode == 0
+        time.sleep(1)
+        assert "WARNING" in log.read_text()
+        log.unlink()
+        # killed: kept; the next clean daemon appends and keeps it too
+        mount(*MAP)
+        [pid] = daemon_pids(mounts.tmp)
+        os.kill(pid, signal.SIGKILL)
+        assert mounts.umount(mp).returncode == 0
+        mount(*MAP)
+        assert mounts.umount(mp).returncode == 0
+        time.sleep(1)
+        assert log.read_text().count(" ready") == 2
+    finally:
+        log.unlink(missing_ok=True)
+
+
+def _wait_gone(path: Path, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while path.exists():
+        assert time.monotonic() < end, f"{path} is still there: {path.read_text()}"
+        time.sleep(0.05)

@@ -25,7 +25,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import InetskError, MountError
-from .robind import FSNAME, FSTYPE, clear_ro_bind, find_mount, make_ro_bind, ro_bind_path
+from .robind import (
+    FSNAME,
+    FSTYPE,
+    RUN_DIR,
+    clear_ro_bind,
+    find_mount,
+    make_ro_bind,
+    ro_bind_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,15 +196,56 @@ def sd_notify(message: str, env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
-def _setup_logging(cfg: MountConfig) -> None:
+def default_log_file(mountpoint: str) -> str:
+    """/run/overlayfs-inetsk/<mountpoint, systemd-escape style>.log"""
+    real = os.path.realpath(mountpoint).strip("/") or "-"
+    name = "".join(c if (c.isalnum() or c in "_.") else ("-" if c == "/" else f"\\x{ord(c):02x}")
+                   for c in real)
+    return os.path.join(RUN_DIR, name + ".log")
+
+
+class _LogState(logging.Filter):
+    """Remembers the worst level logged, and whether the default log file is ours to remove
+    at a clean end (docs/logging.md: kept when the daemon warned, failed or was killed, or
+    when an earlier daemon's lines are in it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.worst = logging.NOTSET
+        self.removable: tuple[str, int, int] | None = None  # (path, st_dev, st_ino)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.worst = max(self.worst, record.levelno)
+        return True
+
+    def remove_if_clean(self) -> None:
+        if self.removable is None or self.worst >= logging.WARNING:
+            return
+        path, dev, ino = self.removable
+        logging.shutdown()  # flush and close the file handler
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def _setup_logging(cfg: MountConfig) -> _LogState:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+    state = _LogState()
     handler: logging.Handler
     if cfg.log_file:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.log_file)), exist_ok=True)
-        os.close(os.open(cfg.log_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         0o640))  # created 0640 (FileHandler would use 0666 & ~umask)
+        fd = os.open(cfg.log_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o640)  # created 0640 (FileHandler would use 0666 & ~umask)
+        st = os.fstat(fd)
+        os.close(fd)
+        if (os.path.abspath(cfg.log_file) == default_log_file(cfg.mountpoint)
+                and st.st_size == 0):  # the default log, and no earlier daemon's lines in it
+            state.removable = (os.path.abspath(cfg.log_file), st.st_dev, st.st_ino)
         handler = logging.FileHandler(cfg.log_file)
         fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     else:
@@ -205,9 +254,11 @@ def _setup_logging(cfg: MountConfig) -> None:
         fmt = ("%(levelname)s %(name)s: %(message)s" if cfg.systemd
                else "%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(state)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if cfg.verbose else logging.INFO)
     logging.getLogger("pyfuse3").setLevel(logging.INFO if cfg.verbose else logging.WARNING)
+    return state
 
 
 def _send_warning(fd: int | None, line: str) -> None:
@@ -242,7 +293,7 @@ def serve_foreground(cfg: MountConfig) -> int:
     from .ops import ViewOperations
 
     os.umask(0o022)  # nothing the daemon creates is group- or world-writable
-    _setup_logging(cfg)
+    log_state = _setup_logging(cfg)
     ready_fd = cfg.ready_fd
     if ready_fd is not None:
         os.set_inheritable(ready_fd, False)
@@ -299,6 +350,7 @@ def serve_foreground(cfg: MountConfig) -> int:
         _drop_ro_bind(prep.ro_bind, bind_id)
     if not state["ready"] and not state["signal"]:  # a stop asked for is not a failure
         return _fail(cfg, ready_fd, MountError(f"{cfg.mountpoint}: the mount never became ready"))
+    log_state.remove_if_clean()
     return 0
 
 

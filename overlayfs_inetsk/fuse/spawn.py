@@ -15,8 +15,7 @@ import time
 
 from ..cli.options import MOUNT_OPTIONS, to_argv
 from ..errors import InetskError, MountError
-from .daemon import READY_TIMEOUT, MountConfig
-from .robind import RUN_DIR
+from .daemon import READY_TIMEOUT, MountConfig, default_log_file  # noqa: F401 (the API)
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +27,6 @@ def child_argv(cfg: MountConfig, ready_fd: int, log_file: str) -> list[str]:
     then the ones only the spawn sets."""
     return [sys.executable, "-m", CHILD_MODULE, "mount", *to_argv(MOUNT_OPTIONS, cfg),
             "--foreground", "--ready-fd", str(ready_fd), "--log-file", log_file]
-
-
-def default_log_file(mountpoint: str) -> str:
-    """/run/overlayfs-inetsk/<mountpoint, systemd-escape style>.log"""
-    real = os.path.realpath(mountpoint).strip("/") or "-"
-    name = "".join(c if (c.isalnum() or c in "_.") else ("-" if c == "/" else f"\\x{ord(c):02x}")
-                   for c in real)
-    return os.path.join(RUN_DIR, name + ".log")
 
 
 def spawn_background(cfg: MountConfig) -> tuple[int, str]:
