@@ -6,6 +6,7 @@ image dir that vanishes under a mount."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import struct
@@ -215,6 +216,8 @@ def _odd_tree(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.mark.expect_log(logging.WARNING, r"^left out (loop-a|loop-b|self|fifo|up|escape|"
+                        r"escape-rel|checkpoint/up): ")
 def test_symlink_loops_escapes_and_odd_names(
         tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     d = _odd_tree(tmp_path)
@@ -287,7 +290,9 @@ def test_mount_eio_one_log_line_and_keeps_serving(tmp_path: Path) -> None:
             assert f"{real}: socket image {words}" in line
         real.rmdir()
         real.write_bytes(GOOD)
-        assert served.read_bytes() == plan_checkpoint({str(real): GOOD}, MAP)[str(real)].data
+        # GOOD with MAP applied, built with pycriu's classes (not by the production rewrite)
+        assert served.read_bytes() == files_img(reg_file_entry(1),
+                                                inet_file_entry(isk(2, "10.77.1.5", 80)))
     assert "Traceback" not in log.read_text(errors="replace")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import re
 import secrets
 import signal
 import socket
@@ -19,9 +20,6 @@ import pytest
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
 from pycriu.images import fdinfo_pb2
-from overlayfs_inetsk.core.addrmap import AddressMap
-from overlayfs_inetsk.core.decide import RewriteOptions
-from overlayfs_inetsk.core.plan import rewrite_checkpoint
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -146,13 +144,6 @@ def image(tmp_path: Path) -> Path:
     return root
 
 
-def expected_files_img(image: Path, *specs: str) -> bytes:
-    path = str(image / "checkpoint" / "files.img")
-    data = Path(path).read_bytes()
-    return rewrite_checkpoint({path: data}, AddressMap.from_args(specs), None,
-                         RewriteOptions())[path].data
-
-
 MAP = ("--map", "1.2.3.4=10.200.200.200", "--map", "10.0.1.0/24=10.9.0.0/24")
 
 
@@ -170,14 +161,22 @@ def test_mount_serves_rewritten_and_original_bytes(mounts: Mounts, image: Path) 
     assert "ro" in opts.split(",") and "default_permissions" in opts
     assert "allow_other" not in opts
     served = (mp / "checkpoint" / "files.img").read_bytes()
-    assert served == expected_files_img(image, *MAP[1::2])
+    # the image fixture's entries with MAP applied, built here with pycriu's classes (not
+    # by the production rewrite)
+    assert served == files_img(inet_file_entry(isk(1, "10.200.200.200", 8080)),
+                               reg_file_entry(2),
+                               inet_file_entry(isk(3, "10.9.0.5", 53, proto="udp")))
     assert served_src(served) == ["10.200.200.200", "10.9.0.5"]
     # generated size (not the original's) once generated
     assert os.stat(mp / "checkpoint" / "files.img").st_size == len(served)
     for rel in ("checkpoint/pages-1.img", "spec.dump"):
         # into the read-only bind of the image dir, not the original (docs/security.md)
+        # relative to the link's own dir, so it resolves in a container's mount namespace
+        # too (runc restore --image-path MOUNTPOINT: tests/integration/test_runc.py)
         target = os.readlink(mp / rel)
-        assert target.startswith("/run/overlayfs-inetsk/ro/") and target.endswith("/" + rel)
+        assert not os.path.isabs(target)
+        resolved = os.path.normpath(os.path.join(os.path.dirname(mp / rel), target))
+        assert resolved.startswith("/run/overlayfs-inetsk/ro/") and resolved.endswith("/" + rel)
         assert (mp / rel).read_bytes() == (image / rel).read_bytes()
     odd = os.path.join(os.fsencode(mp), ODD)
     with open(odd, "rb") as f:
@@ -511,3 +510,63 @@ def _wait_gone(path: Path, timeout: float = 10) -> None:
     while path.exists():
         assert time.monotonic() < end, f"{path} is still there: {path.read_text()}"
         time.sleep(0.05)
+
+
+def test_under_systemd_every_log_line_carries_its_priority(mounts: Mounts, image: Path,
+                                                           tmp_path: Path) -> None:
+    """stderr is the journal ($JOURNAL_STREAM names it): every line the daemon logs starts
+    with `<N>` (so `journalctl -p warning` finds its errors), the error as <3>."""
+    bad = image / "bad"
+    bad.mkdir()
+    good = files_img(inet_file_entry(isk(1, "1.2.3.4", 8080)))
+    (bad / "files.img").write_bytes(good)
+    mp = mounts.mountpoint()
+    with open(tmp_path / "journal", "w+") as journal:
+        st = os.fstat(journal.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        mounts.points.append(mp)
+        p = subprocess.Popen([*CLI, "mount", str(image), str(mp), "--foreground", "--systemd",
+                              *MAP], stdout=subprocess.DEVNULL, stderr=journal, env=env)
+        mounts.procs.append(p)
+        _wait_mounted(mp)
+        (bad / "files.img").write_bytes(good[:-3])  # broken after the mount's checks
+        with pytest.raises(OSError) as exc:
+            (mp / "bad" / "files.img").read_bytes()
+        assert exc.value.errno == errno.EIO
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+        journal.seek(0)
+        lines = journal.read().splitlines()
+    assert lines and [x for x in lines if not re.match(r"<[0-7]>", x)] == []
+    assert any(x.startswith("<3>") and "bad/files.img" in x for x in lines), lines
+    assert any(x.startswith("<6>") and "SIGTERM" in x for x in lines), lines
+
+
+def test_port_taken_in_netns_warns_and_strict_refuses(mounts: Mounts, image: Path,
+                                                      netns: str) -> None:
+    """The image's UDP socket 10.0.1.5:53 moves to 10.77.31.7:5353 (local address of the
+    namespace); a socket there already holds udp 5353: `mount` names it on stderr (the
+    background parent) and mounts; with --strict it refuses before mounting (exit 5)."""
+    from overlayfs_inetsk.node.nodeaddr import in_netns
+
+    def hold() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", 5353))
+        return s
+
+    opts = ("--map", "10.0.1.5=10.77.31.7", "--map", ":53=:5353", "--netns", netns)
+    with in_netns(netns, hold):
+        mp = mounts.mountpoint()
+        cp = mounts.mount(image, mp, *opts)
+        assert (f"warning: {image}/checkpoint/files.img: socket id 3: udp 10.77.31.7:5353 is "
+                f"taken in netns {netns} by udp 0.0.0.0:5353 bound") in cp.stderr
+        assert mounts.umount(mp).returncode == 0
+        mp2 = mounts.mountpoint("mnt2")
+        cp = mounts.mount(image, mp2, *opts, "--strict", "--map", "1.2.3.4=10.77.31.7",
+                          check=False)
+        assert cp.returncode == 5, cp.stderr
+        assert len(cp.stderr.strip().splitlines()) == 1 and "(--strict)" in cp.stderr
+        assert not os.path.ismount(mp2)
+    # the port is free again: no warning
+    mp3 = mounts.mountpoint("mnt3")
+    assert "warning" not in mounts.mount(image, mp3, *opts).stderr

@@ -57,6 +57,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.foreground or args.ready_fd is not None:
         return serve_foreground(cfg)
+    from dataclasses import replace
+
+    from ..fuse.preflight import check_ports
+
+    if not cfg.no_port_check:  # here, so that its warnings reach the terminal
+        check_ports(cfg, lambda line: sys.stderr.write(f"overlayfs-inetsk: warning: {line}\n"))
+        cfg = replace(cfg, no_port_check=True)
     pid, log_file = spawn_background(cfg)
     print(f"overlayfs-inetsk: {args.image_dir} mounted on {args.mountpoint} "
           f"(daemon pid {pid}, log {log_file})")

@@ -102,6 +102,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cfg = RestoreConfig(
         image_dir=args.image_dir, netns=args.netns, maps=list(args.map),
         map_files=list(args.map_file), iface=args.iface, strict=args.strict,
+        port_offset=args.port_offset,
         tcp_outside=args.tcp_outside, serve=args.serve, criu_args=list(args.criu_args),
         work_dir=args.work_dir, foreground=args.foreground, env=dict(os.environ))
     p = plan(cfg)

@@ -96,6 +96,14 @@ def set_addresses(isk: object, src_words: Sequence[int] | None,
         _set_words(isk.dst_addr, dst_words)  # type: ignore[attr-defined]
 
 
+def set_ports(isk: object, src_port: int | None, dst_port: int | None) -> None:
+    """Write new ports into an entry (None: leave that side alone)."""
+    if src_port is not None:
+        isk.src_port = src_port  # type: ignore[attr-defined]
+    if dst_port is not None:
+        isk.dst_port = dst_port  # type: ignore[attr-defined]
+
+
 def close_connection(isk: object) -> None:
     """Write decide.py's `closed` verdict into an entry: state CLOSE, no ports, addresses
     0.0.0.0 / ::, shutdown both ways. CRIU then restores an unbound socket and replays the

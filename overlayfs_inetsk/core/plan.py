@@ -30,13 +30,22 @@ from .decide import (
     REWRITTEN,
     VERDICTS,
     Decision,
+    PortContext,
     RewriteOptions,
+    Sock,
     SocketReport,
     decision,
     log_decision,
 )
 from .decide import log as decide_log
-from .entries import Interner, Splicer, close_connection, inet_entries, set_addresses
+from .entries import (
+    Interner,
+    Splicer,
+    close_connection,
+    inet_entries,
+    set_addresses,
+    set_ports,
+)
 from .imagedir import read_group
 from .sockaddr import IPAddress
 from .tree import ImageTree
@@ -58,10 +67,7 @@ class RewriteResult:
     reports: list[SocketReport] = field(default_factory=list)  # only when asked for
     counts: dict[str, int] = field(default_factory=dict)  # verdict -> number of sockets
     problems: list[SocketReport] = field(default_factory=list)  # refused / needs-address
-
-    @property
-    def changed(self) -> int:
-        return self.counts.get(REWRITTEN, 0) + self.counts.get(CLOSED, 0)
+    changed: int = 0  # entries spliced: rewritten, closed, and needs-address ones whose port moves
 
 
 @dataclass
@@ -90,6 +96,24 @@ def _local_addresses(images: Mapping[str, bytes], interner: Interner) -> list[IP
     return list(seen.values())
 
 
+def _port_context(images: Mapping[str, bytes], interner: Interner,
+                  bmap: BoundMap) -> PortContext:
+    """The checkpoint's sockets as the port decisions need them (one more decoding pass,
+    made only when the map moves ports)."""
+
+    def socks() -> Iterator[Sock]:
+        for path, data in images.items():
+            for off, _s, _e, _m, isk in inet_entries(data, path):
+                fam = isk.family  # type: ignore[attr-defined]
+                yield Sock(path, isk.id, isk.type, isk.state, fam,  # type: ignore[attr-defined]
+                           interner.get(fam, tuple(isk.src_addr), path, off, isk, "src_addr"),  # type: ignore[attr-defined]
+                           isk.src_port,  # type: ignore[attr-defined]
+                           interner.get(fam, tuple(isk.dst_addr), path, off, isk, "dst_addr"),  # type: ignore[attr-defined]
+                           isk.dst_port)  # type: ignore[attr-defined]
+
+    return PortContext.build(socks(), bmap)
+
+
 def _check_image(path: str, data: bytes, interner: Interner) -> RewriteResult:
     for off, _s, _e, _m, isk in inet_entries(data, path):
         interner.get(isk.family, tuple(isk.src_addr), path, off, isk, "src_addr")  # type: ignore[attr-defined]
@@ -98,13 +122,15 @@ def _check_image(path: str, data: bytes, interner: Interner) -> RewriteResult:
 
 
 def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
-                options: RewriteOptions, want_reports: bool) -> RewriteResult:
+                options: RewriteOptions, want_reports: bool,
+                ports: PortContext | None = None) -> RewriteResult:
     counts = dict.fromkeys(VERDICTS, 0)
     reports: list[SocketReport] = []
     problems_: list[SocketReport] = []
     # Sockets that agree on (type, state, family, src, dst, peer port) get the same
     # decision, made once: a 10,000-socket image usually has a handful of distinct keys.
     decided: dict[tuple[object, ...], Decision] = {}
+    changed = 0
     splicer = Splicer(data, path)
     replace = splicer.replace
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
@@ -113,14 +139,16 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         src_w = tuple(isk.src_addr)  # type: ignore[attr-defined]
         dst_w = tuple(isk.dst_addr)  # type: ignore[attr-defined]
         dport = isk.dst_port  # type: ignore[attr-defined]
-        key = (isk.type, isk.state, fam, src_w, dst_w, dport)  # type: ignore[attr-defined]
+        key: tuple[object, ...] = (isk.type, isk.state, fam, src_w, dst_w, dport)  # type: ignore[attr-defined]
+        if ports is not None:  # the local port matters too
+            key += (isk.src_port,)  # type: ignore[attr-defined]
         d = decided.get(key)
         if d is None:
             src = interner.get(fam, src_w, path, off, isk, "src_addr")
             dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
             first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,  # type: ignore[attr-defined]
                                  isk.state, src, isk.src_port, dst, dport)  # type: ignore[attr-defined]
-            d = decided[key] = decision(first, bmap, options)
+            d = decided[key] = decision(first, bmap, options, ports)
         proto = d.report
         verdict = proto.verdict
         counts[verdict] += 1
@@ -130,20 +158,22 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             report = SocketReport(
                 path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,  # type: ignore[attr-defined]
                 proto.src, isk.src_port, proto.dst, dport, proto.klass, verdict, proto.reason,  # type: ignore[attr-defined]
-                proto.new_src, proto.new_dst,
+                proto.new_src, proto.new_dst, proto.new_sport, proto.new_dport,
             )
             if want_reports:
                 reports.append(report)
             if verdict != REWRITTEN and verdict != CLOSED and verdict != KEPT:
                 problems_.append(report)
-        if verdict == REWRITTEN:
+        if verdict == REWRITTEN or (verdict == NEEDS_ADDRESS and d.changes):
             set_addresses(isk, d.src_words, d.dst_words)
+            set_ports(isk, proto.new_sport, proto.new_dport)
         elif verdict == CLOSED:
             close_connection(isk)
         else:
             continue
         replace(off, end, msg, isk)
-    return RewriteResult(path, splicer.result(), reports, counts, problems_)
+        changed += 1
+    return RewriteResult(path, splicer.result(), reports, counts, problems_, changed)
 
 
 def plan_checkpoint(
@@ -165,8 +195,9 @@ def plan_checkpoint(
     # follows it: that needs one extra decoding pass, made only when such a destination
     # comes up.
     bmap = amap.bind(lambda: _local_addresses(images, interner), resolve)
+    ports = _port_context(images, interner, bmap) if amap.moves_ports() else None
     return {
-        path: _plan_image(path, data, interner, bmap, options, reports)
+        path: _plan_image(path, data, interner, bmap, options, reports, ports)
         for path, data in images.items()
     }
 

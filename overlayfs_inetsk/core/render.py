@@ -6,12 +6,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .addrmap import AddressMap
 from .decide import VERDICTS, SocketReport
 from .plan import RewriteResult
-from .sockaddr import SOCK_STREAM, fmt_addr, fmt_endpoint
+from .sockaddr import SOCK_STREAM, fmt_addr
 
 JSON_SCHEMA_VERSION = 1
 
@@ -41,6 +41,8 @@ def socket_dict(root: str, r: SocketReport) -> dict[str, object]:
         "dst_port": r.dport,
         "new_src": None if r.new_src is None else fmt_addr(r.new_src),
         "new_dst": None if r.new_dst is None else fmt_addr(r.new_dst),
+        "new_src_port": r.new_sport,
+        "new_dst_port": r.new_dport,
         "verdict": r.verdict,
         "reason": r.reason,
     }
@@ -54,15 +56,34 @@ def summary(results: Mapping[str, RewriteResult]) -> dict[str, int]:
     return {"sockets": sum(counts.values()), **counts}
 
 
-def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteResult]) -> str:
-    doc = {
+def map_sources(amap: AddressMap) -> list[str]:
+    """The rules in force, by their source (address rules, local rules, port rules, the
+    port offset)."""
+    out = [r.source for r in amap.rules] + [lr.source for lr in amap.local.values()]
+    out += [pr.source for pr in amap.port_rules]
+    if amap.port_offset:
+        out.append(amap.port_offset_source)
+    return list(dict.fromkeys(out))
+
+
+def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteResult],
+                ports_taken: Sequence[object] | None = None) -> str:
+    """`ports_taken`: node.portcheck's Clash list when the check ran (inspect --netns);
+    the key is left out when it did not."""
+    doc: dict[str, object] = {
         "schema": JSON_SCHEMA_VERSION,
         "image_dir": os.path.realpath(image_dir),
-        "map": [r.source for r in amap.rules] + [lr.source for lr in amap.local.values()],
+        "map": map_sources(amap),
         "files": [_rel(image_dir, p) for p in results],
         "sockets": [socket_dict(image_dir, r) for res in results.values() for r in res.reports],
         "summary": summary(results),
     }
+    if ports_taken is not None:
+        doc["ports_taken"] = [
+            {"file": _rel(image_dir, c.want.file), "id": c.want.id,  # type: ignore[attr-defined]
+             "proto": c.want.proto, "addr": fmt_addr(c.want.addr),  # type: ignore[attr-defined]
+             "port": c.want.port, "holder": str(c.holder), "where": c.where}  # type: ignore[attr-defined]
+            for c in ports_taken]
     return json.dumps(doc, indent=2) + "\n"
 
 
@@ -83,9 +104,7 @@ def render_table(
             row = [_rel(image_dir, r.file), str(r.id), f"{r.proto_name}{r.family_name[-1]}",
                    r.state_name if r.type == SOCK_STREAM else "-", r.local, r.remote, r.klass]
             if with_map:
-                new_l = fmt_endpoint(r.new_src, r.sport) if r.new_src is not None else "-"
-                new_r = fmt_endpoint(r.new_dst, r.dport) if r.new_dst is not None else "-"
-                row += [new_l, new_r, r.verdict, r.reason]
+                row += [r.new_local or "-", r.new_remote or "-", r.verdict, r.reason]
             rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]

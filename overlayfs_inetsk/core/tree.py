@@ -78,6 +78,8 @@ class ImageTree:
     # where the symlinks to files point: image_dir itself, or a read-only bind of it (the
     # daemon's /run/overlayfs-inetsk/ro/..., so a write through a symlink gets EROFS)
     link_root: bytes = b""
+    # where the view itself is seen (the mountpoint): file links are relative to it when set
+    link_from: bytes | None = None
     nodes: dict[int, Node] = field(default_factory=dict)
     # directory inode -> {socket image name ("files.img"): real path of its original}
     socket_groups: dict[int, dict[str, bytes]] = field(default_factory=dict)
@@ -138,11 +140,17 @@ class ImageTree:
     # -- construction --------------------------------------------------------------------
     @classmethod
     def build(cls, image_dir: str | bytes, serve: ServeMode = "symlink",
-              link_root: str | bytes | None = None) -> ImageTree:
+              link_root: str | bytes | None = None,
+              link_from: str | bytes | None = None) -> ImageTree:
         """Walk IMAGE_DIR (without following symlinks) and build the inode table.
 
         Symlinks to files point at their original's real path, re-rooted under `link_root`
         when given (a path where IMAGE_DIR is bind-mounted read-only; it need not exist yet).
+        With `link_from` (the absolute path where the view itself is seen, e.g. the FUSE
+        mountpoint) those targets are made relative to each link's own directory there: they
+        then resolve from the link's dentry in any mount namespace, e.g. after a container
+        runtime's restored tasks switched into the container's (where an absolute host path
+        does not exist and CRIU fails with "No pagemap-1.img image").
         real_path stays the original's (socket images are read, and named in messages, there).
 
         Raises TreeError when IMAGE_DIR itself is unusable. Entries that cannot be shown
@@ -167,6 +175,11 @@ class ImageTree:
         if not os.path.isabs(root):
             raise TreeError(f"link root {os.fsdecode(root)!r} is not an absolute path")
         tree = cls(image_dir=real, serve=serve, link_root=root.rstrip(b"/") or b"/")
+        if link_from is not None:
+            tree.link_from = os.fsencode(link_from)
+            if not os.path.isabs(tree.link_from):
+                raise TreeError(f"view location {os.fsdecode(tree.link_from)!r} "
+                                "is not an absolute path")
         tree._walk(st)
         return tree
 
@@ -187,12 +200,18 @@ class ImageTree:
     def _inside(self, path: bytes) -> bool:
         return path == self.image_dir or path.startswith(self.image_dir.rstrip(b"/") + b"/")
 
-    def _link_to(self, real: bytes) -> bytes:
-        """What a symlink to the file at `real` (inside image_dir) shows."""
+    def _link_to(self, real: bytes, dino: int) -> bytes:
+        """What a symlink in directory `dino` to the file at `real` (inside image_dir)
+        shows."""
         if self.link_root == self.image_dir:
-            return real
-        rel = os.path.relpath(real, self.image_dir)
-        return self.link_root if rel == "." else os.path.join(self.link_root, rel)
+            target = real
+        else:
+            rel = os.path.relpath(real, self.image_dir)
+            target = self.link_root if rel == "." else os.path.join(self.link_root, rel)
+        if self.link_from is None:
+            return target
+        here = os.path.normpath(os.path.join(self.link_from, self.path(dino)))
+        return os.path.relpath(target, here)
 
     def _walk(self, root_st: os.stat_result) -> None:
         next_ino = ROOT_INODE
@@ -265,7 +284,7 @@ class ImageTree:
                     self.socket_groups.setdefault(dino, {})[_SOCKET_NAMES_B[name]] = real
                 elif self.serve == "symlink":
                     self._add(Node(next_ino, Kind.LINK, name, dino, real, st,
-                                   link_target=self._link_to(real)))
+                                   link_target=self._link_to(real, dino)))
                 else:
                     self._add(Node(next_ino, Kind.FILE, name, dino, real, st))
             stack.extend(reversed(subdirs))

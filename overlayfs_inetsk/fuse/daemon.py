@@ -54,6 +54,8 @@ class MountConfig:
     iface: str | None = None
     strict: bool = False
     tcp_outside: str = "close"
+    port_offset: int | None = None
+    no_port_check: bool = False  # the caller checked the ports to bind (restore, spawn)
     serve: str = "symlink"
     allow_other: bool = False
     systemd: bool = False
@@ -128,7 +130,8 @@ def validate(cfg: MountConfig) -> Prepared:
         raise MountError(f"--serve must be one of {', '.join(SERVE_MODES)}")
     image_real = check_image_dir(cfg.image_dir)
     mp = check_mountpoint(cfg.mountpoint, image_real)
-    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env)
+    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env,
+                                port_offset=cfg.port_offset)
     try:
         options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
     except ValueError as e:
@@ -136,10 +139,11 @@ def validate(cfg: MountConfig) -> Prepared:
     if cfg.netns:
         check_netns(cfg.netns)
     ro_bind = ro_bind_path(mp) if cfg.serve == "symlink" else None
-    tree = ImageTree.build(image_real, cfg.serve, ro_bind)  # type: ignore[arg-type]
+    # relative links: they resolve in a container's mount namespace too (runc restore)
+    tree = ImageTree.build(image_real, cfg.serve, ro_bind, link_from=mp)  # type: ignore[arg-type]
     families = amap.auto_families()
     warnings: list[str] = []
-    resolve = None
+    resolve = found = None
     if families:
         import pyroute2  # noqa: F401  (imported here, not in the first open: about 60 ms)
 
@@ -169,6 +173,11 @@ def validate(cfg: MountConfig) -> Prepared:
     if groups == 0:
         log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
                     cfg.image_dir)
+    elif not warnings and not cfg.no_port_check:
+        from .preflight import plan_ports
+
+        plan_ports(tree, amap, found, options, cfg.netns, cfg.strict,  # type: ignore[arg-type]
+                   warnings.append)
     if not families:
         return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind,
                         warnings=warnings)
@@ -253,7 +262,9 @@ def _setup_logging(cfg: MountConfig) -> _LogState:
         # systemd's journal adds time and pid itself
         fmt = ("%(levelname)s %(name)s: %(message)s" if cfg.systemd
                else "%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler.setFormatter(logging.Formatter(fmt))
+    from ..logsetup import formatter_for  # `<N>` priorities when stderr is the journal
+
+    handler.setFormatter(formatter_for(handler.stream, fmt))
     handler.addFilter(state)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if cfg.verbose else logging.INFO)

@@ -145,7 +145,9 @@ def _lookup(family: int, iface: str | None, where: str) -> IPAddress | None:
             bad = IFA_F_TENTATIVE | IFA_F_DADFAILED | (IFA_F_SECONDARY if family == 6 else 0)
             if _flags(a) & bad:
                 continue
-            addr = a.get_attr("IFA_ADDRESS") or a.get_attr("IFA_LOCAL")
+            # IFA_LOCAL is ours; on a point-to-point link IFA_ADDRESS is the peer's
+            # (iproute2 shows IFA_LOCAL first too); IPv6 often sends IFA_ADDRESS alone
+            addr = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
             if addr:
                 return ipaddress.ip_address(addr)
     return None

@@ -64,6 +64,7 @@ class RestoreConfig:
     iface: str | None = None
     strict: bool = False
     tcp_outside: str = "close"
+    port_offset: int | None = None
     serve: str = "symlink"
     criu_args: Sequence[str] = ()
     work_dir: str | None = None  # kept; default: a temporary dir, removed on success
@@ -152,6 +153,7 @@ class Plan:
     maps: list[str]
     map_defaulted: bool
     tcp_established_added: bool
+    ports_taken: list[Any] = field(default_factory=list)  # portcheck.Clash, warned about
 
 
 def plan(cfg: RestoreConfig) -> Plan:
@@ -162,6 +164,7 @@ def plan(cfg: RestoreConfig) -> Plan:
     from ..core.plan import merged, plan_tree, raise_problems
     from ..core.tree import ImageTree
     from .nodeaddr import check_netns, make_resolver
+    from .portcheck import check_plan
 
     image_real = check_image_dir(cfg.image_dir)
     sub = criu_subdir(image_real)
@@ -169,14 +172,16 @@ def plan(cfg: RestoreConfig) -> Plan:
     if cfg.netns:
         check_netns(cfg.netns)
     maps, defaulted = effective_maps(cfg.maps, cfg.map_files, cfg.env)
-    amap = AddressMap.from_args(maps, cfg.map_files, env=cfg.env)
+    amap = AddressMap.from_args(maps, cfg.map_files, env=cfg.env, port_offset=cfg.port_offset)
     options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
     resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
     results = merged(plan_tree(ImageTree.build(image_real), amap, resolver, options))
     raise_problems(results, options)
+    # a port the restore binds that is taken there: named now, not by CRIU halfway through
+    taken = check_plan(results, cfg.netns, cfg.strict, log.warning)
     add_tcp = (has_tcp_stream(os.path.join(image_real, sub))
                and not any(a in TCP_OPTIONS for a in cfg.criu_args))
-    return Plan(image_real, sub, amap, results, maps, defaulted, add_tcp)
+    return Plan(image_real, sub, amap, results, maps, defaulted, add_tcp, taken)
 
 
 class _Signals:
@@ -282,6 +287,7 @@ def run(cfg: RestoreConfig, prepared: Plan | None = None,
                 image_dir=p.image_real, mountpoint=mountpoint, maps=p.maps,
                 map_files=list(cfg.map_files), netns=cfg.netns, iface=cfg.iface,
                 strict=cfg.strict, tcp_outside=cfg.tcp_outside, serve=cfg.serve,
+                port_offset=cfg.port_offset, no_port_check=True,
                 log_file=os.path.join(work, "mount.log"),
                 verbose=log.isEnabledFor(logging.DEBUG), env=dict(cfg.env))
             daemon_pid, _ = spawn_background(mcfg)
@@ -368,7 +374,7 @@ def render_json(p: Plan, cfg: RestoreConfig, out: RestoreOutcome) -> str:
     """`restore --json`: inspect's document (docs/json.md) plus what restore did."""
     from ..core.render import render_json as inspect_json
 
-    doc = json.loads(inspect_json(p.image_real, p.amap, p.results))
+    doc = json.loads(inspect_json(p.image_real, p.amap, p.results, p.ports_taken))
     doc["netns"] = cfg.netns
     doc["map_defaulted"] = p.map_defaulted
     doc["restore"] = {

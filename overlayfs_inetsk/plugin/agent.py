@@ -20,11 +20,11 @@ import struct
 import threading
 from collections.abc import Callable
 
-from .viewmaker import VIEW_ROOT, make_view, remove_stale_views
+from . import DEFAULT_SOCKET, VIEW_ROOT
+from .viewmaker import make_view, remove_stale_views
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET = "/run/overlayfs-inetsk/agent.sock"
 HEADER = b"OVERLAYFS-INETSK-VIEW 1"
 MAX_REQUEST = 65536
 _UCRED = struct.Struct("3i")
