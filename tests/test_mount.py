@@ -389,6 +389,129 @@ def test_stop_signal_right_after_mounting_unmounts_cleanly(mounts: Mounts, image
         assert not os.path.ismount(mp)
 
 
+def test_auto_follows_the_node_address_between_opens(mounts: Mounts, image: Path,
+                                                     netns: str) -> None:
+    """`auto` is looked up again at every open of a socket image: after the namespace's
+    address changed, the next open serves the new one; an open handle keeps the bytes it
+    opened; an open with no change does not regenerate."""
+    mp = mounts.mountpoint()
+    mounts.mount(image, mp, "--map", "1.2.3.4=auto", "--netns", netns)
+    files = mp / "checkpoint" / "files.img"
+    assert served_src(files.read_bytes())[0] == "10.77.31.7"
+    assert served_src(files.read_bytes())[0] == "10.77.31.7"
+    held = os.open(files, os.O_RDONLY)
+    try:
+        name = os.path.basename(netns)
+        for args in (["addr", "del", "10.77.31.7/24", "dev", "v0"],
+                     ["addr", "add", "10.77.31.8/24", "dev", "v0"],
+                     ["route", "add", "default", "via", "10.77.31.1", "dev", "v0"]):
+            subprocess.run(["ip", "-n", name, *args], check=True, capture_output=True)
+        assert served_src(files.read_bytes())[0] == "10.77.31.8"
+        # the handle opened before the change keeps its bytes
+        assert served_src(os.pread(held, 1 << 20, 0))[0] == "10.77.31.7"
+    finally:
+        os.close(held)
+    log = (mounts.tmp / "mnt.log").read_text()
+    generated = [ln for ln in log.splitlines() if " generated " in ln]
+    assert len(generated) == 2, log  # the unchanged second open reused the first
+    assert "IPv4 10.77.31.7 -> IPv4 10.77.31.8: generating" in log, log
+
+
+def test_refusal_known_at_mount_is_refused_at_mount(mounts: Mounts, image: Path,
+                                                   tmp_path: Path, netns: str) -> None:
+    """--strict and --tcp-outside fail refusals that the map already decides are refused by
+    `mount` itself: one line naming the socket, RewriteError's exit code (5), nothing
+    mounted, no daemon left (background and foreground alike)."""
+    mp = mounts.mountpoint()
+    est = tmp_path / "est"
+    est.mkdir()
+    (est / "files.img").write_bytes(files_img(
+        inet_file_entry(isk(1, "1.2.3.4", 8080)),
+        inet_file_entry(isk(7, "1.2.3.4", 40000, "10.99.0.1", 5555, state=1))))
+    cases = [
+        ((str(image), str(mp), "--map", "1.2.3.4=10.1.1.1", "--strict"), "socket id 3"),
+        ((str(est), str(mp), "--map", "1.2.3.4=10.1.1.1", "--tcp-outside", "fail"),
+         "socket id 7"),
+        # auto resolves now (the namespace has its address): planned fully too
+        ((str(image), str(mp), "--map", "1.2.3.4=auto", "--netns", netns, "--strict"),
+         "socket id 3"),
+    ]
+    for args, word in cases:
+        for fg in ((), ("--foreground",)):
+            cp = subprocess.run([*CLI, "mount", *args, *fg], capture_output=True, text=True,
+                                timeout=60)
+            err = cp.stderr.strip()
+            assert cp.returncode == 5, (args, fg, cp.returncode, err)
+            assert "\n" not in err and word in err and "Traceback" not in err, (args, err)
+            assert not os.path.ismount(mp)
+            assert daemon_pids(tmp_path) == []
+
+
+def test_auto_without_address_warns_at_mount_and_mounts(mounts: Mounts, image: Path,
+                                                        netns: str) -> None:
+    """`auto` with no address in the namespace yet (lo has none of scope global): one
+    WARNING line naming the family and the namespace, the view mounts, and the open fails
+    with EIO until the node has its address."""
+    mp = mounts.mountpoint()
+    cp = mounts.mount(image, mp, "--map", "1.2.3.4=auto", "--netns", netns, "--iface", "lo")
+    warn = [ln for ln in cp.stderr.splitlines() if ln.strip()]
+    assert len(warn) == 1 and "WARNING" in warn[0], cp.stderr
+    assert "IPv4" in warn[0] and netns in warn[0], warn
+    with pytest.raises(OSError) as ei:
+        (mp / "checkpoint" / "files.img").read_bytes()
+    assert ei.value.errno == errno.EIO
+    subprocess.run(["ip", "-n", os.path.basename(netns), "addr", "add", "10.77.32.1/32",
+                    "dev", "lo"], check=True)
+    assert served_src((mp / "checkpoint" / "files.img").read_bytes())[0] == "10.77.32.1"
+
+
+def test_default_log_kept_only_when_worth_reading(mounts: Mounts, image: Path,
+                                                  netns: str) -> None:
+    """The default log (/run/overlayfs-inetsk/<mountpoint>.log) of a daemon that ended
+    cleanly and logged nothing above INFO is removed with it; a warning, a SIGKILL, or an
+    earlier daemon's lines in it keep it (docs/logging.md)."""
+    from overlayfs_inetsk.fuse.spawn import default_log_file
+
+    mp = mounts.mountpoint()
+    log = Path(default_log_file(str(mp)))
+
+    def mount(*opts: str) -> None:
+        cp = subprocess.run([*CLI, "mount", str(image), str(mp), *opts], capture_output=True,
+                            text=True, timeout=60)
+        assert cp.returncode == 0 and str(log) in cp.stdout, cp.stderr
+
+    try:
+        mount(*MAP)
+        assert log.exists()  # while mounted
+        (mp / "checkpoint" / "files.img").read_bytes()
+        assert mounts.umount(mp).returncode == 0
+        _wait_gone(log)
+        # a warning: kept
+        mount("--map", "1.2.3.4=auto", "--netns", netns, "--iface", "lo")
+        assert mounts.umount(mp).returncode == 0
+        time.sleep(1)
+        assert "WARNING" in log.read_text()
+        log.unlink()
+        # killed: kept; the next clean daemon appends and keeps it too
+        mount(*MAP)
+        [pid] = daemon_pids(mounts.tmp)
+        os.kill(pid, signal.SIGKILL)
+        assert mounts.umount(mp).returncode == 0
+        mount(*MAP)
+        assert mounts.umount(mp).returncode == 0
+        time.sleep(1)
+        assert log.read_text().count(" ready") == 2
+    finally:
+        log.unlink(missing_ok=True)
+
+
+def _wait_gone(path: Path, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while path.exists():
+        assert time.monotonic() < end, f"{path} is still there: {path.read_text()}"
+        time.sleep(0.05)
+
+
 def test_under_systemd_every_log_line_carries_its_priority(mounts: Mounts, image: Path,
                                                            tmp_path: Path) -> None:
     """stderr is the journal ($JOURNAL_STREAM names it): every line the daemon logs starts
@@ -435,7 +558,8 @@ def test_port_taken_in_netns_warns_and_strict_refuses(mounts: Mounts, image: Pat
     with in_netns(netns, hold):
         mp = mounts.mountpoint()
         cp = mounts.mount(image, mp, *opts)
-        assert (f"warning: {image}/checkpoint/files.img: socket id 3: udp 10.77.31.7:5353 is "
+        # the daemon's warning, passed to the mount command through its ready pipe
+        assert (f"WARNING {image}/checkpoint/files.img: socket id 3: udp 10.77.31.7:5353 is "
                 f"taken in netns {netns} by udp 0.0.0.0:5353 bound") in cp.stderr
         assert mounts.umount(mp).returncode == 0
         mp2 = mounts.mountpoint("mnt2")
