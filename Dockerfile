@@ -18,9 +18,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
       python3-dev python3-venv python3-pip xz-utils ca-certificates dpkg-dev \
       debian-archive-keyring \
     && rm -rf /var/lib/apt/lists/*
-# deb-src ONLY for sid: a binary (`Types: deb`) sid entry would upgrade libc
-RUN printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-      > /etc/apt/sources.list.d/criu-src.sources \
+# deb-src ONLY for sid (a binary sid entry would upgrade libc), on the base image's own mirror
+COPY scripts/apt-mirror.sh /tmp/apt-mirror.sh
+RUN bash -c ". /tmp/apt-mirror.sh && criu_src_entry" > /etc/apt/sources.list.d/criu-src.sources \
     && apt-get update \
     && mkdir -p /src && cd /src \
     && apt-get source --download-only --tar-only "criu=${CRIU_DEB_VERSION}" \

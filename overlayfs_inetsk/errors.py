@@ -39,6 +39,16 @@ class RewriteError(InetskError):
     exit_code = 5
 
 
+class PortRangeError(RewriteError):
+    """A port offset pushes a socket's port out of 1..65535: exit code 5. The planner turns
+    it into a refused socket, named."""
+
+
+class PortTakenError(RewriteError):
+    """With --strict, a port the restore would bind is taken in the target network
+    namespace: exit code 5 (without --strict it is a warning)."""
+
+
 class MountError(InetskError):
     """The mount cannot be made or found (mountpoint, fuse, not our mount): exit code 6."""
 

@@ -54,6 +54,18 @@ def stream_is_journal(stream: IO[Any], env: Mapping[str, str] | None = None) -> 
         return False
 
 
+def formatter_for(stream: IO[Any], fmt: str,
+                  env: Mapping[str, str] | None = None) -> logging.Formatter:
+    """Formatter(fmt) for lines on `stream`; JournalFormatter(fmt) when it is the journal."""
+    return (JournalFormatter if stream_is_journal(stream, env) else logging.Formatter)(fmt)
+
+
+def error_prefix(stream: IO[Any] | None = None) -> str:
+    """`<3>` (LOG_ERR) for a line printed outside logging, e.g. the CLI's one-line error,
+    when `stream` (stderr) is the journal; else nothing."""
+    return "<3>" if stream_is_journal(sys.stderr if stream is None else stream) else ""
+
+
 def level_for(verbosity: int = 0, quiet: bool = False) -> int:
     if quiet:
         return logging.WARNING
@@ -66,10 +78,9 @@ def setup(verbosity: int = 0, quiet: bool = False, stream: IO[Any] | None = None
     handlers an earlier call installed (idempotent)."""
     stream = sys.stderr if stream is None else stream
     handler = logging.StreamHandler(stream)
-    if stream_is_journal(stream, env):
-        handler.setFormatter(JournalFormatter("%(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    journal = stream_is_journal(stream, env)
+    handler.setFormatter(formatter_for(stream, "%(message)s" if journal else
+                                       "%(levelname)s %(message)s", env))
     handler.set_name("overlayfs-inetsk-cli")
     root = logging.getLogger()
     for h in list(root.handlers):

@@ -43,7 +43,8 @@ def write_view_dir(
     results: dict[str, RewriteResult] | None = None,
 ) -> dict[str, RewriteResult]:
     """`tree` and `results`: an ImageTree of image_dir and its plan, made by the caller
-    (they are made here when absent)."""
+    (they are made here when absent; a caller's tree decides the links itself, e.g.
+    ImageTree.build(link_from=OUT_DIR's real path) for relative ones)."""
     root = check_image_dir(image_dir)
     out_abs = os.path.abspath(out_dir)
     if inside(os.path.realpath(out_abs), root):
@@ -59,7 +60,10 @@ def write_view_dir(
 
     # All rewriting happens before anything is written, so errors leave nothing behind.
     if tree is None:
-        tree = ImageTree.build(root)
+        # relative links are made relative to where the view will be (its real path)
+        links_from = os.path.join(os.path.realpath(parent), os.path.basename(out_abs))
+        tree = ImageTree.build(root, link_from=links_from if relative_links else None)
+    tree.refuse_outside_parent()
     if results is None:
         results = {}
         for cp in plan_tree(tree, amap, resolve, options):
@@ -69,9 +73,7 @@ def write_view_dir(
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_abs)}.", dir=parent)
     try:
         os.chmod(tmp, 0o755)
-        links_from = os.path.join(os.path.realpath(parent), os.path.basename(out_abs))
-        _populate(tree, os.fsencode(tmp), results,
-                  os.fsencode(links_from) if relative_links else None)
+        _populate(tree, os.fsencode(tmp), results)
         _write_marker(os.path.join(tmp, VIEW_MARKER))
         os.rename(tmp, out_abs)  # replaces an empty OUT_DIR atomically
     except BaseException:
@@ -90,9 +92,7 @@ def _write_marker(path: str) -> None:
                 "rewritten already\n")
 
 
-def _populate(tree: ImageTree, tmp: bytes, results: dict[str, RewriteResult],
-              links_from: bytes | None = None) -> None:
-    """links_from: where the view will be (its real path), to make links relative to."""
+def _populate(tree: ImageTree, tmp: bytes, results: dict[str, RewriteResult]) -> None:
     # parents come before their children in the inode table
     for node in tree.nodes.values():
         if node.inode == ROOT_INODE:
@@ -106,8 +106,4 @@ def _populate(tree: ImageTree, tmp: bytes, results: dict[str, RewriteResult],
                 f.write(results[os.fsdecode(node.real_path)].data)
         else:
             assert node.link_target is not None
-            target = node.link_target
-            if links_from is not None and os.path.isabs(target):
-                here = os.path.dirname(os.path.join(links_from, tree.path(node.inode)))
-                target = os.path.relpath(target, here)
-            os.symlink(target, dest)
+            os.symlink(node.link_target, dest)

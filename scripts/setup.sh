@@ -7,7 +7,8 @@
 #   4. the CRIU plugin built (plugin/build/) and copied to /usr/local/lib/overlayfs-inetsk/, where
 #      `overlayfs-inetsk plugin install` takes it from (installing it into CRIU's plugin dir
 #      is that command's job: setup changes no restore by itself);
-#   5. test-only: CRIU 4.2.1 with the UPDATE_INETSK hook in $CACHE/criu-hook/prefix.
+#   5. test-only: CRIU 4.2.1 with the UPDATE_INETSK hook in $CACHE/criu-hook/prefix;
+#   6. scripts/setup-containers.sh: Podman, runc, containerd and the base image.
 set -euo pipefail
 
 CRIU_VERSION=4.2.1
@@ -51,14 +52,11 @@ if ! criu_ok || ! pycriu_ok; then
     # deb-src only: a `Types: deb` line for sid would upgrade libc on the next install.
     srcfile=/etc/apt/sources.list.d/overlayfs-inetsk-criu-src.sources
     if [ ! -f "$srcfile" ]; then
-      log "adding a deb-src (only) entry for sid to fetch criu's source package"
-      cat > "$srcfile" <<SRC
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: sid
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
+      log "adding a deb-src (only) entry for sid, on this machine's Debian mirror"
+      # shellcheck source=scripts/apt-mirror.sh
+      . "$ROOT/scripts/apt-mirror.sh"
+      entry=$(criu_src_entry) || die "cannot pick a mirror from /etc/apt (see above)"
+      printf '%s\n' "$entry" > "$srcfile"
     fi
     apt-get update -qq
     log "fetching criu=$CRIU_DEB_VERSION source"
@@ -113,4 +111,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/overlayfs-inetsk" --help >/dev/null || die ".venv/bin/overlayfs-inetsk --help failed"
+
+# --- container runtimes (Podman, runc, containerd, the base image) for the runtime tests and
+# bench; OVERLAYFS_INETSK_NO_CONTAINERS=1 skips them (those tests then skip) -------------
+if [ "${OVERLAYFS_INETSK_NO_CONTAINERS:-}" != 1 ]; then
+  bash "$ROOT/scripts/setup-containers.sh"
+fi
 log "ready: $VENV/bin/overlayfs-inetsk"

@@ -84,6 +84,8 @@ MAPS = [
     AddressMap.from_args(["10.0.1.5=auto", "fd00::5=auto"]),
     AddressMap.from_args(["local=auto"]),
     AddressMap.from_args([]),
+    AddressMap.from_args(["local=10.77.0.7", ":80=:8080", "10.0.1.5:53=[::ffff:10.0.1.6]:5353"],
+                         port_offset=60000),
 ]
 OPTIONS = [RewriteOptions(strict=s, tcp_outside=f) for s in (False, True)
            for f in ("close", "keep", "fail")]

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from overlayfs_inetsk.core.addrmap import AddressMap
-from overlayfs_inetsk.errors import MapError, RewriteError
+from overlayfs_inetsk.errors import MapError, PortRangeError, RewriteError
 
 
 def A(s):
@@ -156,3 +156,195 @@ def test_bad_map_files_name_the_file(tmp_path, name, text, fragment):
 def test_missing_map_file(tmp_path):
     with pytest.raises(MapError, match="cannot read map file"):
         AddressMap.from_args([], [str(tmp_path / "nope.toml")])
+
+
+# --- ports -----------------------------------------------------------------------------
+
+def ep(bmap, addr, port):
+    got = bmap.endpoint(A(addr), port)
+    return None if got is None else (str(got.addr), got.port)
+
+
+def ports(specs, offset=None, locals_=(), resolve=None):
+    return AddressMap.from_args(specs, port_offset=offset).bind([A(x) for x in locals_], resolve)
+
+
+def test_port_rule_forms():
+    m = ports(["10.0.0.1:80=10.0.0.2:8080", "[fd00::1]:80=[fd00::2]:8080", ":53=:5353",
+               "10.0.0.1:443=:8443"])
+    assert ep(m, "10.0.0.1", 80) == ("10.0.0.2", 8080)
+    assert ep(m, "fd00::1", 80) == ("fd00::2", 8080)
+    assert ep(m, "10.0.0.9", 80) is None  # another address: not named
+    assert ep(m, "0.0.0.0", 53) == ("0.0.0.0", 5353)  # any address, both families
+    assert ep(m, "::", 53) == ("::", 5353)
+    assert ep(m, "127.0.0.1", 53) == ("127.0.0.1", 5353)
+    assert ep(m, "10.0.0.1", 443) == ("10.0.0.1", 8443)  # address kept (no address rule)
+    assert ep(m, "10.0.0.1", 22) is None
+
+
+def test_port_rule_keeps_the_address_the_address_rules_give():
+    m = ports(["10.0.0.1:80=:8080", "10.0.0.1=10.9.0.1"])
+    got = m.endpoint(A("10.0.0.1"), 80)
+    assert (str(got.addr), got.port) == ("10.9.0.1", 8080)
+    assert got.addr_by == "--map 10.0.0.1=10.9.0.1" and got.port_by == "--map 10.0.0.1:80=:8080"
+    assert ep(m, "10.0.0.1", 81) == ("10.9.0.1", 81)  # other ports: the address only
+    m = ports(["10.0.0.1:80=:8080"], locals_=["10.0.0.1"])
+    m2 = AddressMap.from_args(["10.0.0.1:80=:8080", "local=10.9.0.7"]).bind([A("10.0.0.1")], None)
+    assert ep(m2, "10.0.0.1", 80) == ("10.9.0.7", 8080)
+    assert ep(m, "10.0.0.1", 80) == ("10.0.0.1", 8080)
+
+
+def test_port_rules_on_ipv4_mapped_sockets_stay_mapped():
+    m = ports(["10.0.0.1:80=10.0.0.2:8080", "[::ffff:10.0.0.3]:80=:8081"])
+    assert ep(m, "::ffff:10.0.0.1", 80) == ("::ffff:a00:2", 8080)
+    assert ep(m, "10.0.0.3", 80) == ("10.0.0.3", 8081)  # old side read as IPv4
+    assert ep(m, "::ffff:10.0.0.3", 80) == ("::ffff:a00:3", 8081)
+
+
+def test_port_rule_new_address_auto():
+    m = ports(["10.0.0.1:80=auto:8080"], resolve=lambda v: A("10.7.7.7") if v == 4 else None)
+    assert ep(m, "10.0.0.1", 80) == ("10.7.7.7", 8080)
+    assert AddressMap.from_args(["10.0.0.1:80=auto:8080"]).auto_families() == {4}
+
+
+def test_port_offset_moves_every_nonzero_local_port_and_rules_win():
+    m = ports([":80=:9000", "10.0.0.1=10.9.0.1"], offset=1000)
+    assert ep(m, "0.0.0.0", 53) == ("0.0.0.0", 1053)
+    assert ep(m, "10.0.0.1", 40000) == ("10.9.0.1", 41000)
+    assert ep(m, "10.0.0.1", 80) == ("10.9.0.1", 9000)  # the rule, not the offset
+    assert ep(m, "10.0.0.1", 0) == ("10.9.0.1", 0)  # unbound: port stays 0
+    assert ep(m, "0.0.0.0", 0) is None
+    assert ports([], offset=-20).endpoint(A("::"), 1000).port == 980
+
+
+def test_port_offset_past_65535_names_the_port_when_applied():
+    m = ports([], offset=1000)
+    for _ in range(2):  # the error is cached too
+        with pytest.raises(PortRangeError, match=r"port 65000 \+1000 = 66000 is out of range.*"
+                                                 r"--port-offset 1000"):
+            m.endpoint(A("10.0.0.1"), 65000)
+    with pytest.raises(PortRangeError, match="= 0 is out of range"):
+        ports([], offset=-10).endpoint(A("10.0.0.1"), 10)
+
+
+def test_endpoint_is_cached():
+    m = ports([":80=:8080"])
+    assert m.endpoint(A("10.0.0.1"), 80) is m.endpoint(A("10.0.0.1"), 80)
+
+
+def test_moves_ports_and_is_empty():
+    assert not AddressMap.from_args(["10.0.0.1=10.0.0.2"]).moves_ports()
+    assert AddressMap.from_args([":1=:2"]).moves_ports()
+    assert AddressMap.from_args([], port_offset=3).moves_ports()
+    assert not AddressMap.from_args([], port_offset=0).moves_ports()
+    assert not AddressMap.from_args([], port_offset=3).is_empty()
+
+
+def test_names_endpoint():
+    m = ports(["10.0.0.1:80=:8080", ":81=:8081"])
+    assert m.names_endpoint(A("10.0.0.1"), 80)
+    assert not m.names_endpoint(A("10.0.0.1"), 81)  # any-address rules name no peer
+    assert not m.names_endpoint(A("10.0.0.2"), 80)
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        (":0=:80", "port 0 is no port"),
+        (":80=:0", "port 0 is no port"),
+        (":80=:65536", "port 65536 is out of range (1-65535)"),
+        (":99999=:80", "out of range"),
+        (":http=:80", "port 'http' is not a number"),
+        (":-1=:80", "is not a number"),
+        ("10.0.0.1:80=10.0.0.2", "needs a port on both sides"),
+        ("10.0.0.1=:80", "needs a port on both sides"),
+        (":80=10.0.0.2:8080", "cannot name a new address"),
+        (":80=auto:8080", "cannot name a new address"),
+        ("10.0.0.1:80=[fd00::1]:80", "maps IPv4 to IPv6"),
+        ("10.0.0.0/24:80=:81", "not a prefix"),
+        ("[fd00::1:80=:81", "lacks the closing ]"),
+        ("[fd00::1]80=:81", "expected :PORT after ]"),
+        ("banana:80=:81", "not an IPv4 or IPv6 address"),
+    ],
+)
+def test_bad_port_rules(spec, fragment):
+    with pytest.raises(MapError) as ei:
+        AddressMap.from_args([spec])
+    msg = str(ei.value)
+    assert fragment in msg and f"--map {spec}" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "specs, fragment",
+    [
+        ([":80=:8080", ":81=:8080"], "moves onto the port --map :80=:8080 moves onto (8080)"),
+        (["10.0.0.1:80=:8080", "10.0.0.1:81=:8080"], "moves onto the port"),
+        (["10.0.0.1:80=10.0.0.9:8080", "10.0.0.2:80=10.0.0.9:8080"], "moves onto the port"),
+        ([":80=:8080", "10.0.0.1:81=:8080"], "moves onto the port"),
+        ([":80=:8080", "10.0.0.1:80=:9090"], "overlaps --map :80=:8080"),
+        (["10.0.0.1:80=:8080", "[::ffff:10.0.0.1]:80=:9090"], "overlaps"),
+        ([":80=:8080", ":80=:9090"], "overlaps"),
+    ],
+)
+def test_conflicting_port_rules(specs, fragment):
+    with pytest.raises(MapError) as ei:
+        AddressMap.from_args(specs)
+    assert fragment in str(ei.value)
+    assert str(ei.value).startswith(f"--map {specs[1]}:")
+
+
+def test_port_rules_that_do_not_clash():
+    # a swap; one port on two different addresses (a group map: each host its own); the
+    # same new port on two named new addresses
+    AddressMap.from_args([":80=:81", ":81=:80"])
+    AddressMap.from_args(["10.0.0.1:80=:8080", "10.0.0.2:80=:8080"])
+    AddressMap.from_args(["10.0.0.1:80=10.0.0.8:8080", "10.0.0.2:80=10.0.0.9:8080"])
+
+
+def test_address_rules_still_take_bracketed_ipv6():
+    m = bound(["[fd00::1]=[fd00::2]"])
+    assert new(m, "fd00::1") == "fd00::2"
+
+
+def test_port_rules_and_offset_in_map_files(tmp_path):
+    t = tmp_path / "m.toml"
+    t.write_text('port-offset = 1000\nrules = [":53=:5353"]\n[map]\n'
+                 '"10.0.0.1:80" = ":8080"\n"[fd00::1]:80" = "[fd00::2]:8080"\n')
+    j = tmp_path / "m.json"
+    j.write_text(json.dumps({"map": {"10.0.0.2:80": "10.0.0.3:81"}}))
+    amap = AddressMap.from_args([], [str(t), str(j)])
+    assert amap.port_offset == 1000 and amap.port_offset_source == f"{t}: port-offset"
+    m = amap.bind([], None)
+    assert ep(m, "10.0.0.1", 80) == ("10.0.0.1", 8080)
+    assert ep(m, "fd00::1", 80) == ("fd00::2", 8080)
+    assert ep(m, "10.0.0.2", 80) == ("10.0.0.3", 81)
+    assert ep(m, "::", 53) == ("::", 5353)
+    assert ep(m, "::", 22) == ("::", 1022)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('port-offset = "1000"', "port-offset must be an integer"),
+        ("port-offset = true", "port-offset must be an integer"),
+        ("port-offset = 70000", "port offset 70000 is out of range"),
+        ('rules = [":0=:80"]', "rules[0]: rule ':0=:80': port 0"),
+        ('[map]\n":80" = ":8080"\n":81" = ":8080"', "map[':81']: moves onto the port"),
+    ],
+)
+def test_bad_port_settings_in_map_files(tmp_path, text, fragment):
+    f = tmp_path / "m.toml"
+    f.write_text(text)
+    with pytest.raises(MapError) as ei:
+        AddressMap.from_args([], [str(f)])
+    assert str(ei.value).startswith(str(f)) and fragment in str(ei.value)
+
+
+def test_port_offset_given_twice_or_out_of_range(tmp_path):
+    f = tmp_path / "m.toml"
+    f.write_text("port-offset = 1000\n")
+    with pytest.raises(MapError, match=r"--port-offset 5: a second port offset \(first: .*m.toml"):
+        AddressMap.from_args([], [str(f)], port_offset=5)
+    with pytest.raises(MapError, match="--port-offset 65535: port offset 65535 is out of range"):
+        AddressMap.from_args([], port_offset=65535)

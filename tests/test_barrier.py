@@ -4,7 +4,9 @@ a tmp dir as the barrier dir. The lock rules are checked as text (no netfilter h
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -152,3 +154,74 @@ def test_barrier_script_runs_without_arguments(tmp_path):
     cp = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert cp.returncode == 7
     assert cp.stderr.startswith("overlayfs-inetsk: error: member C: group already released")
+
+
+@pytest.fixture
+def bare_netns():
+    """A fresh network namespace (its own, empty netfilter tables), always removed."""
+    name = f"oitb{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def _in_ns(ns: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nsenter", f"--net={ns}", *argv], capture_output=True, text=True,
+                          timeout=60)
+
+
+_LOCK_SNIPPET = """
+import sys
+from overlayfs_inetsk.node import barrier
+conns = [(4, "10.77.0.3", 40000, "10.77.0.4", 7400), (4, "10.77.0.3", 40001, "10.77.0.4", 7400),
+         (6, "fd77::3", 40002, "fd77::4", 7400)]
+if sys.argv[1] == "lock":
+    print(len(barrier.lock(conns)))
+else:
+    try:
+        barrier.unlock(conns)
+    except barrier.BarrierError as exc:
+        print(exc)
+        sys.exit(7)
+"""
+
+
+def _drops(ns: str) -> list[str]:
+    out = _in_ns(ns, "iptables-save").stdout + _in_ns(ns, "ip6tables-save").stdout
+    return [line for line in out.splitlines() if line.endswith("-j DROP")]
+
+
+@pytest.mark.root
+def test_unlock_removes_every_rule_left_and_reports_a_missing_one(bare_netns):
+    """Real netfilter in a test-made netns: one rule of a locked connection was removed by
+    hand; unlock still removes all the others (IPv4 and IPv6) and says which was missing."""
+    py = [sys.executable, "-c", _LOCK_SNIPPET]
+    cp = _in_ns(bare_netns, *py, "lock")
+    assert cp.returncode == 0 and cp.stdout == "3\n", cp.stderr
+    assert len(_drops(bare_netns)) == 6
+    gone = barrier.lock_rules((4, "10.77.0.3", 40000, "10.77.0.4", 7400))[1]  # OUTPUT
+    assert _in_ns(bare_netns, "iptables", "-w", *gone[:2], "-D", *gone[2:]).returncode == 0
+    cp = _in_ns(bare_netns, *py, "unlock")
+    assert _drops(bare_netns) == []
+    assert cp.returncode == 7, (cp.stdout, cp.stderr)
+    assert cp.stdout.count("\n") == 1, cp.stdout
+    assert "not present" in cp.stdout and "10.77.0.3:40000 -> 10.77.0.4:7400" in cp.stdout
+    assert "40001" not in cp.stdout and "fd77" not in cp.stdout
+
+
+@pytest.mark.root
+def test_unlock_is_one_restore_batch_per_family(bare_netns):
+    """Every rule of a family goes in one atomic `iptables-restore --noflush` run."""
+    conns = [(4, "10.77.0.3", 1, "10.77.0.4", 2), (4, "10.77.0.3", 3, "10.77.0.4", 4),
+             (6, "fd77::3", 5, "fd77::4", 6)]
+    script = ("import sys, subprocess\nfrom overlayfs_inetsk.node import barrier\n"
+              f"conns = {conns!r}\nbarrier.lock(conns)\nlog = []\nreal = subprocess.run\n"
+              "def spy(argv, *a, **kw):\n    log.append(argv[0])\n    return real(argv, *a, **kw)\n"
+              "subprocess.run = spy\nbarrier.unlock(conns)\nprint(' '.join(log))\n")
+    cp = _in_ns(bare_netns, sys.executable, "-c", script)
+    assert cp.returncode == 0, cp.stderr
+    ran = cp.stdout.split()
+    assert ran.count("iptables-restore") == 1 and ran.count("ip6tables-restore") == 1
+    assert "-D" not in ran and _drops(bare_netns) == []

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -57,15 +58,18 @@ def test_inspect_json_with_map(image_dir, capsys):
     assert doc["summary"] == {"sockets": 3, "rewritten": 1, "closed": 0, "kept": 1,
                               "needs-address": 1, "refused": 0}
     s = {x["id"]: x for x in doc["sockets"]}
-    assert set(s[2]) == {"file", "offset", "id", "ino", "family", "proto", "state", "class",
-                         "src", "src_port", "dst", "dst_port", "new_src", "new_dst", "verdict",
-                         "reason"}
+    assert set(s[2]) == {"file", "offset", "id", "ino", "family", "type", "proto", "state",
+                         "class", "src", "src_port", "dst", "dst_port", "new_src", "new_dst",
+                         "new_src_port", "new_dst_port", "verdict", "reason"}
     assert (s[2]["proto"], s[2]["state"], s[2]["class"]) == ("tcp", "LISTEN", "listener")
     assert (s[2]["src"], s[2]["new_src"], s[2]["verdict"]) == ("10.0.1.5", "10.9.0.7", "rewritten")
     assert (s[3]["proto"], s[3]["family"], s[3]["verdict"]) == ("udp", "ipv6", "needs-address")
     assert s[4]["verdict"] == "kept"
 
 
+# inspecting a `rewrite` output: its links point at the image dir, outside the dir inspected
+@pytest.mark.expect_log(logging.WARNING, r"^left out (pages-1|inventory)\.img|^left out "
+                        r"checkpoint-extra/config\.dump: symlink points outside the image dir")
 def test_rewrite_writes_view_dir_and_never_touches_image(image_dir, tmp_path, capsys):
     before = snapshot(image_dir)
     out = tmp_path / "view"
@@ -107,6 +111,7 @@ def test_rewrite_failure_leaves_no_out_dir(image_dir, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".view")] == []
 
 
+@pytest.mark.expect_log(logging.WARNING, r"^left out escape: symlink points outside")
 def test_symlink_escaping_image_dir_left_out(image_dir, tmp_path):
     secret = tmp_path / "secret"
     secret.write_text("x")
@@ -155,3 +160,36 @@ def test_socket_image_symlink_refused(tmp_path):
     os.symlink(real, d / "files.img")
     p = subprocess.run([EXE, "inspect", str(d)], capture_output=True, text=True)
     assert p.returncode == 4 and "is a symlink" in p.stderr
+
+
+# runs the CLI with `pycriu` (or another module) missing, as on an install that lacks it
+_HIDE = """
+import importlib.abc, runpy, sys
+HIDE = sys.argv.pop(1)
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == HIDE or name.startswith(HIDE + "."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Hide())
+sys.argv[0] = "overlayfs-inetsk"
+runpy.run_module("overlayfs_inetsk.cli", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("cmd", [["inspect"], ["rewrite", "--map", "local=10.9.0.7"]])
+def test_missing_pycriu_is_one_line_naming_the_fix(image_dir, tmp_path, cmd):
+    argv = [cmd[0], str(image_dir), *([str(tmp_path / "out")] if cmd[0] == "rewrite" else []),
+            *cmd[1:]]
+    p = subprocess.run([sys.executable, "-c", _HIDE, "pycriu", *argv], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 69, p.stderr  # EX_UNAVAILABLE, docs/cli.md
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("overlayfs-inetsk: error: Python module pycriu is missing")
+    assert "scripts/setup.sh" in p.stderr
+
+
+def test_a_missing_module_of_our_own_is_still_a_bug(image_dir):
+    p = subprocess.run([sys.executable, "-c", _HIDE, "overlayfs_inetsk.core.render", "inspect",
+                        str(image_dir)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 70 and "Traceback" in p.stderr

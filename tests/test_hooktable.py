@@ -87,3 +87,16 @@ def test_table_size_limit(limit, ok):
     assert (hp.entries is not None) is ok
     if not ok:
         assert hp.why_not == "more than 3 distinct sockets for the hook"
+
+
+@pytest.mark.parametrize("specs", [("10.77.0.1:7001=10.77.0.2:9001",), (":7001=:9001",),
+                                   ("local=10.77.0.2",)])
+def test_a_port_move_needs_the_view(specs):
+    """The hook changes addresses only: a plan that moves a port is not a hook table."""
+    amap_specs = list(specs)
+    images = {"files.img": files_img(inet_file_entry(isk(1, A, 7001)))}
+    offset = None if specs != ("local=10.77.0.2",) else 1000
+    amap = AddressMap.from_args(amap_specs, port_offset=offset)
+    hp = hook_plan(plan_group(images, amap, None, RewriteOptions(), reports=True))
+    assert hp.entries is None
+    assert "moves to another port" in hp.why_not

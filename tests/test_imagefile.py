@@ -63,3 +63,29 @@ def test_magics_are_pycriu_s() -> None:
     assert imagefile.IMG_COMMON == magic.by_name["IMG_COMMON"]
     assert imagefile.FILES_MAGIC == magic.by_name["FILES"]
     assert imagefile.INETSK_MAGIC == magic.by_name["INETSK"]
+
+
+# -- the testbed's check of every test dump: decode and re-encode each entry with pycriu's
+#    classes (as CRIU's test/crit-recode.py does), not only split and join the frames
+def test_recode_check_passes_canonical_images(tmp_path):
+    from inetsk_testbed import criu as tb_criu
+    from inetsk_testbed.imagefactory import inetsk_img
+
+    (tmp_path / "files.img").write_bytes(files_img(
+        reg_file_entry(1), inet_file_entry(isk(2, "10.0.0.1", 80)),
+        inet_file_entry(isk(3, "fd00::1", 53, proto="udp"))))
+    (tmp_path / "inetsk.img").write_bytes(inetsk_img(isk(4, "10.0.0.2", 81)))
+    tb_criu.check_codec_identity(tmp_path)
+
+
+@pytest.mark.parametrize("payload", [
+    inet_file_entry(isk(2, "10.0.0.1", 80)) + b"\x08\x04",  # `type` again (last one wins)
+    b"\x10\x02\x08\x04",  # id before type: valid, but not how protobuf writes it
+    b"\x08\x04\x10",  # truncated: not a file_entry at all
+])
+def test_recode_check_catches_what_splitting_frames_cannot(tmp_path, payload):
+    from inetsk_testbed import criu as tb_criu
+
+    (tmp_path / "files.img").write_bytes(files_img(reg_file_entry(1), payload))
+    with pytest.raises(AssertionError, match=r"files\.img: entry 1 at offset \d+"):
+        tb_criu.check_codec_identity(tmp_path)

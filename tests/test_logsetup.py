@@ -64,6 +64,8 @@ def test_terminal_format_is_level_then_message():
     assert buf.getvalue() == "INFO hello there\n"
 
 
+@pytest.mark.expect_log(logging.WARNING, "^two\nlines$")
+@pytest.mark.expect_log(logging.ERROR, "^e$")
 def test_journal_format_when_stderr_is_the_journal_stream():
     with tempfile.TemporaryFile("w+") as f:
         st = os.fstat(f.fileno())
@@ -122,3 +124,22 @@ def test_cli_verbose_prints_decisions_to_stderr(tmp_path):
     cp = subprocess.run([*cmd, "inspect", str(img), "--map", "local=10.77.0.2"],
                         capture_output=True, text=True, env=env, timeout=60)
     assert cp.returncode == 0 and cp.stderr == ""
+
+
+def test_cli_error_line_carries_err_priority_on_the_journal(tmp_path):
+    """The one-line error of a failed command (e.g. a --foreground mount refused under
+    systemd) is priority 3 on the journal, plain on a terminal or file."""
+    with open(tmp_path / "journal", "w+") as journal:
+        st = os.fstat(journal.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        cp = subprocess.run([sys.executable, "-m", "overlayfs_inetsk.cli", "inspect",
+                             str(tmp_path / "nope")], stderr=journal, stdout=subprocess.PIPE,
+                            env=env, timeout=60)
+        journal.seek(0)
+        text = journal.read()
+    assert cp.returncode != 0
+    assert text.startswith("<3>overlayfs-inetsk: error: ") and text.count("\n") == 1, text
+    cp2 = subprocess.run([sys.executable, "-m", "overlayfs_inetsk.cli", "inspect",
+                          str(tmp_path / "nope")], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert cp2.stderr == text[3:]

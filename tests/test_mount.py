@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import re
 import secrets
 import signal
 import socket
@@ -19,9 +20,6 @@ import pytest
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
 from pycriu.images import fdinfo_pb2
-from overlayfs_inetsk.core.addrmap import AddressMap
-from overlayfs_inetsk.core.decide import RewriteOptions
-from overlayfs_inetsk.core.plan import rewrite_checkpoint
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -146,13 +144,6 @@ def image(tmp_path: Path) -> Path:
     return root
 
 
-def expected_files_img(image: Path, *specs: str) -> bytes:
-    path = str(image / "checkpoint" / "files.img")
-    data = Path(path).read_bytes()
-    return rewrite_checkpoint({path: data}, AddressMap.from_args(specs), None,
-                         RewriteOptions())[path].data
-
-
 MAP = ("--map", "1.2.3.4=10.200.200.200", "--map", "10.0.1.0/24=10.9.0.0/24")
 
 
@@ -170,14 +161,22 @@ def test_mount_serves_rewritten_and_original_bytes(mounts: Mounts, image: Path) 
     assert "ro" in opts.split(",") and "default_permissions" in opts
     assert "allow_other" not in opts
     served = (mp / "checkpoint" / "files.img").read_bytes()
-    assert served == expected_files_img(image, *MAP[1::2])
+    # the image fixture's entries with MAP applied, built here with pycriu's classes (not
+    # by the production rewrite)
+    assert served == files_img(inet_file_entry(isk(1, "10.200.200.200", 8080)),
+                               reg_file_entry(2),
+                               inet_file_entry(isk(3, "10.9.0.5", 53, proto="udp")))
     assert served_src(served) == ["10.200.200.200", "10.9.0.5"]
     # generated size (not the original's) once generated
     assert os.stat(mp / "checkpoint" / "files.img").st_size == len(served)
     for rel in ("checkpoint/pages-1.img", "spec.dump"):
         # into the read-only bind of the image dir, not the original (docs/security.md)
+        # relative to the link's own dir, so it resolves in a container's mount namespace
+        # too (runc restore --image-path MOUNTPOINT: tests/integration/test_runc.py)
         target = os.readlink(mp / rel)
-        assert target.startswith("/run/overlayfs-inetsk/ro/") and target.endswith("/" + rel)
+        assert not os.path.isabs(target)
+        resolved = os.path.normpath(os.path.join(os.path.dirname(mp / rel), target))
+        assert resolved.startswith("/run/overlayfs-inetsk/ro/") and resolved.endswith("/" + rel)
         assert (mp / rel).read_bytes() == (image / rel).read_bytes()
     odd = os.path.join(os.fsencode(mp), ODD)
     with open(odd, "rb") as f:
@@ -388,3 +387,187 @@ def test_stop_signal_right_after_mounting_unmounts_cleanly(mounts: Mounts, image
         p.send_signal(signal.SIGINT if i % 2 else signal.SIGTERM)
         assert p.wait(20) == 0
         assert not os.path.ismount(mp)
+
+
+def test_auto_follows_the_node_address_between_opens(mounts: Mounts, image: Path,
+                                                     netns: str) -> None:
+    """`auto` is looked up again at every open of a socket image: after the namespace's
+    address changed, the next open serves the new one; an open handle keeps the bytes it
+    opened; an open with no change does not regenerate."""
+    mp = mounts.mountpoint()
+    mounts.mount(image, mp, "--map", "1.2.3.4=auto", "--netns", netns)
+    files = mp / "checkpoint" / "files.img"
+    assert served_src(files.read_bytes())[0] == "10.77.31.7"
+    assert served_src(files.read_bytes())[0] == "10.77.31.7"
+    held = os.open(files, os.O_RDONLY)
+    try:
+        name = os.path.basename(netns)
+        for args in (["addr", "del", "10.77.31.7/24", "dev", "v0"],
+                     ["addr", "add", "10.77.31.8/24", "dev", "v0"],
+                     ["route", "add", "default", "via", "10.77.31.1", "dev", "v0"]):
+            subprocess.run(["ip", "-n", name, *args], check=True, capture_output=True)
+        assert served_src(files.read_bytes())[0] == "10.77.31.8"
+        # the handle opened before the change keeps its bytes
+        assert served_src(os.pread(held, 1 << 20, 0))[0] == "10.77.31.7"
+    finally:
+        os.close(held)
+    log = (mounts.tmp / "mnt.log").read_text()
+    generated = [ln for ln in log.splitlines() if " generated " in ln]
+    assert len(generated) == 2, log  # the unchanged second open reused the first
+    assert "IPv4 10.77.31.7 -> IPv4 10.77.31.8: generating" in log, log
+
+
+def test_refusal_known_at_mount_is_refused_at_mount(mounts: Mounts, image: Path,
+                                                   tmp_path: Path, netns: str) -> None:
+    """--strict and --tcp-outside fail refusals that the map already decides are refused by
+    `mount` itself: one line naming the socket, RewriteError's exit code (5), nothing
+    mounted, no daemon left (background and foreground alike)."""
+    mp = mounts.mountpoint()
+    est = tmp_path / "est"
+    est.mkdir()
+    (est / "files.img").write_bytes(files_img(
+        inet_file_entry(isk(1, "1.2.3.4", 8080)),
+        inet_file_entry(isk(7, "1.2.3.4", 40000, "10.99.0.1", 5555, state=1))))
+    cases = [
+        ((str(image), str(mp), "--map", "1.2.3.4=10.1.1.1", "--strict"), "socket id 3"),
+        ((str(est), str(mp), "--map", "1.2.3.4=10.1.1.1", "--tcp-outside", "fail"),
+         "socket id 7"),
+        # auto resolves now (the namespace has its address): planned fully too
+        ((str(image), str(mp), "--map", "1.2.3.4=auto", "--netns", netns, "--strict"),
+         "socket id 3"),
+    ]
+    for args, word in cases:
+        for fg in ((), ("--foreground",)):
+            cp = subprocess.run([*CLI, "mount", *args, *fg], capture_output=True, text=True,
+                                timeout=60)
+            err = cp.stderr.strip()
+            assert cp.returncode == 5, (args, fg, cp.returncode, err)
+            assert "\n" not in err and word in err and "Traceback" not in err, (args, err)
+            assert not os.path.ismount(mp)
+            assert daemon_pids(tmp_path) == []
+
+
+def test_auto_without_address_warns_at_mount_and_mounts(mounts: Mounts, image: Path,
+                                                        netns: str) -> None:
+    """`auto` with no address in the namespace yet (lo has none of scope global): one
+    WARNING line naming the family and the namespace, the view mounts, and the open fails
+    with EIO until the node has its address."""
+    mp = mounts.mountpoint()
+    cp = mounts.mount(image, mp, "--map", "1.2.3.4=auto", "--netns", netns, "--iface", "lo")
+    warn = [ln for ln in cp.stderr.splitlines() if ln.strip()]
+    assert len(warn) == 1 and "WARNING" in warn[0], cp.stderr
+    assert "IPv4" in warn[0] and netns in warn[0], warn
+    with pytest.raises(OSError) as ei:
+        (mp / "checkpoint" / "files.img").read_bytes()
+    assert ei.value.errno == errno.EIO
+    subprocess.run(["ip", "-n", os.path.basename(netns), "addr", "add", "10.77.32.1/32",
+                    "dev", "lo"], check=True)
+    assert served_src((mp / "checkpoint" / "files.img").read_bytes())[0] == "10.77.32.1"
+
+
+def test_default_log_kept_only_when_worth_reading(mounts: Mounts, image: Path,
+                                                  netns: str) -> None:
+    """The default log (/run/overlayfs-inetsk/<mountpoint>.log) of a daemon that ended
+    cleanly and logged nothing above INFO is removed with it; a warning, a SIGKILL, or an
+    earlier daemon's lines in it keep it (docs/logging.md)."""
+    from overlayfs_inetsk.fuse.spawn import default_log_file
+
+    mp = mounts.mountpoint()
+    log = Path(default_log_file(str(mp)))
+
+    def mount(*opts: str) -> None:
+        cp = subprocess.run([*CLI, "mount", str(image), str(mp), *opts], capture_output=True,
+                            text=True, timeout=60)
+        assert cp.returncode == 0 and str(log) in cp.stdout, cp.stderr
+
+    try:
+        mount(*MAP)
+        assert log.exists()  # while mounted
+        (mp / "checkpoint" / "files.img").read_bytes()
+        assert mounts.umount(mp).returncode == 0
+        _wait_gone(log)
+        # a warning: kept
+        mount("--map", "1.2.3.4=auto", "--netns", netns, "--iface", "lo")
+        assert mounts.umount(mp).returncode == 0
+        time.sleep(1)
+        assert "WARNING" in log.read_text()
+        log.unlink()
+        # killed: kept; the next clean daemon appends and keeps it too
+        mount(*MAP)
+        [pid] = daemon_pids(mounts.tmp)
+        os.kill(pid, signal.SIGKILL)
+        assert mounts.umount(mp).returncode == 0
+        mount(*MAP)
+        assert mounts.umount(mp).returncode == 0
+        time.sleep(1)
+        assert log.read_text().count(" ready") == 2
+    finally:
+        log.unlink(missing_ok=True)
+
+
+def _wait_gone(path: Path, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while path.exists():
+        assert time.monotonic() < end, f"{path} is still there: {path.read_text()}"
+        time.sleep(0.05)
+
+
+def test_under_systemd_every_log_line_carries_its_priority(mounts: Mounts, image: Path,
+                                                           tmp_path: Path) -> None:
+    """stderr is the journal ($JOURNAL_STREAM names it): every line the daemon logs starts
+    with `<N>` (so `journalctl -p warning` finds its errors), the error as <3>."""
+    bad = image / "bad"
+    bad.mkdir()
+    good = files_img(inet_file_entry(isk(1, "1.2.3.4", 8080)))
+    (bad / "files.img").write_bytes(good)
+    mp = mounts.mountpoint()
+    with open(tmp_path / "journal", "w+") as journal:
+        st = os.fstat(journal.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        mounts.points.append(mp)
+        p = subprocess.Popen([*CLI, "mount", str(image), str(mp), "--foreground", "--systemd",
+                              *MAP], stdout=subprocess.DEVNULL, stderr=journal, env=env)
+        mounts.procs.append(p)
+        _wait_mounted(mp)
+        (bad / "files.img").write_bytes(good[:-3])  # broken after the mount's checks
+        with pytest.raises(OSError) as exc:
+            (mp / "bad" / "files.img").read_bytes()
+        assert exc.value.errno == errno.EIO
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+        journal.seek(0)
+        lines = journal.read().splitlines()
+    assert lines and [x for x in lines if not re.match(r"<[0-7]>", x)] == []
+    assert any(x.startswith("<3>") and "bad/files.img" in x for x in lines), lines
+    assert any(x.startswith("<6>") and "SIGTERM" in x for x in lines), lines
+
+
+def test_port_taken_in_netns_warns_and_strict_refuses(mounts: Mounts, image: Path,
+                                                      netns: str) -> None:
+    """The image's UDP socket 10.0.1.5:53 moves to 10.77.31.7:5353 (local address of the
+    namespace); a socket there already holds udp 5353: `mount` names it on stderr (the
+    background parent) and mounts; with --strict it refuses before mounting (exit 5)."""
+    from overlayfs_inetsk.node.nodeaddr import in_netns
+
+    def hold() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", 5353))
+        return s
+
+    opts = ("--map", "10.0.1.5=10.77.31.7", "--map", ":53=:5353", "--netns", netns)
+    with in_netns(netns, hold):
+        mp = mounts.mountpoint()
+        cp = mounts.mount(image, mp, *opts)
+        # the daemon's warning, passed to the mount command through its ready pipe
+        assert (f"WARNING {image}/checkpoint/files.img: socket id 3: udp 10.77.31.7:5353 is "
+                f"taken in netns {netns} by udp 0.0.0.0:5353 bound") in cp.stderr
+        assert mounts.umount(mp).returncode == 0
+        mp2 = mounts.mountpoint("mnt2")
+        cp = mounts.mount(image, mp2, *opts, "--strict", "--map", "1.2.3.4=10.77.31.7",
+                          check=False)
+        assert cp.returncode == 5, cp.stderr
+        assert len(cp.stderr.strip().splitlines()) == 1 and "(--strict)" in cp.stderr
+        assert not os.path.ismount(mp2)
+    # the port is free again: no warning
+    mp3 = mounts.mountpoint("mnt3")
+    assert "warning" not in mounts.mount(image, mp3, *opts).stderr

@@ -15,6 +15,16 @@ from typing import Callable, Sequence
 from ..errors import InetskError
 
 EXIT_INTERNAL = 70
+EXIT_MISSING = 69  # EX_UNAVAILABLE: a module the install should have provided is missing
+# third-party modules we need, and how to get each (docs/cli.md, README)
+MISSING_FIX = {
+    "pycriu": "CRIU's Python bindings, not on PyPI: run scripts/setup.sh, or pip install the "
+              "lib/ dir of CRIU 4.2.1's source tree after `make lib` there",
+    "google": "protobuf: run scripts/setup.sh, or pip install protobuf",
+    "pyfuse3": "run scripts/setup.sh, or pip install pyfuse3 (needs libfuse3-dev, pkg-config)",
+    "trio": "run scripts/setup.sh, or pip install trio",
+    "pyroute2": "run scripts/setup.sh, or pip install pyroute2",
+}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -67,15 +77,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except InetskError as exc:
-        print(f"overlayfs-inetsk: error: {exc}", file=sys.stderr)
+        from ..logsetup import error_prefix
+
+        print(f"{error_prefix()}overlayfs-inetsk: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").partition(".")[0]
+        if top not in MISSING_FIX:
+            return _internal_error()
+        from ..logsetup import error_prefix
+
+        print(f"{error_prefix()}overlayfs-inetsk: error: Python module {top} is missing "
+              f"({MISSING_FIX[top]})", file=sys.stderr)
+        return EXIT_MISSING
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
     except Exception:  # a bug: show it in full, with a code of its own
-        import traceback
+        return _internal_error()
 
-        traceback.print_exc()
-        print("overlayfs-inetsk: internal error (a bug; please report it)", file=sys.stderr)
-        return EXIT_INTERNAL
+
+def _internal_error() -> int:
+    import traceback
+
+    traceback.print_exc()
+    print("overlayfs-inetsk: internal error (a bug; please report it)", file=sys.stderr)
+    return EXIT_INTERNAL

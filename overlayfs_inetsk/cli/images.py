@@ -29,7 +29,8 @@ def add_image_parsers(subparsers: Any) -> None:
 def build_map(args: argparse.Namespace):  # -> AddressMap
     from ..core.addrmap import AddressMap
 
-    return AddressMap.from_args(args.map, args.map_file, env=os.environ)
+    return AddressMap.from_args(args.map, args.map_file, env=os.environ,
+                                port_offset=args.port_offset)
 
 
 def build_options(args: argparse.Namespace):  # -> RewriteOptions
@@ -53,12 +54,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     amap = build_map(args)
     resolver = build_resolver(args) if amap.auto_families() else None
     tree = ImageTree.build(check_image_dir(args.image_dir))
+    tree.refuse_outside_parent(warn_only=True)  # inspect serves nothing: a warning
     results = merged(plan_tree(tree, amap, resolver, build_options(args)))
+    taken = []
+    if args.netns:  # which ports the restore would bind are taken there (warnings)
+        from ..node.portcheck import check_plan
+
+        taken = check_plan(results, args.netns, False, _warn)
     if args.json:
-        sys.stdout.write(render_json(args.image_dir, amap, results))
+        sys.stdout.write(render_json(args.image_dir, amap, results, taken))
     else:
         sys.stdout.write(render_table(args.image_dir, results, with_map=not amap.is_empty()))
     return 0
+
+
+def _warn(line: str) -> None:
+    sys.stderr.write(f"overlayfs-inetsk: warning: {line}\n")
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ def add_mount_parsers(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "umount", help="unmount a view (also clears the mount and the read-only bind a "
-                       "killed daemon left)")
+                       "killed daemon left, and the views of restores killed with SIGKILL)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_umount)
 
@@ -65,7 +65,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     from ..fuse.robind import unmount
+    from ..node.stale import clear_stale
 
+    # views of restores killed with SIGKILL (their owner pid gone) go too
+    cleared = clear_stale()
+    if os.path.realpath(args.mountpoint) in {os.path.realpath(v) for v in cleared}:
+        return 0
     unmount(args.mountpoint)
     return 0
 

@@ -72,18 +72,23 @@ SERVE_MODES = ("symlink", "read")  # = core.tree.SERVE_MODES
 
 MAP_OPTIONS: tuple[Option, ...] = (
     Option(("--map",), "map", "append", metavar="OLD=NEW", field="maps",
-           help="a rule: ADDR=ADDR, PREFIX=PREFIX, ADDR=auto, local=ADDR|auto "
+           help="a rule: ADDR=ADDR, PREFIX=PREFIX, ADDR=auto, local=ADDR|auto, "
+                "ADDR:PORT=ADDR:PORT, ADDR:PORT=:PORT, :PORT=:PORT "
                 "(repeatable; see docs/map.md)"),
     Option(("--map-file",), "map_file", "append", metavar="FILE", field="map_files",
            help="TOML or JSON file of rules (repeatable)"),
+    Option(("--port-offset",), "port_offset", "value", type=int, metavar="N",
+           help="move every non-zero local port by N (port rules win; for clones of one "
+                "checkpoint on one node; see docs/map.md)"),
     Option(("--strict",), "strict", "flag",
-           help="fail when a socket keeps a specific address no rule covers"),
+           help="fail when a socket keeps a specific address no rule covers, or when a "
+                "port the restore binds is taken in --netns"),
     Option(("--tcp-outside",), "tcp_outside", "value", choices=TCP_FATES, default="close",
            help="fate of a TCP connection whose local end moves but whose peer is "
                 "outside the map (default: close; see docs/tcp.md)"),
     Option(("--netns",), "netns", "value", metavar="PATH",
-           help="network namespace whose address `auto` means "
-                "(/run/netns/NAME or /proc/PID/ns/net; default: our own)"),
+           help="network namespace whose address `auto` means and whose taken ports are "
+                "checked (/run/netns/NAME or /proc/PID/ns/net; default: our own)"),
     Option(("--iface",), "iface", "value", metavar="NAME",
            help="interface whose address `auto` means (default: the default route's)"),
 )
@@ -110,6 +115,8 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
     Option(("--verbose", "-v"), "verbose", "flag", help="debug logging"),
     Option(("--ready-fd",), "ready_fd", "value", type=int, help=argparse.SUPPRESS,
            child=False),
+    # set by `restore` and the background `mount`, which made the port check themselves
+    Option(("--no-port-check",), "no_port_check", "flag", help=argparse.SUPPRESS),
 )
 
 # every option of `mount`, in command-line order

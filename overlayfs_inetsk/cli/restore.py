@@ -18,11 +18,18 @@ Without --map or --map-file (and without $INETSK_LOCAL_IPV4/6), the map is
 address of its family, looked up in --netns (on --iface, default: the interface of the
 default route).
 
-Everything after `--` goes to `criu restore` as is, e.g. `-- -d` (detach: return once
-the tree runs), `-- --shell-job`, `-- --pidfile /run/web.pid` (absolute paths: criu runs in
-the work dir). restore sets -D, -W and -o itself, adds -v4, and adds --tcp-established when
-the images hold tcp-stream-*.img (dumped with --tcp-established) unless --tcp-established
-or --tcp-close is given.
+By default restore returns once the restored tree runs (criu -d, as `podman container
+restore`), and the view is unmounted at once. With --foreground, criu stays the tree's
+parent and restore returns when the restored service exits; the view stays mounted that
+long, and SIGINT/SIGTERM/SIGHUP are passed on to the restored root task (to criu while it
+is still restoring). A restore killed with SIGKILL leaves its view mounted: the next restore
+(or `umount`) clears it.
+
+Everything after `--` goes to `criu restore` as is, e.g. `-- --shell-job`,
+`-- --pidfile /run/web.pid` (absolute paths: criu runs in the work dir); `-- -d` is the
+default already. restore sets -D, -W and -o itself, adds -v4, -d (unless --foreground),
+and --tcp-established when the images hold tcp-stream-*.img (dumped with
+--tcp-established) unless --tcp-established or --tcp-close is given.
 
 The exit status is criu's once criu ran (128+N if signal N killed it); before that: 1 usage,
 3 map, 4 image, 5 rewrite refused, 6 mount (docs/cli.md). On failure the work dir (criu's
@@ -48,7 +55,8 @@ class _SplitAtDashDash(argparse.ArgumentParser):
 def add_restore_parsers(subparsers: Any) -> None:
     """Add `restore` to the main parser's subparsers (handler in `func`)."""
     p = subparsers.add_parser(
-        "restore", help="restore a checkpoint on this node: mount a view, criu restore, unmount",
+        "restore", help="restore a checkpoint on this node: mount a view, criu restore -d, "
+                        "unmount",
         description="Restore the CRIU checkpoint IMAGE_DIR in network namespace --netns "
                     "(default: ours) with its inet socket addresses rewritten for this node: "
                     "mounts a view on a temporary mountpoint, runs criu restore from it with "
@@ -68,6 +76,9 @@ def add_restore_parsers(subparsers: Any) -> None:
                         "removed after a successful restore)")
     g.add_argument("--serve", choices=SERVE_MODES, default="symlink",
                    help="how the view shows files other than socket images (see mount)")
+    g.add_argument("--foreground", action="store_true",
+                   help="criu without -d: stay until the restored service exits, the view "
+                        "mounted; SIGINT/SIGTERM/SIGHUP are passed on to its root task")
     g.add_argument("--json", action="store_true",
                    help="print a JSON report after criu returns (docs/json.md)")
     p.set_defaults(func=cmd_restore)
@@ -91,8 +102,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cfg = RestoreConfig(
         image_dir=args.image_dir, netns=args.netns, maps=list(args.map),
         map_files=list(args.map_file), iface=args.iface, strict=args.strict,
+        port_offset=args.port_offset,
         tcp_outside=args.tcp_outside, serve=args.serve, criu_args=list(args.criu_args),
-        work_dir=args.work_dir, env=dict(os.environ))
+        work_dir=args.work_dir, foreground=args.foreground, env=dict(os.environ))
     p = plan(cfg)
     out = run(cfg, p, on_start=None if args.json else _print_summary)
     if args.json:

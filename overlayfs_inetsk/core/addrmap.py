@@ -1,4 +1,6 @@
-"""The address map: where the checkpoint's addresses move to on this node.
+"""The address map: where the checkpoint's addresses (and ports) move to on this node.
+Long: the whole map language (address, local, port rules, the port offset, map files), its
+checks and its binding to one image are read together.
 
 Rules are `OLD=NEW`:
   * `10.0.1.5=10.9.0.7`, `fd00::5=fd09::7`: one address;
@@ -12,6 +14,13 @@ Rules are `OLD=NEW`:
 The environment form of CRIU's sample plugin, `INETSK_LOCAL_IPV4=<ipv4>`, means
 `local4=<ipv4>` (and `INETSK_LOCAL_IPV6` likewise) unless a `local` rule is given.
 
+Port rules move a local endpoint (docs/map.md, "Ports"):
+  * `10.0.1.5:80=10.9.0.7:8080`, `[fd00::5]:80=[fd09::7]:8080`: that address and port;
+  * `10.0.1.5:80=:8080`: the port only; the address goes where the address rules send it;
+  * `:80=:8080`: port 80 on any address (the new side then names no address);
+  * a port offset N (`--port-offset`, `port-offset` in a map file): every non-zero local
+    port not named by a port rule moves by N.
+
 Pure: no I/O but reading map files.
 """
 
@@ -21,7 +30,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from ..errors import MapError, RewriteError
+from ..errors import MapError, PortRangeError, RewriteError
 from .sockaddr import IPAddress, is_multicast, is_special
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -43,6 +52,41 @@ class Rule:
 
     def __str__(self) -> str:
         return self.source
+
+
+@dataclass(frozen=True)
+class PortRule:
+    """`OLD_ADDR:OLD_PORT=NEW_ADDR:NEW_PORT`. old_addr None: any address. new_addr None:
+    the address the address rules give (new_auto: this node's address, `auto:PORT`)."""
+
+    old_addr: IPAddress | None
+    old_port: int
+    new_addr: IPAddress | None
+    new_port: int
+    source: str
+    new_auto: bool = False
+
+    def __str__(self) -> str:
+        return self.source
+
+    def overlaps(self, other: "PortRule") -> bool:
+        """Whether one endpoint could match both old sides."""
+        return self.old_port == other.old_port and (
+            self.old_addr is None or other.old_addr is None or self.old_addr == other.old_addr
+        )
+
+    def same_target(self, other: "PortRule") -> bool:
+        """Whether the two rules can send two endpoints onto one (address, port), whatever
+        the address rules do: the same new port and the same new address, or no new
+        address and old sides that can share an address."""
+        if self.new_port != other.new_port:
+            return False
+        if self.new_addr is not None and other.new_addr is not None:
+            return self.new_addr == other.new_addr
+        if self.new_addr is not None or other.new_addr is not None or self.new_auto \
+                or other.new_auto:
+            return False  # one names its address, the other keeps the mapped one: checked per socket
+        return self.old_addr is None or other.old_addr is None or self.old_addr == other.old_addr
 
 
 @dataclass(frozen=True)
@@ -79,12 +123,82 @@ def _parse_net(text: str, source: str, what: str) -> Network:
     return net
 
 
-def parse_rule(spec: str, source: str) -> Rule | list[LocalRule]:
+MAX_PORT = 65535
+
+
+def _parse_port(text: str, source: str, spec: str) -> int:
+    if not text.isdigit():
+        raise MapError(f"{source}: rule {spec!r}: port {text!r} is not a number")
+    port = int(text)
+    if port == 0:
+        raise MapError(f"{source}: rule {spec!r}: port 0 is no port (an unbound socket)")
+    if port > MAX_PORT:
+        raise MapError(f"{source}: rule {spec!r}: port {port} is out of range (1-{MAX_PORT})")
+    return port
+
+
+def _split_endpoint(text: str, source: str, spec: str) -> tuple[str, str | None]:
+    """(address text, port text or None). `[v6]:port`, `v4:port`, `auto:port`, `:port`;
+    a bare address (IPv6 ones unbracketed too) has no port."""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise MapError(f"{source}: rule {spec!r}: {text!r} lacks the closing ]")
+        addr, rest = text[1:close], text[close + 1:]
+        if not rest:
+            return addr, None
+        if not rest.startswith(":"):
+            raise MapError(f"{source}: rule {spec!r}: {text!r}: expected :PORT after ]")
+        return addr, rest[1:]
+    if text.count(":") == 1:
+        addr, port = text.split(":")
+        return addr, port
+    return text, None
+
+
+def _parse_port_rule(spec: str, source: str, old_s: str, new_s: str) -> PortRule | None:
+    """A PortRule if either side names a port, else None (an address rule)."""
+    old_a, old_p = _split_endpoint(old_s, source, spec)
+    new_a, new_p = _split_endpoint(new_s, source, spec)
+    if old_p is None and new_p is None:
+        return None
+    if old_p is None or new_p is None:
+        raise MapError(f"{source}: rule {spec!r}: a port rule needs a port on both sides "
+                       "(ADDR:PORT=ADDR:PORT, ADDR:PORT=:PORT or :PORT=:PORT)")
+    old_port = _parse_port(old_p, source, spec)
+    new_port = _parse_port(new_p, source, spec)
+    old_addr: IPAddress | None = None
+    if old_a:
+        if "/" in old_a:
+            raise MapError(f"{source}: rule {spec!r}: a port rule takes one address, not a prefix")
+        old_addr = _parse_addr(old_a, source, "old address")
+    new_addr: IPAddress | None = None
+    auto = new_a.lower() == AUTO
+    if new_a and not auto:
+        if "/" in new_a:
+            raise MapError(f"{source}: rule {spec!r}: a port rule takes one address, not a prefix")
+        new_addr = _parse_addr(new_a, source, "new address")
+    if old_addr is None and (new_addr is not None or auto):
+        raise MapError(f"{source}: rule {spec!r}: :PORT (any address) cannot name a new "
+                       "address; give the old address (ADDR:PORT=NEW:PORT)")
+    if old_addr is not None and new_addr is not None and old_addr.version != new_addr.version:
+        raise MapError(f"{source}: maps IPv{old_addr.version} to IPv{new_addr.version}")
+    return PortRule(old_addr, old_port, new_addr, new_port, source, auto)
+
+
+def parse_rule(spec: str, source: str) -> Rule | list[LocalRule] | PortRule:
     if spec.count("=") != 1:
         raise MapError(f"{source}: rule {spec!r} must have the form OLD=NEW")
     old_s, new_s = (p.strip() for p in spec.split("="))
     if not old_s or not new_s:
         raise MapError(f"{source}: rule {spec!r} has an empty side")
+    prule = _parse_port_rule(spec, source, old_s, new_s)
+    if prule is not None:
+        return prule
+    if old_s.startswith("[") and old_s.endswith("]"):
+        old_s = old_s[1:-1]
+    if new_s.startswith("[") and new_s.endswith("]"):
+        new_s = new_s[1:-1]
     key = old_s.lower()
     if key in ("local", "local4", "local6"):
         if new_s.lower() == AUTO:
@@ -115,10 +229,14 @@ def parse_rule(spec: str, source: str) -> Rule | list[LocalRule]:
     return Rule(old, new_addr, source)
 
 
-def _load_map_file(path: str) -> list[tuple[str, str]]:
-    """(spec, source) pairs from a TOML or JSON map file.
+PORT_OFFSET_KEY = "port-offset"
 
-    Either form holds a table `map` of OLD -> NEW and/or a list `rules` of "OLD=NEW".
+
+def _load_map_file(path: str) -> tuple[list[tuple[str, str]], int | None]:
+    """(spec, source) pairs from a TOML or JSON map file, and its port offset if it has one.
+
+    Either form holds a table `map` of OLD -> NEW and/or a list `rules` of "OLD=NEW", and
+    optionally `port-offset`, an integer.
     """
     try:
         with open(path, "rb") as f:
@@ -146,9 +264,16 @@ def _load_map_file(path: str) -> list[tuple[str, str]]:
             raise MapError(f"{path}: invalid TOML: {exc}") from None
     if not isinstance(doc, dict):
         raise MapError(f"{path}: top level must be a table/object")
-    unknown = set(doc) - {"map", "rules"}
+    unknown = set(doc) - {"map", "rules", PORT_OFFSET_KEY}
     if unknown:
-        raise MapError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (expected map, rules)")
+        raise MapError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} "
+                       f"(expected map, rules, {PORT_OFFSET_KEY})")
+    offset: int | None = None
+    if PORT_OFFSET_KEY in doc:
+        raw_off = doc[PORT_OFFSET_KEY]
+        if not isinstance(raw_off, int) or isinstance(raw_off, bool):
+            raise MapError(f"{path}: {PORT_OFFSET_KEY} must be an integer")
+        offset = check_port_offset(raw_off, f"{path}: {PORT_OFFSET_KEY}")
     out: list[tuple[str, str]] = []
     table = doc.get("map", {})
     if not isinstance(table, dict):
@@ -162,13 +287,24 @@ def _load_map_file(path: str) -> list[tuple[str, str]]:
         raise MapError(f"{path}: `rules` must be a list of \"OLD=NEW\" strings")
     for i, r in enumerate(rules):
         out.append((r, f"{path}: rules[{i}]"))
-    return out
+    return out, offset
+
+
+def check_port_offset(offset: int, source: str) -> int:
+    """The offset if a port can take it at all (|N| < 65535), else MapError."""
+    if not -MAX_PORT < offset < MAX_PORT:
+        raise MapError(f"{source}: port offset {offset} is out of range "
+                       f"(-{MAX_PORT - 1}..{MAX_PORT - 1})")
+    return offset
 
 
 @dataclass
 class AddressMap:
     rules: list[Rule] = field(default_factory=list)
     local: dict[int, LocalRule] = field(default_factory=dict)
+    port_rules: list[PortRule] = field(default_factory=list)
+    port_offset: int = 0
+    port_offset_source: str = ""
 
     @classmethod
     def from_args(
@@ -176,12 +312,21 @@ class AddressMap:
         specs: Sequence[str] = (),
         files: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        port_offset: int | None = None,
     ) -> "AddressMap":
+        """`port_offset`: --port-offset (None: not given). It may not be given twice (on the
+        command line and in a map file, or in two files)."""
         pairs: list[tuple[str, str]] = []
-        for path in files:
-            pairs.extend(_load_map_file(path))
-        pairs.extend((s, f"--map {s}") for s in specs)
         amap = cls()
+        for path in files:
+            got, offset = _load_map_file(path)
+            pairs.extend(got)
+            if offset is not None:
+                amap._set_offset(offset, f"{path}: {PORT_OFFSET_KEY}")
+        if port_offset is not None:
+            amap._set_offset(check_port_offset(port_offset, f"--port-offset {port_offset}"),
+                             f"--port-offset {port_offset}")
+        pairs.extend((s, f"--map {s}") for s in specs)
         for spec, source in pairs:
             amap._add(parse_rule(spec, source))
         if env is not None:
@@ -192,7 +337,22 @@ class AddressMap:
                     amap._add(rule)
         return amap
 
-    def _add(self, rule: Rule | list[LocalRule]) -> None:
+    def _set_offset(self, offset: int, source: str) -> None:
+        if self.port_offset_source:
+            raise MapError(f"{source}: a second port offset (first: {self.port_offset_source})")
+        self.port_offset, self.port_offset_source = offset, source
+
+    def _add(self, rule: Rule | list[LocalRule] | PortRule) -> None:
+        if isinstance(rule, PortRule):
+            for other in self.port_rules:
+                if other.overlaps(rule):
+                    raise MapError(f"{rule.source}: overlaps {other.source} (both move "
+                                   f"port {rule.old_port} of one address)")
+                if other.same_target(rule):
+                    raise MapError(f"{rule.source}: moves onto the port {other.source} "
+                                   f"moves onto ({rule.new_port})")
+            self.port_rules.append(rule)
+            return
         if isinstance(rule, list):
             for lr in rule:
                 prev = self.local.get(lr.version)
@@ -209,11 +369,16 @@ class AddressMap:
         self.rules.append(rule)
 
     def is_empty(self) -> bool:
-        return not self.rules and not self.local
+        return not self.rules and not self.local and not self.moves_ports()
+
+    def moves_ports(self) -> bool:
+        """Whether any port rule or a port offset is given."""
+        return bool(self.port_rules) or self.port_offset != 0
 
     def auto_families(self) -> set[int]:
         fams = {r.version for r in self.rules if r.new is None}
         fams |= {v for v, lr in self.local.items() if lr.new is None}
+        fams |= {r.old_addr.version for r in self.port_rules if r.new_auto and r.old_addr}
         return fams
 
     def bind(
@@ -247,6 +412,13 @@ class BoundMap:
         self._cache: dict[IPAddress, tuple[IPAddress, str] | None] = {}
         self._locals_source = local_addrs
         self._locals: set[IPAddress] | None = None
+        self._port_rules: dict[int, list[PortRule]] = {}
+        for pr in amap.port_rules:
+            self._port_rules.setdefault(pr.old_port, []).append(pr)
+        self._offset = amap.port_offset
+        self._offset_source = amap.port_offset_source
+        self.moves_ports = amap.moves_ports()
+        self._ep_cache: dict[tuple[IPAddress, int], Moved | None | PortRangeError] = {}
 
     @property
     def local_addrs(self) -> set[IPAddress]:
@@ -311,6 +483,98 @@ class BoundMap:
             return None
         target = lr.new if lr.new is not None else self._auto(addr.version, lr.source)
         return target, lr.source
+
+
+    def port_rule(self, addr: IPAddress, port: int) -> PortRule | None:
+        """The port rule whose old side is this endpoint, if any (at most one: old sides
+        never overlap)."""
+        rules = self._port_rules.get(port)
+        if not rules:
+            return None
+        plain = _unmap(addr)
+        for pr in rules:
+            if pr.old_addr is None or pr.old_addr == plain:
+                return pr
+        return None
+
+    def names_endpoint(self, addr: IPAddress, port: int) -> bool:
+        """Whether a port rule names this endpoint by its address (so a peer connected to it
+        knows it moves with the group)."""
+        pr = self.port_rule(addr, port)
+        return pr is not None and pr.old_addr is not None
+
+    def endpoint(self, addr: IPAddress, port: int) -> Moved | None:
+        """Where a local endpoint (a socket's source address and port) goes: the port by
+        the port rule naming it, else by the port offset (non-zero ports only); the address
+        by the port rule's new address if it names one, else by the address rules
+        (`lookup(addr, is_src=True)`). None if neither moves. Cached per endpoint.
+        Raises PortRangeError when the offset pushes the port out of 1..65535 and
+        RewriteError when an `auto` target has no address."""
+        key = (addr, port)
+        cache = self._ep_cache
+        if key in cache:
+            got = cache[key]
+            if isinstance(got, PortRangeError):
+                raise got
+            return got
+        try:
+            got = self._endpoint(addr, port)
+        except PortRangeError as exc:
+            cache[key] = exc
+            raise
+        cache[key] = got
+        return got
+
+    def _endpoint(self, addr: IPAddress, port: int) -> Moved | None:
+        pr = self.port_rule(addr, port) if port else None
+        new_port, port_why = port, ""
+        new_addr: IPAddress | None = None
+        addr_why = ""
+        if pr is not None:
+            new_port, port_why = pr.new_port, pr.source
+            if pr.new_addr is not None or pr.new_auto:
+                target = pr.new_addr if pr.new_addr is not None else self._auto(
+                    _unmap(addr).version, pr.source)
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                    target = ipaddress.IPv6Address("::ffff:" + str(target))
+                if target != addr:
+                    new_addr, addr_why = target, pr.source
+        elif port and self._offset:
+            new_port = port + self._offset
+            if not 0 < new_port <= MAX_PORT:
+                raise PortRangeError(
+                    f"port {port} {self._offset:+d} = {new_port} is out of range "
+                    f"(1-{MAX_PORT}) ({self._offset_source})")
+            port_why = self._offset_source
+        if new_addr is None and not addr_why:
+            hit = self.lookup(addr, is_src=True)
+            if hit is not None:
+                new_addr, addr_why = hit
+        if new_addr is None and new_port == port:
+            return None
+        why = []
+        if addr_why and new_port != port and addr_why == port_why:
+            why.append(f"src and port {port}->{new_port} by {addr_why}")
+        else:
+            if addr_why:
+                why.append(f"src by {addr_why}")
+            if new_port != port:
+                why.append(f"port {port}->{new_port} by {port_why}")
+        return Moved(addr if new_addr is None else new_addr, new_port,
+                     None if new_addr is None else addr_why, port_why if new_port != port else None,
+                     "; ".join(why))
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A local endpoint's new place; addr_by / port_by name the rule that moved each part
+    (None: that part stays)."""
+
+    addr: IPAddress
+    port: int
+    addr_by: str | None
+    port_by: str | None
+    why: str
 
 
 def _names_special(net: Network) -> bool:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, EncodeError
 
 from ..errors import ImageError
@@ -59,6 +60,80 @@ _ZERO = (0, 0, 0, 0)
 InetEntry = tuple[int, int, int, object, object]
 
 
+def _head_class() -> type:
+    """file_entry's two required fields alone (`type` 1, `id` 2): decoding a non-inet entry
+    with it costs a third of decoding it whole, keeps protobuf's rule that the LAST value
+    of a field wins (as CRIU's protobuf-c does), and tells a missing field."""
+    u32 = descriptor_pb2.FieldDescriptorProto.TYPE_UINT32
+    req = descriptor_pb2.FieldDescriptorProto.LABEL_REQUIRED
+    fdp = descriptor_pb2.FileDescriptorProto(name="overlayfs_inetsk_head.proto",
+                                             package="overlayfs_inetsk", syntax="proto2")
+    msg = fdp.message_type.add(name="FileEntryHead")
+    msg.field.add(name="type", number=1, type=u32, label=req)
+    msg.field.add(name="id", number=2, type=u32, label=req)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(  # type: ignore[no-any-return]
+        pool.FindMessageTypeByName("overlayfs_inetsk.FileEntryHead"))
+
+
+_FileEntryHead = _head_class()
+
+
+def _not_inet(data: bytes, mv: memoryview, start: int, end: int, path: str, off: int) -> bool:
+    """True when the entry is surely not an inet socket (skip it undecoded); False when it
+    must be decoded whole. Raises ImageError for an entry CRIU would reject for want of
+    its required fields type and id (what is inside a non-inet entry is CRIU's to check).
+
+    The fast path reads the layout protobuf-c writes: `type` (one byte, not INETSK), `id`,
+    then ONE length-delimited field that ends exactly where the entry ends. Then no later
+    field can set `type` again. Anything else is decoded (type and id only, or whole)."""
+    if end - start >= 5 and data[start] == 0x08:
+        kind = data[start + 1]
+        if kind == FD_INETSK:  # b"\x08\x04": an inet socket, decoded whole
+            return False
+        if kind < 0x80 and data[start + 2] == 0x10:
+            p = start + 3
+            while p < end and data[p] & 0x80:  # id
+                p += 1
+            p += 1
+            if p < end:
+                tag = data[p]
+                if tag & 0x87 == 0x02 and tag > 0x12:  # one-byte tag, field >= 3, LEN
+                    p += 1
+                elif tag & 0x87 == 0x82 and p + 1 < end and data[p + 1] < 0x80:  # two-byte
+                    p += 2
+                else:
+                    p = end
+                if p < end:
+                    n = data[p]
+                    if n < 0x80:
+                        p += 1
+                    elif p + 1 < end and data[p + 1] < 0x80:
+                        n = (n & 0x7F) | data[p + 1] << 7
+                        p += 2
+                    elif p + 2 < end and data[p + 2] < 0x80:
+                        n = (n & 0x7F) | (data[p + 1] & 0x7F) << 7 | data[p + 2] << 14
+                        p += 3
+                    else:
+                        n = -1
+                    if p + n == end:
+                        return True
+    if end == start:
+        raise ImageError(path, "empty entry: CRIU rejects a file_entry without its required "
+                         "fields type and id", off)
+    try:
+        head = _FileEntryHead.FromString(mv[start:end])
+    except DecodeError as exc:
+        raise ImageError(path, f"not a valid file_entry: {exc}", off) from None
+    for name in ("type", "id"):
+        if not head.HasField(name):
+            raise ImageError(path, f"file_entry lacks required field {name}: CRIU would "
+                             "reject it", off)
+    # `type` given twice: the last one counts (CRIU's protobuf-c reads it so)
+    return head.type != FD_INETSK  # type: ignore[no-any-return]
+
+
 def inet_entries(data: bytes, path: str) -> Iterator[InetEntry]:
     """Each inet socket of a socket image (files.img or the legacy inetsk.img), decoded.
     Raises ImageError naming the file and the entry's offset for a malformed one."""
@@ -66,13 +141,12 @@ def inet_entries(data: bytes, path: str) -> Iterator[InetEntry]:
     mv = memoryview(data)
     if magic == imagefile.FILES_MAGIC:
         from_string = fdinfo_pb2.file_entry.FromString
+        not_inet = _not_inet
         for off, start, end in imagefile.frames(data, path):
-            # protobuf-c writes field 1 (type) first, so b"\x08\x04" starts an INETSK entry;
-            # any other one-byte type is skipped undecoded; anything else is decoded.
-            if end - start >= 2 and data[start] == 0x08:
-                kind = data[start + 1]
-                if kind != FD_INETSK and kind < 0x80:
-                    continue
+            # Entries that are not inet sockets are read for their type and id only (the
+            # type's last value counts, as for CRIU); inet ones are decoded whole.
+            if not_inet(data, mv, start, end, path, off):
+                continue
             try:
                 fe = from_string(mv[start:end])
             except DecodeError as exc:
@@ -124,6 +198,15 @@ class Interner:
         return got
 
 
+def check_required(path: str, off: int, msg: object, isk: object) -> None:
+    """ImageError when a decoded inet entry lacks proto2 required fields (CRIU rejects it)."""
+    if not msg.IsInitialized():  # type: ignore[attr-defined]
+        missing = ",".join(msg.FindInitializationErrors())  # type: ignore[attr-defined]
+        name = msg.DESCRIPTOR.name  # type: ignore[attr-defined]
+        raise ImageError(path, f"inet socket id {isk.id}: Message {name} is missing "  # type: ignore[attr-defined]
+                         f"required fields: {missing}", off)
+
+
 def set_addresses(isk: object, src_words: Sequence[int] | None,
                   dst_words: Sequence[int] | None) -> None:
     """Write new address words into an entry (None: leave that side alone)."""
@@ -131,6 +214,14 @@ def set_addresses(isk: object, src_words: Sequence[int] | None,
         _set_words(isk.src_addr, src_words)  # type: ignore[attr-defined]
     if dst_words is not None:
         _set_words(isk.dst_addr, dst_words)  # type: ignore[attr-defined]
+
+
+def set_ports(isk: object, src_port: int | None, dst_port: int | None) -> None:
+    """Write new ports into an entry (None: leave that side alone)."""
+    if src_port is not None:
+        isk.src_port = src_port  # type: ignore[attr-defined]
+    if dst_port is not None:
+        isk.dst_port = dst_port  # type: ignore[attr-defined]
 
 
 def close_connection(isk: object) -> None:
@@ -162,6 +253,12 @@ class Splicer:
         self.path = path
         self.out: bytearray | None = None
         self.copied = 0
+
+    def keep(self, off: int, msg: object, isk: object) -> None:
+        """An entry that stays as it is: CRIU must be able to read it. upb decodes entries
+        that lack proto2 required fields, CRIU's protobuf-c rejects them (a changed entry
+        is checked by replace(), when it is re-encoded: no cost here)."""
+        check_required(self.path, off, msg, isk)
 
     def replace(self, off: int, end: int, msg: object, isk: object) -> None:
         try:

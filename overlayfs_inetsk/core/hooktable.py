@@ -3,10 +3,11 @@
 Pure. CRIU (from the release after 4.2.1; docs/upstream-hook.md) calls the hook once per
 inet socket entry with (family, state, src words, dst words) and lets it change the address
 words only. It sees no ports, no protocol, no socket id. So the plan made by the one
-decision logic (rewrite.plan_group) can go through the hook only when:
+decision logic (core/plan.py, core/decide.py) can go through the hook only when:
   - every decision is address-only: `rewritten` (new src and/or dst) or a socket left alone
     (`kept`, `needs-address`). A `closed` connection (--tcp-outside close) rewrites state,
-    ports and shutdown: only the view can do that;
+    ports and shutdown, and a port rule or --port-offset rewrites ports: only the view can
+    do that;
   - sockets the hook cannot tell apart (same family, state, src and dst words) all get the
     same change;
   - the table stays small (MAX_ENTRIES distinct keys; the answer is one message).
@@ -82,6 +83,9 @@ def _words(addr, family: int) -> Words:
 def _entry(r: SocketReport) -> HookEntry | str:
     """The socket's entry, or why the hook cannot do what the plan says."""
     src, dst = _words(r.src, r.family), _words(r.dst, r.family)
+    if r.new_sport is not None or r.new_dport is not None:
+        return (f"socket id {r.id} ({r.local} -> {r.remote}) moves to another port, which "
+                "the hook cannot change")
     if r.verdict == REWRITTEN:
         new_src = _words(r.new_src if r.new_src is not None else r.src, r.family)
         new_dst = _words(r.new_dst if r.new_dst is not None else r.dst, r.family)

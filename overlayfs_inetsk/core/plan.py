@@ -1,4 +1,6 @@
 """The one entry point from an image tree and an address map to what happens to its sockets.
+Long: the one pass over a checkpoint's entries and what keeps it fast (a decision per kind
+of socket, not per socket; one pass for `local` maps) belong together.
 
     plan_tree(tree, amap, resolve, options)   one CheckpointPlan per checkpoint dir
     plan_checkpoint(images, amap, ...)        one checkpoint dir, its images already read
@@ -30,7 +32,9 @@ from .decide import (
     REWRITTEN,
     VERDICTS,
     Decision,
+    PortContext,
     RewriteOptions,
+    Sock,
     SocketReport,
     decision,
     log_decision,
@@ -39,7 +43,15 @@ from .decide import (
 )
 from .decide import decide as decide_one
 from .decide import log as decide_log
-from .entries import Interner, Splicer, close_connection, inet_entries, set_addresses
+from .entries import (
+    Interner,
+    Splicer,
+    check_required,
+    close_connection,
+    inet_entries,
+    set_addresses,
+    set_ports,
+)
 from .imagedir import read_group
 from .sockaddr import IPAddress
 from .tree import ImageTree
@@ -61,10 +73,7 @@ class RewriteResult:
     reports: list[SocketReport] = field(default_factory=list)  # only when asked for
     counts: dict[str, int] = field(default_factory=dict)  # verdict -> number of sockets
     problems: list[SocketReport] = field(default_factory=list)  # refused / needs-address
-
-    @property
-    def changed(self) -> int:
-        return self.counts.get(REWRITTEN, 0) + self.counts.get(CLOSED, 0)
+    changed: int = 0  # entries spliced: rewritten, closed, and needs-address ones whose port moves
 
 
 @dataclass
@@ -81,8 +90,39 @@ class CheckpointPlan:
         return {name: self.results[path].data for name, path in self.paths.items()}
 
 
+def _local_addresses(images: Mapping[str, bytes], interner: Interner) -> list[IPAddress]:
+    """Every address the checkpoint's sockets use as a source address (for `local` rules;
+    an extra decoding pass, made only when a destination needs it)."""
+    seen: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
+    for path, data in images.items():
+        for off, _s, _e, _m, isk in inet_entries(data, path):
+            key = (isk.family, tuple(isk.src_addr))  # type: ignore[attr-defined]
+            if key not in seen:
+                seen[key] = interner.get(key[0], key[1], path, off, isk, "src_addr")
+    return list(seen.values())
+
+
+def _port_context(images: Mapping[str, bytes], interner: Interner,
+                  bmap: BoundMap) -> PortContext:
+    """The checkpoint's sockets as the port decisions need them (one more decoding pass,
+    made only when the map moves ports)."""
+
+    def socks() -> Iterator[Sock]:
+        for path, data in images.items():
+            for off, _s, _e, _m, isk in inet_entries(data, path):
+                fam = isk.family  # type: ignore[attr-defined]
+                yield Sock(path, isk.id, isk.type, isk.state, fam,  # type: ignore[attr-defined]
+                           interner.get(fam, tuple(isk.src_addr), path, off, isk, "src_addr"),  # type: ignore[attr-defined]
+                           isk.src_port,  # type: ignore[attr-defined]
+                           interner.get(fam, tuple(isk.dst_addr), path, off, isk, "dst_addr"),  # type: ignore[attr-defined]
+                           isk.dst_port, isk.proto)  # type: ignore[attr-defined]
+
+    return PortContext.build(socks(), bmap)
+
+
 def _check_image(path: str, data: bytes, interner: Interner) -> RewriteResult:
-    for off, _s, _e, _m, isk in inet_entries(data, path):
+    for off, _s, _e, msg, isk in inet_entries(data, path):
+        check_required(path, off, msg, isk)
         interner.get(isk.family, tuple(isk.src_addr), path, off, isk, "src_addr")  # type: ignore[attr-defined]
         interner.get(isk.family, tuple(isk.dst_addr), path, off, isk, "dst_addr")  # type: ignore[attr-defined]
     return RewriteResult(path, data)
@@ -92,47 +132,61 @@ _SAME_MAX = 1024  # keys kept by _plan_image's first cache (memory for 10,000 pe
 
 
 def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
-                options: RewriteOptions, want_reports: bool, seen: _Seen) -> RewriteResult:
+                options: RewriteOptions, want_reports: bool,
+                ports: PortContext | None = None, seen: _Seen | None = None) -> RewriteResult:
     counts = dict.fromkeys(VERDICTS, 0)
     reports: list[SocketReport] = []
     problems_: list[SocketReport] = []
-    # Two caches, so that decide() runs once per kind of socket, not once per socket:
-    # `same` by everything the entry says that matters (type, state, family, src, dst, peer
-    # port, bound or not): a 10,000-socket listener or UDP service has a handful of keys;
-    # `classes` by decide.peer_class, for sockets that differ only in their peer (a server
-    # with 10,000 clients). A socket's own report is made only when asked for (reports, or
-    # a problem), its reason derived from its class's first one (decide.reason_maker).
+    # decide() runs once per kind of socket, not once per socket. `same`: sockets that
+    # agree on the key get the same decision. The key holds every fact decide() reads:
+    # (type, proto, state, family, src, dst, peer port) and whether the local port is 0
+    # (the reason says "not bound" or "bound to any address"); the port itself only when
+    # the map moves ports. Keying on the port always would make one decision per bound UDP
+    # socket: twice the time of a 10k-socket image. A 10,000-socket listener or UDP
+    # service has a handful of keys. `classes` (no port moves): sockets that differ only in
+    # their peer (decide.peer_class), a server with 10,000 clients. A socket's own report
+    # is made only when asked for (reports, a problem, -v), its reason derived from its
+    # class's first one (decide.reason_maker).
     same: dict[tuple[object, ...], tuple[Decision, IPAddress, IPAddress]] = {}
     classes: dict[tuple[object, ...], Decision] = {}
     makers: dict[int, Callable[[IPAddress, int], str] | None] = {}  # id(Decision) -> maker
+    changed = 0
     splicer = Splicer(data, path)
-    replace = splicer.replace
+    replace, keep = splicer.replace, splicer.keep
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
     for off, _start, end, msg, isk in inet_entries(data, path):
         fam = isk.family  # type: ignore[attr-defined]
         src_w = tuple(isk.src_addr)  # type: ignore[attr-defined]
         dst_w = tuple(isk.dst_addr)  # type: ignore[attr-defined]
         dport = isk.dst_port  # type: ignore[attr-defined]
-        # whether the socket is bound (src port 0 or not) shows in the reason of one on
-        # the any-address: part of the key
-        key = (isk.type, isk.state, fam, src_w, dst_w, dport, not isk.src_port)  # type: ignore[attr-defined]
+        key: tuple[object, ...] = (isk.type, isk.proto, isk.state, fam, src_w, dst_w, dport,  # type: ignore[attr-defined]
+                                   isk.src_port == 0)  # type: ignore[attr-defined]
+        if ports is not None:  # the local port matters too
+            key += (isk.src_port,)  # type: ignore[attr-defined]
         hit = same.get(key)
         if hit is None:
             src = interner.get(fam, src_w, path, off, isk, "src_addr")
-            seen.src((fam, src_w), src)
             dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
-            try:
-                ckey = peer_class(isk.type, isk.state, fam, src_w, src, isk.src_port, dst,  # type: ignore[attr-defined]
-                                  dport, bmap)
-            except RewriteError as exc:  # an `auto` target that cannot be resolved
-                raise RewriteError(f"{path}: {exc}") from None
-            if seen.asking:
-                seen.judge(dst)
+            if seen is not None:
+                seen.src((fam, src_w), src)
+            if ports is None:
+                try:
+                    ckey = peer_class(isk.type, isk.proto, isk.state, fam, src_w, src,  # type: ignore[attr-defined]
+                                      isk.src_port, dst, dport, bmap)  # type: ignore[attr-defined]
+                except RewriteError as exc:  # an `auto` target that cannot be resolved
+                    raise RewriteError(f"{path}: {exc}") from None
+                if seen is not None and seen.asking:
+                    seen.judge(dst)
+            else:
+                ckey = key
             d = classes.get(ckey)
             if d is None:
                 first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,  # type: ignore[attr-defined]
                                      isk.state, src, isk.src_port, dst, dport)  # type: ignore[attr-defined]
-                d = classes[ckey] = decision(first, bmap, options)
+                d = classes[ckey] = decision(first, bmap, options, ports)
+                if len(classes) > _SAME_MAX and ports is not None:
+                    classes.clear()  # keyed per socket: a key seldom comes back
+                    classes[ckey] = d
             if len(same) >= _SAME_MAX:  # distinct peers: a key seldom comes back
                 same.clear()
             hit = same[key] = (d, src, dst)
@@ -147,14 +201,14 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 report = SocketReport(
                     path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,  # type: ignore[attr-defined]
                     src, isk.src_port, dst, dport, proto.klass, verdict, proto.reason,  # type: ignore[attr-defined]
-                    proto.new_src, proto.new_dst,
+                    proto.new_src, proto.new_dst, proto.new_sport, proto.new_dport,
                 )
                 if dport != proto.dport or dst != proto.dst:
                     mk = makers.get(id(d), False)
                     if mk is False:
                         mk = makers[id(d)] = reason_maker(proto)
                     if mk is None:
-                        decide_one(report, bmap, options)
+                        decide_one(report, bmap, options, ports)
                     else:
                         report.reason = mk(dst, dport)
             if debug:
@@ -163,14 +217,17 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 reports.append(report)
             if verdict != REWRITTEN and verdict != CLOSED and verdict != KEPT:
                 problems_.append(report)
-        if verdict == REWRITTEN:
+        if verdict == REWRITTEN or (verdict == NEEDS_ADDRESS and d.changes):
             set_addresses(isk, d.src_words, d.dst_words)
+            set_ports(isk, proto.new_sport, proto.new_dport)
         elif verdict == CLOSED:
             close_connection(isk)
         else:
+            keep(off, msg, isk)
             continue
         replace(off, end, msg, isk)
-    return RewriteResult(path, splicer.result(), reports, counts, problems_)
+        changed += 1
+    return RewriteResult(path, splicer.result(), reports, counts, problems_, changed)
 
 
 def plan_checkpoint(
@@ -188,22 +245,29 @@ def plan_checkpoint(
     interner = Interner()
     if mode == "check":
         return {path: _check_image(path, data, interner) for path, data in images.items()}
-    # With a `local` rule, a destination equal to any source address of the checkpoint
-    # follows it: the map asks for the source addresses when such a destination first
-    # comes up. It gets those met so far (one pass instead of two). The pass notes the
+    if amap.moves_ports():
+        # With a `local` rule, a destination equal to any source address of the checkpoint
+        # follows it; the port decisions ask the map about every socket up front: the
+        # source addresses are collected first (one more decoding pass).
+        bmap = amap.bind(lambda: _local_addresses(images, interner), resolve)
+        ports = _port_context(images, interner, bmap)
+        return {path: _plan_image(path, data, interner, bmap, options, reports, ports)
+                for path, data in images.items()}
+    # Without port moves, the map asks for the source addresses when a destination first
+    # needs them, and gets those met so far (one pass instead of two). The pass notes the
     # source addresses it meets after that (`seen.late`) and the destinations judged since
-    # (`seen.judged`, a bitmap of their hashes): if one of the late ones may have been
-    # judged, that answer may be wrong, and the checkpoint is planned again knowing every
-    # source address.
+    # (`seen.judged`, a bitmap of their hashes): if a late one may have been judged, that
+    # answer may be wrong, and the checkpoint is planned again knowing every source
+    # address. A server's listeners usually come before its connections.
     seen = _Seen()
     bmap = amap.bind(seen.asked, resolve)
-    results = {path: _plan_image(path, data, interner, bmap, options, reports, seen)
+    results = {path: _plan_image(path, data, interner, bmap, options, reports, None, seen)
                for path, data in images.items()}
     if seen.late and any(seen.was_judged(a) for a in seen.late):
         decide_log.debug("%s: a source address came after the peers judged against it: "
                          "planning again", ", ".join(images))
         bmap = amap.bind(list(seen.srcs.values()), resolve)
-        results = {path: _plan_image(path, data, Interner(), bmap, options, reports, _Seen())
+        results = {path: _plan_image(path, data, Interner(), bmap, options, reports)
                    for path, data in images.items()}
     return results
 
@@ -213,7 +277,6 @@ class _Seen:
 
     __slots__ = ("srcs", "asking", "late", "judged")
     BITS = 1 << 20  # 128 KiB: 10,000 destinations set 1% of the bits (false hits: a replan)
-    # (_bit gives 20 bits)
 
     def __init__(self) -> None:
         self.srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # every source
@@ -221,13 +284,23 @@ class _Seen:
         self.late: list[IPAddress] = []  # sources first met after it asked
         self.judged: bytearray | None = None  # destinations looked up after it asked
 
+    def asked(self) -> list[IPAddress]:
+        self.asking = True
+        return list(self.srcs.values())
+
+    def src(self, key: tuple[int, tuple[int, ...]], addr: IPAddress) -> None:
+        if key not in self.srcs:
+            self.srcs[key] = addr
+            if self.asking:
+                self.late.append(addr)
+
     @staticmethod
     def _bit(addr: IPAddress) -> int:
+        """20 bits of the address as the map compares it (IPv4-mapped as IPv4), mixed
+        (Fibonacci hashing) so that neighbouring addresses spread over the bitmap."""
         n = int(addr)
-        if n >> 32 == 0xFFFF:  # IPv4-mapped: as the map compares it, as IPv4
+        if n >> 32 == 0xFFFF:
             n &= 0xFFFFFFFF
-        # mixed (Fibonacci hashing: the top 20 bits of a 64-bit product), so that
-        # neighbouring addresses spread over the bitmap
         return (((n ^ (n >> 64)) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> 44
 
     def judge(self, dst: IPAddress) -> None:
@@ -239,16 +312,6 @@ class _Seen:
     def was_judged(self, addr: IPAddress) -> bool:
         b = self._bit(addr)
         return self.judged is not None and bool(self.judged[b >> 3] & (1 << (b & 7)))
-
-    def asked(self) -> list[IPAddress]:
-        self.asking = True
-        return list(self.srcs.values())
-
-    def src(self, key: tuple[int, tuple[int, ...]], addr: IPAddress) -> None:
-        if key not in self.srcs:
-            self.srcs[key] = addr
-            if self.asking:
-                self.late.append(addr)
 
 
 def problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> list[SocketReport]:
@@ -265,7 +328,7 @@ def raise_problems(results: Mapping[str, RewriteResult], options: RewriteOptions
         first = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise RewriteError(
-            f"{first.file}: socket id {first.id} {first.proto_name} {first.local} -> "
+            f"{first.file}: socket id {first.id} {first.kind} {first.local} -> "
             f"{first.remote}: {first.verdict}: {first.reason}{more}"
         )
 

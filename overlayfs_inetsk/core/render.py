@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .addrmap import AddressMap
 from .decide import VERDICTS, SocketReport
@@ -31,6 +31,7 @@ def socket_dict(root: str, r: SocketReport) -> dict[str, object]:
         "id": r.id,
         "ino": r.ino,
         "family": r.family_name,
+        "type": r.type_name,
         "proto": r.proto_name,
         "state": r.state_name,
         "class": r.klass,
@@ -40,6 +41,8 @@ def socket_dict(root: str, r: SocketReport) -> dict[str, object]:
         "dst_port": r.dport,
         "new_src": None if r.new_src is None else fmt_addr(r.new_src),
         "new_dst": None if r.new_dst is None else fmt_addr(r.new_dst),
+        "new_src_port": r.new_sport,
+        "new_dst_port": r.new_dport,
         "verdict": r.verdict,
         "reason": r.reason,
     }
@@ -53,17 +56,36 @@ def summary(results: Mapping[str, RewriteResult]) -> dict[str, int]:
     return {"sockets": sum(counts.values()), **counts}
 
 
-def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteResult]) -> str:
+def map_sources(amap: AddressMap) -> list[str]:
+    """The rules in force, by their source (address rules, local rules, port rules, the
+    port offset)."""
+    out = [r.source for r in amap.rules] + [lr.source for lr in amap.local.values()]
+    out += [pr.source for pr in amap.port_rules]
+    if amap.port_offset:
+        out.append(amap.port_offset_source)
+    return list(dict.fromkeys(out))
+
+
+def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteResult],
+                ports_taken: Sequence[object] | None = None) -> str:
+    """`ports_taken`: node.portcheck's Clash list when the check ran (inspect --netns);
+    the key is left out when it did not."""
     import json  # here: `rewrite` and the table need no json (start-up time)
 
-    doc = {
+    doc: dict[str, object] = {
         "schema": JSON_SCHEMA_VERSION,
         "image_dir": os.path.realpath(image_dir),
-        "map": [r.source for r in amap.rules] + [lr.source for lr in amap.local.values()],
+        "map": map_sources(amap),
         "files": [_rel(image_dir, p) for p in results],
         "sockets": [socket_dict(image_dir, r) for res in results.values() for r in res.reports],
         "summary": summary(results),
     }
+    if ports_taken is not None:
+        doc["ports_taken"] = [
+            {"file": _rel(image_dir, c.want.file), "id": c.want.id,  # type: ignore[attr-defined]
+             "proto": c.want.proto, "addr": fmt_addr(c.want.addr),  # type: ignore[attr-defined]
+             "port": c.want.port, "holder": str(c.holder), "where": c.where}  # type: ignore[attr-defined]
+            for c in ports_taken]
     return json.dumps(doc, indent=2) + "\n"
 
 
@@ -73,37 +95,40 @@ def render_table(
     with_map: bool,
     only_changes: bool = False,
 ) -> str:
-    head = ["FILE", "ID", "PROTO", "STATE", "LOCAL", "REMOTE", "CLASS"]
+    head = ["FILE", "ID", "TYPE", "PROTO", "STATE", "LOCAL", "REMOTE", "CLASS"]
     if with_map:
         head += ["NEW LOCAL", "NEW REMOTE", "VERDICT", "REASON"]
     rows = [head]
     # 10,000 sockets make 10,000 rows: what repeats (files, protocols, addresses) is
-    # formatted once
-    addr_text: dict[object, str] = {}
+    # formatted once; endpoints as fmt_endpoint() writes them
+    texts: dict[object, str] = {}
 
-    def endpoint(addr, port: int) -> str:  # = fmt_endpoint(addr, port)
-        text = addr_text.get(addr)
+    def endpoint(addr, port: int) -> str:  # type: ignore[no-untyped-def]
+        text = texts.get(addr)
         if text is None:
-            text = addr_text[addr] = (f"[{fmt_addr(addr)}]" if addr.version == 6
-                                      else fmt_addr(addr))
+            text = texts[addr] = f"[{fmt_addr(addr)}]" if addr.version == 6 else fmt_addr(addr)
         return f"{text}:{port}"
 
-    proto_text: dict[tuple[int, int, int], str] = {}
+    labels: dict[tuple[int, int, int], tuple[str, str]] = {}
     for res in results.values():
         file = _rel(image_dir, res.path) if res.reports else ""
         for r in res.reports:
             if only_changes and r.verdict == "kept":
                 continue
-            pkey = (r.proto, r.type, r.family)
-            proto = proto_text.get(pkey)
-            if proto is None:
-                proto = proto_text[pkey] = f"{r.proto_name}{r.family_name[-1]}"
-            row = [file if r.file == res.path else _rel(image_dir, r.file), str(r.id), proto,
+            lkey = (r.type, r.proto, r.family)
+            label = labels.get(lkey)
+            if label is None:
+                label = labels[lkey] = (r.type_name, r.proto_label)
+            row = [file if r.file == res.path else _rel(image_dir, r.file), str(r.id), *label,
                    r.state_name if r.type == SOCK_STREAM else "-", endpoint(r.src, r.sport),
                    endpoint(r.dst, r.dport), r.klass]
-            if with_map:
-                new_l = endpoint(r.new_src, r.sport) if r.new_src is not None else "-"
-                new_r = endpoint(r.new_dst, r.dport) if r.new_dst is not None else "-"
+            if with_map:  # = r.new_local, r.new_remote
+                new, port = r.new_src, r.new_sport
+                new_l = "-" if new is None and port is None else endpoint(
+                    r.src if new is None else new, r.sport if port is None else port)
+                new, port = r.new_dst, r.new_dport
+                new_r = "-" if new is None and port is None else endpoint(
+                    r.dst if new is None else new, r.dport if port is None else port)
                 row += [new_l, new_r, r.verdict, r.reason]
             rows.append(row)
     widths = [max(map(len, col)) for col in list(zip(*rows))[:-1]]

@@ -20,8 +20,11 @@ FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}
 
 SOCK_STREAM = int(socket.SOCK_STREAM)  # 1
 SOCK_DGRAM = int(socket.SOCK_DGRAM)  # 2
-SOCK_TYPES = {SOCK_STREAM: "stream", SOCK_DGRAM: "dgram", int(socket.SOCK_RAW): "raw",
+SOCK_RAW = int(socket.SOCK_RAW)  # 3
+SOCK_TYPES = {SOCK_STREAM: "stream", SOCK_DGRAM: "dgram", SOCK_RAW: "raw",
               int(socket.SOCK_SEQPACKET): "seqpacket"}
+# SOCK_DGRAM with one of these is a ping socket (net.ipv4.ping_group_range)
+ICMP_PROTOS = frozenset({int(socket.IPPROTO_ICMP), int(socket.IPPROTO_ICMPV6)})
 PROTOCOLS = {0: "ip", socket.IPPROTO_ICMP: "icmp", socket.IPPROTO_TCP: "tcp",
              socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMPV6: "icmpv6",
              socket.IPPROTO_SCTP: "sctp", 136: "udplite"}

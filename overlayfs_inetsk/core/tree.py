@@ -30,6 +30,7 @@ ROOT_INODE = 1
 ServeMode = Literal["symlink", "read"]
 SERVE_MODES: tuple[ServeMode, ...] = ("symlink", "read")
 _SOCKET_NAMES_B = {os.fsencode(n): n for n in SOCKET_IMAGE_NAMES}
+CRIU_PARENT_LINK = b"parent"  # CRIU's CR_PARENT_LINK: a dump's link to the previous one
 
 
 class Kind(enum.Enum):
@@ -78,10 +79,15 @@ class ImageTree:
     # where the symlinks to files point: image_dir itself, or a read-only bind of it (the
     # daemon's /run/overlayfs-inetsk/ro/..., so a write through a symlink gets EROFS)
     link_root: bytes = b""
+    # where the view itself is seen (the mountpoint): file links are relative to it when set
+    link_from: bytes | None = None
     nodes: dict[int, Node] = field(default_factory=dict)
     # directory inode -> {socket image name ("files.img"): real path of its original}
     socket_groups: dict[int, dict[str, bytes]] = field(default_factory=dict)
     left_out: list[tuple[bytes, str]] = field(default_factory=list)  # (view path, reason)
+    # CRIU's `parent` links (--prev-images-dir) that point outside image_dir:
+    # (real path of the link, its resolved target); see refuse_outside_parent()
+    outside_parents: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     # -- queries -------------------------------------------------------------------------
     def node(self, inode: int) -> Node:
@@ -135,14 +141,38 @@ class ImageTree:
     def __len__(self) -> int:
         return len(self.nodes)
 
+    def refuse_outside_parent(self, warn_only: bool = False) -> None:
+        """TreeError naming the first `parent` link (CRIU's link to the previous dump of an
+        incremental chain, --prev-images-dir) that points outside image_dir. A view (mount,
+        rewrite) cannot show it, and CRIU cannot restore such a dump without it: its
+        restorer fails late ("No parent for snapshot pagemap"). Refused at once instead,
+        naming the dir to use. warn_only (inspect, which serves nothing): one WARNING line
+        per such link instead."""
+        for link_b, target_b in self.outside_parents:
+            link, target = os.fsdecode(link_b), os.fsdecode(target_b)
+            chain = os.path.commonpath([os.path.dirname(link), target])
+            msg = (f"{link}: the link to the previous dump (--prev-images-dir) points outside "
+                   f"IMAGE_DIR ({target}): a view of this dir cannot show it and CRIU cannot "
+                   "restore the dump without it; use the directory holding the whole chain "
+                   f"({chain}) and restore from its subdirectory")
+            if not warn_only:
+                raise TreeError(msg)
+            log.warning("%s", msg)
+
     # -- construction --------------------------------------------------------------------
     @classmethod
     def build(cls, image_dir: str | bytes, serve: ServeMode = "symlink",
-              link_root: str | bytes | None = None) -> ImageTree:
+              link_root: str | bytes | None = None,
+              link_from: str | bytes | None = None) -> ImageTree:
         """Walk IMAGE_DIR (without following symlinks) and build the inode table.
 
         Symlinks to files point at their original's real path, re-rooted under `link_root`
         when given (a path where IMAGE_DIR is bind-mounted read-only; it need not exist yet).
+        With `link_from` (the absolute path where the view itself is seen, e.g. the FUSE
+        mountpoint) those targets are made relative to each link's own directory there: they
+        then resolve from the link's dentry in any mount namespace, e.g. after a container
+        runtime's restored tasks switched into the container's (where an absolute host path
+        does not exist and CRIU fails with "No pagemap-1.img image").
         real_path stays the original's (socket images are read, and named in messages, there).
 
         Raises TreeError when IMAGE_DIR itself is unusable. Entries that cannot be shown
@@ -167,6 +197,11 @@ class ImageTree:
         if not os.path.isabs(root):
             raise TreeError(f"link root {os.fsdecode(root)!r} is not an absolute path")
         tree = cls(image_dir=real, serve=serve, link_root=root.rstrip(b"/") or b"/")
+        if link_from is not None:
+            tree.link_from = os.fsencode(link_from)
+            if not os.path.isabs(tree.link_from):
+                raise TreeError(f"view location {os.fsdecode(tree.link_from)!r} "
+                                "is not an absolute path")
         tree._walk(st)
         return tree
 
@@ -178,21 +213,28 @@ class ImageTree:
             parent.children[node.name] = node.inode
         return node
 
-    def _leave_out(self, parent: int, name: bytes, reason: str) -> None:
+    def _leave_out(self, parent: int, name: bytes, reason: str, warn: bool = True) -> None:
         p = self.path(parent)
         vpath = name if p == b"." else p + b"/" + name
         self.left_out.append((vpath, reason))
-        log.warning("left out %s: %s", os.fsdecode(vpath), reason)
+        if warn:
+            log.warning("left out %s: %s", os.fsdecode(vpath), reason)
 
     def _inside(self, path: bytes) -> bool:
         return path == self.image_dir or path.startswith(self.image_dir.rstrip(b"/") + b"/")
 
-    def _link_to(self, real: bytes) -> bytes:
-        """What a symlink to the file at `real` (inside image_dir) shows."""
+    def _link_to(self, real: bytes, dino: int) -> bytes:
+        """What a symlink in directory `dino` to the file at `real` (inside image_dir)
+        shows."""
         if self.link_root == self.image_dir:
-            return real
-        rel = os.path.relpath(real, self.image_dir)
-        return self.link_root if rel == "." else os.path.join(self.link_root, rel)
+            target = real
+        else:
+            rel = os.path.relpath(real, self.image_dir)
+            target = self.link_root if rel == "." else os.path.join(self.link_root, rel)
+        if self.link_from is None:
+            return target
+        here = os.path.normpath(os.path.join(self.link_from, self.path(dino)))
+        return os.path.relpath(target, here)
 
     def _walk(self, root_st: os.stat_result) -> None:
         next_ino = ROOT_INODE
@@ -237,8 +279,13 @@ class ImageTree:
                         self._leave_out(dino, name, reason)
                         continue
                     if not self._inside(target):
+                        parent_link = name == CRIU_PARENT_LINK
+                        # a `parent` link is reported by refuse_outside_parent(): an
+                        # error for a view, one warning for inspect
                         self._leave_out(dino, name, "symlink points outside the image dir "
-                                        f"({os.fsdecode(target)})")
+                                        f"({os.fsdecode(target)})", warn=not parent_link)
+                        if parent_link:
+                            self.outside_parents.append((path, target))
                         continue
                     if stat.S_ISDIR(tst.st_mode):
                         # resolved after the walk, when every real directory has an inode
@@ -265,7 +312,7 @@ class ImageTree:
                     self.socket_groups.setdefault(dino, {})[_SOCKET_NAMES_B[name]] = real
                 elif self.serve == "symlink":
                     self._add(Node(next_ino, Kind.LINK, name, dino, real, st,
-                                   link_target=self._link_to(real)))
+                                   link_target=self._link_to(real, dino)))
                 else:
                     self._add(Node(next_ino, Kind.FILE, name, dino, real, st))
             stack.extend(reversed(subdirs))

@@ -1,4 +1,6 @@
 """The mount daemon's foreground lifecycle: validate, mount, serve, unmount.
+Long: validate() (what `mount` refuses or warns about before mounting) and the lifecycle it
+guards are read together.
 
     validate()          everything that can fail for a user reason, BEFORE mounting
     serve_foreground()  pyfuse3.init -> trio.run(main loop + signals + readiness) -> close
@@ -23,7 +25,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import InetskError, MountError
-from .robind import FSNAME, FSTYPE, clear_ro_bind, find_mount, make_ro_bind, ro_bind_path
+from .robind import (
+    FSNAME,
+    FSTYPE,
+    RUN_DIR,
+    clear_ro_bind,
+    find_mount,
+    make_ro_bind,
+    ro_bind_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,8 @@ class MountConfig:
     iface: str | None = None
     strict: bool = False
     tcp_outside: str = "close"
+    port_offset: int | None = None
+    no_port_check: bool = False  # the caller checked the ports to bind (restore, spawn)
     serve: str = "symlink"
     allow_other: bool = False
     systemd: bool = False
@@ -61,6 +73,10 @@ class Prepared:
     mountpoint: str
     groups: int
     ro_bind: str | None = None  # where IMAGE_DIR is to be bind-mounted read-only (symlink mode)
+    # with `auto` in the map: () -> (the node's auto addresses now, the generator for them);
+    # ops.py calls it at every open of a socket image (fuse/ops.py CurrentFn)
+    current: Callable[[], tuple[object, Callable[..., object]]] | None = None
+    warnings: list[str] = field(default_factory=list)  # one line each, shown by `mount`
 
 
 # -- validation --------------------------------------------------------------------------
@@ -89,21 +105,33 @@ def check_mountpoint(mountpoint: str, image_dir_real: str) -> str:
     return real
 
 
+class _NoAutoYet(Exception):
+    """An `auto` target with no address at mount (the plan falls back to checking only)."""
+
+
 def validate(cfg: MountConfig) -> Prepared:
     """Everything that can fail for a user reason, before anything is mounted. Raises
-    InetskError subclasses with one-line messages."""
+    InetskError subclasses with one-line messages.
+
+    Where the outcome is already known (no `auto` in the map, or `auto` resolves now), every
+    socket is planned here, so a refusal (--strict, --tcp-outside fail) stops the mount with
+    the socket named instead of an EIO inside CRIU later. Where a socket needs an `auto`
+    address the node does not have yet, the images are only checked, and a warning naming
+    the family and the namespace goes into Prepared.warnings (the node may get its address
+    before CRIU opens files.img; the open fails with EIO until then)."""
     from ..core.addrmap import AddressMap
     from ..core.decide import RewriteOptions
     from ..core.imagedir import check_image_dir
-    from ..core.plan import generator, plan_tree
+    from ..core.plan import generator, plan_tree, raise_problems
     from ..core.tree import SERVE_MODES, ImageTree
-    from ..node.nodeaddr import check_netns, make_resolver
+    from ..node.nodeaddr import check_netns, describe, snapshot
 
     if cfg.serve not in SERVE_MODES:
         raise MountError(f"--serve must be one of {', '.join(SERVE_MODES)}")
     image_real = check_image_dir(cfg.image_dir)
     mp = check_mountpoint(cfg.mountpoint, image_real)
-    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env)
+    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env,
+                                port_offset=cfg.port_offset)
     try:
         options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
     except ValueError as e:
@@ -111,14 +139,59 @@ def validate(cfg: MountConfig) -> Prepared:
     if cfg.netns:
         check_netns(cfg.netns)
     ro_bind = ro_bind_path(mp) if cfg.serve == "symlink" else None
-    tree = ImageTree.build(image_real, cfg.serve, ro_bind)  # type: ignore[arg-type]
-    # every socket image parses (the map is applied on first open: `auto` is looked up then)
-    groups = sum(1 for _ in plan_tree(tree, amap, mode="check"))
+    # relative links: they resolve in a container's mount namespace too (runc restore)
+    tree = ImageTree.build(image_real, cfg.serve, ro_bind, link_from=mp)  # type: ignore[arg-type]
+    tree.refuse_outside_parent()
+    families = amap.auto_families()
+    warnings: list[str] = []
+    resolve = found = None
+    if families:
+        import pyroute2  # noqa: F401  (imported here, not in the first open: about 60 ms)
+
+        snap, found = snapshot(families, cfg.netns, cfg.iface)
+        where = f"netns {cfg.netns}" if cfg.netns else "our network namespace"
+        on = f" on {cfg.iface}" if cfg.iface else ""
+        missing = {fam: v for fam, v in snap if v == "none" or v.startswith("error: ")}
+
+        def resolve(family: int) -> object:
+            if family in missing:
+                raise _NoAutoYet(family)
+            return found(family)
+
+    groups = 0
+    port_check = not cfg.no_port_check
+    results: dict[str, object] = {}
+    try:
+        # the port check needs every socket's report; a refusal known now stops the mount
+        for cp in plan_tree(tree, amap, resolve, options, reports=port_check):  # type: ignore[arg-type]
+            raise_problems(cp.results, options)
+            results.update(cp.results)
+            groups += 1
+    except _NoAutoYet as e:
+        fam = e.args[0]
+        why = missing[fam]
+        why = (f"no IPv{fam} address in {where}{on} yet" if why == "none"
+               else f"IPv{fam}: {why[len('error: '):]}")
+        warnings.append(f"auto: {why}; the view mounts, and files.img fails to open (EIO) "
+                        "until there is one")
+        groups = sum(1 for _ in plan_tree(tree, amap, mode="check"))  # every image parses
     if groups == 0:
         log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
                     cfg.image_dir)
-    resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
-    return Prepared(tree, generator(amap, resolver, options), mp, groups, ro_bind)
+    elif not warnings and port_check:
+        from ..node.portcheck import check_plan
+
+        check_plan(results, cfg.netns, cfg.strict, warnings.append)
+    if not families:
+        return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind,
+                        warnings=warnings)
+
+    def current() -> tuple[object, Callable[..., object]]:
+        snap, resolve = snapshot(families, cfg.netns, cfg.iface)
+        return describe(snap), generator(amap, resolve, options)
+
+    return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind, current,
+                    warnings)
 
 
 # -- the foreground daemon ---------------------------------------------------------------
@@ -136,15 +209,56 @@ def sd_notify(message: str, env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
-def _setup_logging(cfg: MountConfig) -> None:
+def default_log_file(mountpoint: str) -> str:
+    """/run/overlayfs-inetsk/<mountpoint, systemd-escape style>.log"""
+    real = os.path.realpath(mountpoint).strip("/") or "-"
+    name = "".join(c if (c.isalnum() or c in "_.") else ("-" if c == "/" else f"\\x{ord(c):02x}")
+                   for c in real)
+    return os.path.join(RUN_DIR, name + ".log")
+
+
+class _LogState(logging.Filter):
+    """Remembers the worst level logged, and whether the default log file is ours to remove
+    at a clean end (docs/logging.md: kept when the daemon warned, failed or was killed, or
+    when an earlier daemon's lines are in it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.worst = logging.NOTSET
+        self.removable: tuple[str, int, int] | None = None  # (path, st_dev, st_ino)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.worst = max(self.worst, record.levelno)
+        return True
+
+    def remove_if_clean(self) -> None:
+        if self.removable is None or self.worst >= logging.WARNING:
+            return
+        path, dev, ino = self.removable
+        logging.shutdown()  # flush and close the file handler
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def _setup_logging(cfg: MountConfig) -> _LogState:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+    state = _LogState()
     handler: logging.Handler
     if cfg.log_file:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.log_file)), exist_ok=True)
-        os.close(os.open(cfg.log_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         0o640))  # created 0640 (FileHandler would use 0666 & ~umask)
+        fd = os.open(cfg.log_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o640)  # created 0640 (FileHandler would use 0666 & ~umask)
+        st = os.fstat(fd)
+        os.close(fd)
+        if (os.path.abspath(cfg.log_file) == default_log_file(cfg.mountpoint)
+                and st.st_size == 0):  # the default log, and no earlier daemon's lines in it
+            state.removable = (os.path.abspath(cfg.log_file), st.st_dev, st.st_ino)
         handler = logging.FileHandler(cfg.log_file)
         fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     else:
@@ -152,10 +266,24 @@ def _setup_logging(cfg: MountConfig) -> None:
         # systemd's journal adds time and pid itself
         fmt = ("%(levelname)s %(name)s: %(message)s" if cfg.systemd
                else "%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler.setFormatter(logging.Formatter(fmt))
+    from ..logsetup import formatter_for  # `<N>` priorities when stderr is the journal
+
+    handler.setFormatter(formatter_for(handler.stream, fmt))
+    handler.addFilter(state)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if cfg.verbose else logging.INFO)
     logging.getLogger("pyfuse3").setLevel(logging.INFO if cfg.verbose else logging.WARNING)
+    return state
+
+
+def _send_warning(fd: int | None, line: str) -> None:
+    """A warning for the background parent to show (`W<line>\n` before the ready byte)."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"W" + line.replace("\n", " ").encode(errors="replace") + b"\n")
+    except OSError:
+        pass
 
 
 def _write_ready(fd: int | None, payload: bytes) -> None:
@@ -180,7 +308,7 @@ def serve_foreground(cfg: MountConfig) -> int:
     from .ops import ViewOperations
 
     os.umask(0o022)  # nothing the daemon creates is group- or world-writable
-    _setup_logging(cfg)
+    log_state = _setup_logging(cfg)
     ready_fd = cfg.ready_fd
     if ready_fd is not None:
         os.set_inheritable(ready_fd, False)
@@ -188,7 +316,10 @@ def serve_foreground(cfg: MountConfig) -> int:
         prep = validate(cfg)
     except InetskError as e:
         return _fail(cfg, ready_fd, e)
-    ops = ViewOperations(prep.tree, prep.generate)  # type: ignore[arg-type]
+    for w in prep.warnings:
+        log.warning("%s", w)
+        _send_warning(ready_fd, w)
+    ops = ViewOperations(prep.tree, prep.generate, current=prep.current)  # type: ignore[arg-type]
     options = set(pyfuse3.default_options)  # default_permissions
     options |= {"ro", f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if cfg.allow_other:
@@ -234,6 +365,7 @@ def serve_foreground(cfg: MountConfig) -> int:
         _drop_ro_bind(prep.ro_bind, bind_id)
     if not state["ready"] and not state["signal"]:  # a stop asked for is not a failure
         return _fail(cfg, ready_fd, MountError(f"{cfg.mountpoint}: the mount never became ready"))
+    log_state.remove_if_clean()
     return 0
 
 

@@ -6,6 +6,7 @@ the `mount` options, never copied by hand.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import subprocess
@@ -14,8 +15,9 @@ import time
 
 from ..cli.options import MOUNT_OPTIONS, to_argv
 from ..errors import InetskError, MountError
-from .daemon import READY_TIMEOUT, MountConfig
-from .robind import RUN_DIR
+from .daemon import READY_TIMEOUT, MountConfig, default_log_file  # noqa: F401 (the API)
+
+log = logging.getLogger(__name__)
 
 CHILD_MODULE = "overlayfs_inetsk.cli.mount"  # `python -m` entry point of the child
 
@@ -25,14 +27,6 @@ def child_argv(cfg: MountConfig, ready_fd: int, log_file: str) -> list[str]:
     then the ones only the spawn sets."""
     return [sys.executable, "-m", CHILD_MODULE, "mount", *to_argv(MOUNT_OPTIONS, cfg),
             "--foreground", "--ready-fd", str(ready_fd), "--log-file", log_file]
-
-
-def default_log_file(mountpoint: str) -> str:
-    """/run/overlayfs-inetsk/<mountpoint, systemd-escape style>.log"""
-    real = os.path.realpath(mountpoint).strip("/") or "-"
-    name = "".join(c if (c.isalnum() or c in "_.") else ("-" if c == "/" else f"\\x{ord(c):02x}")
-                   for c in real)
-    return os.path.join(RUN_DIR, name + ".log")
 
 
 def spawn_background(cfg: MountConfig) -> tuple[int, str]:
@@ -59,6 +53,9 @@ def spawn_background(cfg: MountConfig) -> tuple[int, str]:
         if w >= 0:
             os.close(w)
         os.close(r)
+    while msg.startswith(b"W") and b"\n" in msg:  # the daemon's warnings, one line each
+        line, msg = msg[1:].split(b"\n", 1)
+        log.warning("%s", line.decode(errors="replace"))
     if msg == b"R":
         return proc.pid, log_file
     if msg.startswith(b"E"):
@@ -95,5 +92,5 @@ def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> bytes:
         if not chunk:
             return buf
         buf += chunk
-        if buf == b"R":
+        if buf.endswith(b"R") and (buf == b"R" or buf.endswith(b"\nR")):
             return buf

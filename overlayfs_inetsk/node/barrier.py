@@ -248,19 +248,56 @@ def lock(conns: list[Conn]) -> list[Conn]:
                 fresh = True
             if fresh:
                 added.append(conn)
-    except BarrierError:
-        unlock(added)
+    except BarrierError as exc:
+        _unlock_after(added, exc)
         raise
     return added
 
 
+def _restore(version: int, batch: str) -> subprocess.CompletedProcess[str]:
+    argv = ["iptables-restore" if version == 4 else "ip6tables-restore", "-w", "--noflush"]
+    try:
+        return subprocess.run(argv, input=batch, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BarrierError(f"{' '.join(argv)}: {exc}") from None
+
+
 def unlock(conns: list[Conn]) -> None:
-    """Remove the lock rules of each connection (those still there)."""
-    for conn in conns:
-        for rule in lock_rules(conn):
-            while _iptables(conn[0], "-C", rule).returncode == 0:
-                if _iptables(conn[0], "-D", rule).returncode != 0:
-                    break
+    """Remove the lock rules of each connection: the rules present are deleted in one
+    atomic `iptables-restore --noflush` batch per family. Every rule that was not there or
+    could not be deleted is reported (BarrierError, one line) after the others are gone."""
+    problems: list[str] = []
+    for version in (4, 6):
+        cmd = "iptables" if version == 4 else "ip6tables"
+        present: list[tuple[Conn, list[str]]] = []
+        for conn in (c for c in conns if c[0] == version):
+            for rule in lock_rules(conn):
+                cp = _iptables(version, "-C", rule)
+                if cp.returncode == 0:
+                    present.append((conn, rule))
+                else:
+                    why = cp.stderr.strip().splitlines()[-1:] or [f"exit {cp.returncode}"]
+                    problems.append(f"{rule[2]} rule of {_fmt(conn)} not present ({why[0]})")
+        if not present:
+            continue
+        batch = "*filter\n" + "".join(
+            "-D " + " ".join(rule[2:]) + "\n" for _, rule in present) + "COMMIT\n"
+        cp = _restore(version, batch)
+        if cp.returncode != 0:
+            left = [f"{rule[2]} of {_fmt(conn)}" for conn, rule in present
+                    if _iptables(version, "-C", rule).returncode == 0]
+            problems.append(f"{cmd}-restore failed ({' '.join(cp.stderr.split())}); rules "
+                            f"left: {', '.join(left) or 'none'}")
+    if problems:
+        raise BarrierError("unlock: " + "; ".join(problems))
+
+
+def _unlock_after(conns: list[Conn], exc: BarrierError) -> None:
+    """Unlock on a failure path: a failure of the unlock is added to the error raised."""
+    try:
+        unlock(conns)
+    except BarrierError as more:
+        exc.args = (f"{exc}; and {more}",)
 
 
 def _fmt(conn: Conn) -> str:
@@ -312,9 +349,9 @@ def run_action(directory: str, name: str, members: int, timeout: float = DEFAULT
         return None
     try:
         return wait(directory, name, members, timeout)
-    except BarrierError:
+    except BarrierError as exc:
         if current is not None:
-            unlock(_load_locked(directory, name))
+            _unlock_after(_load_locked(directory, name), exc)
         raise
 
 

@@ -20,7 +20,7 @@ import ipaddress
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from ..errors import InetskError, NodeAddressError
@@ -145,7 +145,9 @@ def _lookup(family: int, iface: str | None, where: str) -> IPAddress | None:
             bad = IFA_F_TENTATIVE | IFA_F_DADFAILED | (IFA_F_SECONDARY if family == 6 else 0)
             if _flags(a) & bad:
                 continue
-            addr = a.get_attr("IFA_ADDRESS") or a.get_attr("IFA_LOCAL")
+            # IFA_LOCAL is ours; on a point-to-point link IFA_ADDRESS is the peer's
+            # (iproute2 shows IFA_LOCAL first too); IPv6 often sends IFA_ADDRESS alone
+            addr = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
             if addr:
                 return ipaddress.ip_address(addr)
     return None
@@ -174,3 +176,35 @@ def make_resolver(netns: str | None = None, iface: str | None = None) -> Resolve
         return node_address(family, netns, iface)
 
     return resolve
+
+
+# One lookup of every `auto` family, and a Resolver that answers from it: what a view was
+# generated from (fuse/ops.py compares two of them to know whether to generate again).
+Snapshot = tuple[tuple[int, str], ...]  # ((family, address | "none" | "error: ..."), ...)
+
+
+def snapshot(families: Iterable[int], netns: str | None = None,
+             iface: str | None = None) -> tuple[Snapshot, Resolver]:
+    """Look up this node's address of each family now: (what was found, a Resolver that
+    answers from it: the address, None, or the NodeAddressError of that lookup again)."""
+    found: dict[int, IPAddress | None | NodeAddressError] = {}
+    for fam in sorted(set(families)):
+        try:
+            found[fam] = node_address(fam, netns, iface)
+        except NodeAddressError as e:
+            found[fam] = e
+
+    def resolve(family: int) -> IPAddress | None:
+        got = found.get(family)
+        if isinstance(got, NodeAddressError):
+            raise NodeAddressError(str(got))
+        return got if family in found else node_address(family, netns, iface)
+
+    key = tuple((fam, "none" if v is None else f"error: {v}" if isinstance(v, Exception)
+                 else str(v)) for fam, v in found.items())
+    return key, resolve
+
+
+def describe(snap: Snapshot) -> str:
+    """'IPv4 10.77.0.2, IPv6 none' (for log lines)."""
+    return ", ".join(f"IPv{fam} {v}" for fam, v in snap) or "no auto"

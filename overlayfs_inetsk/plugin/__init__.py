@@ -5,3 +5,7 @@ of the images dir: the node agent (`overlayfs-inetsk agent`, agent.py) or, when 
 the hidden command `overlayfs-inetsk plugin-view` (cli.py). Both answer with
 viewmaker.make_view(): one line, NONE | VIEW <dir> | ERR <message>.
 """
+
+# where the agent listens and where views are made (the C plugin accepts views there only)
+DEFAULT_SOCKET = "/run/overlayfs-inetsk/agent.sock"
+VIEW_ROOT = "/run/overlayfs-inetsk/plugin"

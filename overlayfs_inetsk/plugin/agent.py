@@ -20,8 +20,8 @@ import struct
 import threading
 from collections.abc import Callable
 
-from .defaults import DEFAULT_SOCKET
-from .viewmaker import VIEW_ROOT, make_view, remove_stale_views
+from . import DEFAULT_SOCKET, VIEW_ROOT
+from .viewmaker import make_view, remove_stale_views
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from . import DEFAULT_SOCKET, VIEW_ROOT
 from .install import DEFAULT_LIBDIR
 
 
@@ -26,8 +27,6 @@ def add_plugin_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     q.add_argument("--libdir", default=DEFAULT_LIBDIR,
                    help=f"CRIU's plugin dir (default: {DEFAULT_LIBDIR})")
     q.set_defaults(func=_cmd_remove)
-
-    from .defaults import DEFAULT_SOCKET, VIEW_ROOT
 
     p = sub.add_parser("agent", help="serve the CRIU plugin's requests (the node agent)")
     p.add_argument("--socket", default=DEFAULT_SOCKET,

@@ -18,11 +18,13 @@ __all__ = ["AddressMap", "ImageError", "InetskError", "MapError", "RewriteOption
 
 
 def plan(root: str, amap: AddressMap, resolve: Resolver | None, options: RewriteOptions,
-         reports: bool = False) -> tuple[ImageTree, dict[str, RewriteResult]]:
+         reports: bool = False, link_from: str | None = None
+         ) -> tuple[ImageTree, dict[str, RewriteResult]]:
     """Every checkpoint under root rewritten in memory (RewriteError for a refused socket
     or a --strict violation, ImageError for a bad image). reports=True: every socket's
-    SocketReport too (the hook table needs them)."""
-    tree = ImageTree.build(root)
+    SocketReport too (the hook table needs them). link_from: where the view will be; its
+    links are then relative (they must resolve in a container's mount namespace too)."""
+    tree = ImageTree.build(root, link_from=link_from)
     results: dict[str, RewriteResult] = {}
     for cp in plan_tree(tree, amap, resolve, options, reports=reports):
         raise_problems(cp.results, options)
@@ -39,5 +41,4 @@ def top_level(tree: ImageTree, results: dict[str, RewriteResult]) -> dict[str, R
 def write_view(root: str, out: str, amap: AddressMap, resolve: Resolver | None,
                options: RewriteOptions, tree: ImageTree,
                results: dict[str, RewriteResult]) -> None:
-    write_view_dir(root, out, amap, resolve, options, relative_links=True, tree=tree,
-                   results=results)
+    write_view_dir(root, out, amap, resolve, options, tree=tree, results=results)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from ..core.hooktable import hook_plan
 from ..fuse.robind import FSTYPE as FUSE_FSTYPE
 from ..fuse.robind import mounts
-from .defaults import VIEW_ROOT
+from . import VIEW_ROOT
 from .planning import (
     VIEW_MARKER,
     AddressMap,
@@ -254,8 +254,10 @@ def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
     resolve = None
     if cfg.amap.auto_families():
         resolve = make_resolver(netns=f"/proc/self/fd/{netns_fd}", iface=cfg.iface)
+    # the view's path comes first: its links are relative to it
+    out = os.path.join(os.path.realpath(view_root), f"view-{pid}-{secrets.token_hex(4)}")
     try:
-        view, results = plan(root, cfg.amap, resolve, cfg.options, reports=hook)
+        view, results = plan(root, cfg.amap, resolve, cfg.options, reports=hook, link_from=out)
     except ImageError:
         raise
     except InetskError as e:  # name the map it came from
@@ -273,7 +275,6 @@ def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
                  hp.why_not or "only sockets in sub-dirs change")
     os.makedirs(view_root, mode=0o711, exist_ok=True)
     remove_stale_views(view_root)
-    out = os.path.join(view_root, f"view-{pid}-{secrets.token_hex(4)}")
     write_view(root, out, cfg.amap, resolve, cfg.options, view, results)
     log.debug("%s: planned in %.1f ms (map: %s), view written in %.1f ms", root,
               (t1 - t0) * 1000, cfg.map_source, (time.perf_counter() - t1) * 1000)

@@ -152,22 +152,55 @@ def dump(host: Host, pid: int, images_dir: str | os.PathLike[str], *,
         raise CriuError("criu dump", cp.returncode, log, _tail(log) + cp.stderr[-2000:])
     if not leave_running:
         _wait_gone(pid)
-    _check_codec_identity(images)
+    check_codec_identity(images)
     return log
 
 
-def _check_codec_identity(images: Path) -> None:
-    """Every socket image a test dump produces must come back byte for byte from our
-    codec (parse, then encode): checked here so that it holds for all of them."""
+# the socket images and the protobuf message of each of their entries
+_ENTRY_MESSAGES = {"files.img": ("fdinfo_pb2", "file_entry"),
+                   "inetsk.img": ("sk_inet_pb2", "inet_sk_entry")}
+
+
+def check_codec_identity(images: str | os.PathLike[str]) -> None:
+    """Every socket image a test dump produces must survive a decode and re-encode byte
+    for byte, as CRIU's test/crit-recode.py checks: each entry our codec splits off is
+    decoded with pycriu's generated class and serialized again; our codec joins the frames
+    back; pycriu's own reader and writer (images.loads/dumps) give the file back. Checked
+    here so that it holds for every dump a test makes. AssertionError names the file, the
+    entry and its offset."""
+    for name in _ENTRY_MESSAGES:
+        path = Path(images) / name
+        if path.exists():
+            check_image_recode(path)
+
+
+def check_image_recode(path: str | os.PathLike[str]) -> None:
+    """check_codec_identity for one socket image (files.img or inetsk.img)."""
+    import importlib
+
+    from pycriu import images as pycriu_images
+
     from overlayfs_inetsk.core import imagefile
 
-    for name in ("files.img", "inetsk.img"):
-        path = images / name
-        if path.exists():
-            data = path.read_bytes()
-            img = imagefile.parse(data, str(path))
-            if imagefile.encode(img.magic, (e.payload for e in img.entries)) != data:
-                raise AssertionError(f"{path}: codec round trip is not byte-identical")
+    path = Path(path)
+    module, message = _ENTRY_MESSAGES[path.name]
+    cls = getattr(importlib.import_module(f"pycriu.images.{module}"), message)
+    data = path.read_bytes()
+    img = imagefile.parse(data, str(path))
+    for k, e in enumerate(img.entries):
+        where = f"{path}: entry {k} at offset {e.offset}"
+        try:
+            again = cls.FromString(e.payload).SerializeToString()
+        except Exception as exc:  # DecodeError, EncodeError (a required field missing)
+            raise AssertionError(f"{where}: not a {message}: {exc}") from None
+        if again != e.payload:
+            raise AssertionError(f"{where}: decode + encode with pycriu's {message} gives "
+                                 f"other bytes ({e.payload.hex()} -> {again.hex()})")
+    if imagefile.encode(img.magic, (e.payload for e in img.entries)) != data:
+        raise AssertionError(f"{path}: our codec's frames do not join back byte-identical")
+    if pycriu_images.dumps(pycriu_images.loads(data)) != data:
+        raise AssertionError(f"{path}: pycriu's images.loads + dumps (crit-recode) is not "
+                             "byte-identical")
 
 
 def _wait_gone(pid: int, timeout: float = 5) -> None:

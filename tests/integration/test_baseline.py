@@ -121,7 +121,7 @@ def test_ipv6_only_restore_on_other_host_is_silently_broken(testnet, image_dirs)
         assert ei.value.kind == "refused"
         with pytest.raises(ProbeError) as ei:
             probe.udp_echo(p, addr, 7008, "x", timeout=1)
-        assert ei.value.kind in ("refused", "timeout")
+        assert ei.value.kind == "refused"  # no socket on either: ICMPv6 port unreachable
 
     # control: the very same image restored on A answers (two copies can run at once)
     rpid_a = criu.restore(a, image_dirs.images, image_dirs.work_for("A"))

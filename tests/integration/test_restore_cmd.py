@@ -12,37 +12,89 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
 from inetsk_testbed import criu, probe
+from overlayfs_inetsk.node.restore import RESTORE_DIR
 
 CLI = [sys.executable, "-m", "overlayfs_inetsk.cli"]
 A4, A6 = "10.77.0.1", "fd77::1"
 B4, B6 = "10.77.0.2", "fd77::2"
 
 
-def our_mounts(under: Path) -> list[str]:
+def our_mounts(under: Path | str) -> list[str]:
     key = str(under)
     with open("/proc/self/mountinfo") as f:
         return [ln.split()[4] for ln in f if ln.split()[4].startswith(key)]
 
 
+class Ran(subprocess.CompletedProcess[str]):
+    def __init__(self, args: object, rc: int, out: str, err: str, pid: int) -> None:
+        super().__init__(args, rc, out, err)
+        self.pid = pid
+
+
 def restore_cmd(*args: str, tmp: Path, env: dict[str, str] | None = None,
-                timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    """Run `overlayfs-inetsk restore ...` with TMPDIR under tmp (its temporary dirs show)."""
-    (tmp / "tmpdir").mkdir(exist_ok=True)
+                timeout: float = 90) -> Ran:
+    """Run `overlayfs-inetsk restore ...`; the result also has the `pid` it ran as (its
+    temporary dirs are RESTORE_DIR/<pid>-*, see leftovers())."""
     e = dict(os.environ if env is None else env)
-    e["TMPDIR"] = str(tmp / "tmpdir")
-    return subprocess.run([*CLI, "restore", *args], capture_output=True, text=True,
-                          timeout=timeout, env=e, stdin=subprocess.DEVNULL)
+    p = subprocess.Popen([*CLI, "restore", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=e, stdin=subprocess.DEVNULL)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    RAN.append(p.pid)
+    return Ran(p.args, p.returncode, out, err, p.pid)
+
+
+RAN: list[int] = []  # pids of the restores run here (their kept work dirs are removed)
+
+
+@pytest.fixture(autouse=True)
+def _remove_kept_work_dirs() -> Iterator[None]:
+    yield
+    while RAN:
+        pid = RAN.pop()
+        for name in leftovers(pid):
+            if not our_mounts(f"{RESTORE_DIR}/{name}"):
+                shutil.rmtree(os.path.join(RESTORE_DIR, name), ignore_errors=True)
+
+
+def leftovers(pid: int) -> list[str]:
+    """What the restore that ran as `pid` left in RESTORE_DIR."""
+    try:
+        return [n for n in os.listdir(RESTORE_DIR) if n.startswith(f"{pid}-")]
+    except FileNotFoundError:
+        return []
+
+
+def daemons_under(path: str) -> list[int]:
+    """Mount daemons whose command line names a path under `path`."""
+    key = os.fsencode(path)
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"overlayfs_inetsk" in cmd and b"\0mount\0" in cmd and key in cmd:
+                out.append(int(d))
+    return out
 
 
 # -------------------------------------------------------------------------- real CRIU
@@ -73,8 +125,8 @@ def test_detached_restore_on_another_host_answers_there(testnet, image_dirs):
     assert probe.udp_echo(c, B4, 7002, "ping") == "udp4 ping"
     assert probe.tcp_hello(c, B6, 7004) == f"tcp6 {B6} 7004"
     # nothing stays mounted, the temporary dir is gone (the work dir too: it succeeded)
-    assert our_mounts(image_dirs.root) == []
-    assert os.listdir(image_dirs.root / "tmpdir") == []
+    assert our_mounts(f"{RESTORE_DIR}/{cp.pid}-") == []
+    assert leftovers(cp.pid) == []
     criu.kill_tree(rpid)
 
 
@@ -94,7 +146,7 @@ def test_failed_restore_exits_with_criu_status_and_keeps_its_log(testnet, image_
     log_path = cp.stderr.split("log: ", 1)[1].split(";", 1)[0]
     assert "Cannot assign requested address" in Path(log_path).read_text()
     assert Path(log_path).parent.is_dir(), "the work dir is kept on failure"
-    assert our_mounts(image_dirs.root) == []
+    assert our_mounts(f"{RESTORE_DIR}/{cp.pid}-") == []
     assert b.pids() == []
 
 
@@ -162,14 +214,14 @@ def test_criu_gets_the_view_and_its_exit_status_is_ours(fake, tmp_path):
     assert argv[argv.index("-o") + 1] == os.path.join(work, "restore.log")
     assert "-v4" in argv and argv[-2:] == ["--shell-job", "-d"]
     assert "--tcp-established" not in argv  # no tcp-stream-*.img
-    assert view.startswith(str(tmp_path / "tmpdir")) and view != str(fake["img"])
+    assert view.startswith(f"{RESTORE_DIR}/{cp.pid}-") and view != str(fake["img"])
     # criu read rewritten bytes through the view
     assert src_addrs((out / "files.img").read_bytes()) == [B4, B4]
     # failure: criu's log named, work dir kept; the view is unmounted either way
     assert f"criu restore failed (exit 42); log: {work}/restore.log" in cp.stderr
     assert os.path.isdir(work) and os.path.isfile(os.path.join(work, "mount.log"))
     assert not os.path.exists(view)
-    assert our_mounts(tmp_path) == []
+    assert our_mounts(f"{RESTORE_DIR}/{cp.pid}-") == []
 
 
 @pytest.mark.root
@@ -182,7 +234,7 @@ def test_tcp_established_added_only_for_tcp_stream_images(fake, tmp_path):
     assert cp.returncode == 0, cp.stderr
     assert "--tcp-established" in (out / "argv").read_text().splitlines()
     assert "criu: --tcp-established added" in cp.stdout
-    assert os.listdir(tmp_path / "tmpdir") == []  # success: temporary dirs removed
+    assert leftovers(cp.pid) == []  # success: temporary dirs removed
     cp = restore_cmd(str(img), "--map", f"{A4}={B4}", "--", "--tcp-close", tmp=tmp_path,
                      env=fake["env"])  # type: ignore[arg-type]
     argv = (out / "argv").read_text().splitlines()
@@ -210,17 +262,17 @@ def test_json_report(fake, tmp_path):
 @pytest.mark.root
 @pytest.mark.fuse
 def test_sigterm_is_passed_to_criu_and_the_view_unmounted(fake, tmp_path):
-    env = dict(fake["env"], FAKE_SLEEP="30", TMPDIR=str(tmp_path / "tmpdir"))  # type: ignore[arg-type]
-    (tmp_path / "tmpdir").mkdir()
+    env = dict(fake["env"], FAKE_SLEEP="30")  # type: ignore[arg-type]
     out: Path = fake["out"]  # type: ignore[assignment]
     p = subprocess.Popen([*CLI, "restore", str(fake["img"]), "--map", f"{A4}={B4}"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    RAN.append(p.pid)
     try:
         deadline = time.monotonic() + 30
         while not (out / "started").exists():
             assert p.poll() is None and time.monotonic() < deadline, p.communicate()
             time.sleep(0.05)
-        assert len(our_mounts(tmp_path)) == 1
+        assert len(our_mounts(f"{RESTORE_DIR}/{p.pid}-")) == 1
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=30)
     finally:
@@ -229,7 +281,7 @@ def test_sigterm_is_passed_to_criu_and_the_view_unmounted(fake, tmp_path):
             p.wait()
     assert (out / "signal").read_text().strip() == "TERM"
     assert p.returncode == 7, err  # criu's status after the signal
-    assert our_mounts(tmp_path) == []
+    assert our_mounts(f"{RESTORE_DIR}/{p.pid}-") == [] and leftovers(p.pid) == []
 
 
 @pytest.mark.root
@@ -243,4 +295,151 @@ def test_refused_before_mounting(fake, tmp_path):
     assert not (out / "argv").exists(), "criu must not run"
     cp = restore_cmd(str(fake["img"]), "--", "-W", "/tmp", tmp=tmp_path, env=fake["env"])  # type: ignore[arg-type]
     assert cp.returncode == 1 and "restore sets -D, -W and -o itself" in cp.stderr
-    assert our_mounts(tmp_path) == [] and os.listdir(tmp_path / "tmpdir") == []
+    assert our_mounts(f"{RESTORE_DIR}/{cp.pid}-") == [] and leftovers(cp.pid) == []
+
+
+# ------------------------------------------------ lifecycle: detached, foreground, killed
+def _dump_a(testnet, image_dirs):  # type: ignore[no-untyped-def]
+    a, b, c = testnet.add_host("A"), testnet.add_host("B"), testnet.add_host("C")
+    pid = criu.start_workload(a, ["--tcp-listen", f"tcp4@{A4}:7001"])
+    criu.dump(a, pid, image_dirs.images)
+    return b, c
+
+
+def _wait(pred, timeout: float = 60, what: str = "condition"):  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not (got := pred()):
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return got
+
+
+def _cwd(pid: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
+
+
+def _start_foreground(image_dirs, b, pidfile: Path) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
+    p = subprocess.Popen([*CLI, "restore", str(image_dirs.images), "--netns", b.netns_path,
+                          "--foreground", "--", "--pidfile", str(pidfile)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL)
+    RAN.append(p.pid)
+    return p
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.criu
+def test_default_restore_returns_with_the_service_running_and_nothing_mounted(
+        testnet, image_dirs):
+    """Without `-- -d`, restore returns once the tree runs (criu -d), the view unmounted."""
+    b, c = _dump_a(testnet, image_dirs)
+    pidfile = image_dirs.root / "restored.pid"
+    cp = restore_cmd(str(image_dirs.images), "--netns", b.netns_path, "--",
+                     "--pidfile", str(pidfile), tmp=image_dirs.root, timeout=60)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    rpid = int(pidfile.read_text())
+    b.adopt(rpid)
+    assert probe.tcp_hello(c, B4, 7001) == f"tcp4 {B4} 7001"  # still serving after we left
+    assert our_mounts(f"{RESTORE_DIR}/{cp.pid}-") == [] and leftovers(cp.pid) == []
+    assert daemons_under(f"{RESTORE_DIR}/{cp.pid}-") == []
+    criu.kill_tree(rpid)
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.criu
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_foreground_restore_stops_the_service_on_a_signal_and_leaves_nothing(
+        testnet, image_dirs, signum):
+    """--foreground: restore stays while the service runs, the view mounted; SIGTERM/SIGINT
+    go to the restored root task (SIGKILL after STOP_TIMEOUT if it ignores them); then
+    criu returns, the view is unmounted, the temporary dir removed, no daemon left."""
+    b, c = _dump_a(testnet, image_dirs)
+    pidfile = image_dirs.root / "restored.pid"
+    p = _start_foreground(image_dirs, b, pidfile)
+    try:
+        _wait(lambda: pidfile.exists() and pidfile.read_text().strip(), what="pidfile")
+        rpid = int(pidfile.read_text())
+        assert probe.tcp_hello(c, B4, 7001) == f"tcp4 {B4} 7001"
+        time.sleep(0.5)
+        assert p.poll() is None, p.communicate()
+        assert len(our_mounts(f"{RESTORE_DIR}/{p.pid}-")) == 1  # mounted while it runs
+        p.send_signal(signum)
+        out, err = p.communicate(timeout=40)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, out + err  # criu's status: the service ran and ended
+    assert not criu.is_alive(rpid)
+    assert b.pids() == []
+    assert our_mounts(f"{RESTORE_DIR}/{p.pid}-") == [] and leftovers(p.pid) == []
+    assert daemons_under(f"{RESTORE_DIR}/{p.pid}-") == []
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.criu
+def test_sigkilled_restore_is_cleared_by_the_next_restore(testnet, image_dirs):
+    """SIGKILL leaves the view mounted (nobody is left to unmount it); once nothing runs in
+    it any more, the next restore clears it: mount, read-only bind, daemon, dir."""
+    b, c = _dump_a(testnet, image_dirs)
+    pidfile = image_dirs.root / "restored.pid"
+    p = _start_foreground(image_dirs, b, pidfile)
+    try:
+        _wait(lambda: pidfile.exists() and pidfile.read_text().strip(), what="pidfile")
+        rpid = int(pidfile.read_text())
+    finally:
+        p.kill()
+        p.wait()
+    prefix = f"{RESTORE_DIR}/{p.pid}-"
+    assert len(our_mounts(prefix)) == 1 and daemons_under(prefix)  # left behind
+    b.kill_all()  # the service ends; its criu (our orphan now) returns
+    _wait(lambda: not any(criu.is_alive(x) for x in [rpid]), what="service gone")
+    pidfile.unlink()
+    cp = restore_cmd(str(image_dirs.images), "--netns", b.netns_path, "--",
+                     "--pidfile", str(pidfile), tmp=image_dirs.root, timeout=60)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    b.adopt(int(pidfile.read_text()))
+    assert f"left by restore pid {p.pid} (killed)" in cp.stderr
+    assert our_mounts(prefix) == [] and leftovers(p.pid) == []
+    _wait(lambda: daemons_under(prefix) == [], timeout=10, what="daemon gone")
+    assert probe.tcp_hello(c, B4, 7001) == f"tcp4 {B4} 7001"
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_sigkilled_restore_is_cleared_by_umount(fake, tmp_path):
+    """The same with a stand-in criu, cleared by `umount VIEW` (the path criu was given)."""
+    env = dict(fake["env"], FAKE_SLEEP="30")  # type: ignore[arg-type]
+    out: Path = fake["out"]  # type: ignore[assignment]
+    p = subprocess.Popen([*CLI, "restore", str(fake["img"]), "--map", f"{A4}={B4}",
+                          "--foreground"], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    RAN.append(p.pid)
+    try:
+        _wait(lambda: (out / "started").exists(), what="criu started")
+    finally:
+        p.kill()
+        p.wait()
+    prefix = f"{RESTORE_DIR}/{p.pid}-"
+    argv = (out / "argv").read_text().splitlines()
+    assert "-d" not in argv and "--pidfile" in argv  # --foreground
+    view = argv[argv.index("-D") + 1]
+    assert our_mounts(prefix) == [view]
+    # criu still runs in its work dir: umount leaves its view alone
+    cp = subprocess.run([*CLI, "umount", "/nonexistent-mp"], capture_output=True, text=True)
+    assert our_mounts(prefix) == [view]
+    users = [int(d) for d in os.listdir("/proc") if d.isdigit() and _cwd(d).startswith(prefix)]
+    assert users
+    for pid in users:
+        os.kill(pid, signal.SIGKILL)
+    _wait(lambda: not any(_cwd(str(x)).startswith(prefix) for x in users), what="criu gone")
+    cp = subprocess.run([*CLI, "umount", view], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert our_mounts(prefix) == [] and leftovers(p.pid) == []
+    _wait(lambda: daemons_under(prefix) == [], timeout=10, what="daemon gone")

@@ -122,8 +122,13 @@ def restore_group(g: Group, mnt_x: str, mnt_y: str, barrier: bool,
             f1.result()
         time.sleep(GAP)
         if barrier:
+            # the first restore reaches the barrier within ~1 s on an idle box; a loaded
+            # one (2 shared cores) took longer: wait for it, then check it stays waiting
+            arrived = g.root / "barrier" / f"{first}.arrived"
+            wait_for(lambda: arrived.exists() or f1.done(), timeout=20,
+                     what=f"{first} to reach the barrier")
             assert not f1.done(), "with the barrier, the first restore waits for the second"
-            assert (g.root / "barrier" / f"{first}.arrived").exists()
+            assert arrived.exists()
         f2 = pool.submit(run, second)
         pids[first], pids[second] = f1.result(timeout=60), f2.result(timeout=60)
     g.rx, g.ry = pids["C"], pids["D"]

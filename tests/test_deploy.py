@@ -1,0 +1,83 @@
+"""deploy/kubernetes/*.yaml: valid against the Kubernetes schemas (kubernetes-validate's
+bundled ones, strict: an unknown field is an error; offline), and consistent with the code:
+the commands parse, the plugin dir and the agent's socket are the code's defaults, and the
+agent sees the node's paths at the node's paths."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+kv = pytest.importorskip("kubernetes_validate", reason="needs kubernetes-validate (test extras)")
+yaml = pytest.importorskip("yaml")
+
+from overlayfs_inetsk.cli import make_parser  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+K8S_VERSIONS = ["1.27.0", "1.30.0", kv.latest_version()]
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_there_is_a_daemonset():
+    kinds = [(d["kind"], d["metadata"]["name"]) for p in MANIFESTS for d in docs(p)]
+    assert ("DaemonSet", "overlayfs-inetsk") in kinds
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_valid_against_the_schemas(path: Path, version: str):
+    for d in docs(path):
+        kv.validate(d, version, strict=True)
+
+
+def test_the_check_catches_a_bad_field():
+    ds = next(d for p in MANIFESTS for d in docs(p) if d["kind"] == "DaemonSet")
+    ds["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []  # misspelt
+    with pytest.raises(kv.ValidationError):
+        kv.validate(ds, "1.30.0", strict=True)
+
+
+def _daemonset() -> dict:
+    return next(d for p in MANIFESTS for d in docs(p) if d["kind"] == "DaemonSet")
+
+
+def test_commands_parse_and_use_the_codes_defaults():
+    pytest.importorskip("overlayfs_inetsk.plugin", reason="the plugin package is not here yet")
+    from overlayfs_inetsk.plugin.agent import DEFAULT_SOCKET
+    from overlayfs_inetsk.plugin.install import DEFAULT_LIBDIR
+
+    spec = _daemonset()["spec"]["template"]["spec"]
+    cmds = {c["name"]: c["command"] for c in spec["initContainers"] + spec["containers"]}
+    for name, cmd in cmds.items():
+        assert cmd[0] == "overlayfs-inetsk", name
+        make_parser().parse_args(cmd[1:])  # exits (fails the test) on a bad command line
+    install = cmds["install-plugin"]
+    assert install[1:3] == ["plugin", "install"]
+    assert install[install.index("--libdir") + 1] == DEFAULT_LIBDIR
+    agent = cmds["agent"]
+    assert agent[1] == "agent" and agent[agent.index("--socket") + 1] == DEFAULT_SOCKET, \
+        shlex.join(agent)
+
+
+def test_host_paths_are_mounted_where_the_node_has_them():
+    """The plugin runs in the node's criu and passes node paths and fds: the agent and the
+    installer must see every hostPath at the node's own path."""
+    spec = _daemonset()["spec"]["template"]["spec"]
+    host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    mounted = set()
+    for c in spec["initContainers"] + spec["containers"]:
+        for m in c.get("volumeMounts", []):
+            if m["name"] in host:
+                assert m["mountPath"] == host[m["name"]], (c["name"], m)
+                mounted.add(m["mountPath"])
+    for need in ("/usr/lib/criu", "/run/overlayfs-inetsk", "/etc/overlayfs-inetsk",
+                 "/var/lib/containers", "/var/lib/containerd", "/run/containerd"):
+        assert need in mounted, need
+    agent = next(c for c in spec["containers"] if c["name"] == "agent")
+    assert agent["securityContext"]["privileged"] is True  # setns into the restore's netns
