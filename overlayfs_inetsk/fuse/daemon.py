@@ -77,6 +77,10 @@ class Prepared:
     # ops.py calls it at every open of a socket image (fuse/ops.py CurrentFn)
     current: Callable[[], tuple[object, Callable[..., object]]] | None = None
     warnings: list[str] = field(default_factory=list)  # one line each, shown by `mount`
+    # dir inode -> (imagedir.stamp of the originals, image name -> bytes): the socket images
+    # validation already rewrote (maps without `auto`): what the first open would generate
+    # from the same files, so it need not
+    generated: dict[int, tuple[object, dict[str, bytes]]] = field(default_factory=dict)
 
 
 # -- validation --------------------------------------------------------------------------
@@ -121,7 +125,7 @@ def validate(cfg: MountConfig) -> Prepared:
     before CRIU opens files.img; the open fails with EIO until then)."""
     from ..core.addrmap import AddressMap
     from ..core.decide import RewriteOptions
-    from ..core.imagedir import check_image_dir
+    from ..core.imagedir import check_image_dir, stamp
     from ..core.plan import generator, plan_tree, raise_problems
     from ..core.tree import SERVE_MODES, ImageTree
     from ..node.nodeaddr import check_netns, describe, snapshot
@@ -161,12 +165,18 @@ def validate(cfg: MountConfig) -> Prepared:
     groups = 0
     port_check = not cfg.no_port_check
     results: dict[str, object] = {}
+    generated: dict[int, tuple[object, dict[str, bytes]]] = {}
+    # taken before the files are read: a file changed since shows at the first open
+    stamps = {} if families else {d: stamp(g) for d, g in tree.iter_socket_groups()}
     try:
         # the port check needs every socket's report; a refusal known now stops the mount
         for cp in plan_tree(tree, amap, resolve, options, reports=port_check):  # type: ignore[arg-type]
             raise_problems(cp.results, options)
             results.update(cp.results)
             groups += 1
+            if not families:  # the bytes the first open would generate: kept
+                generated[cp.dir_inode] = (stamps.get(cp.dir_inode),
+                                           {name: bytes(d) for name, d in cp.data().items()})
     except _NoAutoYet as e:
         fam = e.args[0]
         why = missing[fam]
@@ -184,7 +194,7 @@ def validate(cfg: MountConfig) -> Prepared:
         check_plan(results, cfg.netns, cfg.strict, warnings.append)
     if not families:
         return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind,
-                        warnings=warnings)
+                        warnings=warnings, generated=generated)
 
     def current() -> tuple[object, Callable[..., object]]:
         snap, resolve = snapshot(families, cfg.netns, cfg.iface)
@@ -319,7 +329,8 @@ def serve_foreground(cfg: MountConfig) -> int:
     for w in prep.warnings:
         log.warning("%s", w)
         _send_warning(ready_fd, w)
-    ops = ViewOperations(prep.tree, prep.generate, current=prep.current)  # type: ignore[arg-type]
+    ops = ViewOperations(prep.tree, prep.generate, current=prep.current,  # type: ignore[arg-type]
+                         generated=prep.generated)
     options = set(pyfuse3.default_options)  # default_permissions
     options |= {"ro", f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if cfg.allow_other:
