@@ -77,10 +77,11 @@ class Prepared:
     # ops.py calls it at every open of a socket image (fuse/ops.py CurrentFn)
     current: Callable[[], tuple[object, Callable[..., object]]] | None = None
     warnings: list[str] = field(default_factory=list)  # one line each, shown by `mount`
-    # dir inode -> (imagedir.stamp of the originals, image name -> bytes): the socket images
-    # validation already rewrote (maps without `auto`): what the first open would generate
-    # from the same files, so it need not
-    generated: dict[int, tuple[object, dict[str, bytes]]] = field(default_factory=dict)
+    # dir inode -> (imagedir.stamp of the originals, what the bytes depend on (None, or the
+    # `auto` addresses as `current` describes them), image name -> bytes): the socket images
+    # validation already rewrote, what the first open would generate from the same files
+    # and addresses, so it need not
+    generated: dict[int, tuple[object, object, dict[str, bytes]]] = field(default_factory=dict)
 
 
 # -- validation --------------------------------------------------------------------------
@@ -149,10 +150,12 @@ def validate(cfg: MountConfig) -> Prepared:
     families = amap.auto_families()
     warnings: list[str] = []
     resolve = found = None
+    depends: object = None  # what the planned bytes depend on, as `current` describes it
     if families:
         import pyroute2  # noqa: F401  (imported here, not in the first open: about 60 ms)
 
         snap, found = snapshot(families, cfg.netns, cfg.iface)
+        depends = describe(snap)
         where = f"netns {cfg.netns}" if cfg.netns else "our network namespace"
         on = f" on {cfg.iface}" if cfg.iface else ""
         missing = {fam: v for fam, v in snap if v == "none" or v.startswith("error: ")}
@@ -165,18 +168,18 @@ def validate(cfg: MountConfig) -> Prepared:
     groups = 0
     port_check = not cfg.no_port_check
     results: dict[str, object] = {}
-    generated: dict[int, tuple[object, dict[str, bytes]]] = {}
+    generated: dict[int, tuple[object, object, dict[str, bytes]]] = {}
     # taken before the files are read: a file changed since shows at the first open
-    stamps = {} if families else {d: stamp(g) for d, g in tree.iter_socket_groups()}
+    stamps = {d: stamp(g) for d, g in tree.iter_socket_groups()}
     try:
         # the port check needs every socket's report; a refusal known now stops the mount
         for cp in plan_tree(tree, amap, resolve, options, reports=port_check):  # type: ignore[arg-type]
             raise_problems(cp.results, options)
             results.update(cp.results)
             groups += 1
-            if not families:  # the bytes the first open would generate: kept
-                generated[cp.dir_inode] = (stamps.get(cp.dir_inode),
-                                           {name: bytes(d) for name, d in cp.data().items()})
+            # the bytes the first open would generate (same files, same addresses): kept
+            generated[cp.dir_inode] = (stamps.get(cp.dir_inode), depends,
+                                       {name: bytes(d) for name, d in cp.data().items()})
     except _NoAutoYet as e:
         fam = e.args[0]
         why = missing[fam]
@@ -185,6 +188,7 @@ def validate(cfg: MountConfig) -> Prepared:
         warnings.append(f"auto: {why}; the view mounts, and files.img fails to open (EIO) "
                         "until there is one")
         groups = sum(1 for _ in plan_tree(tree, amap, mode="check"))  # every image parses
+        generated.clear()
     if groups == 0:
         log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
                     cfg.image_dir)
@@ -201,7 +205,7 @@ def validate(cfg: MountConfig) -> Prepared:
         return describe(snap), generator(amap, resolve, options)
 
     return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind, current,
-                    warnings)
+                    warnings, generated)
 
 
 # -- the foreground daemon ---------------------------------------------------------------
