@@ -206,7 +206,7 @@ def main() -> int:
         with TestNet() as net3:
             node = net3.add_host("N", ipv4=None, ipv6=None)
             how = {"made at mount": VIEW_MAP,
-                   "auto, address after mount: generated at open": (
+                   "auto, generated at open": (
                        "--map", "local=auto", "--netns", node.netns_path, "--iface",
                        node.ifname, "--tcp-outside", "keep")}
             for name, img in many.items():
@@ -275,7 +275,7 @@ def main() -> int:
            "target < 60 MB", statistics.median(rss_gen) < 60 * 1024)
     for label, value, target, good in results:
         mark = "" if not target or target == "(info)" else ("ok" if good else "MISSED")
-        print(f"{label:<76} {value:>10}   {target:<18} {mark}")
+        print(f"{label:<72} {value:>10}   {target:<18} {mark}")
     return 0 if all(g for *_, g in results) else 1
 
 
