@@ -15,7 +15,7 @@ from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.core.decide import RewriteOptions, SocketReport, decide
 from overlayfs_inetsk.core.entries import inet_entries
 from overlayfs_inetsk.core.plan import plan_checkpoint
-from overlayfs_inetsk.core.sockaddr import AF_INET6, words_to_addr
+from overlayfs_inetsk.core.sockaddr import AF_INET6, fmt_addr, words_to_addr
 
 MAPS = {
     "group": ["10.77.0.1=10.77.0.3", "10.77.0.2=10.77.0.4", "fd77::1=fd77::3"],
@@ -101,12 +101,15 @@ def test_a_class_shares_one_decision_among_distinct_peers():
 
 
 @pytest.mark.parametrize("order", ["listener-first", "listener-last"])
-def test_a_source_address_met_after_a_peer_was_judged(order):
+@pytest.mark.parametrize("peer", ["10.77.0.2", "::ffff:10.77.0.2"])
+def test_a_source_address_met_after_a_peer_was_judged(order, peer):
     """plan_checkpoint answers `local` questions with the source addresses met so far and
-    plans again when a later one was already judged as a peer: the result is the same
-    as with every source address known from the start."""
-    conn = isk(1, "10.77.0.1", 40000, "10.77.0.2", 80)  # its peer is the listener below
-    other = isk(2, "10.77.0.1", 40001, "10.77.9.9", 443)  # a peer outside
+    plans again when a later one was already judged as a peer (an IPv4-mapped peer is its
+    IPv4 address): the result is the same as with every source address known from the
+    start."""
+    src = "::ffff:10.77.0.1" if ":" in peer else "10.77.0.1"
+    conn = isk(1, src, 40000, peer, 80)  # its peer is the listener below
+    other = isk(2, src, 40001, peer.replace("0.2", "9.9"), 443)  # a peer outside
     listener = isk(3, "10.77.0.2", 80)
     entries = [listener, conn, other] if order == "listener-first" else [conn, other, listener]
     data = files_img(*(inet_file_entry(s) for s in entries))
@@ -115,4 +118,5 @@ def test_a_source_address_met_after_a_peer_was_judged(order):
     res = plan_checkpoint({"files.img": data}, amap, None, options)["files.img"]
     assert [row(r) for r in res.reports] == reference(data, amap, options)
     r = next(r for r in res.reports if r.id == 1)
-    assert (r.klass, str(r.new_dst)) == ("tcp-peer-moved", "10.77.0.99")
+    assert (r.klass, fmt_addr(r.new_dst)) == ("tcp-peer-moved",
+                                              peer.replace("0.2", "0.99"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -53,7 +54,7 @@ from .entries import (
     set_ports,
 )
 from .imagedir import read_group
-from .sockaddr import IPAddress
+from .sockaddr import AF_INET, IPAddress
 from .tree import ImageTree
 
 # What a pass does: "check" decodes only (mount validation: the map is applied on first
@@ -176,7 +177,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 except RewriteError as exc:  # an `auto` target that cannot be resolved
                     raise RewriteError(f"{path}: {exc}") from None
                 if seen is not None and seen.asking:
-                    seen.judge(dst)
+                    seen.judge(fam, dst_w)
             else:
                 ckey = key
             d = classes.get(ckey)
@@ -263,7 +264,7 @@ def plan_checkpoint(
     bmap = amap.bind(seen.asked, resolve)
     results = {path: _plan_image(path, data, interner, bmap, options, reports, None, seen)
                for path, data in images.items()}
-    if seen.late and any(seen.was_judged(a) for a in seen.late):
+    if seen.late and any(seen.was_judged(*key) for key in seen.late):
         decide_log.debug("%s: a source address came after the peers judged against it: "
                          "planning again", ", ".join(images))
         bmap = amap.bind(list(seen.srcs.values()), resolve)
@@ -281,7 +282,7 @@ class _Seen:
     def __init__(self) -> None:
         self.srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # every source
         self.asking = False  # the map has asked for the source addresses
-        self.late: list[IPAddress] = []  # sources first met after it asked
+        self.late: list[tuple[int, tuple[int, ...]]] = []  # sources first met after it asked
         self.judged: bytearray | None = None  # destinations looked up after it asked
 
     def asked(self) -> list[IPAddress]:
@@ -292,26 +293,32 @@ class _Seen:
         if key not in self.srcs:
             self.srcs[key] = addr
             if self.asking:
-                self.late.append(addr)
+                self.late.append(key)
 
     @staticmethod
-    def _bit(addr: IPAddress) -> int:
-        """20 bits of the address as the map compares it (IPv4-mapped as IPv4), mixed
-        (Fibonacci hashing) so that neighbouring addresses spread over the bitmap."""
-        n = int(addr)
-        if n >> 32 == 0xFFFF:
-            n &= 0xFFFFFFFF
-        return (((n ^ (n >> 64)) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> 44
+    def _bit(family: int, words: tuple[int, ...]) -> int:
+        """A bit for the address in CRIU's words, as the map compares addresses: an
+        IPv4-mapped IPv6 address as its IPv4 one, an IPv4 one by its first word."""
+        if family == AF_INET:
+            key: object = words[0]
+        elif words[:3] == _V4MAPPED:
+            key = words[3]
+        else:
+            key = words
+        return hash((key,)) & (_Seen.BITS - 1)
 
-    def judge(self, dst: IPAddress) -> None:
+    def judge(self, family: int, words: tuple[int, ...]) -> None:
         if self.judged is None:
             self.judged = bytearray(self.BITS >> 3)
-        b = self._bit(dst)
+        b = self._bit(family, words)
         self.judged[b >> 3] |= 1 << (b & 7)
 
-    def was_judged(self, addr: IPAddress) -> bool:
-        b = self._bit(addr)
+    def was_judged(self, family: int, words: tuple[int, ...]) -> bool:
+        b = self._bit(family, words)
         return self.judged is not None and bool(self.judged[b >> 3] & (1 << (b & 7)))
+
+
+_V4MAPPED = (0, 0, socket.htonl(0xFFFF))  # ::ffff:0:0/96 in CRIU's words
 
 
 def problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> list[SocketReport]:
