@@ -3,8 +3,8 @@
 #   docker run --privileged --device /dev/fuse --network host \
 #     -v /srv/ckpt:/srv/ckpt:ro -v /run/overlayfs-inetsk:/run/overlayfs-inetsk:rshared \
 #     overlayfs-inetsk /srv/ckpt/web /run/overlayfs-inetsk/views/web --map local=auto
-# Not built here (no Docker engine on these machines): checked by reading and by
-# tests/test_docs.py::test_dockerfile_by_reading.
+# Built here with `podman build --runtime runc` (no Docker engine on these machines; notes in
+# docs/docker.md); checked by reading in tests/test_docs.py::test_dockerfile_by_reading.
 
 ARG DEBIAN=debian:12-slim
 
