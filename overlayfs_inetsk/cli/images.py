@@ -53,7 +53,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     amap = build_map(args)
     resolver = build_resolver(args) if amap.auto_families() else None
-    tree = ImageTree.build(check_image_dir(args.image_dir))
+    # inspect reads socket images only: files the tree leaves out change nothing it shows
+    tree = ImageTree.build(check_image_dir(args.image_dir), sockets_only=True)
     tree.refuse_outside_parent(warn_only=True)  # inspect serves nothing: a warning
     results = merged(plan_tree(tree, amap, resolver, build_options(args)))
     taken = []
