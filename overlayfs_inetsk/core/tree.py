@@ -242,7 +242,7 @@ class ImageTree:
             target = real
         else:
             rel = os.path.relpath(real, self.image_dir)
-            target = self.link_root if rel == "." else os.path.join(self.link_root, rel)
+            target = self.link_root if rel == b"." else os.path.join(self.link_root, rel)
         if self.link_from is None:
             return target
         here = os.path.normpath(os.path.join(self.link_from, self.path(dino)))
@@ -261,9 +261,9 @@ class ImageTree:
             try:
                 with os.scandir(dnode.real_path) as it:
                     entries = sorted(it, key=lambda e: e.name)
-            except OSError as e:
+            except OSError as err:
                 # the root was checked readable; a subdirectory is shown empty
-                log.warning("cannot list %s: %s", self.display(dino), e.strerror)
+                log.warning("cannot list %s: %s", self.display(dino), err.strerror)
                 continue
             subdirs: list[int] = []
             for e in entries:
