@@ -3,8 +3,8 @@
 #   docker run --privileged --device /dev/fuse --network host \
 #     -v /srv/ckpt:/srv/ckpt:ro -v /run/overlayfs-inetsk:/run/overlayfs-inetsk:rshared \
 #     overlayfs-inetsk /srv/ckpt/web /run/overlayfs-inetsk/views/web --map local=auto
-# Not built here (no Docker engine on these machines): checked by reading and by
-# tests/test_docs.py::test_dockerfile_by_reading.
+# Built here with `podman build --runtime runc` (no Docker engine on these machines; notes in
+# docs/docker.md); checked by reading in tests/test_docs.py::test_dockerfile_by_reading.
 
 ARG DEBIAN=debian:12-slim
 
@@ -30,6 +30,9 @@ RUN bash -c ". /tmp/apt-mirror.sh && criu_src_entry" > /etc/apt/sources.list.d/c
     && make -C criu PREFIX=/usr/local DESTDIR=/out install-criu \
     && echo "__version__ = '4.2.1'" > criu/crit/crit/version.py
 COPY . /app
+# the CRIU plugin (docs/plugin.md), against the same CRIU source tree; the DaemonSet's init
+# container installs it from /usr/local/lib/overlayfs-inetsk (`plugin install`)
+RUN make -C /app/plugin CRIU_SRC=/src/criu OUT=/out/plugin
 RUN python3 -m venv /opt/overlayfs-inetsk/venv \
     && /opt/overlayfs-inetsk/venv/bin/pip install --no-cache-dir /src/criu/lib /src/criu/crit /app
 
@@ -41,5 +44,6 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/usr/local /usr/local
 COPY --from=build /opt/overlayfs-inetsk/venv /opt/overlayfs-inetsk/venv
+COPY --from=build /out/plugin/overlayfs_inetsk_plugin.so /usr/local/lib/overlayfs-inetsk/
 ENV PATH=/opt/overlayfs-inetsk/venv/bin:$PATH
 ENTRYPOINT ["/opt/overlayfs-inetsk/venv/bin/overlayfs-inetsk", "mount", "--foreground"]

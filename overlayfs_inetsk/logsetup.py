@@ -41,8 +41,10 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in super().format(record).splitlines())
 
 
-def stream_is_journal(stream: IO[Any], env: Mapping[str, str] | None = None) -> bool:
+def stream_is_journal(stream: IO[Any] | None, env: Mapping[str, str] | None = None) -> bool:
     """True when `stream` is the journal stream systemd connected ($JOURNAL_STREAM)."""
+    if stream is None:  # a FileHandler's stream before it is opened
+        return False
     value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
     dev_s, sep, ino_s = value.partition(":")
     if not sep:
@@ -54,7 +56,7 @@ def stream_is_journal(stream: IO[Any], env: Mapping[str, str] | None = None) -> 
         return False
 
 
-def formatter_for(stream: IO[Any], fmt: str,
+def formatter_for(stream: IO[Any] | None, fmt: str,
                   env: Mapping[str, str] | None = None) -> logging.Formatter:
     """Formatter(fmt) for lines on `stream`; JournalFormatter(fmt) when it is the journal."""
     return (JournalFormatter if stream_is_journal(stream, env) else logging.Formatter)(fmt)

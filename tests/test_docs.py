@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from overlayfs_inetsk.cli import make_parser
+from overlayfs_inetsk.plugin import install
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -283,3 +284,17 @@ def test_dockerfile_by_reading():
     assert re.search(r'ENTRYPOINT \[.*overlayfs-inetsk", "mount", "--foreground"', text)
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignore and ".git" in ignore
+    # the plugin .so: built in the build stage against the CRIU source tree built there, and
+    # copied to where `plugin install` (the DaemonSet's init container) takes it from
+    assert "plugin/build" in ignore  # never the host's build
+    build, final = text.split("\nFROM ${DEBIAN}\n")
+    src = re.search(r"mkdir -p (\S+) && cd \1 .*?tar -xJf \S+ -C (\S+) ", build, re.S)
+    assert src, "the build stage extracts CRIU's source tree"
+    criu_src = f"{src.group(1)}/{src.group(2)}"
+    assert f"make -C {src.group(2)} -j" in build
+    made = re.search(r"^RUN make -C /app/plugin CRIU_SRC=(\S+) OUT=(\S+)$", build, re.M)
+    assert made, "the build stage builds the plugin"
+    assert made.group(1) == criu_src, (made.group(1), criu_src)
+    assert build.index("COPY . /app") < made.start()
+    so, dest = install.SO_NAME, os.path.dirname(install.INSTALLED_SO)
+    assert f"COPY --from=build {made.group(2)}/{so} {dest}/\n" in final

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .options import add_map_options
+
+if TYPE_CHECKING:  # imported where used: inspect's start-up stays small
+    from ..core.addrmap import AddressMap, Resolver
+    from ..core.decide import RewriteOptions
 
 
 def add_image_parsers(subparsers: Any) -> None:
@@ -26,20 +30,20 @@ def add_image_parsers(subparsers: Any) -> None:
     p.set_defaults(func=cmd_rewrite)
 
 
-def build_map(args: argparse.Namespace):  # -> AddressMap
+def build_map(args: argparse.Namespace) -> AddressMap:
     from ..core.addrmap import AddressMap
 
     return AddressMap.from_args(args.map, args.map_file, env=os.environ,
                                 port_offset=args.port_offset)
 
 
-def build_options(args: argparse.Namespace):  # -> RewriteOptions
+def build_options(args: argparse.Namespace) -> RewriteOptions:
     from ..core.decide import RewriteOptions
 
     return RewriteOptions(strict=args.strict, tcp_outside=args.tcp_outside)
 
 
-def build_resolver(args: argparse.Namespace):  # -> Resolver | None
+def build_resolver(args: argparse.Namespace) -> Resolver | None:
     from ..node.nodeaddr import make_resolver
 
     return make_resolver(netns=args.netns, iface=args.iface)
@@ -53,7 +57,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     amap = build_map(args)
     resolver = build_resolver(args) if amap.auto_families() else None
-    tree = ImageTree.build(check_image_dir(args.image_dir))
+    # inspect reads socket images only: files the tree leaves out change nothing it shows
+    tree = ImageTree.build(check_image_dir(args.image_dir), sockets_only=True)
     tree.refuse_outside_parent(warn_only=True)  # inspect serves nothing: a warning
     results = merged(plan_tree(tree, amap, resolver, build_options(args)))
     taken = []

@@ -40,6 +40,13 @@ ENV_LOCAL = {4: "INETSK_LOCAL_IPV4", 6: "INETSK_LOCAL_IPV6"}
 AUTO = "auto"
 
 
+def _overlap(a: Network, b: Network) -> bool:
+    """Networks of one version that share an address (IPv4 and IPv6 ones never do)."""
+    if isinstance(a, ipaddress.IPv4Network):
+        return isinstance(b, ipaddress.IPv4Network) and a.overlaps(b)
+    return isinstance(b, ipaddress.IPv6Network) and a.overlaps(b)
+
+
 @dataclass(frozen=True)
 class Rule:
     old: Network
@@ -363,9 +370,9 @@ class AddressMap:
                     )
                 self.local[lr.version] = lr
             return
-        for other in self.rules:
-            if other.version == rule.version and other.old.overlaps(rule.old):  # type: ignore[arg-type]
-                raise MapError(f"{rule.source}: overlaps {other.source}")
+        for prev_rule in self.rules:
+            if _overlap(prev_rule.old, rule.old):
+                raise MapError(f"{rule.source}: overlaps {prev_rule.source}")
         self.rules.append(rule)
 
     def is_empty(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import PortRangeError, RewriteError
 from .addrmap import BoundMap, Moved
@@ -41,6 +42,9 @@ from .sockaddr import (
     fmt_endpoint,
     is_special,
 )
+
+if TYPE_CHECKING:  # entries.py's Protocol for pycriu's inet_sk_entry
+    from .entries import InetSk
 
 log = logging.getLogger(__name__)
 
@@ -566,9 +570,9 @@ def _outside_fate(r: SocketReport, options: RewriteOptions, peer: str) -> list[s
     return [f"peer {peer} is outside the map and will reset the connection (fate keep)"]
 
 
-def log_decision(path: str, off: int, isk: object, d: SocketReport) -> None:
+def log_decision(path: str, off: int, isk: InetSk, d: SocketReport) -> None:
     """One DEBUG line per socket: where, what, the verdict, the new endpoints, why."""
-    sport, dport = isk.src_port, isk.dst_port  # type: ignore[attr-defined]
+    sport, dport = isk.src_port, isk.dst_port
     new = ""
     if d.new_local is not None or d.new_remote is not None:
         new_l = fmt_endpoint(d.new_src if d.new_src is not None else d.src,
@@ -577,7 +581,7 @@ def log_decision(path: str, off: int, isk: object, d: SocketReport) -> None:
                              dport if d.new_dport is None else d.new_dport)
         new = f" => {new_l} -> {new_r}"
     log.debug("%s@%d: socket id %d %s %s %s -> %s: %s%s (%s)", path, off,
-              isk.id, d.kind_label, d.state_name if d.type == SOCK_STREAM else "-",  # type: ignore[attr-defined]
+              isk.id, d.kind_label, d.state_name if d.type == SOCK_STREAM else "-",
               fmt_endpoint(d.src, sport), fmt_endpoint(d.dst, dport), d.verdict, new, d.reason)
 
 

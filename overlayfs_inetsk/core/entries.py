@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import posixpath
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, MutableSequence, Sequence
+from typing import Any, Protocol
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, EncodeError
@@ -51,16 +51,68 @@ def _generated() -> tuple[Any, Any]:
 
 fdinfo_pb2, sk_inet_pb2 = _generated()
 
-FD_INETSK = fdinfo_pb2.INETSK  # file_entry.type of an inet socket (4)
+FD_INETSK: int = fdinfo_pb2.INETSK  # file_entry.type of an inet socket (4)
 SHUT_BOTH = 3  # SHUT_RDWR + 1: CRIU's sk_shutdown SK_SHUTDOWN__BOTH (sk-opts.proto)
 _ZERO = (0, 0, 0, 0)
 
+
+
+# pycriu's generated *_pb2 modules have no type hints (mypy sees them as Any): these
+# Protocols say what this package reads and writes of their messages.
+class InetSk(Protocol):
+    """An inet_sk_entry (sk-inet.proto): the fields the core reads or writes."""
+
+    id: int
+    ino: int
+    family: int
+    type: int
+    proto: int
+    state: int
+    src_port: int
+    dst_port: int
+    shutdown: int
+
+    @property
+    def src_addr(self) -> MutableSequence[int]: ...  # repeated uint32: set in place
+    @property
+    def dst_addr(self) -> MutableSequence[int]: ...
+
+
+class _Descriptor(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class EntryMessage(Protocol):
+    """The message re-serialized for a changed socket: the file_entry holding it
+    (files.img), or the inet_sk_entry itself (inetsk.img)."""
+
+    @property
+    def DESCRIPTOR(self) -> _Descriptor: ...
+    def SerializeToString(self) -> bytes: ...
+    def IsInitialized(self) -> bool: ...
+    def FindInitializationErrors(self) -> list[str]: ...
+
+
+class _Head(Protocol):
+    """A decoded _FileEntryHead."""
+
+    type: int
+    id: int
+
+    def HasField(self, name: str) -> bool: ...
+
+
+class _HeadClass(Protocol):
+    def FromString(self, data: bytes | memoryview, /) -> _Head: ...
+
+
 # (offset of the length prefix, payload start, payload end, message to re-serialize,
 # its inet_sk_entry): for files.img the message is the file_entry holding the socket
-InetEntry = tuple[int, int, int, object, object]
+InetEntry = tuple[int, int, int, EntryMessage, InetSk]
 
 
-def _head_class() -> type:
+def _head_class() -> _HeadClass:
     """file_entry's two required fields alone (`type` 1, `id` 2): decoding a non-inet entry
     with it costs a third of decoding it whole, keeps protobuf's rule that the LAST value
     of a field wins (as CRIU's protobuf-c does), and tells a missing field."""
@@ -73,8 +125,9 @@ def _head_class() -> type:
     msg.field.add(name="id", number=2, type=u32, label=req)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
-    return message_factory.GetMessageClass(  # type: ignore[no-any-return]
+    cls: _HeadClass = message_factory.GetMessageClass(
         pool.FindMessageTypeByName("overlayfs_inetsk.FileEntryHead"))
+    return cls
 
 
 _FileEntryHead = _head_class()
@@ -131,7 +184,7 @@ def _not_inet(data: bytes, mv: memoryview, start: int, end: int, path: str, off:
             raise ImageError(path, f"file_entry lacks required field {name}: CRIU would "
                              "reject it", off)
     # `type` given twice: the last one counts (CRIU's protobuf-c reads it so)
-    return head.type != FD_INETSK  # type: ignore[no-any-return]
+    return head.type != FD_INETSK
 
 
 def inet_entries(data: bytes, path: str) -> Iterator[InetEntry]:
@@ -180,65 +233,65 @@ class Interner:
     def __init__(self) -> None:
         self.addrs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
 
-    def get(self, family: int, words: tuple[int, ...], path: str, off: int, isk: object,
+    def get(self, family: int, words: tuple[int, ...], path: str, off: int, isk: InetSk,
             which: str) -> IPAddress:
         key = (family, words)
         got = self.addrs.get(key)
         if got is None:
             if family not in (AF_INET, AF_INET6):
-                raise ImageError(path, f"inet socket id {isk.id} has family {family}, "  # type: ignore[attr-defined]
+                raise ImageError(path, f"inet socket id {isk.id} has family {family}, "
                                  "not AF_INET/AF_INET6", off)
             try:
                 got = words_to_addr(words, family)
             except ValueError as exc:
-                raise ImageError(path, f"inet socket id {isk.id}: {which}: {exc}", off) from None  # type: ignore[attr-defined]
+                raise ImageError(path, f"inet socket id {isk.id}: {which}: {exc}", off) from None
             if len(self.addrs) >= self.MAX:  # 10,000 distinct peers: keep memory flat
                 self.addrs.clear()
             self.addrs[key] = got
         return got
 
 
-def check_required(path: str, off: int, msg: object, isk: object) -> None:
+def check_required(path: str, off: int, msg: EntryMessage, isk: InetSk) -> None:
     """ImageError when a decoded inet entry lacks proto2 required fields (CRIU rejects it)."""
-    if not msg.IsInitialized():  # type: ignore[attr-defined]
-        missing = ",".join(msg.FindInitializationErrors())  # type: ignore[attr-defined]
-        name = msg.DESCRIPTOR.name  # type: ignore[attr-defined]
-        raise ImageError(path, f"inet socket id {isk.id}: Message {name} is missing "  # type: ignore[attr-defined]
+    if not msg.IsInitialized():
+        missing = ",".join(msg.FindInitializationErrors())
+        name = msg.DESCRIPTOR.name
+        raise ImageError(path, f"inet socket id {isk.id}: Message {name} is missing "
                          f"required fields: {missing}", off)
 
 
-def set_addresses(isk: object, src_words: Sequence[int] | None,
+def set_addresses(isk: InetSk, src_words: Sequence[int] | None,
                   dst_words: Sequence[int] | None) -> None:
     """Write new address words into an entry (None: leave that side alone)."""
     if src_words is not None:
-        _set_words(isk.src_addr, src_words)  # type: ignore[attr-defined]
+        _set_words(isk.src_addr, src_words)
     if dst_words is not None:
-        _set_words(isk.dst_addr, dst_words)  # type: ignore[attr-defined]
+        _set_words(isk.dst_addr, dst_words)
 
 
-def set_ports(isk: object, src_port: int | None, dst_port: int | None) -> None:
+def set_ports(isk: InetSk, src_port: int | None, dst_port: int | None) -> None:
     """Write new ports into an entry (None: leave that side alone)."""
     if src_port is not None:
-        isk.src_port = src_port  # type: ignore[attr-defined]
+        isk.src_port = src_port
     if dst_port is not None:
-        isk.dst_port = dst_port  # type: ignore[attr-defined]
+        isk.dst_port = dst_port
 
 
-def close_connection(isk: object) -> None:
+def close_connection(isk: InetSk) -> None:
     """Write decide.py's `closed` verdict into an entry: state CLOSE, no ports, addresses
     0.0.0.0 / ::, shutdown both ways. CRIU then restores an unbound socket and replays the
     shutdown (EOF on read, EPIPE on write; docs/tcp.md)."""
-    isk.state = TCP_CLOSE  # type: ignore[attr-defined]
-    isk.src_port = 0  # type: ignore[attr-defined]
-    isk.dst_port = 0  # type: ignore[attr-defined]
-    _set_words(isk.src_addr, _ZERO[: len(isk.src_addr)])  # type: ignore[attr-defined]
-    _set_words(isk.dst_addr, _ZERO[: len(isk.dst_addr)])  # type: ignore[attr-defined]
-    isk.shutdown = SHUT_BOTH  # type: ignore[attr-defined]
+    isk.state = TCP_CLOSE
+    isk.src_port = 0
+    isk.dst_port = 0
+    _set_words(isk.src_addr, _ZERO[: len(isk.src_addr)])
+    _set_words(isk.dst_addr, _ZERO[: len(isk.dst_addr)])
+    isk.shutdown = SHUT_BOTH
 
 
-def _set_words(field_: object, words: Sequence[int]) -> None:
+def _set_words(field_: MutableSequence[int], words: Sequence[int]) -> None:
     for i, w in enumerate(words):  # IPv4 entries may carry extra words: keep them
-        field_[i] = w  # type: ignore[index]
+        field_[i] = w
 
 
 class Splicer:
@@ -254,17 +307,17 @@ class Splicer:
         self.out: bytearray | None = None
         self.copied = 0
 
-    def keep(self, off: int, msg: object, isk: object) -> None:
+    def keep(self, off: int, msg: EntryMessage, isk: InetSk) -> None:
         """An entry that stays as it is: CRIU must be able to read it. upb decodes entries
         that lack proto2 required fields, CRIU's protobuf-c rejects them (a changed entry
         is checked by replace(), when it is re-encoded: no cost here)."""
         check_required(self.path, off, msg, isk)
 
-    def replace(self, off: int, end: int, msg: object, isk: object) -> None:
+    def replace(self, off: int, end: int, msg: EntryMessage, isk: InetSk) -> None:
         try:
-            payload = msg.SerializeToString()  # type: ignore[attr-defined]
+            payload = msg.SerializeToString()
         except EncodeError as exc:  # upb decodes entries that lack proto2 required fields
-            sid = isk.id  # type: ignore[attr-defined]
+            sid = isk.id
             raise ImageError(self.path, f"inet socket id {sid}: {exc}", off) from None
         out = self.out
         if out is None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from .decide import CLOSED, KEPT, NEEDS_ADDRESS, REWRITTEN, SocketReport
 from .plan import RewriteResult
-from .sockaddr import AF_INET, addr_to_words
+from .sockaddr import AF_INET, IPAddress, addr_to_words
 
 MAX_ENTRIES = 512
 
@@ -73,11 +73,12 @@ class HookPlan:
         return "\n".join([f"TABLE {len(self.entries)}", *(e.line() for e in self.entries)])
 
 
-def _words(addr, family: int) -> Words:
+def _words(addr: IPAddress, family: int) -> Words:
     w = addr_to_words(addr)
     if family == AF_INET:
         w = w[:1]
-    return tuple((w + [0, 0, 0, 0])[:4])  # type: ignore[return-value]
+    w += [0, 0, 0, 0]
+    return w[0], w[1], w[2], w[3]
 
 
 def _entry(r: SocketReport) -> HookEntry | str:

@@ -97,7 +97,7 @@ def _local_addresses(images: Mapping[str, bytes], interner: Interner) -> list[IP
     seen: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
     for path, data in images.items():
         for off, _s, _e, _m, isk in inet_entries(data, path):
-            key = (isk.family, tuple(isk.src_addr))  # type: ignore[attr-defined]
+            key = (isk.family, tuple(isk.src_addr))
             if key not in seen:
                 seen[key] = interner.get(key[0], key[1], path, off, isk, "src_addr")
     return list(seen.values())
@@ -111,12 +111,12 @@ def _port_context(images: Mapping[str, bytes], interner: Interner,
     def socks() -> Iterator[Sock]:
         for path, data in images.items():
             for off, _s, _e, _m, isk in inet_entries(data, path):
-                fam = isk.family  # type: ignore[attr-defined]
-                yield Sock(path, isk.id, isk.type, isk.state, fam,  # type: ignore[attr-defined]
-                           interner.get(fam, tuple(isk.src_addr), path, off, isk, "src_addr"),  # type: ignore[attr-defined]
-                           isk.src_port,  # type: ignore[attr-defined]
-                           interner.get(fam, tuple(isk.dst_addr), path, off, isk, "dst_addr"),  # type: ignore[attr-defined]
-                           isk.dst_port, isk.proto)  # type: ignore[attr-defined]
+                fam = isk.family
+                yield Sock(path, isk.id, isk.type, isk.state, fam,
+                           interner.get(fam, tuple(isk.src_addr), path, off, isk, "src_addr"),
+                           isk.src_port,
+                           interner.get(fam, tuple(isk.dst_addr), path, off, isk, "dst_addr"),
+                           isk.dst_port, isk.proto)
 
     return PortContext.build(socks(), bmap)
 
@@ -124,8 +124,8 @@ def _port_context(images: Mapping[str, bytes], interner: Interner,
 def _check_image(path: str, data: bytes, interner: Interner) -> RewriteResult:
     for off, _s, _e, msg, isk in inet_entries(data, path):
         check_required(path, off, msg, isk)
-        interner.get(isk.family, tuple(isk.src_addr), path, off, isk, "src_addr")  # type: ignore[attr-defined]
-        interner.get(isk.family, tuple(isk.dst_addr), path, off, isk, "dst_addr")  # type: ignore[attr-defined]
+        interner.get(isk.family, tuple(isk.src_addr), path, off, isk, "src_addr")
+        interner.get(isk.family, tuple(isk.dst_addr), path, off, isk, "dst_addr")
     return RewriteResult(path, data)
 
 
@@ -156,14 +156,14 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     replace, keep = splicer.replace, splicer.keep
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
     for off, _start, end, msg, isk in inet_entries(data, path):
-        fam = isk.family  # type: ignore[attr-defined]
-        src_w = tuple(isk.src_addr)  # type: ignore[attr-defined]
-        dst_w = tuple(isk.dst_addr)  # type: ignore[attr-defined]
-        dport = isk.dst_port  # type: ignore[attr-defined]
-        key: tuple[object, ...] = (isk.type, isk.proto, isk.state, fam, src_w, dst_w, dport,  # type: ignore[attr-defined]
-                                   isk.src_port == 0)  # type: ignore[attr-defined]
+        fam = isk.family
+        src_w = tuple(isk.src_addr)
+        dst_w = tuple(isk.dst_addr)
+        dport = isk.dst_port
+        key: tuple[object, ...] = (isk.type, isk.proto, isk.state, fam, src_w, dst_w, dport,
+                                   isk.src_port == 0)
         if ports is not None:  # the local port matters too
-            key += (isk.src_port,)  # type: ignore[attr-defined]
+            key += (isk.src_port,)
         hit = same.get(key)
         if hit is None:
             src = interner.get(fam, src_w, path, off, isk, "src_addr")
@@ -172,8 +172,8 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 seen.src((fam, src_w), src)
             if ports is None:
                 try:
-                    ckey = peer_class(isk.type, isk.proto, isk.state, fam, src_w, src,  # type: ignore[attr-defined]
-                                      isk.src_port, dst, dport, bmap)  # type: ignore[attr-defined]
+                    ckey = peer_class(isk.type, isk.proto, isk.state, fam, src_w, src,
+                                      isk.src_port, dst, dport, bmap)
                 except RewriteError as exc:  # an `auto` target that cannot be resolved
                     raise RewriteError(f"{path}: {exc}") from None
                 if seen is not None and seen.asking:
@@ -182,8 +182,8 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 ckey = key
             d = classes.get(ckey)
             if d is None:
-                first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,  # type: ignore[attr-defined]
-                                     isk.state, src, isk.src_port, dst, dport)  # type: ignore[attr-defined]
+                first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,
+                                     isk.state, src, isk.src_port, dst, dport)
                 d = classes[ckey] = decision(first, bmap, options, ports)
                 if len(classes) > _SAME_MAX and ports is not None:
                     classes.clear()  # keyed per socket: a key seldom comes back
@@ -200,13 +200,14 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 report = proto  # the class's first socket, decided as itself
             else:
                 report = SocketReport(
-                    path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,  # type: ignore[attr-defined]
-                    src, isk.src_port, dst, dport, proto.klass, verdict, proto.reason,  # type: ignore[attr-defined]
+                    path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,
+                    src, isk.src_port, dst, dport, proto.klass, verdict, proto.reason,
                     proto.new_src, proto.new_dst, proto.new_sport, proto.new_dport,
                 )
                 if dport != proto.dport or dst != proto.dst:
-                    mk = makers.get(id(d), False)
-                    if mk is False:
+                    if id(d) in makers:
+                        mk = makers[id(d)]
+                    else:
                         mk = makers[id(d)] = reason_maker(proto)
                     if mk is None:
                         decide_one(report, bmap, options, ports)
@@ -361,7 +362,7 @@ def generator(amap: AddressMap, resolve: Resolver | None, options: RewriteOption
 
 
 def served_bytes(paths: Mapping[str, bytes | str],
-                 generate: Callable[[Mapping[str, bytes]], Mapping[str, object]]
+                 generate: Callable[[Mapping[str, bytes]], Mapping[str, RewriteResult]]
                  ) -> dict[str, bytes]:
     """Read one checkpoint's originals (image name -> real path) and run `generate` over
     them: image name -> the bytes to serve (the original where the generator left one
@@ -372,7 +373,7 @@ def served_bytes(paths: Mapping[str, bytes | str],
     out: dict[str, bytes] = {}
     for path, name in by_path.items():
         r = results.get(path)
-        out[name] = images[path] if r is None else bytes(r.data)  # type: ignore[attr-defined]
+        out[name] = images[path] if r is None else bytes(r.data)
     return out
 
 

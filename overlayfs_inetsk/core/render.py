@@ -5,14 +5,41 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 from .addrmap import AddressMap
 from .decide import VERDICTS, SocketReport
 from .plan import RewriteResult
-from .sockaddr import SOCK_STREAM, fmt_addr
+from .sockaddr import SOCK_STREAM, IPAddress, fmt_addr
 
 JSON_SCHEMA_VERSION = 1
+
+
+class WantedPort(Protocol):
+    """What the JSON shows of an endpoint a restore binds (node.portcheck.Want)."""
+
+    @property
+    def file(self) -> str: ...
+    @property
+    def id(self) -> int: ...
+    @property
+    def proto(self) -> str: ...
+    @property
+    def addr(self) -> IPAddress: ...
+    @property
+    def port(self) -> int: ...
+
+
+class TakenPort(Protocol):
+    """A port a restore would find taken (node.portcheck.Clash: the core does not import
+    node/)."""
+
+    @property
+    def want(self) -> WantedPort: ...
+    @property
+    def holder(self) -> object: ...
+    @property
+    def where(self) -> str: ...
 
 
 @functools.lru_cache(maxsize=8)
@@ -67,7 +94,7 @@ def map_sources(amap: AddressMap) -> list[str]:
 
 
 def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteResult],
-                ports_taken: Sequence[object] | None = None) -> str:
+                ports_taken: Sequence[TakenPort] | None = None) -> str:
     """`ports_taken`: node.portcheck's Clash list when the check ran (inspect --netns);
     the key is left out when it did not."""
     import json  # here: `rewrite` and the table need no json (start-up time)
@@ -82,9 +109,9 @@ def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteR
     }
     if ports_taken is not None:
         doc["ports_taken"] = [
-            {"file": _rel(image_dir, c.want.file), "id": c.want.id,  # type: ignore[attr-defined]
-             "proto": c.want.proto, "addr": fmt_addr(c.want.addr),  # type: ignore[attr-defined]
-             "port": c.want.port, "holder": str(c.holder), "where": c.where}  # type: ignore[attr-defined]
+            {"file": _rel(image_dir, c.want.file), "id": c.want.id,
+             "proto": c.want.proto, "addr": fmt_addr(c.want.addr),
+             "port": c.want.port, "holder": str(c.holder), "where": c.where}
             for c in ports_taken]
     return json.dumps(doc, indent=2) + "\n"
 
@@ -103,7 +130,7 @@ def render_table(
     # formatted once; endpoints as fmt_endpoint() writes them
     texts: dict[object, str] = {}
 
-    def endpoint(addr, port: int) -> str:  # type: ignore[no-untyped-def]
+    def endpoint(addr: IPAddress, port: int) -> str:
         text = texts.get(addr)
         if text is None:
             text = texts[addr] = f"[{fmt_addr(addr)}]" if addr.version == 6 else fmt_addr(addr)

@@ -106,16 +106,16 @@ def is_multicast(addr: IPAddress) -> bool:
 
 def fmt_addr(addr: IPAddress) -> str:
     """str(addr), with IPv4-mapped IPv6 addresses written the usual way (::ffff:10.0.0.1)."""
-    if addr.version == 4:
+    if isinstance(addr, ipaddress.IPv4Address):
         return _ntoa(addr.packed)
-    n = addr._ip  # type: ignore[union-attr]
-    if n >> 48 and addr.scope_id is None:  # type: ignore[union-attr]
+    if int(addr) >> 48 and addr.scope_id is None:
         # inet_ntop writes what str() writes (RFC 5952: the longest run of zero groups,
         # the first of equal ones, compressed) except for addresses whose first 80 bits
         # are zero, which it writes with a dotted IPv4 tail: those take the slow way.
         return _ntop(_AF6, addr.packed)
-    if addr.ipv4_mapped is not None:  # type: ignore[union-attr]
-        return f"::ffff:{addr.ipv4_mapped}"  # type: ignore[union-attr]
+    mapped = addr.ipv4_mapped
+    if mapped is not None:
+        return f"::ffff:{mapped}"
     return str(addr)
 
 

@@ -88,6 +88,8 @@ class ImageTree:
     # CRIU's `parent` links (--prev-images-dir) that point outside image_dir:
     # (real path of the link, its resolved target); see refuse_outside_parent()
     outside_parents: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # the caller reads socket images only (inspect): a plain file left out is no news
+    sockets_only: bool = False
 
     # -- queries -------------------------------------------------------------------------
     def node(self, inode: int) -> Node:
@@ -163,7 +165,7 @@ class ImageTree:
     @classmethod
     def build(cls, image_dir: str | bytes, serve: ServeMode = "symlink",
               link_root: str | bytes | None = None,
-              link_from: str | bytes | None = None) -> ImageTree:
+              link_from: str | bytes | None = None, sockets_only: bool = False) -> ImageTree:
         """Walk IMAGE_DIR (without following symlinks) and build the inode table.
 
         Symlinks to files point at their original's real path, re-rooted under `link_root`
@@ -177,7 +179,10 @@ class ImageTree:
 
         Raises TreeError when IMAGE_DIR itself is unusable. Entries that cannot be shown
         (escaping, dangling or looping symlinks, special files, unreadable directories)
-        are left out with one WARNING line each and listed in `left_out`.
+        are left out with one WARNING line each and listed in `left_out`. With
+        `sockets_only` (the caller reads socket images and nothing else, as `inspect`), a
+        left-out file that is neither a socket image nor a directory (e.g. a `rewrite`
+        output's links to the original dir) is logged at DEBUG: it changes nothing shown.
         """
         if serve not in SERVE_MODES:
             raise TreeError(f"unknown serve mode {serve!r}")
@@ -196,7 +201,8 @@ class ImageTree:
         root = real if link_root is None else os.fsencode(link_root)
         if not os.path.isabs(root):
             raise TreeError(f"link root {os.fsdecode(root)!r} is not an absolute path")
-        tree = cls(image_dir=real, serve=serve, link_root=root.rstrip(b"/") or b"/")
+        tree = cls(image_dir=real, serve=serve, link_root=root.rstrip(b"/") or b"/",
+                   sockets_only=sockets_only)
         if link_from is not None:
             tree.link_from = os.fsencode(link_from)
             if not os.path.isabs(tree.link_from):
@@ -213,12 +219,18 @@ class ImageTree:
             parent.children[node.name] = node.inode
         return node
 
-    def _leave_out(self, parent: int, name: bytes, reason: str, warn: bool = True) -> None:
+    def _leave_out(self, parent: int, name: bytes, reason: str, warn: bool = True,
+                   plain_file: bool = False) -> None:
+        """warn=False: reported elsewhere; plain_file: the entry is a file and not a socket
+        image (it holds no socket: no news for a caller that reads socket images only)."""
         p = self.path(parent)
         vpath = name if p == b"." else p + b"/" + name
         self.left_out.append((vpath, reason))
-        if warn:
-            log.warning("left out %s: %s", os.fsdecode(vpath), reason)
+        if not warn:
+            return
+        quiet = plain_file and self.sockets_only and name not in _SOCKET_NAMES_B
+        log.log(logging.DEBUG if quiet else logging.WARNING, "left out %s: %s",
+                os.fsdecode(vpath), reason)
 
     def _inside(self, path: bytes) -> bool:
         return path == self.image_dir or path.startswith(self.image_dir.rstrip(b"/") + b"/")
@@ -230,7 +242,7 @@ class ImageTree:
             target = real
         else:
             rel = os.path.relpath(real, self.image_dir)
-            target = self.link_root if rel == "." else os.path.join(self.link_root, rel)
+            target = self.link_root if rel == b"." else os.path.join(self.link_root, rel)
         if self.link_from is None:
             return target
         here = os.path.normpath(os.path.join(self.link_from, self.path(dino)))
@@ -249,9 +261,9 @@ class ImageTree:
             try:
                 with os.scandir(dnode.real_path) as it:
                     entries = sorted(it, key=lambda e: e.name)
-            except OSError as e:
+            except OSError as err:
                 # the root was checked readable; a subdirectory is shown empty
-                log.warning("cannot list %s: %s", self.display(dino), e.strerror)
+                log.warning("cannot list %s: %s", self.display(dino), err.strerror)
                 continue
             subdirs: list[int] = []
             for e in entries:
@@ -283,7 +295,8 @@ class ImageTree:
                         # a `parent` link is reported by refuse_outside_parent(): an
                         # error for a view, one warning for inspect
                         self._leave_out(dino, name, "symlink points outside the image dir "
-                                        f"({os.fsdecode(target)})", warn=not parent_link)
+                                        f"({os.fsdecode(target)})", warn=not parent_link,
+                                        plain_file=not stat.S_ISDIR(tst.st_mode))
                         if parent_link:
                             self.outside_parents.append((path, target))
                         continue
@@ -306,7 +319,8 @@ class ImageTree:
                     subdirs.append(next_ino)
                 elif not stat.S_ISREG(st.st_mode):
                     next_ino -= 1
-                    self._leave_out(dino, name, "not a regular file, directory or symlink")
+                    self._leave_out(dino, name, "not a regular file, directory or symlink",
+                                    plain_file=True)
                 elif name in _SOCKET_NAMES_B:
                     self._add(Node(next_ino, Kind.SOCKET_IMAGE, name, dino, real, st))
                     self.socket_groups.setdefault(dino, {})[_SOCKET_NAMES_B[name]] = real

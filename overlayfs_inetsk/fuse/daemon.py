@@ -21,8 +21,9 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import InetskError, MountError
 from .robind import (
@@ -34,6 +35,13 @@ from .robind import (
     make_ro_bind,
     ro_bind_path,
 )
+
+if TYPE_CHECKING:  # imported where used: `umount` and the parent of a spawn stay small
+    from ..core.addrmap import Resolver
+    from ..core.sockaddr import IPAddress
+    from ..core.plan import RewriteResult
+    from ..core.tree import ImageTree
+    from .ops import CurrentFn, GenerateFn
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +76,21 @@ class MountConfig:
 
 @dataclass
 class Prepared:
-    tree: object  # core.tree.ImageTree
-    generate: Callable[[Mapping[str, bytes]], Mapping[str, object]]
+    tree: ImageTree
+    generate: GenerateFn
     mountpoint: str
     groups: int
     ro_bind: str | None = None  # where IMAGE_DIR is to be bind-mounted read-only (symlink mode)
     # with `auto` in the map: () -> (the node's auto addresses now, the generator for them);
     # ops.py calls it at every open of a socket image (fuse/ops.py CurrentFn)
-    current: Callable[[], tuple[object, Callable[..., object]]] | None = None
+    current: CurrentFn | None = None
     warnings: list[str] = field(default_factory=list)  # one line each, shown by `mount`
     # dir inode -> (imagedir.stamp of the originals, what the bytes depend on (None, or the
     # `auto` addresses as `current` describes them), image name -> bytes): the socket images
     # validation already rewrote, what the first open would generate from the same files
     # and addresses, so it need not
-    generated: dict[int, tuple[object, object, dict[str, bytes]]] = field(default_factory=dict)
+    generated: dict[int, tuple[Hashable, Hashable, dict[str, bytes]]] = field(
+        default_factory=dict)
 
 
 # -- validation --------------------------------------------------------------------------
@@ -145,12 +154,12 @@ def validate(cfg: MountConfig) -> Prepared:
         check_netns(cfg.netns)
     ro_bind = ro_bind_path(mp) if cfg.serve == "symlink" else None
     # relative links: they resolve in a container's mount namespace too (runc restore)
-    tree = ImageTree.build(image_real, cfg.serve, ro_bind, link_from=mp)  # type: ignore[arg-type]
+    tree = ImageTree.build(image_real, cfg.serve, ro_bind, link_from=mp)
     tree.refuse_outside_parent()
     families = amap.auto_families()
     warnings: list[str] = []
-    resolve = found = None
-    depends: object = None  # what the planned bytes depend on, as `current` describes it
+    resolve: Resolver | None = None
+    depends: Hashable = None  # what the planned bytes depend on, as `current` describes it
     if families:
         import pyroute2  # noqa: F401  (imported here, not in the first open: about 60 ms)
 
@@ -160,20 +169,21 @@ def validate(cfg: MountConfig) -> Prepared:
         on = f" on {cfg.iface}" if cfg.iface else ""
         missing = {fam: v for fam, v in snap if v == "none" or v.startswith("error: ")}
 
-        def resolve(family: int) -> object:
+        def resolve_or_wait(family: int) -> IPAddress | None:
             if family in missing:
                 raise _NoAutoYet(family)
             return found(family)
+        resolve = resolve_or_wait
 
     groups = 0
     port_check = not cfg.no_port_check
-    results: dict[str, object] = {}
-    generated: dict[int, tuple[object, object, dict[str, bytes]]] = {}
+    results: dict[str, RewriteResult] = {}
+    generated: dict[int, tuple[Hashable, Hashable, dict[str, bytes]]] = {}
     # taken before the files are read: a file changed since shows at the first open
     stamps = {d: stamp(g) for d, g in tree.iter_socket_groups()}
     try:
         # the port check needs every socket's report; a refusal known now stops the mount
-        for cp in plan_tree(tree, amap, resolve, options, reports=port_check):  # type: ignore[arg-type]
+        for cp in plan_tree(tree, amap, resolve, options, reports=port_check):
             raise_problems(cp.results, options)
             results.update(cp.results)
             groups += 1
@@ -200,7 +210,7 @@ def validate(cfg: MountConfig) -> Prepared:
         return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind,
                         warnings=warnings, generated=generated)
 
-    def current() -> tuple[object, Callable[..., object]]:
+    def current() -> tuple[Hashable, GenerateFn]:
         snap, resolve = snapshot(families, cfg.netns, cfg.iface)
         return describe(snap), generator(amap, resolve, options)
 
@@ -333,7 +343,7 @@ def serve_foreground(cfg: MountConfig) -> int:
     for w in prep.warnings:
         log.warning("%s", w)
         _send_warning(ready_fd, w)
-    ops = ViewOperations(prep.tree, prep.generate, current=prep.current,  # type: ignore[arg-type]
+    ops = ViewOperations(prep.tree, prep.generate, current=prep.current,
                          generated=prep.generated)
     options = set(pyfuse3.default_options)  # default_permissions
     options |= {"ro", f"fsname={FSNAME}", f"subtype={FSNAME}"}
@@ -348,7 +358,7 @@ def serve_foreground(cfg: MountConfig) -> int:
     bind_id: int | None = None
     if prep.ro_bind is not None:
         try:
-            bind_id = make_ro_bind(prep.tree.image_dir, prep.ro_bind)  # type: ignore[attr-defined]
+            bind_id = make_ro_bind(prep.tree.image_dir, prep.ro_bind)
         except OSError as e:
             return _fail(cfg, ready_fd, MountError(
                 f"{cfg.image_dir}: cannot bind it read-only on {prep.ro_bind}: "
@@ -360,7 +370,7 @@ def serve_foreground(cfg: MountConfig) -> int:
         _drop_ro_bind(prep.ro_bind, bind_id)
         return _fail(cfg, ready_fd, MountError(f"{cfg.mountpoint}: cannot mount: {e}"))
     log.info("mounted %s on %s (%d inodes, %d checkpoint dir(s), serve=%s)",
-             cfg.image_dir, prep.mountpoint, len(prep.tree), prep.groups, cfg.serve)  # type: ignore[arg-type]
+             cfg.image_dir, prep.mountpoint, len(prep.tree), prep.groups, cfg.serve)
     state = {"ready": False, "signal": 0}
     clean = False
     try:

@@ -18,14 +18,14 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
-from typing import Any, ParamSpec, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from ..core.imagedir import stamp
-from ..core.plan import served_bytes
+from ..core.plan import RewriteResult, served_bytes
 from ..core.tree import ImageTree, Kind, Node
 from ..errors import InetskError
 
@@ -35,15 +35,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class Generated(Protocol):
-    """What the generator returns per image path (core.plan.RewriteResult fits)."""
-
-    data: bytes
-    changed: int
-
-
 # images of one directory (name -> original bytes) -> name -> result; raises InetskError
-GenerateFn = Callable[[Mapping[str, bytes]], Mapping[str, Generated]]
+GenerateFn = Callable[[Mapping[str, bytes]], Mapping[str, RewriteResult]]
 # () -> (what a generation depends on now, e.g. "IPv4 10.77.0.2"; the generator for it).
 # Called in a worker thread at every open of a socket image; raises InetskError/OSError.
 CurrentFn = Callable[[], tuple[Hashable, GenerateFn]]
@@ -51,7 +44,7 @@ CurrentFn = Callable[[], tuple[Hashable, GenerateFn]]
 LONG_TIMEOUT = 300.0  # the tree is static; generated images use 0
 
 
-def _guard(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _guard(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Let FUSEError through, turn anything else into a logged EIO."""
 
     @functools.wraps(fn)

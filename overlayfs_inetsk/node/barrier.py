@@ -302,7 +302,9 @@ def _unlock_after(conns: list[Conn], exc: BarrierError) -> None:
 
 def _fmt(conn: Conn) -> str:
     v, src, sport, dst, dport = conn
-    f = (lambda a, p: f"[{a}]:{p}") if v == 6 else (lambda a, p: f"{a}:{p}")
+
+    def f(a: str, p: int) -> str:
+        return f"[{a}]:{p}" if v == 6 else f"{a}:{p}"
     return f"{f(src, sport)} -> {f(dst, dport)}"
 
 

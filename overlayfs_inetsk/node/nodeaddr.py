@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..errors import InetskError, NodeAddressError
 
@@ -36,6 +36,21 @@ IFA_F_TENTATIVE = 0x40
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 T = TypeVar("T")
+
+
+class NetlinkMessage(Protocol):
+    """What we read of pyroute2's messages (pyroute2 has no type hints)."""
+
+    def get_attr(self, name: str) -> Any: ...
+    def __getitem__(self, key: str) -> Any: ...
+
+
+class RouteSource(Protocol):
+    """What we ask of pyroute2's IPRoute for the default route."""
+
+    def get_routes(self, *, family: int) -> Iterable[NetlinkMessage]: ...
+
+
 _libc: ctypes.CDLL | None = None
 
 
@@ -52,7 +67,8 @@ def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
     """Run fn() with the network namespace at path `netns` (in a thread of its own)."""
     if netns is None:
         return fn()
-    box: dict[str, object] = {}
+    value: list[T] = []  # fn()'s result, or
+    error: list[BaseException] = []  # what it raised: handed to the caller
 
     def run() -> None:
         try:
@@ -64,23 +80,23 @@ def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
                 finally:
                     os.close(fd)
                 try:
-                    box["value"] = fn()
+                    value.append(fn())
                 finally:
                     _setns(own)
             finally:
                 os.close(own)
         except BaseException as e:  # handed to the caller
-            box["error"] = e
+            error.append(e)
 
     t = threading.Thread(target=run, name="overlayfs-inetsk-netns", daemon=True)
     t.start()
     t.join()
-    if "error" in box:
-        e = box["error"]
+    if error:
+        e = error[0]
         if isinstance(e, OSError) and not isinstance(e, InetskError):
             raise NodeAddressError(f"netns {netns}: {e.strerror or e}") from None
-        raise e  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
+        raise e
+    return value[0]
 
 
 def check_netns(netns: str) -> None:
@@ -95,23 +111,23 @@ def check_netns(netns: str) -> None:
         raise
 
 
-def _flags(msg: object) -> int:
-    f = msg.get_attr("IFA_FLAGS")  # type: ignore[attr-defined]
-    return int(f if f is not None else msg["flags"])  # type: ignore[index]
+def _flags(msg: NetlinkMessage) -> int:
+    f = msg.get_attr("IFA_FLAGS")
+    return int(f if f is not None else msg["flags"])
 
 
-def _route_oif(route: object) -> int | None:
-    oif = route.get_attr("RTA_OIF")  # type: ignore[attr-defined]
+def _route_oif(route: NetlinkMessage) -> int | None:
+    oif = route.get_attr("RTA_OIF")
     if oif is None:
-        mp = route.get_attr("RTA_MULTIPATH")  # type: ignore[attr-defined]
+        mp = route.get_attr("RTA_MULTIPATH")
         if mp:
             oif = mp[0]["oif"]
     return int(oif) if oif else None
 
 
-def _default_oif(ipr: object, af: int) -> int | None:
+def _default_oif(ipr: RouteSource, af: int) -> int | None:
     best: tuple[int, int] | None = None
-    for r in ipr.get_routes(family=af):  # type: ignore[attr-defined]
+    for r in ipr.get_routes(family=af):
         if r["dst_len"] != 0 or r["type"] != 1:  # RTN_UNICAST
             continue
         oif = _route_oif(r)

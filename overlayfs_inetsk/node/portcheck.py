@@ -35,10 +35,15 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import PortTakenError
 from .nodeaddr import in_netns
 from ..core.sockaddr import AF_INET, AF_INET6, TCP_STATES, IPAddress, fmt_endpoint, words_to_addr
+
+if TYPE_CHECKING:
+    from ..core.decide import SocketReport
+    from ..core.plan import RewriteResult
 
 TCP_LISTEN_HEX = 0x0A
 TCP_CLOSE_HEX = 0x07
@@ -194,7 +199,7 @@ def taken(wants: Iterable[Want], netns: str | None = None) -> list[Clash]:
     return clashes(list(wants), read_tables(netns), where)
 
 
-def wants_of(reports: Iterable[object]) -> list[Want]:
+def wants_of(reports: Iterable[SocketReport]) -> list[Want]:
     """The endpoints a restore of these planned sockets (core.decide.SocketReport) binds on
     its own: listeners, bound TCP sockets, UDP sockets with a port, at their NEW address and
     port. Connections share their listener's port; closed ones bind nothing."""
@@ -204,34 +209,34 @@ def wants_of(reports: Iterable[object]) -> list[Want]:
     out: list[Want] = []
     seen: set[tuple[str, int, IPAddress, int]] = set()
     for r in reports:
-        verdict = r.verdict  # type: ignore[attr-defined]
+        verdict = r.verdict
         if verdict in (CLOSED, REFUSED):
             continue
-        kind = r.type  # type: ignore[attr-defined]
-        if kind == SOCK_STREAM and r.state in TCP_CONNECTED_STATES:  # type: ignore[attr-defined]
+        kind = r.type
+        if kind == SOCK_STREAM and r.state in TCP_CONNECTED_STATES:
             continue
         if kind not in (SOCK_STREAM, SOCK_DGRAM):
             continue
-        port = r.new_sport if r.new_sport is not None else r.sport  # type: ignore[attr-defined]
+        port = r.new_sport if r.new_sport is not None else r.sport
         if not port:
             continue
-        addr = r.new_src if r.new_src is not None else r.src  # type: ignore[attr-defined]
+        addr = r.new_src if r.new_src is not None else r.src
         proto = "tcp" if kind == SOCK_STREAM else "udp"
-        key = (proto, r.family, addr, port)  # type: ignore[attr-defined]
+        key = (proto, r.family, addr, port)
         if key in seen:
             continue
         seen.add(key)
-        label = f"{r.file}: socket id {r.id}"  # type: ignore[attr-defined]
-        out.append(Want(proto, r.family, addr, port, label,  # type: ignore[attr-defined]
-                        file=r.file, id=r.id))  # type: ignore[attr-defined]
+        label = f"{r.file}: socket id {r.id}"
+        out.append(Want(proto, r.family, addr, port, label,
+                        file=r.file, id=r.id))
     return out
 
 
-def check_plan(results: Mapping[str, object], netns: str | None, strict: bool,
+def check_plan(results: Mapping[str, RewriteResult], netns: str | None, strict: bool,
                warn: Callable[[str], None]) -> list[Clash]:
     """The port check of a planned restore (core.plan results by path): each taken port is
     passed to `warn` as one line; with `strict`, PortTakenError names the first instead."""
-    reports = [r for res in results.values() for r in res.reports]  # type: ignore[attr-defined]
+    reports = [r for res in results.values() for r in res.reports]
     found = taken(wants_of(reports), netns)
     if found and strict:  # one line: the error alone
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""

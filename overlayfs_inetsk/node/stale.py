@@ -45,7 +45,7 @@ def clear_stale(restore_dir: str = RESTORE_DIR) -> list[str]:
     the views cleared; failures are logged, never raised."""
     from ..fuse.robind import find_mount, unmount
 
-    cleared = []
+    cleared: list[str] = []
     try:
         names = os.listdir(restore_dir)
     except OSError:

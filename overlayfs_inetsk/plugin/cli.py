@@ -12,7 +12,7 @@ from . import DEFAULT_SOCKET, VIEW_ROOT
 from .install import DEFAULT_LIBDIR
 
 
-def add_plugin_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_plugin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("plugin", help="install or remove the CRIU plugin (docs/plugin.md)")
     psub = p.add_subparsers(dest="plugin_command", required=True, metavar="ACTION")
     q = psub.add_parser("install", help="copy the plugin into CRIU's plugin dir (idempotent)")

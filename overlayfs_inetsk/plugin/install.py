@@ -174,7 +174,7 @@ def doctor_check(criu: str | None, env: Mapping[str, str], run: Runner = subproc
             notes.append(f"{conf} names {cli}, which is not executable")
     except OSError:
         notes.append(f"no {conf}: the plugin runs overlayfs-inetsk from PATH")
-    from .agent import DEFAULT_SOCKET
+    from . import DEFAULT_SOCKET
 
     if not os.path.exists(DEFAULT_SOCKET):
         notes.append("no agent running (restores start the CLI instead: slower)")

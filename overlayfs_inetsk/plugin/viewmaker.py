@@ -210,7 +210,7 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_views(view_root: str = VIEW_ROOT) -> list[str]:
     """Views (and half-made ones) of restores whose criu is gone (killed before fini)."""
-    gone = []
+    gone: list[str] = []
     try:
         names = os.listdir(view_root)
     except FileNotFoundError:

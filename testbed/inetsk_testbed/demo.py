@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import criu, probe
@@ -108,7 +109,7 @@ def main() -> int:
                 show(["overlayfs-inetsk", "umount", str(mnt)])
 
             say("6. the service answers on B's addresses (asked from A)")
-            checks = [
+            checks: list[tuple[str, Callable[[], object], str]] = [
                 ("TCP", lambda: probe.tcp_hello(a, b.ipv4, 8080), f"web {b.ipv4} 8080"),
                 ("TCP6", lambda: probe.tcp_hello(a, b.ipv6, 8080), f"web6 {b.ipv6} 8080"),
                 ("UDP", lambda: probe.udp_echo(a, b.ipv4, 5353, "hello"), "dns hello"),

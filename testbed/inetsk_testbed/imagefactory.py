@@ -45,7 +45,8 @@ def isk(
 def inet_file_entry(sk: sk_inet_pb2.inet_sk_entry) -> bytes:
     fe = fdinfo_pb2.file_entry(type=fdinfo_pb2.INETSK, id=sk.id)
     fe.isk.CopyFrom(sk)
-    return fe.SerializeToString()
+    data: bytes = fe.SerializeToString()
+    return data
 
 
 def reg_file_entry(id: int, name: str = "/tmp/x") -> bytes:
@@ -53,7 +54,8 @@ def reg_file_entry(id: int, name: str = "/tmp/x") -> bytes:
     fe.reg.CopyFrom(regfile_pb2.reg_file_entry(
         id=id, flags=0, pos=0, name=name,
         fown=fown_pb2.fown_entry(uid=0, euid=0, signum=0, pid_type=0, pid=0)))
-    return fe.SerializeToString()
+    data: bytes = fe.SerializeToString()
+    return data
 
 
 def files_img(*payloads: bytes) -> bytes:

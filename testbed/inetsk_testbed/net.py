@@ -176,7 +176,7 @@ class Host:
         """The first IPv4 address on eth0 (an ``ipaddress.IPv4Address``), or None."""
         for a in self.addrs:
             if a.version == 4:
-                return a.ip  # type: ignore[return-value]
+                return a.ip
         return None
 
     @property
@@ -184,16 +184,16 @@ class Host:
         """The first IPv6 address on eth0 (an ``ipaddress.IPv6Address``), or None."""
         for a in self.addrs:
             if a.version == 6:
-                return a.ip  # type: ignore[return-value]
+                return a.ip
         return None
 
     @property
     def ipv4_if(self) -> ipaddress.IPv4Interface | None:
-        return next((a for a in self.addrs if a.version == 4), None)  # type: ignore[return-value]
+        return next((a for a in self.addrs if a.version == 4), None)
 
     @property
     def ipv6_if(self) -> ipaddress.IPv6Interface | None:
-        return next((a for a in self.addrs if a.version == 6), None)  # type: ignore[return-value]
+        return next((a for a in self.addrs if a.version == 6), None)
 
     def add_addr(self, addr: str | IpInterface) -> IpInterface:
         """Add an address to eth0 (IPv6 with ``nodad``: usable at once). Returns it."""

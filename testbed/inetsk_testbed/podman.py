@@ -130,7 +130,7 @@ class Container:
     info: dict[str, Any] = field(default_factory=dict)
 
     def inspect(self) -> dict[str, Any]:
-        out = json.loads(podman(["container", "inspect", self.name]).stdout)[0]
+        out: dict[str, Any] = json.loads(podman(["container", "inspect", self.name]).stdout)[0]
         self.info = out
         nets = (out.get("NetworkSettings", {}).get("Networks") or {}).get(self.net.name) or {}
         self.ipv4 = nets.get("IPAddress", "")

@@ -64,7 +64,8 @@ def _spec() -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as d:
         runc(["spec", "--bundle", d])
-        return json.loads(Path(d, "config.json").read_text())  # type: ignore[no-any-return]
+        spec: dict[str, Any] = json.loads(Path(d, "config.json").read_text())
+        return spec
 
 
 class RuncContainer:

@@ -546,6 +546,7 @@ class App:
         self.clients: dict[str, Client] = {}
         self.udps: dict[str, Udp] = {}
         self.requests: set[Request] = set()
+        self.ballast: bytearray | None = None  # --hold-mib: memory for the dump to carry
 
     def setup(self, specs: list[Spec]) -> None:
         labels = set()
@@ -596,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     def setup() -> App:
         app = App()
         # every page written, so CRIU dumps (and restores) all of it
-        app.ballast = bytearray(b"\x5a") * (args.hold_mib << 20) if args.hold_mib else None  # type: ignore[attr-defined]
+        app.ballast = bytearray(b"\x5a") * (args.hold_mib << 20) if args.hold_mib else None
         # keep command-line order within each kind; listeners first so that --tcp-connect
         # to our own listener works
         specs = [parse_spec(kind, s) for kind in ("tcp", "udp", "udpc", "self", "client")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from overlayfs_inetsk.node.portcheck import read_tables
 from overlayfs_inetsk.plugin.viewmaker import VIEW_ROOT
 from inetsk_testbed import criu, probe
 from inetsk_testbed.mount import mounted, overlayfs_inetsk
@@ -324,6 +325,60 @@ def test_map_from_environment_and_from_the_checkpoint(service, plugin, monkeypat
     rpid = restore(b, dirs.images, dirs.work_for("file2"), plugin)
     assert_answers(c, "10.77.9.9", "fd77::9:9")
     criu.kill_tree(rpid)
+
+
+# ports (issue 13): a map carried in the checkpoint or on the node, through the view
+PORT_MAP = 'port-offset = 1000\nrules = ["local=auto", ":7002=:9002"]\n'
+
+
+def place_port_map(dirs, source: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """PORT_MAP in the checkpoint (`overlayfs-inetsk.map` in the images dir) or on the node
+    (`plugin.map` in $OVERLAYFS_INETSK_CONF_DIR)."""
+    if source == "checkpoint":
+        path = dirs.images / "overlayfs-inetsk.map"
+    else:
+        conf = dirs.root / "conf"
+        conf.mkdir()
+        monkeypatch.setenv("OVERLAYFS_INETSK_CONF_DIR", str(conf))
+        path = conf / "plugin.map"
+    path.write_text(PORT_MAP)
+    return path
+
+
+def bound_ports(host) -> set[tuple[str, int]]:
+    """(proto, port) of every TCP listener and bound UDP socket in host's namespace."""
+    return {(h.proto, h.port) for h in read_tables(host.netns_path)
+            if (h.proto, h.state) in (("tcp", 10), ("udp", 7))}
+
+
+def assert_on_new_ports_only(host, peer) -> None:
+    """SERVICE moved by PORT_MAP: 7001 and 7004 by the offset, 7002 by its rule."""
+    v4, v6 = str(host.ipv4), str(host.ipv6)
+    assert probe.tcp_hello(peer, v4, 8001) == f"tcp4 {v4} 8001"
+    assert probe.udp_echo(peer, v4, 9002, "ping") == "udp4 ping"
+    assert probe.tcp_hello(peer, v6, 8004) == f"tcp6 {v6} 8004"
+    assert bound_ports(host) == {("tcp", 8001), ("udp", 9002), ("tcp", 8004)}
+    with pytest.raises(ProbeError):
+        probe.tcp_hello(peer, v4, 7001, timeout=2)
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "node"])
+def test_ports_moved_by_a_map_in_the_checkpoint_or_on_the_node(service, plugin, monkeypatch,
+                                                               source):
+    """Plain criu + the plugin: `port-offset` and a port rule from a map file (with
+    local=auto): the listener and the bound UDP socket answer on their new ports only."""
+    net, dirs = service
+    b, c = net.add_host("B"), net.add_host("C")
+    place_port_map(dirs, source, monkeypatch)
+    work = dirs.work_for("B")
+    rpid = restore(b, dirs.images, work, plugin)
+    try:
+        lines = plugin_lines(work)
+        assert any("CRIU reads the per-node view" in ln for ln in lines), lines
+        assert_on_new_ports_only(b, c)
+    finally:
+        criu.kill_tree(rpid)
+    assert views_of(criu_pid(lines)) == []
 
 
 def test_dump_with_the_plugin_loaded_is_untouched(testnet, image_dirs, plugin):

@@ -19,9 +19,12 @@ from .test_criu_hook import HOOK_CRIU, build_plugin as build_test_plugin, calls,
 from .test_plugin import (  # noqa: F401  (fixtures)
     A4,
     A6,
+    SERVICE as PLAIN_SERVICE,
+    assert_on_new_ports_only,
     built_so,
     criu_pid,
     plugin,
+    place_port_map,
     plugin_lines,
     restore,
     views_of,
@@ -181,3 +184,25 @@ def test_a_connection_restored_closed_still_needs_the_view(testnet, image_dirs, 
         criu.kill_tree(srv)
 
 
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "node"])
+def test_a_map_that_moves_ports_goes_through_the_view(testnet, image_dirs, plugin, hook_criu,
+                                                      monkeypatch, source):
+    """The hook sees no ports: a map with `port-offset` and a port rule is never a hook table
+    on the patched CRIU either; the view moves addresses and ports, the hook changes nothing."""
+    a, b, c = testnet.add_host("A"), testnet.add_host("B"), testnet.add_host("C")
+    pid = criu.start_workload(a, PLAIN_SERVICE)
+    criu.dump(a, pid, image_dirs.images)
+    place_port_map(image_dirs, source, monkeypatch)
+    work = image_dirs.work_for("B")
+    rpid = restore(b, image_dirs.images, work, plugin)
+    try:
+        lines = plugin_lines(work)
+        assert any(VIEW_LINE in ln for ln in lines), lines
+        assert not any(HOOK_LINE in ln for ln in lines), lines
+        assert "Plugin updated the addresses" not in (work / "restore.log").read_text()
+        assert_on_new_ports_only(b, c)
+    finally:
+        criu.kill_tree(rpid)
+    assert views_of(criu_pid(lines)) == []
