@@ -27,13 +27,11 @@ Pure: no I/O but reading map files.
 from __future__ import annotations
 
 import ipaddress
-import json
-import tomllib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 from ..errors import MapError, PortRangeError, RewriteError
-from .sockaddr import IPAddress, is_special
+from .sockaddr import IPAddress, is_multicast, is_special
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[int], IPAddress | None]
@@ -258,11 +256,15 @@ def _load_map_file(path: str) -> tuple[list[tuple[str, str]], int | None]:
         raise MapError(f"{path}: map file is not UTF-8 text") from None
     doc: object
     if path.endswith(".json") or text.lstrip().startswith("{"):
+        import json  # here, not at the top: only map files need it (start-up time)
+
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
             raise MapError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     else:
+        import tomllib
+
         try:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -398,6 +400,9 @@ class AddressMap:
         return BoundMap(self, local_addrs, resolve)
 
 
+_MISS = object()
+
+
 class BoundMap:
     """An AddressMap applied to one image: maps single addresses."""
 
@@ -450,14 +455,17 @@ class BoundMap:
         some socket's source address (so it is local without asking). An IPv4-mapped IPv6
         address is mapped by the IPv4 rules and stays mapped."""
         cache = self._cache
-        if addr in cache:
-            return cache[addr]
+        hit = cache.get(addr, _MISS)
+        if hit is not _MISS:
+            return hit  # type: ignore[return-value]
         v4 = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
         hit = self._lookup_plain(v4 if v4 is not None else addr, is_src)
         if hit is not None and v4 is not None:
             hit = (ipaddress.IPv6Address("::ffff:" + str(hit[0])), hit[1])
         if hit is not None and hit[0] == addr:
             hit = None
+        if len(cache) >= 1024:  # 10,000 distinct peers: keep memory flat
+            cache.clear()
         cache[addr] = hit
         return hit
 
@@ -476,7 +484,7 @@ class BoundMap:
                 return ipaddress.ip_address(int(new.network_address) | host), rule.source
             return new, rule.source
         lr = self._local_rules.get(addr.version)
-        if lr is None or special or addr.is_multicast:
+        if lr is None or special or is_multicast(addr):
             return None
         if not is_src and addr not in self.local_addrs:
             return None

@@ -10,7 +10,7 @@ here reads or writes image bytes (entries.py does) or walks a tree (plan.py does
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -616,3 +616,37 @@ def decision(proto: SocketReport, bmap: BoundMap, options: RewriteOptions,
         None if proto.new_src is None else addr_to_words(proto.new_src),
         None if proto.new_dst is None else addr_to_words(proto.new_dst),
     )
+
+
+# Deciding sockets that differ only in their peer (plan.py): a server with 10,000 clients
+# has 10,000 distinct peers but one decision. Without port moves (ports=None), decide()
+# reads of a socket's peer (dst, dport) only whether the map moves dst, whether dst is the
+# socket's own src and whether dport is 0; the peer's endpoint text goes into some
+# reasons. (With port moves it reads much more: plan.py then decides per socket key.)
+# Keep these two functions in step with decide(): tests/test_peer_class.py compares them
+# with decide() socket by socket.
+
+def peer_class(type_: int, proto: int, state: int, family: int, src_key: object,
+               src: IPAddress, sport: int, dst: IPAddress, dport: int,
+               bmap: BoundMap) -> tuple[object, ...]:
+    """Sockets with equal peer_class get the same klass, verdict, new_src and new_dst from
+    decide(bmap, ports=None), and reasons that differ at most in the peer's endpoint
+    (reason_maker). `src_key` stands for src (its address words: cheaper to hash)."""
+    return (type_, proto, state, family, src_key, bool(sport), bool(dport), dst == src,
+            bmap.lookup(dst))
+
+
+def reason_maker(first: SocketReport) -> Callable[[IPAddress, int], str] | None:
+    """A function giving the reason decide() gives a socket of first's peer_class whose
+    peer is (dst, dport); None when first's reason shows the peer in a way it cannot redo
+    (then decide() each such socket)."""
+    reason = first.reason
+    old = fmt_endpoint(first.dst, first.dport)
+    before, found, after = reason.partition(old)
+    rest = before + after
+    if old in after or fmt_addr(first.dst) in rest or str(first.dst) in rest or (
+            str(first.dport) in rest):
+        return None
+    if not found:
+        return lambda dst, dport: reason
+    return lambda dst, dport: f"{before}{fmt_endpoint(dst, dport)}{after}"

@@ -9,16 +9,47 @@ What changes in an entry is decided in decide.py; this module only reads and wri
 from __future__ import annotations
 
 import posixpath
+import sys
 from collections.abc import Iterator, MutableSequence, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, EncodeError
-from pycriu.images import fdinfo_pb2, sk_inet_pb2
 
 from ..errors import ImageError
 from . import imagefile
 from .sockaddr import AF_INET, AF_INET6, TCP_CLOSE, IPAddress, words_to_addr
+
+
+def _generated() -> tuple[Any, Any]:
+    """pycriu's fdinfo_pb2 and sk_inet_pb2, without importing the pycriu.images package
+    when nothing else did: its __init__ loads every generated module it has (about 100,
+    most of our start-up time); these two need about 25. pycriu's generated modules import
+    each other by top-level name (pycriu.images puts its own dir on sys.path), so they are
+    loaded the same way; a later `import pycriu.images` reuses them."""
+    if "pycriu.images" not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.find_spec("pycriu")  # finds the package, does not run it
+        locations = spec.submodule_search_locations if spec is not None else None
+        if locations:
+            images_dir = posixpath.join(list(locations)[0], "images")
+            sys.path.append(images_dir)
+            try:
+                import fdinfo_pb2  # type: ignore[import-not-found]
+                import sk_inet_pb2  # type: ignore[import-not-found]
+
+                return fdinfo_pb2, sk_inet_pb2
+            except ImportError:
+                pass
+            finally:
+                sys.path.remove(images_dir)
+    from pycriu.images import fdinfo_pb2, sk_inet_pb2
+
+    return fdinfo_pb2, sk_inet_pb2
+
+
+fdinfo_pb2, sk_inet_pb2 = _generated()
 
 FD_INETSK: int = fdinfo_pb2.INETSK  # file_entry.type of an inet socket (4)
 SHUT_BOTH = 3  # SHUT_RDWR + 1: CRIU's sk_shutdown SK_SHUTDOWN__BOTH (sk-opts.proto)
@@ -194,7 +225,10 @@ def inet_entries(data: bytes, path: str) -> Iterator[InetEntry]:
 
 
 class Interner:
-    """One IPAddress object per distinct (family, words) of a checkpoint, validated once."""
+    """One IPAddress object per distinct (family, words) of a checkpoint, validated once
+    (up to MAX of them at a time)."""
+
+    MAX = 1024
 
     def __init__(self) -> None:
         self.addrs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
@@ -211,6 +245,8 @@ class Interner:
                 got = words_to_addr(words, family)
             except ValueError as exc:
                 raise ImageError(path, f"inet socket id {isk.id}: {which}: {exc}", off) from None
+            if len(self.addrs) >= self.MAX:  # 10,000 distinct peers: keep memory flat
+                self.addrs.clear()
             self.addrs[key] = got
         return got
 

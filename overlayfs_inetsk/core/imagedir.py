@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ..errors import ImageError, InetskError
 
@@ -60,3 +59,17 @@ def read_socket_image(path: str) -> bytes:
 def read_group(paths: Iterable[str | bytes]) -> dict[str, bytes]:
     """Read the socket images of one checkpoint: path (as messages name it) -> bytes."""
     return {os.fsdecode(p): read_socket_image(os.fsdecode(p)) for p in paths}
+
+
+def stamp(group: Mapping[str, str | bytes]) -> tuple[object, ...]:
+    """What says a checkpoint's socket images are still the ones read (name -> path): each
+    file's inode, size and mtime (None for one that cannot be stat'ed)."""
+    out: list[object] = []
+    for name in sorted(group):
+        try:
+            st = os.lstat(group[name])
+        except OSError:
+            out.append((name, None))
+        else:
+            out.append((name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)

@@ -1,4 +1,6 @@
 """The one entry point from an image tree and an address map to what happens to its sockets.
+Long: the one pass over a checkpoint's entries and what keeps it fast (a decision per kind
+of socket, not per socket; one pass for `local` maps) belong together.
 
     plan_tree(tree, amap, resolve, options)   one CheckpointPlan per checkpoint dir
     plan_checkpoint(images, amap, ...)        one checkpoint dir, its images already read
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,7 +39,10 @@ from .decide import (
     SocketReport,
     decision,
     log_decision,
+    peer_class,
+    reason_maker,
 )
+from .decide import decide as decide_one
 from .decide import log as decide_log
 from .entries import (
     Interner,
@@ -48,7 +54,7 @@ from .entries import (
     set_ports,
 )
 from .imagedir import read_group
-from .sockaddr import IPAddress
+from .sockaddr import AF_INET, IPAddress
 from .tree import ImageTree
 
 # What a pass does: "check" decodes only (mount validation: the map is applied on first
@@ -123,19 +129,28 @@ def _check_image(path: str, data: bytes, interner: Interner) -> RewriteResult:
     return RewriteResult(path, data)
 
 
+_SAME_MAX = 1024  # keys kept by _plan_image's first cache (memory for 10,000 peers)
+
+
 def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 options: RewriteOptions, want_reports: bool,
-                ports: PortContext | None = None) -> RewriteResult:
+                ports: PortContext | None = None, seen: _Seen | None = None) -> RewriteResult:
     counts = dict.fromkeys(VERDICTS, 0)
     reports: list[SocketReport] = []
     problems_: list[SocketReport] = []
-    # Sockets that agree on the key get the same decision, made once: a 10,000-socket image
-    # usually has a handful of distinct keys. The key holds every fact decide() reads:
+    # decide() runs once per kind of socket, not once per socket. `same`: sockets that
+    # agree on the key get the same decision. The key holds every fact decide() reads:
     # (type, proto, state, family, src, dst, peer port) and whether the local port is 0
     # (the reason says "not bound" or "bound to any address"); the port itself only when
     # the map moves ports. Keying on the port always would make one decision per bound UDP
-    # socket: twice the time of a 10k-socket image.
-    decided: dict[tuple[object, ...], Decision] = {}
+    # socket: twice the time of a 10k-socket image. A 10,000-socket listener or UDP
+    # service has a handful of keys. `classes` (no port moves): sockets that differ only in
+    # their peer (decide.peer_class), a server with 10,000 clients. A socket's own report
+    # is made only when asked for (reports, a problem, -v), its reason derived from its
+    # class's first one (decide.reason_maker).
+    same: dict[tuple[object, ...], tuple[Decision, IPAddress, IPAddress]] = {}
+    classes: dict[tuple[object, ...], Decision] = {}
+    makers: dict[int, Callable[[IPAddress, int], str] | None] = {}  # id(Decision) -> maker
     changed = 0
     splicer = Splicer(data, path)
     replace, keep = splicer.replace, splicer.keep
@@ -149,24 +164,57 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                                    isk.src_port == 0)
         if ports is not None:  # the local port matters too
             key += (isk.src_port,)
-        d = decided.get(key)
-        if d is None:
+        hit = same.get(key)
+        if hit is None:
             src = interner.get(fam, src_w, path, off, isk, "src_addr")
             dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
-            first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,
-                                 isk.state, src, isk.src_port, dst, dport)
-            d = decided[key] = decision(first, bmap, options, ports)
+            if seen is not None:
+                seen.src((fam, src_w), src)
+            if ports is None:
+                try:
+                    ckey = peer_class(isk.type, isk.proto, isk.state, fam, src_w, src,
+                                      isk.src_port, dst, dport, bmap)
+                except RewriteError as exc:  # an `auto` target that cannot be resolved
+                    raise RewriteError(f"{path}: {exc}") from None
+                if seen is not None and seen.asking:
+                    seen.judge(fam, dst_w)
+            else:
+                ckey = key
+            d = classes.get(ckey)
+            if d is None:
+                first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,
+                                     isk.state, src, isk.src_port, dst, dport)
+                d = classes[ckey] = decision(first, bmap, options, ports)
+                if len(classes) > _SAME_MAX and ports is not None:
+                    classes.clear()  # keyed per socket: a key seldom comes back
+                    classes[ckey] = d
+            if len(same) >= _SAME_MAX:  # distinct peers: a key seldom comes back
+                same.clear()
+            hit = same[key] = (d, src, dst)
+        d, src, dst = hit
         proto = d.report
         verdict = proto.verdict
         counts[verdict] += 1
-        if debug:
-            log_decision(path, off, isk, proto)
-        if want_reports or verdict in (REFUSED, NEEDS_ADDRESS):
-            report = SocketReport(
-                path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,
-                proto.src, isk.src_port, proto.dst, dport, proto.klass, verdict, proto.reason,
-                proto.new_src, proto.new_dst, proto.new_sport, proto.new_dport,
-            )
+        if want_reports or verdict in (REFUSED, NEEDS_ADDRESS) or debug:
+            if proto.offset == off and proto.file == path:
+                report = proto  # the class's first socket, decided as itself
+            else:
+                report = SocketReport(
+                    path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,
+                    src, isk.src_port, dst, dport, proto.klass, verdict, proto.reason,
+                    proto.new_src, proto.new_dst, proto.new_sport, proto.new_dport,
+                )
+                if dport != proto.dport or dst != proto.dst:
+                    if id(d) in makers:
+                        mk = makers[id(d)]
+                    else:
+                        mk = makers[id(d)] = reason_maker(proto)
+                    if mk is None:
+                        decide_one(report, bmap, options, ports)
+                    else:
+                        report.reason = mk(dst, dport)
+            if debug:
+                log_decision(path, off, isk, report)
             if want_reports:
                 reports.append(report)
             if verdict != REWRITTEN and verdict != CLOSED and verdict != KEPT:
@@ -199,15 +247,79 @@ def plan_checkpoint(
     interner = Interner()
     if mode == "check":
         return {path: _check_image(path, data, interner) for path, data in images.items()}
-    # With a `local` rule, a destination equal to any source address of the checkpoint
-    # follows it: that needs one extra decoding pass, made only when such a destination
-    # comes up.
-    bmap = amap.bind(lambda: _local_addresses(images, interner), resolve)
-    ports = _port_context(images, interner, bmap) if amap.moves_ports() else None
-    return {
-        path: _plan_image(path, data, interner, bmap, options, reports, ports)
-        for path, data in images.items()
-    }
+    if amap.moves_ports():
+        # With a `local` rule, a destination equal to any source address of the checkpoint
+        # follows it; the port decisions ask the map about every socket up front: the
+        # source addresses are collected first (one more decoding pass).
+        bmap = amap.bind(lambda: _local_addresses(images, interner), resolve)
+        ports = _port_context(images, interner, bmap)
+        return {path: _plan_image(path, data, interner, bmap, options, reports, ports)
+                for path, data in images.items()}
+    # Without port moves, the map asks for the source addresses when a destination first
+    # needs them, and gets those met so far (one pass instead of two). The pass notes the
+    # source addresses it meets after that (`seen.late`) and the destinations judged since
+    # (`seen.judged`, a bitmap of their hashes): if a late one may have been judged, that
+    # answer may be wrong, and the checkpoint is planned again knowing every source
+    # address. A server's listeners usually come before its connections.
+    seen = _Seen()
+    bmap = amap.bind(seen.asked, resolve)
+    results = {path: _plan_image(path, data, interner, bmap, options, reports, None, seen)
+               for path, data in images.items()}
+    if seen.late and any(seen.was_judged(*key) for key in seen.late):
+        decide_log.debug("%s: a source address came after the peers judged against it: "
+                         "planning again", ", ".join(images))
+        bmap = amap.bind(list(seen.srcs.values()), resolve)
+        results = {path: _plan_image(path, data, Interner(), bmap, options, reports)
+                   for path, data in images.items()}
+    return results
+
+
+class _Seen:
+    """What one planning pass met: for plan_checkpoint's `local` check."""
+
+    __slots__ = ("srcs", "asking", "late", "judged")
+    BITS = 1 << 20  # 128 KiB: 10,000 destinations set 1% of the bits (false hits: a replan)
+
+    def __init__(self) -> None:
+        self.srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # every source
+        self.asking = False  # the map has asked for the source addresses
+        self.late: list[tuple[int, tuple[int, ...]]] = []  # sources first met after it asked
+        self.judged: bytearray | None = None  # destinations looked up after it asked
+
+    def asked(self) -> list[IPAddress]:
+        self.asking = True
+        return list(self.srcs.values())
+
+    def src(self, key: tuple[int, tuple[int, ...]], addr: IPAddress) -> None:
+        if key not in self.srcs:
+            self.srcs[key] = addr
+            if self.asking:
+                self.late.append(key)
+
+    @staticmethod
+    def _bit(family: int, words: tuple[int, ...]) -> int:
+        """A bit for the address in CRIU's words, as the map compares addresses: an
+        IPv4-mapped IPv6 address as its IPv4 one, an IPv4 one by its first word."""
+        if family == AF_INET:
+            key: object = words[0]
+        elif words[:3] == _V4MAPPED:
+            key = words[3]
+        else:
+            key = words
+        return hash((key,)) & (_Seen.BITS - 1)
+
+    def judge(self, family: int, words: tuple[int, ...]) -> None:
+        if self.judged is None:
+            self.judged = bytearray(self.BITS >> 3)
+        b = self._bit(family, words)
+        self.judged[b >> 3] |= 1 << (b & 7)
+
+    def was_judged(self, family: int, words: tuple[int, ...]) -> bool:
+        b = self._bit(family, words)
+        return self.judged is not None and bool(self.judged[b >> 3] & (1 << (b & 7)))
+
+
+_V4MAPPED = (0, 0, socket.htonl(0xFFFF))  # ::ffff:0:0/96 in CRIU's words
 
 
 def problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> list[SocketReport]:

@@ -4,7 +4,6 @@ docs/json.md). Display only: the planning is plan.py's."""
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Mapping, Protocol, Sequence
 
@@ -98,6 +97,8 @@ def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteR
                 ports_taken: Sequence[TakenPort] | None = None) -> str:
     """`ports_taken`: node.portcheck's Clash list when the check ran (inspect --netns);
     the key is left out when it did not."""
+    import json  # here: `rewrite` and the table need no json (start-up time)
+
     doc: dict[str, object] = {
         "schema": JSON_SCHEMA_VERSION,
         "image_dir": os.path.realpath(image_dir),
@@ -125,17 +126,41 @@ def render_table(
     if with_map:
         head += ["NEW LOCAL", "NEW REMOTE", "VERDICT", "REASON"]
     rows = [head]
+    # 10,000 sockets make 10,000 rows: what repeats (files, protocols, addresses) is
+    # formatted once; endpoints as fmt_endpoint() writes them
+    texts: dict[object, str] = {}
+
+    def endpoint(addr: IPAddress, port: int) -> str:
+        text = texts.get(addr)
+        if text is None:
+            text = texts[addr] = f"[{fmt_addr(addr)}]" if addr.version == 6 else fmt_addr(addr)
+        return f"{text}:{port}"
+
+    labels: dict[tuple[int, int, int], tuple[str, str]] = {}
     for res in results.values():
+        file = _rel(image_dir, res.path) if res.reports else ""
         for r in res.reports:
             if only_changes and r.verdict == "kept":
                 continue
-            row = [_rel(image_dir, r.file), str(r.id), r.type_name, r.proto_label,
-                   r.state_name if r.type == SOCK_STREAM else "-", r.local, r.remote, r.klass]
-            if with_map:
-                row += [r.new_local or "-", r.new_remote or "-", r.verdict, r.reason]
+            lkey = (r.type, r.proto, r.family)
+            label = labels.get(lkey)
+            if label is None:
+                label = labels[lkey] = (r.type_name, r.proto_label)
+            row = [file if r.file == res.path else _rel(image_dir, r.file), str(r.id), *label,
+                   r.state_name if r.type == SOCK_STREAM else "-", endpoint(r.src, r.sport),
+                   endpoint(r.dst, r.dport), r.klass]
+            if with_map:  # = r.new_local, r.new_remote
+                new, port = r.new_src, r.new_sport
+                new_l = "-" if new is None and port is None else endpoint(
+                    r.src if new is None else new, r.sport if port is None else port)
+                new, port = r.new_dst, r.new_dport
+                new_r = "-" if new is None and port is None else endpoint(
+                    r.dst if new is None else new, r.dport if port is None else port)
+                row += [new_l, new_r, r.verdict, r.reason]
             rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    widths = [max(map(len, col)) for col in list(zip(*rows))[:-1]]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"  # = c.ljust(w) for each column
+    lines = [fmt.format(*row) for row in rows]
     s = summary(results)
     tail = f"{s['sockets']} inet socket(s)"
     if with_map:

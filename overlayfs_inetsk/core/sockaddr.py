@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import sys
 from typing import Sequence
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -58,41 +57,72 @@ TCP_STATES = {
 # TCP states in which the socket has a peer (a 4-tuple that must still agree after a move).
 TCP_CONNECTED_STATES = frozenset(TCP_STATES) - {TCP_CLOSE, TCP_LISTEN}
 
-_ORDER = sys.byteorder
+_IPv4 = ipaddress.IPv4Address
+_IPv6 = ipaddress.IPv6Address
+_ntohl = socket.ntohl
 
 
 def words_to_addr(words: Sequence[int], family: int) -> IPAddress:
     """Decode CRIU address words. Raises ValueError when the word count is wrong."""
+    # Each word holds network-order bytes read as a host u32: ntohl gives the address's
+    # bits as an int (ipaddress builds from an int without parsing bytes).
     if family == AF_INET:
         if len(words) < 1:
             raise ValueError("AF_INET address with no words")
-        return ipaddress.IPv4Address(words[0].to_bytes(4, _ORDER))
+        return _IPv4(_ntohl(words[0]))
     if family == AF_INET6:
         if len(words) != 4:
             raise ValueError(f"AF_INET6 address with {len(words)} words, expected 4")
-        return ipaddress.IPv6Address(b"".join(w.to_bytes(4, _ORDER) for w in words))
+        w0, w1, w2, w3 = words
+        return _IPv6((_ntohl(w0) << 96) | (_ntohl(w1) << 64) | (_ntohl(w2) << 32) | _ntohl(w3))
     raise ValueError(f"unknown address family {family}")
 
 
 def addr_to_words(addr: IPAddress) -> list[int]:
-    packed = addr.packed
-    return [int.from_bytes(packed[i : i + 4], _ORDER) for i in range(0, len(packed), 4)]
+    n = int(addr)
+    if addr.version == 4:
+        return [_ntohl(n)]
+    return [_ntohl((n >> s) & 0xFFFFFFFF) for s in (96, 64, 32, 0)]
 
 
 def is_special(addr: IPAddress) -> bool:
     """Addresses a map leaves alone unless a rule names them: unspecified, loopback,
     link-local (and the IPv4-mapped forms of the IPv4 ones)."""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_unspecified or addr.is_loopback or addr.is_link_local
+    # ipaddress's is_unspecified/is_loopback/is_link_local, as integer tests (this runs
+    # once per distinct address of an image: 10,000 times for 10,000 peers)
+    n = int(addr)
+    if addr.version == 6:
+        if n >> 32 != 0xFFFF:  # not IPv4-mapped
+            return n == 0 or n == 1 or n >> 118 == 0x3FA  # ::, ::1, fe80::/10
+        n &= 0xFFFFFFFF
+    return n == 0 or n >> 24 == 127 or n >> 16 == 0xA9FE  # 0.0.0.0, 127/8, 169.254/16
+
+
+def is_multicast(addr: IPAddress) -> bool:
+    """addr.is_multicast, as an integer test (224.0.0.0/4, ff00::/8)."""
+    n = int(addr)
+    return n >> 120 == 0xFF if addr.version == 6 else n >> 28 == 0xE
 
 
 def fmt_addr(addr: IPAddress) -> str:
     """str(addr), with IPv4-mapped IPv6 addresses written the usual way (::ffff:10.0.0.1)."""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return f"::ffff:{addr.ipv4_mapped}"
+    if isinstance(addr, ipaddress.IPv4Address):
+        return _ntoa(addr.packed)
+    if int(addr) >> 48 and addr.scope_id is None:
+        # inet_ntop writes what str() writes (RFC 5952: the longest run of zero groups,
+        # the first of equal ones, compressed) except for addresses whose first 80 bits
+        # are zero, which it writes with a dotted IPv4 tail: those take the slow way.
+        return _ntop(_AF6, addr.packed)
+    mapped = addr.ipv4_mapped
+    if mapped is not None:
+        return f"::ffff:{mapped}"
     return str(addr)
 
 
 def fmt_endpoint(addr: IPAddress, port: int) -> str:
-    return f"[{fmt_addr(addr)}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+    return f"[{fmt_addr(addr)}]:{port}" if addr.version == 6 else f"{fmt_addr(addr)}:{port}"
+
+
+_ntoa = socket.inet_ntoa
+_ntop = socket.inet_ntop
+_AF6 = socket.AF_INET6

@@ -85,6 +85,12 @@ class Prepared:
     # ops.py calls it at every open of a socket image (fuse/ops.py CurrentFn)
     current: CurrentFn | None = None
     warnings: list[str] = field(default_factory=list)  # one line each, shown by `mount`
+    # dir inode -> (imagedir.stamp of the originals, what the bytes depend on (None, or the
+    # `auto` addresses as `current` describes them), image name -> bytes): the socket images
+    # validation already rewrote, what the first open would generate from the same files
+    # and addresses, so it need not
+    generated: dict[int, tuple[Hashable, Hashable, dict[str, bytes]]] = field(
+        default_factory=dict)
 
 
 # -- validation --------------------------------------------------------------------------
@@ -129,7 +135,7 @@ def validate(cfg: MountConfig) -> Prepared:
     before CRIU opens files.img; the open fails with EIO until then)."""
     from ..core.addrmap import AddressMap
     from ..core.decide import RewriteOptions
-    from ..core.imagedir import check_image_dir
+    from ..core.imagedir import check_image_dir, stamp
     from ..core.plan import generator, plan_tree, raise_problems
     from ..core.tree import SERVE_MODES, ImageTree
     from ..node.nodeaddr import check_netns, describe, snapshot
@@ -153,10 +159,12 @@ def validate(cfg: MountConfig) -> Prepared:
     families = amap.auto_families()
     warnings: list[str] = []
     resolve: Resolver | None = None
+    depends: Hashable = None  # what the planned bytes depend on, as `current` describes it
     if families:
         import pyroute2  # noqa: F401  (imported here, not in the first open: about 60 ms)
 
         snap, found = snapshot(families, cfg.netns, cfg.iface)
+        depends = describe(snap)
         where = f"netns {cfg.netns}" if cfg.netns else "our network namespace"
         on = f" on {cfg.iface}" if cfg.iface else ""
         missing = {fam: v for fam, v in snap if v == "none" or v.startswith("error: ")}
@@ -170,12 +178,18 @@ def validate(cfg: MountConfig) -> Prepared:
     groups = 0
     port_check = not cfg.no_port_check
     results: dict[str, RewriteResult] = {}
+    generated: dict[int, tuple[Hashable, Hashable, dict[str, bytes]]] = {}
+    # taken before the files are read: a file changed since shows at the first open
+    stamps = {d: stamp(g) for d, g in tree.iter_socket_groups()}
     try:
         # the port check needs every socket's report; a refusal known now stops the mount
         for cp in plan_tree(tree, amap, resolve, options, reports=port_check):
             raise_problems(cp.results, options)
             results.update(cp.results)
             groups += 1
+            # the bytes the first open would generate (same files, same addresses): kept
+            generated[cp.dir_inode] = (stamps.get(cp.dir_inode), depends,
+                                       {name: bytes(d) for name, d in cp.data().items()})
     except _NoAutoYet as e:
         fam = e.args[0]
         why = missing[fam]
@@ -184,6 +198,7 @@ def validate(cfg: MountConfig) -> Prepared:
         warnings.append(f"auto: {why}; the view mounts, and files.img fails to open (EIO) "
                         "until there is one")
         groups = sum(1 for _ in plan_tree(tree, amap, mode="check"))  # every image parses
+        generated.clear()
     if groups == 0:
         log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
                     cfg.image_dir)
@@ -193,14 +208,14 @@ def validate(cfg: MountConfig) -> Prepared:
         check_plan(results, cfg.netns, cfg.strict, warnings.append)
     if not families:
         return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind,
-                        warnings=warnings)
+                        warnings=warnings, generated=generated)
 
     def current() -> tuple[Hashable, GenerateFn]:
         snap, resolve = snapshot(families, cfg.netns, cfg.iface)
         return describe(snap), generator(amap, resolve, options)
 
     return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind, current,
-                    warnings)
+                    warnings, generated)
 
 
 # -- the foreground daemon ---------------------------------------------------------------
@@ -328,7 +343,8 @@ def serve_foreground(cfg: MountConfig) -> int:
     for w in prep.warnings:
         log.warning("%s", w)
         _send_warning(ready_fd, w)
-    ops = ViewOperations(prep.tree, prep.generate, current=prep.current)
+    ops = ViewOperations(prep.tree, prep.generate, current=prep.current,
+                         generated=prep.generated)
     options = set(pyfuse3.default_options)  # default_permissions
     options |= {"ro", f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if cfg.allow_other:

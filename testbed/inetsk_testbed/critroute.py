@@ -7,12 +7,17 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 
 CRIT = os.path.join(os.path.dirname(sys.executable), "crit")
 
 
-def crit_rewrite(src: str, dst: str, old: str, new: str) -> None:
-    """Write dst: src's files.img with every `old` address in an inet socket set to `new`."""
+def crit_rewrite(src: str, dst: str, old: str | Mapping[str, str], new: str | None = None
+                 ) -> None:
+    """Write dst: src's files.img with every `old` address in an inet socket set to `new`
+    (or, with `old` a mapping, every address it names set to its value). Addresses are
+    written as `crit decode --pretty` shows them (inet_ntop: 10.0.0.1, fd77::1)."""
+    mapping = {old: new} if isinstance(old, str) else dict(old)
     js = dst + ".json"
     subprocess.run([CRIT, "decode", "-i", src, "-o", js, "--pretty"], check=True)
     with open(js) as f:
@@ -21,7 +26,7 @@ def crit_rewrite(src: str, dst: str, old: str, new: str) -> None:
         isk = e.get("isk")
         if isk:
             for k in ("src_addr", "dst_addr"):
-                isk[k] = [new if a == old else a for a in isk.get(k, [])]
+                isk[k] = [mapping.get(a, a) for a in isk.get(k, [])]
     with open(js, "w") as f:
         json.dump(doc, f)
     if os.path.lexists(dst):

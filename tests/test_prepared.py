@@ -1,0 +1,144 @@
+"""Mount's validation plans every checkpoint with the map; without `auto` in the map those
+bytes are what the first open would generate, so the view serves them from the start and
+the first open of a 10,000-socket files.img costs no rewrite (docs/design.md)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
+from overlayfs_inetsk.core.addrmap import AddressMap
+from overlayfs_inetsk.core.decide import RewriteOptions
+from overlayfs_inetsk.core.plan import generator, rewrite_checkpoint
+from overlayfs_inetsk.core.tree import ROOT_INODE, ImageTree
+from overlayfs_inetsk.fuse.daemon import MountConfig, validate
+from overlayfs_inetsk.fuse.ops import ViewOperations
+
+MAP = ["local=10.77.0.99"]
+
+
+def image_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "img" / "ck"
+    d.mkdir(parents=True)
+    (d / "files.img").write_bytes(files_img(
+        inet_file_entry(isk(1, "10.77.0.1", 8000)),
+        inet_file_entry(isk(2, "10.77.0.1", 8000, "10.77.9.9", 40000))))
+    (d / "pages-1.img").write_bytes(b"pages")
+    return tmp_path / "img"
+
+
+async def read_files_img(ops: ViewOperations) -> bytes:
+    ck = await ops.lookup(ROOT_INODE, b"ck", None)
+    attr = await ops.lookup(ck.st_ino, b"files.img", None)
+    fi = await ops.open(attr.st_ino, os.O_RDONLY, None)
+    data = await ops.read(fi.fh, 0, 1 << 20)
+    await ops.release(fi.fh)
+    return data
+
+
+def test_validation_keeps_the_bytes_the_first_open_would_generate(tmp_path: Path) -> None:
+    root = image_dir(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    prep = validate(MountConfig(str(root), str(mnt), maps=MAP, no_port_check=True, env={}))
+    real = os.path.realpath(root / "ck" / "files.img")
+    want = rewrite_checkpoint({real: (root / "ck" / "files.img").read_bytes()},
+                              AddressMap.from_args(MAP))[real].data
+    assert [(key, data) for _stamp, key, data in prep.generated.values()] == [
+        (None, {"files.img": bytes(want)})]
+
+    def never(*_a: object) -> None:
+        raise AssertionError("generated again")
+
+    ops = ViewOperations(prep.tree, never, generated=prep.generated)  # type: ignore[arg-type]
+    assert trio.run(read_files_img, ops) == bytes(want)
+    assert ops.generations == 0
+
+
+def test_a_file_changed_after_validation_is_generated_at_open(tmp_path: Path) -> None:
+    root = image_dir(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    prep = validate(MountConfig(str(root), str(mnt), maps=MAP, no_port_check=True, env={}))
+    changed = files_img(inet_file_entry(isk(5, "10.77.0.1", 9000)))
+    (root / "ck" / "files.img").write_bytes(changed)
+    real = os.path.realpath(root / "ck" / "files.img")
+    ops = ViewOperations(prep.tree, generator(AddressMap.from_args(MAP), None,  # type: ignore[arg-type]
+                                              RewriteOptions()), generated=prep.generated)
+    want = rewrite_checkpoint({real: changed}, AddressMap.from_args(MAP))[real].data
+    assert trio.run(read_files_img, ops) == bytes(want)
+    assert ops.generations == 1
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:  # needs root (the test using it is marked)
+    """A namespace with 10.77.32.7/24 on a veth holding the default route."""
+    name = f"oit{secrets.token_hex(3)}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", "-n", name, *args], check=True, capture_output=True)
+
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
+        for dev in ("lo", "v0", "v1"):
+            ip("link", "set", dev, "up")
+        ip("addr", "add", "10.77.32.7/24", "dev", "v0")
+        ip("route", "add", "default", "via", "10.77.32.1", "dev", "v0")
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.root
+def test_an_auto_map_keeps_them_for_the_addresses_it_found(tmp_path: Path,
+                                                          netns: str) -> None:
+    """With `auto`, the bytes depend on the node's address: kept with its description, and
+    used by the first open only if `current` still describes the same."""
+    root = image_dir(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    prep = validate(MountConfig(str(root), str(mnt), maps=["local=auto"], netns=netns,
+                                no_port_check=True, env={}))
+    assert prep.current is not None
+    [(_stamp, key, data)] = prep.generated.values()
+    now, _gen = prep.current()
+    assert key == now
+
+    def never(*_a: object) -> None:
+        raise AssertionError("generated again")
+
+    ops = ViewOperations(prep.tree, never, current=lambda: (key, never),  # type: ignore[arg-type]
+                         generated=prep.generated)
+    assert trio.run(read_files_img, ops) == data["files.img"]
+    calls = []
+
+    def gen(images):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return {}
+
+    ops = ViewOperations(prep.tree, never, current=lambda: ("elsewhere", gen),  # type: ignore[arg-type]
+                         generated=prep.generated)
+    trio.run(read_files_img, ops)
+    assert calls == [1]
+
+
+def test_ops_without_prepared_bytes_generate_on_first_open(tmp_path: Path) -> None:
+    root = image_dir(tmp_path)
+    calls = []
+
+    def gen(images):  # type: ignore[no-untyped-def]
+        calls.append(sorted(images))
+        return {}
+
+    ops = ViewOperations(ImageTree.build(str(root)), gen)  # type: ignore[arg-type]
+    data = trio.run(read_files_img, ops)
+    assert data == (root / "ck" / "files.img").read_bytes()  # the generator left it out
+    assert len(calls) == 1 and ops.generations == 1

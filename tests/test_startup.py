@@ -1,0 +1,55 @@
+"""What `inspect` and `rewrite` import: start-up is most of their time on small images
+(docs/design.md, issue 12). They need neither FUSE, trio, netlink nor the node agent, and
+of pycriu only the generated modules for files.img (not the pycriu.images package, which
+loads every one of its ~100 modules)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE = r"""
+import json, sys
+from overlayfs_inetsk.cli import main
+code = main(sys.argv[1:])
+print(json.dumps([code, sorted(sys.modules)]))
+"""
+NOT_WANTED = ("pyfuse3", "trio", "pyroute2", "pycriu.images", "pycriu.rpc_pb2",
+              "overlayfs_inetsk.plugin.agent", "overlayfs_inetsk.plugin.viewmaker",
+              "overlayfs_inetsk.fuse.ops", "overlayfs_inetsk.fuse.daemon", "tomllib")
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    d = tmp_path / "img"
+    d.mkdir()
+    (d / "files.img").write_bytes(files_img(
+        inet_file_entry(isk(1, "10.77.0.1", 8000)),
+        inet_file_entry(isk(2, "10.77.0.1", 8000, "10.77.9.9", 40000)),
+    ))
+    (d / "inventory.img").write_bytes(b"inv")
+    return d
+
+
+@pytest.mark.parametrize("command", ["inspect", "inspect-json", "rewrite"])
+def test_offline_commands_import_no_fuse_netlink_agent_or_all_of_pycriu(image_dir, tmp_path,
+                                                                        command):
+    args = {"inspect": ["inspect", str(image_dir), "--map", "local=10.77.0.2"],
+            "inspect-json": ["inspect", str(image_dir), "--json"],
+            "rewrite": ["rewrite", str(image_dir), str(tmp_path / "out"), "--map",
+                        "local=10.77.0.2"]}[command]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", PROBE, *args], check=True, capture_output=True,
+                         text=True, env=env).stdout
+    code, modules = json.loads(out.splitlines()[-1])
+    assert code == 0
+    bad = [m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_WANTED)]
+    assert bad == []
+    assert "fdinfo_pb2" in modules or "pycriu.images.fdinfo_pb2" in modules
