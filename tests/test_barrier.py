@@ -4,7 +4,6 @@ a tmp dir as the barrier dir. The lock rules are checked as text (no netfilter h
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_fil
 from overlayfs_inetsk.node import barrier
 from overlayfs_inetsk.errors import BarrierError
 from overlayfs_inetsk.cli import main
+from inetsk_testbed.net import scratch_netns
 
 
 def run_members(d, names, members, timeout=5.0):
@@ -159,12 +159,8 @@ def test_barrier_script_runs_without_arguments(tmp_path):
 @pytest.fixture
 def bare_netns():
     """A fresh network namespace (its own, empty netfilter tables), always removed."""
-    name = f"oitb{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield f"/run/netns/{name}"
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    with scratch_netns(prefix="oitb") as ns:
+        yield ns
 
 
 def _in_ns(ns: str, *argv: str) -> subprocess.CompletedProcess[str]:

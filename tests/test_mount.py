@@ -6,7 +6,6 @@ import errno
 import ipaddress
 import os
 import re
-import secrets
 import signal
 import socket
 import struct
@@ -20,6 +19,7 @@ import pytest
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
 from pycriu.images import fdinfo_pb2
+from inetsk_testbed.net import scratch_netns, veth_with_route
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -338,23 +338,8 @@ def _wait_mounted(mp: Path, timeout: float = 20) -> None:
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A namespace with 10.77.31.7/24 and fd77::31:7/64 on a veth holding the default route."""
-    name = f"oit{secrets.token_hex(3)}"
-    path = f"/run/netns/{name}"
-
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", "-n", name, *args], check=True, capture_output=True)
-
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
-        for dev in ("lo", "v0", "v1"):
-            ip("link", "set", dev, "up")
-        ip("addr", "add", "10.77.31.7/24", "dev", "v0")
-        ip("-6", "addr", "add", "fd77::31:7/64", "dev", "v0", "nodad")
-        ip("route", "add", "default", "via", "10.77.31.1", "dev", "v0")
-        yield path
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    with scratch_netns(*veth_with_route("10.77.31.7/24", "10.77.31.1", "fd77::31:7/64")) as ns:
+        yield ns
 
 
 def test_auto_in_netns(mounts: Mounts, image: Path, netns: str) -> None:

@@ -4,35 +4,26 @@ the test makes."""
 from __future__ import annotations
 
 import ipaddress
-import secrets
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
 from overlayfs_inetsk.node.nodeaddr import node_address
+from inetsk_testbed.net import scratch_netns
 
 
 @pytest.fixture
 def ptp_netns() -> Iterator[str]:
     """A namespace whose only interface (the default route's) has point-to-point addresses:
     10.77.41.1 peer 10.77.41.2 and fd77::41:1 peer fd77::41:2."""
-    name = f"oitp{secrets.token_hex(3)}"
-
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", "-n", name, *args], check=True, capture_output=True)
-
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        ip("link", "add", "p0", "type", "veth", "peer", "name", "p1")  # no dummy module here
-        for dev in ("p0", "p1"):
-            ip("link", "set", dev, "up")
-        ip("addr", "add", "10.77.41.1", "peer", "10.77.41.2", "dev", "p0")
-        ip("-6", "addr", "add", "fd77::41:1", "peer", "fd77::41:2", "dev", "p0", "nodad")
-        ip("route", "add", "default", "dev", "p0")
-        yield f"/run/netns/{name}"
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    with scratch_netns(
+        ("link", "add", "p0", "type", "veth", "peer", "name", "p1"),  # no dummy module here
+        ("link", "set", "p0", "up"), ("link", "set", "p1", "up"),
+        ("addr", "add", "10.77.41.1", "peer", "10.77.41.2", "dev", "p0"),
+        ("-6", "addr", "add", "fd77::41:1", "peer", "fd77::41:2", "dev", "p0", "nodad"),
+        ("route", "add", "default", "dev", "p0"),
+    ) as ns:
+        yield ns
 
 
 @pytest.mark.root

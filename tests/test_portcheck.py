@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ipaddress as ip
 import socket
-import subprocess
-import uuid
 from contextlib import ExitStack
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from overlayfs_inetsk.node.nodeaddr import NodeAddressError, in_netns
 from overlayfs_inetsk.node.portcheck import Holder, Want, clashes, parse_table, read_tables, taken
 from overlayfs_inetsk.core.sockaddr import AF_INET, AF_INET6
+from inetsk_testbed.net import scratch_netns
 
 A = ip.ip_address
 
@@ -86,13 +85,8 @@ def test_port_zero_is_never_taken():
 
 @pytest.fixture
 def netns():
-    name = f"inetsk-pc-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield f"/run/netns/{name}"
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
+    with scratch_netns(("link", "set", "lo", "up")) as ns:
+        yield ns
 
 
 def _open(netns, family, kind, addr, port, listen=False):

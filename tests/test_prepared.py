@@ -5,8 +5,6 @@ the first open of a 10,000-socket files.img costs no rewrite (docs/design.md).""
 from __future__ import annotations
 
 import os
-import secrets
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from overlayfs_inetsk.core.plan import generator, rewrite_checkpoint
 from overlayfs_inetsk.core.tree import ROOT_INODE, ImageTree
 from overlayfs_inetsk.fuse.daemon import MountConfig, validate
 from overlayfs_inetsk.fuse.ops import ViewOperations
+from inetsk_testbed.net import scratch_netns, veth_with_route
 
 MAP = ["local=10.77.0.99"]
 
@@ -80,21 +79,8 @@ def test_a_file_changed_after_validation_is_generated_at_open(tmp_path: Path) ->
 @pytest.fixture
 def netns() -> Iterator[str]:  # needs root (the test using it is marked)
     """A namespace with 10.77.32.7/24 on a veth holding the default route."""
-    name = f"oit{secrets.token_hex(3)}"
-
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", "-n", name, *args], check=True, capture_output=True)
-
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
-        for dev in ("lo", "v0", "v1"):
-            ip("link", "set", dev, "up")
-        ip("addr", "add", "10.77.32.7/24", "dev", "v0")
-        ip("route", "add", "default", "via", "10.77.32.1", "dev", "v0")
-        yield f"/run/netns/{name}"
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    with scratch_netns(*veth_with_route("10.77.32.7/24", "10.77.32.1")) as ns:
+        yield ns
 
 
 @pytest.mark.root

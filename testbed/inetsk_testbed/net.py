@@ -30,7 +30,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 IpInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -455,3 +455,30 @@ def cleanup_stale(names: Iterable[str] | None = None) -> list[str]:
         with contextlib.suppress(OSError):
             os.unlink(f"{REGISTRY_DIR}/{run_id}")
     return removed
+
+
+@contextlib.contextmanager
+def scratch_netns(*setup: Sequence[str], prefix: str = "oit") -> Iterator[str]:
+    """A fresh, uniquely named network namespace for one test: each `setup` item is the
+    arguments of one `ip -n NAME ...` command run in it (e.g. ("link", "set", "lo", "up"));
+    yields its path (/run/netns/NAME) and always deletes it."""
+    name = f"{prefix}{secrets.token_hex(3)}"
+    _sh(["ip", "netns", "add", name])
+    try:
+        for args in setup:
+            _sh(["ip", "-n", name, *args])
+        yield f"/run/netns/{name}"
+    finally:
+        _sh(["ip", "netns", "del", name], check=False)
+
+
+def veth_with_route(v4: str, gateway4: str, v6: str | None = None) -> list[Sequence[str]]:
+    """scratch_netns set-up: a veth pair (v0, v1) up, `v4` (and `v6`, no DAD) on v0, the
+    default route via `gateway4`: `auto` finds v4 (and v6) there."""
+    cmds: list[Sequence[str]] = [("link", "add", "v0", "type", "veth", "peer", "name", "v1")]
+    cmds += [("link", "set", dev, "up") for dev in ("lo", "v0", "v1")]
+    cmds.append(("addr", "add", v4, "dev", "v0"))
+    if v6 is not None:
+        cmds.append(("-6", "addr", "add", v6, "dev", "v0", "nodad"))
+    cmds.append(("route", "add", "default", "via", gateway4, "dev", "v0"))
+    return cmds
