@@ -22,6 +22,23 @@ def overlayfs_inetsk(*args: str, check: bool = True, timeout: float = 60
     return cp
 
 
+def mount_daemons(under: str | os.PathLike[str]) -> list[int]:
+    """Pids of `overlayfs-inetsk mount` daemons whose command line names a path under
+    `under` (what a test or the soak counts as left behind)."""
+    key = os.fsencode(str(under))
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if b"overlayfs_inetsk" in cmd and b"\0mount\0" in cmd and key in cmd:
+                out.append(int(d))
+    return out
+
+
 def ismount(path: str | os.PathLike[str]) -> bool:
     p = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .mount import mount_daemons
+
 CLI = [sys.executable, "-m", "overlayfs_inetsk.cli"]
 
 
@@ -95,15 +97,7 @@ def leftovers(tmp: Path) -> dict[str, int]:
     key = str(tmp)
     with open("/proc/self/mountinfo") as f:  # the view, and the bind (its root is our image)
         lines = [ln for ln in f if key in ln]
-    daemons = 0
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"overlayfs_inetsk.cli.mount" in cmd and key.encode() in cmd:
-                daemons += 1
+    daemons = len(mount_daemons(key))
     binds = int(os.path.lexists(ro_bind_path(os.path.realpath(tmp / "mnt"))))
     return {"mounts": len(lines), "bind dirs": binds, "daemons": daemons}
 

@@ -25,6 +25,7 @@ import pytest
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
 from inetsk_testbed import criu, probe
+from inetsk_testbed.mount import mount_daemons
 from overlayfs_inetsk.node.restore import RESTORE_DIR
 
 CLI = [sys.executable, "-m", "overlayfs_inetsk.cli"]
@@ -84,17 +85,7 @@ def leftovers(pid: int) -> list[str]:
 
 def daemons_under(path: str) -> list[int]:
     """Mount daemons whose command line names a path under `path`."""
-    key = os.fsencode(path)
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"overlayfs_inetsk" in cmd and b"\0mount\0" in cmd and key in cmd:
-                out.append(int(d))
-    return out
+    return mount_daemons(path)
 
 
 # -------------------------------------------------------------------------- real CRIU
