@@ -41,10 +41,13 @@ def write_view_dir(
     relative_links: bool = False,
     tree: ImageTree | None = None,
     results: dict[str, RewriteResult] | None = None,
+    reports: bool = True,
 ) -> dict[str, RewriteResult]:
     """`tree` and `results`: an ImageTree of image_dir and its plan, made by the caller
     (they are made here when absent; a caller's tree decides the links itself, e.g.
-    ImageTree.build(link_from=OUT_DIR's real path) for relative ones)."""
+    ImageTree.build(link_from=OUT_DIR's real path) for relative ones). reports=False:
+    the plan made here keeps a SocketReport only for the sockets that need attention
+    (RewriteResult.problems), not for every socket: the view needs none (faster)."""
     root = check_image_dir(image_dir)
     out_abs = os.path.abspath(out_dir)
     if inside(os.path.realpath(out_abs), root):
@@ -66,7 +69,7 @@ def write_view_dir(
     tree.refuse_outside_parent()
     if results is None:
         results = {}
-        for cp in plan_tree(tree, amap, resolve, options):
+        for cp in plan_tree(tree, amap, resolve, options, reports=reports):
             raise_problems(cp.results, options)
             results.update(cp.results)
 

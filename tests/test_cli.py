@@ -72,10 +72,9 @@ def test_rewrite_writes_view_dir_and_never_touches_image(image_dir, tmp_path, ca
     out = tmp_path / "view"
     assert main(["rewrite", str(image_dir), str(out), "--map", "local=10.9.0.7",
                  "--map", "fd00::5=fd09::5"]) == 0
-    printed = capsys.readouterr().out
-    assert "10.9.0.7:80" in printed and "[fd09::5]:53" in printed
-    assert "127.0.0.1:81" not in printed  # only what changes is listed
-    assert printed.strip().endswith("3 inet socket(s): 2 rewritten, 1 kept")
+    # nothing needs attention: no rows, the summary and where the view is (docs/cli.md)
+    assert capsys.readouterr().out == ("3 inet socket(s): 2 rewritten, 1 kept\n"
+                                       f"view written to {out}\n")
     assert snapshot(image_dir) == before
     assert not os.path.islink(out / "files.img")
     assert (out / "files.img").read_bytes() != (image_dir / "files.img").read_bytes()
@@ -100,6 +99,49 @@ def test_rewrite_writes_view_dir_and_never_touches_image(image_dir, tmp_path, ca
     assert main(["inspect", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert {x["src"] for x in doc["sockets"]} == {"10.9.0.7", "fd09::5", "127.0.0.1"}
+
+
+def test_rewrite_table_lists_every_change(image_dir, tmp_path, capsys):
+    out = tmp_path / "view"
+    assert main(["rewrite", str(image_dir), str(out), "--map", "local=10.9.0.7",
+                 "--map", "fd00::5=fd09::5", "--table"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["FILE", "ID"]
+    rows = {ln.split()[1]: ln for ln in lines[1:3]}
+    assert set(rows) == {"2", "3"}  # only what changes is listed: not 127.0.0.1:81 (id 4)
+    assert "10.9.0.7:80" in rows["2"] and "[fd09::5]:53" in rows["3"]
+    assert lines[3:] == ["3 inet socket(s): 2 rewritten, 1 kept", f"view written to {out}"]
+
+
+def test_rewrite_shows_the_sockets_needing_attention(image_dir, tmp_path, capsys, monkeypatch):
+    """Without --table: a row for the needs-address socket (fd00::5: no rule covers it), none
+    for the rewritten one; and the plan keeps no per-socket reports (what makes the default
+    fast), with --table it does."""
+    from overlayfs_inetsk import offline
+
+    planned, write = [], offline.write_view_dir
+
+    def spy(*a, **kw):
+        planned.append(write(*a, **kw))
+        return planned[-1]
+
+    monkeypatch.setattr(offline, "write_view_dir", spy)
+    out = tmp_path / "view"
+    assert main(["rewrite", str(image_dir), str(out), "--map", "local=10.9.0.7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["FILE", "ID"]
+    assert lines[1].split()[:2] == ["files.img", "3"]
+    assert "[fd00::5]:53" in lines[1] and "needs-address" in lines[1]
+    assert lines[2:] == ["3 inet socket(s): 1 rewritten, 1 kept, 1 needs-address",
+                         f"view written to {out}"]
+    assert "10.9.0.7:80" not in "\n".join(lines)
+    [res] = planned[0].values()
+    assert res.reports == [] and [r.id for r in res.problems] == [3]
+    assert main(["rewrite", str(image_dir), str(tmp_path / "v2"), "--map", "local=10.9.0.7",
+                 "--table"]) == 0
+    assert "10.9.0.7:80" in capsys.readouterr().out
+    [res] = planned[1].values()
+    assert sorted(r.id for r in res.reports) == [2, 3, 4]
 
 
 @pytest.mark.expect_log(logging.WARNING, r"^left out elsewhere: symlink points outside")

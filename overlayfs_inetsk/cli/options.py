@@ -122,6 +122,13 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
 # every option of `mount`, in command-line order
 MOUNT_OPTIONS: tuple[Option, ...] = MOUNT_POSITIONALS + MAP_OPTIONS + DAEMON_OPTIONS
 
+# `rewrite`'s own options (its output: docs/cli.md)
+REWRITE_OPTIONS: tuple[Option, ...] = (
+    Option(("--table",), "table", "flag",
+           help="print a row for every socket that changes (inspect's table), not only "
+                "for those that need attention (needs-address)"),
+)
+
 
 def add_options(p: argparse.ArgumentParser, options: Iterable[Option],
                 group: str | None = None) -> None:

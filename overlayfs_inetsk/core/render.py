@@ -121,7 +121,12 @@ def render_table(
     results: Mapping[str, RewriteResult],
     with_map: bool,
     only_changes: bool = False,
+    only_problems: bool = False,
 ) -> str:
+    """The table, one row per socket, and a summary line (counts per verdict).
+    only_changes: no rows for kept sockets; only_problems: rows only for the sockets that
+    need attention (RewriteResult.problems: needs-address, refused), which the plan has
+    even without per-socket reports."""
     head = ["FILE", "ID", "TYPE", "PROTO", "STATE", "LOCAL", "REMOTE", "CLASS"]
     if with_map:
         head += ["NEW LOCAL", "NEW REMOTE", "VERDICT", "REASON"]
@@ -138,8 +143,9 @@ def render_table(
 
     labels: dict[tuple[int, int, int], tuple[str, str]] = {}
     for res in results.values():
-        file = _rel(image_dir, res.path) if res.reports else ""
-        for r in res.reports:
+        shown = res.problems if only_problems else res.reports
+        file = _rel(image_dir, res.path) if shown else ""
+        for r in shown:
             if only_changes and r.verdict == "kept":
                 continue
             lkey = (r.type, r.proto, r.family)

@@ -164,7 +164,7 @@ def test_connection_to_itself_keeps_working_when_its_listener_port_moves(testnet
     criu.dump(a, pid, image_dirs.images, tcp_established=True)
     view = image_dirs.root / "view"
     cp = overlayfs_inetsk("rewrite", str(image_dirs.images), str(view),
-                          "--map", f"{A4}={b4}", "--map", ":7008=:9008")
+                          "--map", f"{A4}={b4}", "--map", ":7008=:9008", "--table")
     assert f"{b4}:9008" in cp.stdout
     doc = json.loads(overlayfs_inetsk("inspect", str(image_dirs.images), "--json",
                                       "--map", f"{A4}={b4}", "--map", ":7008=:9008").stdout)
