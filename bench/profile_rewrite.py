@@ -8,8 +8,8 @@ IMAGES_DIR is bench_rewrite.py's --images dir (its udp/, tcp/ and small/ dumps).
      the small image (total import time, the heaviest top-level imports, how many *_pb2
      modules, and whether pyfuse3/trio/pyroute2 were imported: they must not be);
   2. in-process stages for the udp (one address) and tcp (distinct peers) images: framing,
-     decoding, re-serializing every inet entry, the plan with and without reports, the
-     table `rewrite` prints;
+     decoding, re-serializing every inet entry, the plan with and without reports, what
+     `rewrite` prints (the problem rows and the summary) and the table of `rewrite --table`;
   3. the functions that take the time in a plan of the tcp image (cProfile, by own time).
 """
 
@@ -116,13 +116,14 @@ def main() -> int:
             ("frames (length prefixes)", lambda: sum(1 for _ in imagefile.frames(data, path))),
             ("decode inet entries (upb)", lambda: sum(1 for _ in inet_entries(data, path))),
             ("serialize every inet entry", lambda: [e[3].SerializeToString() for e in ents]),
-            ("plan, no reports (mount)", lambda: plan_checkpoint({path: data}, amap, None, opts, False)),
-            ("plan with reports (inspect/rewrite)", lambda: plan_checkpoint({path: data}, amap, None, opts, True)),
-            ("render the rewrite table", lambda: render_table(d, res, with_map=True, only_changes=True)),
+            ("plan, no reports (mount, rewrite)", lambda: plan_checkpoint({path: data}, amap, None, opts, False)),
+            ("plan with reports (inspect, rewrite --table)", lambda: plan_checkpoint({path: data}, amap, None, opts, True)),
+            ("render rewrite's output (problems only)", lambda: render_table(d, res, with_map=True, only_problems=True)),
+            ("render the rewrite --table table", lambda: render_table(d, res, with_map=True, only_changes=True)),
         ]
         print(f"[{name}] {len(ents)} inet sockets")
         for label, f in rows:
-            print(f"    {label:<40} {med(f) * 1000:7.1f} ms")
+            print(f"    {label:<44} {med(f) * 1000:7.1f} ms")
 
     print("\n== cProfile of one plan of the tcp image with reports, by own time")
     path = os.path.join(tcp, "files.img")
