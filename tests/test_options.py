@@ -10,6 +10,7 @@ import sys
 
 from overlayfs_inetsk.cli import make_parser
 from overlayfs_inetsk.cli.mount import config_from_args
+from overlayfs_inetsk.cli import options
 from overlayfs_inetsk.cli.options import MOUNT_OPTIONS, SERVE_MODES, TCP_FATES, Option
 from overlayfs_inetsk.core.decide import TCP_FATES as CORE_TCP_FATES
 from overlayfs_inetsk.core.tree import SERVE_MODES as CORE_SERVE_MODES
@@ -75,3 +76,11 @@ def test_every_mount_option_has_a_config_field() -> None:
 def test_choices_agree_with_the_core() -> None:
     assert TCP_FATES == CORE_TCP_FATES
     assert SERVE_MODES == CORE_SERVE_MODES
+
+
+def test_barrier_defaults_agree_with_the_barrier() -> None:
+    from overlayfs_inetsk.node import barrier
+
+    assert options.BARRIER_ACTIONS == barrier.ACTIONS
+    assert options.BARRIER_DEFAULT_ACTION == barrier.DEFAULT_ACTION
+    assert options.BARRIER_DEFAULT_TIMEOUT == barrier.DEFAULT_TIMEOUT

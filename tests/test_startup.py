@@ -23,7 +23,23 @@ print(json.dumps([code, sorted(sys.modules)]))
 """
 NOT_WANTED = ("pyfuse3", "trio", "pyroute2", "pycriu.images", "pycriu.rpc_pb2",
               "overlayfs_inetsk.plugin.agent", "overlayfs_inetsk.plugin.viewmaker",
-              "overlayfs_inetsk.fuse.ops", "overlayfs_inetsk.fuse.daemon", "tomllib")
+              "overlayfs_inetsk.fuse.ops", "overlayfs_inetsk.fuse.daemon", "tomllib",
+              # what only other commands need: the barrier and `plugin install` (and the
+              # subprocess module both load, ~1.5 ms)
+              "overlayfs_inetsk.node.barrier", "overlayfs_inetsk.plugin.install", "subprocess")
+# the parser of every command is built at each start: it loads none of the work
+PARSER_NOT_WANTED = NOT_WANTED + ("overlayfs_inetsk.core", "overlayfs_inetsk.node",
+                                  "overlayfs_inetsk.fuse", "dataclasses")
+PARSER_PROBE = r"""
+import json, sys
+from overlayfs_inetsk.cli import make_parser
+make_parser()
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def _unwanted(modules: list[str], names: tuple[str, ...]) -> list[str]:
+    return [m for m in modules if any(m == n or m.startswith(n + ".") for n in names)]
 
 
 @pytest.fixture
@@ -50,6 +66,14 @@ def test_offline_commands_import_no_fuse_netlink_agent_or_all_of_pycriu(image_di
                          text=True, env=env).stdout
     code, modules = json.loads(out.splitlines()[-1])
     assert code == 0
-    bad = [m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_WANTED)]
-    assert bad == []
+    assert _unwanted(modules, NOT_WANTED) == []
     assert "fdinfo_pb2" in modules or "pycriu.images.fdinfo_pb2" in modules
+
+
+def test_the_parser_of_every_command_loads_none_of_their_work():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", PARSER_PROBE], check=True, capture_output=True,
+                         text=True, env=env).stdout
+    modules = json.loads(out.splitlines()[-1])
+    assert "overlayfs_inetsk.cli.group" in modules  # every command's parser was built
+    assert _unwanted(modules, PARSER_NOT_WANTED) == []

@@ -9,10 +9,12 @@ import argparse
 import sys
 from typing import Any
 
+from .options import BARRIER_ACTIONS as ACTIONS
+from .options import BARRIER_DEFAULT_ACTION as DEFAULT_ACTION
+from .options import BARRIER_DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
+
 
 def _barrier_options(p: argparse.ArgumentParser) -> None:
-    from ..node.barrier import ACTIONS, DEFAULT_ACTION, DEFAULT_TIMEOUT
-
     p.add_argument("--dir", required=True, metavar="DIR",
                    help="the barrier directory, one per group restore, reachable by every "
                         "member (local or a shared filesystem)")

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 Kind = Literal["positional", "value", "append", "flag"]
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):  # not a dataclass: its decorator costs every command ~1 ms
     flags: tuple[str, ...]  # ("--map",), ("--foreground", "-f"); for a positional: (dest,)
     dest: str
     kind: Kind
@@ -69,6 +67,12 @@ class Option:
 
 TCP_FATES = ("close", "keep", "fail")  # = core.decide.TCP_FATES (tests/test_options.py)
 SERVE_MODES = ("symlink", "read")  # = core.tree.SERVE_MODES
+# = node.barrier's ACTIONS, DEFAULT_ACTION, DEFAULT_TIMEOUT (tests/test_options.py): the
+# parser does not import node.barrier (subprocess, socket: every command's start-up)
+BARRIER_ACTIONS = ("pre-restore", "post-setup-namespaces", "post-restore", "network-unlock",
+                   "pre-resume", "post-resume")
+BARRIER_DEFAULT_ACTION = "post-restore"
+BARRIER_DEFAULT_TIMEOUT = 60.0
 
 MAP_OPTIONS: tuple[Option, ...] = (
     Option(("--map",), "map", "append", metavar="OLD=NEW", field="maps",

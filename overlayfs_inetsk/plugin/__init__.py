@@ -9,3 +9,6 @@ viewmaker.make_view(): one line, NONE | VIEW <dir> | ERR <message>.
 # where the agent listens and where views are made (the C plugin accepts views there only)
 DEFAULT_SOCKET = "/run/overlayfs-inetsk/agent.sock"
 VIEW_ROOT = "/run/overlayfs-inetsk/plugin"
+# CRIU's plugin dir, where `plugin install` puts the .so (here, not in install.py: the
+# parser needs it, and install.py's imports would slow every command's start)
+DEFAULT_LIBDIR = "/usr/lib/criu"

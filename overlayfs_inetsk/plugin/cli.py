@@ -8,8 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import DEFAULT_SOCKET, VIEW_ROOT
-from .install import DEFAULT_LIBDIR
+from . import DEFAULT_LIBDIR, DEFAULT_SOCKET, VIEW_ROOT
 
 
 def add_plugin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

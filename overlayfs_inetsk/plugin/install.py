@@ -18,8 +18,8 @@ import sys
 from collections.abc import Callable, Mapping
 
 from ..errors import InetskError
+from . import DEFAULT_LIBDIR
 
-DEFAULT_LIBDIR = "/usr/lib/criu"
 SO_NAME = "overlayfs_inetsk_plugin.so"
 CLI_CONF = "overlayfs-inetsk-plugin.cli"
 INSTALLED_SO = f"/usr/local/lib/overlayfs-inetsk/{SO_NAME}"  # where scripts/setup.sh puts it
