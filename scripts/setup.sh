@@ -96,10 +96,11 @@ fi
 
 # --- the venv --------------------------------------------------------------------------
 # Both editable installs are plain path entries (a .pth naming the repo and testbed/), not
-# setuptools' default import-hook finder: the finder's module (pathlib, importlib.util)
-# cost every Python start in the venv about 12 ms here (a third of `overlayfs-inetsk
-# --version`), and an installed, non-editable package has none. The price: the repo's top
-# dirs (tests/, bench/, plugin/ ...) are importable as namespace packages in the venv.
+# setuptools' default import-hook finder: the finders' modules (pathlib, importlib.util)
+# cost every Python start in the venv about 12 ms here (`python -c pass`; of a whole
+# `overlayfs-inetsk rewrite` 3 to 6 ms, docs/design.md), and an installed, non-editable
+# package has none. The price: the repo's top dirs (tests/, bench/, plugin/ ...) are
+# importable as namespace packages in the venv.
 # EDITABLE is part of the stamp, so a venv made with the finders is switched over.
 VENV="$ROOT/.venv"
 EDITABLE=compat
