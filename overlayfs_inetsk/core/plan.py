@@ -54,7 +54,7 @@ from .entries import (
     set_ports,
 )
 from .imagedir import read_group
-from .sockaddr import AF_INET, IPAddress
+from .sockaddr import AF_INET, AF_INET6, IPAddress
 from .tree import ImageTree
 
 # What a pass does: "check" decodes only (mount validation: the map is applied on first
@@ -148,7 +148,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     # their peer (decide.peer_class), a server with 10,000 clients. A socket's own report
     # is made only when asked for (reports, a problem, -v), its reason derived from its
     # class's first one (decide.reason_maker).
-    same: dict[tuple[object, ...], tuple[Decision, IPAddress, IPAddress]] = {}
+    same: dict[tuple[object, ...], tuple[Decision, IPAddress, IPAddress | None]] = {}
     classes: dict[tuple[object, ...], Decision] = {}
     makers: dict[int, Callable[[IPAddress, int], str] | None] = {}  # id(Decision) -> maker
     changed = 0
@@ -167,21 +167,32 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         hit = same.get(key)
         if hit is None:
             src = interner.get(fam, src_w, path, off, isk, "src_addr")
-            dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
             if seen is not None:
                 seen.src((fam, src_w), src)
+            dst: IPAddress | None = None
             if ports is None:
-                try:
-                    ckey = peer_class(isk.type, isk.proto, isk.state, fam, src_w, src,
-                                      isk.src_port, dst, dport, bmap)
-                except RewriteError as exc:  # an `auto` target that cannot be resolved
-                    raise RewriteError(f"{path}: {exc}") from None
+                # The peer's address object is made only when the map may move it or a
+                # report shows it: of 10,000 distinct peers, most are neither.
+                if (len(dst_w) == 4 if fam == AF_INET6 else dst_w) and not bmap.might_move(
+                        fam, dst_w):
+                    moved = None
+                else:
+                    dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
+                    try:
+                        moved = bmap.lookup(dst)
+                    except RewriteError as exc:  # an `auto` target that cannot be resolved
+                        raise RewriteError(f"{path}: {exc}") from None
+                ckey = peer_class(isk.type, isk.proto, isk.state, fam, src_w, isk.src_port,
+                                  dport, dst_w[0] == src_w[0] if fam == AF_INET else dst_w == src_w,
+                                  moved)
                 if seen is not None and seen.asking:
                     seen.judge(fam, dst_w)
             else:
                 ckey = key
             d = classes.get(ckey)
             if d is None:
+                if dst is None:
+                    dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
                 first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,
                                      isk.state, src, isk.src_port, dst, dport)
                 d = classes[ckey] = decision(first, bmap, options, ports)
@@ -196,6 +207,8 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         verdict = proto.verdict
         counts[verdict] += 1
         if want_reports or verdict in (REFUSED, NEEDS_ADDRESS) or debug:
+            if dst is None:
+                dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
             if proto.offset == off and proto.file == path:
                 report = proto  # the class's first socket, decided as itself
             else:
