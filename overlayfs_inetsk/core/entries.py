@@ -197,8 +197,10 @@ def inet_entries(data: bytes, path: str) -> Iterator[InetEntry]:
         not_inet = _not_inet
         for off, start, end in imagefile.frames(data, path):
             # Entries that are not inet sockets are read for their type and id only (the
-            # type's last value counts, as for CRIU); inet ones are decoded whole.
-            if not_inet(data, mv, start, end, path, off):
+            # type's last value counts, as for CRIU); inet ones are decoded whole. An entry
+            # starting with `type` INETSK is decoded whole at once (_not_inet's first test).
+            if not (end - start >= 5 and data[start] == 0x08 and data[start + 1] == FD_INETSK
+                    ) and not_inet(data, mv, start, end, path, off):
                 continue
             try:
                 fe = from_string(mv[start:end])
@@ -290,8 +292,7 @@ def close_connection(isk: InetSk) -> None:
 
 
 def _set_words(field_: MutableSequence[int], words: Sequence[int]) -> None:
-    for i, w in enumerate(words):  # IPv4 entries may carry extra words: keep them
-        field_[i] = w
+    field_[:len(words)] = words  # IPv4 entries may carry extra words: keep them
 
 
 class Splicer:

@@ -129,7 +129,7 @@ def _check_image(path: str, data: bytes, interner: Interner) -> RewriteResult:
     return RewriteResult(path, data)
 
 
-_SAME_MAX = 1024  # keys kept by _plan_image's first cache (memory for 10,000 peers)
+_SAME_MAX = 1024  # decisions kept by _plan_image (memory for 10,000 peers with port moves)
 
 
 def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
@@ -138,71 +138,75 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     counts = dict.fromkeys(VERDICTS, 0)
     reports: list[SocketReport] = []
     problems_: list[SocketReport] = []
-    # decide() runs once per kind of socket, not once per socket. `same`: sockets that
-    # agree on the key get the same decision. The key holds every fact decide() reads:
-    # (type, proto, state, family, src, dst, peer port) and whether the local port is 0
-    # (the reason says "not bound" or "bound to any address"); the port itself only when
-    # the map moves ports. Keying on the port always would make one decision per bound UDP
-    # socket: twice the time of a 10k-socket image. A 10,000-socket listener or UDP
-    # service has a handful of keys. `classes` (no port moves): sockets that differ only in
-    # their peer (decide.peer_class), a server with 10,000 clients. A socket's own report
-    # is made only when asked for (reports, a problem, -v), its reason derived from its
-    # class's first one (decide.reason_maker).
-    same: dict[tuple[object, ...], tuple[Decision, IPAddress, IPAddress | None]] = {}
+    # decide() runs once per kind of socket, not once per socket: `classes` holds one
+    # Decision per key, and the key holds every fact decide() reads. Without port moves
+    # (ports=None) that is decide.peer_class: what the socket is (type, proto, state,
+    # family, src), whether its ports are 0 (the reason says "not bound" or "bound to any
+    # address"), whether its peer is itself and where the map moves the peer. A server with
+    # 10,000 clients has a handful of classes; most peers are classed from their address
+    # words alone (BoundMap.might_move), with no address object. With port moves, decide()
+    # reads much more: the key is the socket's whole 4-tuple. What repeats from one entry to
+    # the next (a service's source address, an unconnected socket's empty peer) is looked
+    # at once. A socket's own report is made only when asked for (reports, a problem, -v),
+    # its reason derived from its class's first one (decide.reason_maker).
     classes: dict[tuple[object, ...], Decision] = {}
-    makers: dict[int, Callable[[IPAddress, int], str] | None] = {}  # id(Decision) -> maker
+    # id(Decision) -> (it, its reason maker): checked by identity, since `classes` may let
+    # a Decision go and a new one take its id
+    makers: dict[int, tuple[Decision, Callable[[IPAddress, int], str] | None]] = {}
     changed = 0
     splicer = Splicer(data, path)
     replace, keep = splicer.replace, splicer.keep
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
+    might_move, lookup = bmap.might_move, bmap.lookup
+    judge = seen.judge if seen is not None else None
+    srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # (family, words) -> address
+    last_dst: tuple[int, tuple[int, ...]] | None = None
+    dst: IPAddress | None = None
+    moved: tuple[IPAddress, str] | None = None
     for off, _start, end, msg, isk in inet_entries(data, path):
         fam = isk.family
-        src_w = tuple(isk.src_addr)
-        dst_w = tuple(isk.dst_addr)
+        src_w = tuple(isk.src_addr[:])  # a slice first: twice as fast as upb's iterator
+        dst_w = tuple(isk.dst_addr[:])
         dport = isk.dst_port
-        key: tuple[object, ...] = (isk.type, isk.proto, isk.state, fam, src_w, dst_w, dport,
-                                   isk.src_port == 0)
-        if ports is not None:  # the local port matters too
-            key += (isk.src_port,)
-        hit = same.get(key)
-        if hit is None:
-            src = interner.get(fam, src_w, path, off, isk, "src_addr")
+        sport = isk.src_port
+        skey = (fam, src_w)
+        src = srcs.get(skey)
+        if src is None:
+            src = srcs[skey] = interner.get(fam, src_w, path, off, isk, "src_addr")  # checks fam
             if seen is not None:
-                seen.src((fam, src_w), src)
-            dst: IPAddress | None = None
-            if ports is None:
-                # The peer's address object is made only when the map may move it or a
-                # report shows it: of 10,000 distinct peers, most are neither.
-                if (len(dst_w) == 4 if fam == AF_INET6 else dst_w) and not bmap.might_move(
+                seen.src(skey, src)
+            if len(srcs) > _SAME_MAX:  # a socket per source address: keep memory flat
+                srcs.clear()
+        if ports is None:
+            if last_dst is None or dst_w != last_dst[1] or fam != last_dst[0]:
+                last_dst = (fam, dst_w)
+                if (len(dst_w) == 4 if fam == AF_INET6 else dst_w) and not might_move(
                         fam, dst_w):
-                    moved = None
+                    dst = moved = None
                 else:
                     dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
                     try:
-                        moved = bmap.lookup(dst)
+                        moved = lookup(dst)
                     except RewriteError as exc:  # an `auto` target that cannot be resolved
                         raise RewriteError(f"{path}: {exc}") from None
-                ckey = peer_class(isk.type, isk.proto, isk.state, fam, src_w, isk.src_port,
-                                  dport, dst_w[0] == src_w[0] if fam == AF_INET else dst_w == src_w,
-                                  moved)
-                if seen is not None and seen.asking:
-                    seen.judge(fam, dst_w)
-            else:
-                ckey = key
-            d = classes.get(ckey)
-            if d is None:
-                if dst is None:
-                    dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
-                first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,
-                                     isk.state, src, isk.src_port, dst, dport)
-                d = classes[ckey] = decision(first, bmap, options, ports)
-                if len(classes) > _SAME_MAX and ports is not None:
-                    classes.clear()  # keyed per socket: a key seldom comes back
-                    classes[ckey] = d
-            if len(same) >= _SAME_MAX:  # distinct peers: a key seldom comes back
-                same.clear()
-            hit = same[key] = (d, src, dst)
-        d, src, dst = hit
+                if judge is not None and seen is not None and seen.asking:
+                    judge(fam, dst_w)
+            key = peer_class(isk.type, isk.proto, isk.state, fam, src_w, sport, dport,
+                             dst_w[0] == src_w[0] if fam == AF_INET else dst_w == src_w,
+                             moved)
+        else:  # the local port matters too
+            dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
+            key = (isk.type, isk.proto, isk.state, fam, src_w, dst_w, dport, sport)
+        d = classes.get(key)
+        if d is None:
+            if dst is None:
+                dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
+            first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,
+                                 isk.state, src, sport, dst, dport)
+            d = classes[key] = decision(first, bmap, options, ports)
+            if len(classes) > _SAME_MAX:
+                classes.clear()  # keyed per socket (port moves): a key seldom comes back
+                classes[key] = d
         proto = d.report
         verdict = proto.verdict
         counts[verdict] += 1
@@ -218,10 +222,12 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                     proto.new_src, proto.new_dst, proto.new_sport, proto.new_dport,
                 )
                 if dport != proto.dport or dst != proto.dst:
-                    if id(d) in makers:
-                        mk = makers[id(d)]
+                    made = makers.get(id(d))
+                    if made is not None and made[0] is d:
+                        mk = made[1]
                     else:
-                        mk = makers[id(d)] = reason_maker(proto)
+                        mk = reason_maker(proto)
+                        makers[id(d)] = (d, mk)
                     if mk is None:
                         decide_one(report, bmap, options, ports)
                     else:
@@ -322,10 +328,18 @@ class _Seen:
         return hash((key,)) & (_Seen.BITS - 1)
 
     def judge(self, family: int, words: tuple[int, ...]) -> None:
-        if self.judged is None:
-            self.judged = bytearray(self.BITS >> 3)
-        b = self._bit(family, words)
-        self.judged[b >> 3] |= 1 << (b & 7)
+        judged = self.judged
+        if judged is None:
+            judged = self.judged = bytearray(self.BITS >> 3)
+        # = _bit(), inlined: this runs once per distinct peer
+        if family == AF_INET:
+            key: object = words[0]
+        elif words[:3] == _V4MAPPED:
+            key = words[3]
+        else:
+            key = words
+        b = hash((key,)) & (_Seen.BITS - 1)
+        judged[b >> 3] |= 1 << (b & 7)
 
     def was_judged(self, family: int, words: tuple[int, ...]) -> bool:
         b = self._bit(family, words)
