@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 from ..errors import MapError, PortRangeError, RewriteError
-from .sockaddr import AF_INET, IPAddress, is_multicast, is_special
+from .sockaddr import AF_INET, IPAddress, addr_to_words, is_multicast, is_special
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[int], IPAddress | None]
@@ -430,12 +430,12 @@ class BoundMap:
         self.moves_ports = amap.moves_ports()
         self._ep_cache: dict[tuple[IPAddress, int], Moved | None | PortRangeError] = {}
         # might_move(): each version's rule prefixes as (mask, network) integers, and the
-        # local addresses as integers (made when first needed, as local_addrs is)
+        # local addresses as CRIU words (made when first needed, as local_addrs is)
         self._nets: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
         for rule in self._rules:
             self._nets[rule.version].append(
                 (int(rule.old.netmask), int(rule.old.network_address)))
-        self._local_ints: dict[int, frozenset[int]] | None = None
+        self._local_words: dict[int, set[object]] | None = None
 
     @property
     def local_addrs(self) -> set[IPAddress]:
@@ -481,33 +481,35 @@ class BoundMap:
 
     def might_move(self, family: int, words: Sequence[int]) -> bool:
         """False when lookup() of the address in these CRIU words (AF_INET: the first one;
-        AF_INET6: four) surely answers None; True when it has to be asked. Integer tests
-        only, no address object: plan.py asks this of each of 10,000 distinct peers."""
+        AF_INET6: a tuple of four) surely answers None; True when it has to be asked. No
+        address object: plan.py asks this of each of 10,000 distinct peers."""
+        key: object
         if family == AF_INET:
-            version, n = 4, _ntohl(words[0])
+            version, key = 4, words[0]
         elif words[0] == 0 and words[1] == 0 and words[2] == _MAPPED_WORD:  # ::ffff:a.b.c.d
-            version, n = 4, _ntohl(words[3])
+            version, key = 4, words[3]
         else:
-            version = 6
-            n = (_ntohl(words[0]) << 96 | _ntohl(words[1]) << 64 | _ntohl(words[2]) << 32
-                 | _ntohl(words[3]))
-        for mask, net in self._nets[version]:
-            if n & mask == net:
-                return True  # a rule's prefix holds it (lookup() weighs special ones)
+            version, key = 6, words
+        nets = self._nets[version]
+        if nets:
+            if version == 4:
+                n = _ntohl(words[0] if family == AF_INET else words[3])
+            else:
+                n = (_ntohl(words[0]) << 96 | _ntohl(words[1]) << 64
+                     | _ntohl(words[2]) << 32 | _ntohl(words[3]))
+            for mask, net in nets:
+                if n & mask == net:
+                    return True  # a rule's prefix holds it (lookup() weighs special ones)
         if version not in self._local_rules:
             return False
-        if version == 4:  # special (0/8 only as 0.0.0.0, 127/8, 169.254/16) or multicast
-            if n == 0 or n >> 24 == 127 or n >> 16 == 0xA9FE or n >> 28 == 0xE:
-                return False
-        elif n <= 1 or n >> 118 == 0x3FA or n >> 120 == 0xFF:  # ::, ::1, fe80::/10, ff00::/8
-            return False
-        local = self._local_ints
+        # A `local` rule moves the image's own addresses (never special or multicast ones)
+        local = self._local_words
         if local is None:
-            ints: dict[int, set[int]] = {4: set(), 6: set()}
+            local = self._local_words = {4: set(), 6: set()}
             for a in self.local_addrs:
-                ints[a.version].add(int(a))
-            local = self._local_ints = {v: frozenset(i) for v, i in ints.items()}
-        return n in local[version]
+                w = addr_to_words(a)
+                local[a.version].add(w[0] if a.version == 4 else tuple(w))
+        return key in local[version]
 
     def _lookup_plain(self, addr: IPAddress, is_src: bool) -> tuple[IPAddress, str] | None:
         special = is_special(addr)
