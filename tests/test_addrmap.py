@@ -396,3 +396,22 @@ def test_might_move_never_misses_what_lookup_moves(specs):
         if fam == 2:
             assert m.might_move(fam, words + (7, 7, 7)) == m.might_move(fam, words)
     assert said_no  # the test means something: some addresses are surely not moved
+
+
+def test_said_not_local_remembers_what_might_move_and_lookup_answered():
+    """plan.py plans again when a source address met late may have been called not local
+    before: the map must remember every such answer, by both ways of asking, in both
+    spellings of an IPv4 address."""
+    m = AddressMap.from_args(["local=10.77.0.99", "local=fd77::99"]).bind(
+        [A("10.77.0.1"), A("fd77::1")], None)
+    assert not m.said_not_local(*_words(A("10.77.0.2")))  # nothing asked yet
+    assert not m.might_move(*_words(A("10.77.0.2")))
+    assert m.said_not_local(*_words(A("10.77.0.2")))
+    assert m.said_not_local(*_words(A("::ffff:10.77.0.2")))
+    assert m.lookup(A("fd77::2")) is None
+    assert m.said_not_local(*_words(A("fd77::2")))
+    assert m.might_move(*_words(A("10.77.0.1")))  # local: moves, not noted
+    assert not m.said_not_local(*_words(A("10.77.0.1")))
+    assert not m.said_not_local(*_words(A("10.77.0.3")))
+    assert not m.might_move(*_words(A("127.0.0.1")))  # special: never local, not noted
+    assert not m.said_not_local(*_words(A("127.0.0.1")))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -158,7 +157,6 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     replace, keep = splicer.replace, splicer.keep
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
     might_move, lookup = bmap.might_move, bmap.lookup
-    judge = seen.judge if seen is not None else None
     srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # (family, words) -> address
     last_dst: tuple[int, tuple[int, ...]] | None = None
     dst: IPAddress | None = None
@@ -189,8 +187,6 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                         moved = lookup(dst)
                     except RewriteError as exc:  # an `auto` target that cannot be resolved
                         raise RewriteError(f"{path}: {exc}") from None
-                if judge is not None and seen is not None and seen.asking:
-                    judge(fam, dst_w)
             key = peer_class(isk.type, isk.proto, isk.state, fam, src_w, sport, dport,
                              dst_w[0] == src_w[0] if fam == AF_INET else dst_w == src_w,
                              moved)
@@ -276,15 +272,15 @@ def plan_checkpoint(
                 for path, data in images.items()}
     # Without port moves, the map asks for the source addresses when a destination first
     # needs them, and gets those met so far (one pass instead of two). The pass notes the
-    # source addresses it meets after that (`seen.late`) and the destinations judged since
-    # (`seen.judged`, a bitmap of their hashes): if a late one may have been judged, that
-    # answer may be wrong, and the checkpoint is planned again knowing every source
-    # address. A server's listeners usually come before its connections.
+    # source addresses it meets after that (`seen.late`); the map notes the addresses it
+    # said were not the image's own (BoundMap.said_not_local): if it may have said so of a
+    # late one, that answer may be wrong, and the checkpoint is planned again knowing every
+    # source address. A server's listeners usually come before its connections.
     seen = _Seen()
     bmap = amap.bind(seen.asked, resolve)
     results = {path: _plan_image(path, data, interner, bmap, options, reports, None, seen)
                for path, data in images.items()}
-    if seen.late and any(seen.was_judged(*key) for key in seen.late):
+    if seen.late and any(bmap.said_not_local(*key) for key in seen.late):
         decide_log.debug("%s: a source address came after the peers judged against it: "
                          "planning again", ", ".join(images))
         bmap = amap.bind(list(seen.srcs.values()), resolve)
@@ -296,14 +292,12 @@ def plan_checkpoint(
 class _Seen:
     """What one planning pass met: for plan_checkpoint's `local` check."""
 
-    __slots__ = ("srcs", "asking", "late", "judged")
-    BITS = 1 << 20  # 128 KiB: 10,000 destinations set 1% of the bits (false hits: a replan)
+    __slots__ = ("srcs", "asking", "late")
 
     def __init__(self) -> None:
         self.srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # every source
         self.asking = False  # the map has asked for the source addresses
         self.late: list[tuple[int, tuple[int, ...]]] = []  # sources first met after it asked
-        self.judged: bytearray | None = None  # destinations looked up after it asked
 
     def asked(self) -> list[IPAddress]:
         self.asking = True
@@ -314,39 +308,6 @@ class _Seen:
             self.srcs[key] = addr
             if self.asking:
                 self.late.append(key)
-
-    @staticmethod
-    def _bit(family: int, words: tuple[int, ...]) -> int:
-        """A bit for the address in CRIU's words, as the map compares addresses: an
-        IPv4-mapped IPv6 address as its IPv4 one, an IPv4 one by its first word."""
-        if family == AF_INET:
-            key: object = words[0]
-        elif words[:3] == _V4MAPPED:
-            key = words[3]
-        else:
-            key = words
-        return hash((key,)) & (_Seen.BITS - 1)
-
-    def judge(self, family: int, words: tuple[int, ...]) -> None:
-        judged = self.judged
-        if judged is None:
-            judged = self.judged = bytearray(self.BITS >> 3)
-        # = _bit(), inlined: this runs once per distinct peer
-        if family == AF_INET:
-            key: object = words[0]
-        elif words[:3] == _V4MAPPED:
-            key = words[3]
-        else:
-            key = words
-        b = hash((key,)) & (_Seen.BITS - 1)
-        judged[b >> 3] |= 1 << (b & 7)
-
-    def was_judged(self, family: int, words: tuple[int, ...]) -> bool:
-        b = self._bit(family, words)
-        return self.judged is not None and bool(self.judged[b >> 3] & (1 << (b & 7)))
-
-
-_V4MAPPED = (0, 0, socket.htonl(0xFFFF))  # ::ffff:0:0/96 in CRIU's words
 
 
 def problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> list[SocketReport]:
