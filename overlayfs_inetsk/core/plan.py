@@ -49,8 +49,7 @@ from .entries import (
     check_required,
     close_connection,
     inet_entries,
-    set_addresses,
-    set_ports,
+    set_endpoints,
 )
 from .imagedir import read_group
 from .sockaddr import AF_INET, AF_INET6, IPAddress
@@ -235,8 +234,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             if verdict != REWRITTEN and verdict != CLOSED and verdict != KEPT:
                 problems_.append(report)
         if verdict == REWRITTEN or (verdict == NEEDS_ADDRESS and d.changes):
-            set_addresses(isk, d.src_words, d.dst_words)
-            set_ports(isk, proto.new_sport, proto.new_dport)
+            set_endpoints(isk, d.src_words, d.dst_words, proto.new_sport, proto.new_dport)
         elif verdict == CLOSED:
             close_connection(isk)
         else:
