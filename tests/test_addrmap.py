@@ -348,3 +348,70 @@ def test_port_offset_given_twice_or_out_of_range(tmp_path):
         AddressMap.from_args([], [str(f)], port_offset=5)
     with pytest.raises(MapError, match="--port-offset 65535: port offset 65535 is out of range"):
         AddressMap.from_args([], port_offset=65535)
+
+
+# BoundMap.might_move answers from CRIU's address words whether lookup() may move an
+# address; plan.py skips lookup() (and the address object) when it says no. It must never
+# say no to an address lookup() moves. Addresses drawn near every rule's edges, the special
+# ranges, multicast, IPv4-mapped forms and the image's own local addresses.
+_MM_MAPS = [
+    ["10.77.0.1=10.77.0.3", "fd77::1=fd77::3"],
+    ["10.77.0.0/24=10.78.0.0/24", "fd77::/64=fd78::/64"],
+    ["local=10.77.0.99", "local=fd77::99"],
+    ["127.0.0.0/8=10.5.0.1", "local=10.77.0.99"],
+    ["fe80::/10=fd00::1", "local=fd77::99"],
+    ["0.0.0.0/0=10.9.9.9"],
+    [],
+]
+_MM_LOCALS = ["10.77.0.1", "10.77.0.7", "fd77::1", "127.0.0.1", "224.0.0.5"]
+_MM_ADDRS = ["10.77.0.1", "10.77.0.2", "10.77.0.7", "10.77.0.255", "10.77.1.0", "10.76.255.255",
+             "0.0.0.0", "127.0.0.1", "127.255.0.1", "169.254.3.4", "224.0.0.5", "239.1.1.1",
+             "255.255.255.255", "fd77::1", "fd77::2", "fd77::1:0:0:1", "fd77:0:0:1::",
+             "::", "::1", "fe80::1", "febf::1", "fec0::1", "ff02::1", "::ffff:10.77.0.1",
+             "::ffff:10.77.0.9", "::ffff:127.0.0.1", "::ffff:0.0.0.0", "::ffff:0:0",
+             "::10.77.0.1", "64:ff9b::a4d:1"]
+
+
+def _words(addr):
+    import socket
+
+    from overlayfs_inetsk.core.sockaddr import addr_to_words
+
+    return (socket.AF_INET if addr.version == 4 else socket.AF_INET6,
+            tuple(addr_to_words(addr)))
+
+
+@pytest.mark.parametrize("specs", _MM_MAPS, ids=lambda s: ",".join(s) or "empty")
+def test_might_move_never_misses_what_lookup_moves(specs):
+    m = AddressMap.from_args(specs).bind([A(x) for x in _MM_LOCALS], lambda v: A(
+        "10.5.5.5" if v == 4 else "fd55::5"))
+    said_no = 0
+    for text in _MM_ADDRS:
+        addr = A(text)
+        fam, words = _words(addr)
+        if not m.might_move(fam, words):
+            said_no += 1
+            assert m.lookup(addr) is None, f"{specs}: might_move said no to {text}"
+        # IPv4 entries may carry extra words: CRIU uses the first
+        if fam == 2:
+            assert m.might_move(fam, words + (7, 7, 7)) == m.might_move(fam, words)
+    assert said_no  # the test means something: some addresses are surely not moved
+
+
+def test_said_not_local_remembers_what_might_move_and_lookup_answered():
+    """plan.py plans again when a source address met late may have been called not local
+    before: the map must remember every such answer, by both ways of asking, in both
+    spellings of an IPv4 address."""
+    m = AddressMap.from_args(["local=10.77.0.99", "local=fd77::99"]).bind(
+        [A("10.77.0.1"), A("fd77::1")], None)
+    assert not m.said_not_local(*_words(A("10.77.0.2")))  # nothing asked yet
+    assert not m.might_move(*_words(A("10.77.0.2")))
+    assert m.said_not_local(*_words(A("10.77.0.2")))
+    assert m.said_not_local(*_words(A("::ffff:10.77.0.2")))
+    assert m.lookup(A("fd77::2")) is None
+    assert m.said_not_local(*_words(A("fd77::2")))
+    assert m.might_move(*_words(A("10.77.0.1")))  # local: moves, not noted
+    assert not m.said_not_local(*_words(A("10.77.0.1")))
+    assert not m.said_not_local(*_words(A("10.77.0.3")))
+    assert not m.might_move(*_words(A("127.0.0.1")))  # special: never local, not noted
+    assert not m.said_not_local(*_words(A("127.0.0.1")))

@@ -27,11 +27,19 @@ Pure: no I/O but reading map files.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 from ..errors import MapError, PortRangeError, RewriteError
-from .sockaddr import IPAddress, is_multicast, is_special
+from .sockaddr import (
+    AF_INET,
+    IPAddress,
+    addr_to_words,
+    is_multicast,
+    is_special,
+    words_to_addr,
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[int], IPAddress | None]
@@ -403,6 +411,15 @@ class AddressMap:
 _MISS = object()
 
 
+def _addr_key(addr: IPAddress) -> object:
+    """An address as might_move() keys it: an IPv4 one (or the IPv4 address of an
+    IPv4-mapped one) by its CRIU word, an IPv6 one by its four words."""
+    words = addr_to_words(addr)
+    return words[0] if addr.version == 4 else tuple(words)
+_ntohl = socket.ntohl
+_MAPPED_WORD = socket.htonl(0xFFFF)  # the third word of ::ffff:0:0/96 in CRIU's words
+
+
 class BoundMap:
     """An AddressMap applied to one image: maps single addresses."""
 
@@ -426,6 +443,14 @@ class BoundMap:
         self._offset_source = amap.port_offset_source
         self.moves_ports = amap.moves_ports()
         self._ep_cache: dict[tuple[IPAddress, int], Moved | None | PortRangeError] = {}
+        # might_move(): each version's rule prefixes as (mask, network) integers, and the
+        # local addresses as CRIU words (made when first needed, as local_addrs is)
+        self._nets: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for rule in self._rules:
+            self._nets[rule.version].append(
+                (int(rule.old.netmask), int(rule.old.network_address)))
+        self._local_words: dict[int, set[object]] | None = None
+        self._not_local: bytearray | None = None  # see said_not_local()
 
     @property
     def local_addrs(self) -> set[IPAddress]:
@@ -469,6 +494,71 @@ class BoundMap:
         cache[addr] = hit
         return hit
 
+    def might_move(self, family: int, words: Sequence[int]) -> bool:
+        """False when lookup() of the address in these CRIU words (AF_INET: the first one;
+        AF_INET6: a tuple of four) surely answers None; True when it has to be asked. No
+        address object: plan.py asks this of each of 10,000 distinct peers."""
+        key: object
+        if family == AF_INET:
+            version, key = 4, words[0]
+        elif words[0] == 0 and words[1] == 0 and words[2] == _MAPPED_WORD:  # ::ffff:a.b.c.d
+            version, key = 4, words[3]
+        else:
+            version, key = 6, words
+        nets = self._nets[version]
+        if nets:
+            if version == 4:
+                n = _ntohl(words[0] if family == AF_INET else words[3])
+            else:
+                n = (_ntohl(words[0]) << 96 | _ntohl(words[1]) << 64
+                     | _ntohl(words[2]) << 32 | _ntohl(words[3]))
+            for mask, net in nets:
+                if n & mask == net:
+                    return True  # a rule's prefix holds it (lookup() weighs special ones)
+        if version not in self._local_rules:
+            return False
+        # A `local` rule moves the image's own addresses (never special or multicast ones)
+        local = self._local_words
+        if local is None:
+            local = self._local_words = {4: set(), 6: set()}
+            for a in self.local_addrs:
+                local[a.version].add(_addr_key(a))
+        if key in local[version]:
+            return True
+        self._note_not_local(key)
+        return False
+
+    # An answer "not one of the image's addresses" is right only if the image has no such
+    # source address: plan.py binds the map to the source addresses met so far and asks
+    # said_not_local() of every one it meets later (then plans again). A bitmap of hashes
+    # keeps this small (10,000 peers set 1% of 2**20 bits; a false hit costs a replan).
+    _NOT_LOCAL_BITS = 1 << 20
+
+    def _note_not_local(self, key: object) -> None:
+        bits = self._not_local
+        if bits is None:
+            bits = self._not_local = bytearray(self._NOT_LOCAL_BITS >> 3)
+        b = hash((key,)) & (self._NOT_LOCAL_BITS - 1)
+        bits[b >> 3] |= 1 << (b & 7)
+
+    def said_not_local(self, family: int, words: Sequence[int]) -> bool:
+        """Whether might_move() or lookup() may have answered that the address in these
+        CRIU words is not one of the image's own (false hits possible, no misses)."""
+        bits = self._not_local
+        if bits is None:
+            return False
+        plain = _unmap(words_to_addr(words, family))
+        if is_special(plain) or is_multicast(plain):
+            return False  # never one of the image's own: asking could not change an answer
+        if family == AF_INET:
+            key: object = words[0]
+        elif tuple(words[:3]) == (0, 0, _MAPPED_WORD):
+            key = words[3]
+        else:
+            key = tuple(words)
+        b = hash((key,)) & (self._NOT_LOCAL_BITS - 1)
+        return bool(bits[b >> 3] & (1 << (b & 7)))
+
     def _lookup_plain(self, addr: IPAddress, is_src: bool) -> tuple[IPAddress, str] | None:
         special = is_special(addr)
         for rule in self._rules:
@@ -487,6 +577,7 @@ class BoundMap:
         if lr is None or special or is_multicast(addr):
             return None
         if not is_src and addr not in self.local_addrs:
+            self._note_not_local(_addr_key(addr))
             return None
         target = lr.new if lr.new is not None else self._auto(addr.version, lr.source)
         return target, lr.source

@@ -627,13 +627,15 @@ def decision(proto: SocketReport, bmap: BoundMap, options: RewriteOptions,
 # with decide() socket by socket.
 
 def peer_class(type_: int, proto: int, state: int, family: int, src_key: object,
-               src: IPAddress, sport: int, dst: IPAddress, dport: int,
-               bmap: BoundMap) -> tuple[object, ...]:
+               sport: int, dport: int, dst_is_src: bool,
+               dst_moved: tuple[IPAddress, str] | None) -> tuple[object, ...]:
     """Sockets with equal peer_class get the same klass, verdict, new_src and new_dst from
     decide(bmap, ports=None), and reasons that differ at most in the peer's endpoint
-    (reason_maker). `src_key` stands for src (its address words: cheaper to hash)."""
-    return (type_, proto, state, family, src_key, bool(sport), bool(dport), dst == src,
-            bmap.lookup(dst))
+    (reason_maker). `src_key` stands for src (its address words: cheaper to hash);
+    `dst_moved` is bmap.lookup(dst) (plan.py answers it without an address object when
+    BoundMap.might_move says the map cannot move dst)."""
+    return (type_, proto, state, family, src_key, bool(sport), bool(dport), dst_is_src,
+            dst_moved)
 
 
 def reason_maker(first: SocketReport) -> Callable[[IPAddress, int], str] | None:

@@ -53,7 +53,6 @@ fdinfo_pb2, sk_inet_pb2 = _generated()
 
 FD_INETSK: int = fdinfo_pb2.INETSK  # file_entry.type of an inet socket (4)
 SHUT_BOTH = 3  # SHUT_RDWR + 1: CRIU's sk_shutdown SK_SHUTDOWN__BOTH (sk-opts.proto)
-_ZERO = (0, 0, 0, 0)
 
 
 
@@ -197,8 +196,10 @@ def inet_entries(data: bytes, path: str) -> Iterator[InetEntry]:
         not_inet = _not_inet
         for off, start, end in imagefile.frames(data, path):
             # Entries that are not inet sockets are read for their type and id only (the
-            # type's last value counts, as for CRIU); inet ones are decoded whole.
-            if not_inet(data, mv, start, end, path, off):
+            # type's last value counts, as for CRIU); inet ones are decoded whole. An entry
+            # starting with `type` INETSK is decoded whole at once (_not_inet's first test).
+            if not (end - start >= 5 and data[start] == 0x08 and data[start + 1] == FD_INETSK
+                    ) and not_inet(data, mv, start, end, path, off):
                 continue
             try:
                 fe = from_string(mv[start:end])
@@ -260,17 +261,14 @@ def check_required(path: str, off: int, msg: EntryMessage, isk: InetSk) -> None:
                          f"required fields: {missing}", off)
 
 
-def set_addresses(isk: InetSk, src_words: Sequence[int] | None,
-                  dst_words: Sequence[int] | None) -> None:
-    """Write new address words into an entry (None: leave that side alone)."""
+def set_endpoints(isk: InetSk, src_words: Sequence[int] | None,
+                  dst_words: Sequence[int] | None, src_port: int | None,
+                  dst_port: int | None) -> None:
+    """Write new address words and ports into an entry (None: leave that one alone)."""
     if src_words is not None:
-        _set_words(isk.src_addr, src_words)
+        isk.src_addr[:len(src_words)] = src_words  # IPv4 entries may carry extra words
     if dst_words is not None:
-        _set_words(isk.dst_addr, dst_words)
-
-
-def set_ports(isk: InetSk, src_port: int | None, dst_port: int | None) -> None:
-    """Write new ports into an entry (None: leave that side alone)."""
+        isk.dst_addr[:len(dst_words)] = dst_words
     if src_port is not None:
         isk.src_port = src_port
     if dst_port is not None:
@@ -284,14 +282,9 @@ def close_connection(isk: InetSk) -> None:
     isk.state = TCP_CLOSE
     isk.src_port = 0
     isk.dst_port = 0
-    _set_words(isk.src_addr, _ZERO[: len(isk.src_addr)])
-    _set_words(isk.dst_addr, _ZERO[: len(isk.dst_addr)])
+    isk.src_addr[:] = [0] * len(isk.src_addr)
+    isk.dst_addr[:] = [0] * len(isk.dst_addr)
     isk.shutdown = SHUT_BOTH
-
-
-def _set_words(field_: MutableSequence[int], words: Sequence[int]) -> None:
-    for i, w in enumerate(words):  # IPv4 entries may carry extra words: keep them
-        field_[i] = w
 
 
 class Splicer:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -50,11 +49,10 @@ from .entries import (
     check_required,
     close_connection,
     inet_entries,
-    set_addresses,
-    set_ports,
+    set_endpoints,
 )
 from .imagedir import read_group
-from .sockaddr import AF_INET, IPAddress
+from .sockaddr import AF_INET, AF_INET6, IPAddress
 from .tree import ImageTree
 
 # What a pass does: "check" decodes only (mount validation: the map is applied on first
@@ -129,7 +127,7 @@ def _check_image(path: str, data: bytes, interner: Interner) -> RewriteResult:
     return RewriteResult(path, data)
 
 
-_SAME_MAX = 1024  # keys kept by _plan_image's first cache (memory for 10,000 peers)
+_SAME_MAX = 1024  # decisions kept by _plan_image (memory for 10,000 peers with port moves)
 
 
 def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
@@ -138,64 +136,78 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     counts = dict.fromkeys(VERDICTS, 0)
     reports: list[SocketReport] = []
     problems_: list[SocketReport] = []
-    # decide() runs once per kind of socket, not once per socket. `same`: sockets that
-    # agree on the key get the same decision. The key holds every fact decide() reads:
-    # (type, proto, state, family, src, dst, peer port) and whether the local port is 0
-    # (the reason says "not bound" or "bound to any address"); the port itself only when
-    # the map moves ports. Keying on the port always would make one decision per bound UDP
-    # socket: twice the time of a 10k-socket image. A 10,000-socket listener or UDP
-    # service has a handful of keys. `classes` (no port moves): sockets that differ only in
-    # their peer (decide.peer_class), a server with 10,000 clients. A socket's own report
-    # is made only when asked for (reports, a problem, -v), its reason derived from its
-    # class's first one (decide.reason_maker).
-    same: dict[tuple[object, ...], tuple[Decision, IPAddress, IPAddress]] = {}
+    # decide() runs once per kind of socket, not once per socket: `classes` holds one
+    # Decision per key, and the key holds every fact decide() reads. Without port moves
+    # (ports=None) that is decide.peer_class: what the socket is (type, proto, state,
+    # family, src), whether its ports are 0 (the reason says "not bound" or "bound to any
+    # address"), whether its peer is itself and where the map moves the peer. A server with
+    # 10,000 clients has a handful of classes; most peers are classed from their address
+    # words alone (BoundMap.might_move), with no address object. With port moves, decide()
+    # reads much more: the key is the socket's whole 4-tuple. What repeats from one entry to
+    # the next (a service's source address, an unconnected socket's empty peer) is looked
+    # at once. A socket's own report is made only when asked for (reports, a problem, -v),
+    # its reason derived from its class's first one (decide.reason_maker).
     classes: dict[tuple[object, ...], Decision] = {}
-    makers: dict[int, Callable[[IPAddress, int], str] | None] = {}  # id(Decision) -> maker
+    # id(Decision) -> (it, its reason maker): checked by identity, since `classes` may let
+    # a Decision go and a new one take its id
+    makers: dict[int, tuple[Decision, Callable[[IPAddress, int], str] | None]] = {}
     changed = 0
     splicer = Splicer(data, path)
     replace, keep = splicer.replace, splicer.keep
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
+    might_move, lookup = bmap.might_move, bmap.lookup
+    srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # (family, words) -> address
+    last_dst: tuple[int, tuple[int, ...]] | None = None
+    dst: IPAddress | None = None
+    moved: tuple[IPAddress, str] | None = None
     for off, _start, end, msg, isk in inet_entries(data, path):
         fam = isk.family
-        src_w = tuple(isk.src_addr)
-        dst_w = tuple(isk.dst_addr)
+        src_w = tuple(isk.src_addr[:])  # a slice first: twice as fast as upb's iterator
+        dst_w = tuple(isk.dst_addr[:])
         dport = isk.dst_port
-        key: tuple[object, ...] = (isk.type, isk.proto, isk.state, fam, src_w, dst_w, dport,
-                                   isk.src_port == 0)
-        if ports is not None:  # the local port matters too
-            key += (isk.src_port,)
-        hit = same.get(key)
-        if hit is None:
-            src = interner.get(fam, src_w, path, off, isk, "src_addr")
-            dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
+        sport = isk.src_port
+        skey = (fam, src_w)
+        src = srcs.get(skey)
+        if src is None:
+            src = srcs[skey] = interner.get(fam, src_w, path, off, isk, "src_addr")  # checks fam
             if seen is not None:
-                seen.src((fam, src_w), src)
-            if ports is None:
-                try:
-                    ckey = peer_class(isk.type, isk.proto, isk.state, fam, src_w, src,
-                                      isk.src_port, dst, dport, bmap)
-                except RewriteError as exc:  # an `auto` target that cannot be resolved
-                    raise RewriteError(f"{path}: {exc}") from None
-                if seen is not None and seen.asking:
-                    seen.judge(fam, dst_w)
-            else:
-                ckey = key
-            d = classes.get(ckey)
-            if d is None:
-                first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,
-                                     isk.state, src, isk.src_port, dst, dport)
-                d = classes[ckey] = decision(first, bmap, options, ports)
-                if len(classes) > _SAME_MAX and ports is not None:
-                    classes.clear()  # keyed per socket: a key seldom comes back
-                    classes[ckey] = d
-            if len(same) >= _SAME_MAX:  # distinct peers: a key seldom comes back
-                same.clear()
-            hit = same[key] = (d, src, dst)
-        d, src, dst = hit
+                seen.src(skey, src)
+            if len(srcs) > _SAME_MAX:  # a socket per source address: keep memory flat
+                srcs.clear()
+        if ports is None:
+            if last_dst is None or dst_w != last_dst[1] or fam != last_dst[0]:
+                last_dst = (fam, dst_w)
+                if (len(dst_w) == 4 if fam == AF_INET6 else dst_w) and not might_move(
+                        fam, dst_w):
+                    dst = moved = None
+                else:
+                    dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
+                    try:
+                        moved = lookup(dst)
+                    except RewriteError as exc:  # an `auto` target that cannot be resolved
+                        raise RewriteError(f"{path}: {exc}") from None
+            key = peer_class(isk.type, isk.proto, isk.state, fam, src_w, sport, dport,
+                             dst_w[0] == src_w[0] if fam == AF_INET else dst_w == src_w,
+                             moved)
+        else:  # the local port matters too
+            dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
+            key = (isk.type, isk.proto, isk.state, fam, src_w, dst_w, dport, sport)
+        d = classes.get(key)
+        if d is None:
+            if dst is None:
+                dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
+            first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,
+                                 isk.state, src, sport, dst, dport)
+            d = classes[key] = decision(first, bmap, options, ports)
+            if len(classes) > _SAME_MAX:
+                classes.clear()  # keyed per socket (port moves): a key seldom comes back
+                classes[key] = d
         proto = d.report
         verdict = proto.verdict
         counts[verdict] += 1
         if want_reports or verdict in (REFUSED, NEEDS_ADDRESS) or debug:
+            if dst is None:
+                dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
             if proto.offset == off and proto.file == path:
                 report = proto  # the class's first socket, decided as itself
             else:
@@ -205,10 +217,12 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                     proto.new_src, proto.new_dst, proto.new_sport, proto.new_dport,
                 )
                 if dport != proto.dport or dst != proto.dst:
-                    if id(d) in makers:
-                        mk = makers[id(d)]
+                    made = makers.get(id(d))
+                    if made is not None and made[0] is d:
+                        mk = made[1]
                     else:
-                        mk = makers[id(d)] = reason_maker(proto)
+                        mk = reason_maker(proto)
+                        makers[id(d)] = (d, mk)
                     if mk is None:
                         decide_one(report, bmap, options, ports)
                     else:
@@ -220,8 +234,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             if verdict != REWRITTEN and verdict != CLOSED and verdict != KEPT:
                 problems_.append(report)
         if verdict == REWRITTEN or (verdict == NEEDS_ADDRESS and d.changes):
-            set_addresses(isk, d.src_words, d.dst_words)
-            set_ports(isk, proto.new_sport, proto.new_dport)
+            set_endpoints(isk, d.src_words, d.dst_words, proto.new_sport, proto.new_dport)
         elif verdict == CLOSED:
             close_connection(isk)
         else:
@@ -257,15 +270,15 @@ def plan_checkpoint(
                 for path, data in images.items()}
     # Without port moves, the map asks for the source addresses when a destination first
     # needs them, and gets those met so far (one pass instead of two). The pass notes the
-    # source addresses it meets after that (`seen.late`) and the destinations judged since
-    # (`seen.judged`, a bitmap of their hashes): if a late one may have been judged, that
-    # answer may be wrong, and the checkpoint is planned again knowing every source
-    # address. A server's listeners usually come before its connections.
+    # source addresses it meets after that (`seen.late`); the map notes the addresses it
+    # said were not the image's own (BoundMap.said_not_local): if it may have said so of a
+    # late one, that answer may be wrong, and the checkpoint is planned again knowing every
+    # source address. A server's listeners usually come before its connections.
     seen = _Seen()
     bmap = amap.bind(seen.asked, resolve)
     results = {path: _plan_image(path, data, interner, bmap, options, reports, None, seen)
                for path, data in images.items()}
-    if seen.late and any(seen.was_judged(*key) for key in seen.late):
+    if seen.late and any(bmap.said_not_local(*key) for key in seen.late):
         decide_log.debug("%s: a source address came after the peers judged against it: "
                          "planning again", ", ".join(images))
         bmap = amap.bind(list(seen.srcs.values()), resolve)
@@ -277,14 +290,12 @@ def plan_checkpoint(
 class _Seen:
     """What one planning pass met: for plan_checkpoint's `local` check."""
 
-    __slots__ = ("srcs", "asking", "late", "judged")
-    BITS = 1 << 20  # 128 KiB: 10,000 destinations set 1% of the bits (false hits: a replan)
+    __slots__ = ("srcs", "asking", "late")
 
     def __init__(self) -> None:
         self.srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # every source
         self.asking = False  # the map has asked for the source addresses
         self.late: list[tuple[int, tuple[int, ...]]] = []  # sources first met after it asked
-        self.judged: bytearray | None = None  # destinations looked up after it asked
 
     def asked(self) -> list[IPAddress]:
         self.asking = True
@@ -295,31 +306,6 @@ class _Seen:
             self.srcs[key] = addr
             if self.asking:
                 self.late.append(key)
-
-    @staticmethod
-    def _bit(family: int, words: tuple[int, ...]) -> int:
-        """A bit for the address in CRIU's words, as the map compares addresses: an
-        IPv4-mapped IPv6 address as its IPv4 one, an IPv4 one by its first word."""
-        if family == AF_INET:
-            key: object = words[0]
-        elif words[:3] == _V4MAPPED:
-            key = words[3]
-        else:
-            key = words
-        return hash((key,)) & (_Seen.BITS - 1)
-
-    def judge(self, family: int, words: tuple[int, ...]) -> None:
-        if self.judged is None:
-            self.judged = bytearray(self.BITS >> 3)
-        b = self._bit(family, words)
-        self.judged[b >> 3] |= 1 << (b & 7)
-
-    def was_judged(self, family: int, words: tuple[int, ...]) -> bool:
-        b = self._bit(family, words)
-        return self.judged is not None and bool(self.judged[b >> 3] & (1 << (b & 7)))
-
-
-_V4MAPPED = (0, 0, socket.htonl(0xFFFF))  # ::ffff:0:0/96 in CRIU's words
 
 
 def problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> list[SocketReport]:

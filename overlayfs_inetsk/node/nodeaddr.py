@@ -142,30 +142,35 @@ def _default_oif(ipr: RouteSource, af: int) -> int | None:
 def _lookup(family: int, iface: str | None, where: str) -> IPAddress | None:
     from pyroute2 import IPRoute  # imported lazily: only `auto` maps need netlink
 
-    af = _FAMILIES[family]
     with IPRoute() as ipr:
-        if iface is not None:
-            idx = ipr.link_lookup(ifname=iface)
-            if not idx:
-                raise NodeAddressError(f"interface {iface} not found in {where}")
-            index = idx[0]
-        else:
-            other = _FAMILIES[10 - family]
-            found = _default_oif(ipr, af) or _default_oif(ipr, other)
-            if found is None:
-                raise NodeAddressError(f"no default route in {where}; pass --iface")
-            index = found
-        for a in ipr.get_addr(family=af, index=index):
-            if a["scope"] != RT_SCOPE_UNIVERSE:
-                continue
-            bad = IFA_F_TENTATIVE | IFA_F_DADFAILED | (IFA_F_SECONDARY if family == 6 else 0)
-            if _flags(a) & bad:
-                continue
-            # IFA_LOCAL is ours; on a point-to-point link IFA_ADDRESS is the peer's
-            # (iproute2 shows IFA_LOCAL first too); IPv6 often sends IFA_ADDRESS alone
-            addr = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
-            if addr:
-                return ipaddress.ip_address(addr)
+        return _lookup_with(ipr, family, iface, where)
+
+
+def _lookup_with(ipr: Any, family: int, iface: str | None, where: str) -> IPAddress | None:
+    """_lookup() on an open IPRoute (snapshot() asks one socket for every family)."""
+    af = _FAMILIES[family]
+    if iface is not None:
+        idx = ipr.link_lookup(ifname=iface)
+        if not idx:
+            raise NodeAddressError(f"interface {iface} not found in {where}")
+        index = idx[0]
+    else:
+        other = _FAMILIES[10 - family]
+        found = _default_oif(ipr, af) or _default_oif(ipr, other)
+        if found is None:
+            raise NodeAddressError(f"no default route in {where}; pass --iface")
+        index = found
+    for a in ipr.get_addr(family=af, index=index):
+        if a["scope"] != RT_SCOPE_UNIVERSE:
+            continue
+        bad = IFA_F_TENTATIVE | IFA_F_DADFAILED | (IFA_F_SECONDARY if family == 6 else 0)
+        if _flags(a) & bad:
+            continue
+        # IFA_LOCAL is ours; on a point-to-point link IFA_ADDRESS is the peer's
+        # (iproute2 shows IFA_LOCAL first too); IPv6 often sends IFA_ADDRESS alone
+        addr = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+        if addr:
+            return ipaddress.ip_address(addr)
     return None
 
 
@@ -204,11 +209,30 @@ def snapshot(families: Iterable[int], netns: str | None = None,
     """Look up this node's address of each family now: (what was found, a Resolver that
     answers from it: the address, None, or the NodeAddressError of that lookup again)."""
     found: dict[int, IPAddress | None | NodeAddressError] = {}
-    for fam in sorted(set(families)):
+    fams = sorted(set(families))
+    for fam in fams:
+        if fam not in _FAMILIES:
+            raise ValueError(f"family must be 4 or 6, not {fam!r}")
+    where = f"netns {netns}" if netns else "our network namespace"
+
+    def lookup_all() -> None:  # one thread in the namespace, one netlink socket
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for fam in fams:
+                try:
+                    found[fam] = _lookup_with(ipr, fam, iface, where)
+                except NodeAddressError as e:
+                    found[fam] = e
+
+    if fams:
         try:
-            found[fam] = node_address(fam, netns, iface)
+            in_netns(netns, lookup_all)
         except NodeAddressError as e:
-            found[fam] = e
+            found.update(dict.fromkeys(fams, e))
+        except OSError as e:
+            err = NodeAddressError(f"{where}: cannot read addresses: {e}")
+            found.update(dict.fromkeys(fams, err))
 
     def resolve(family: int) -> IPAddress | None:
         got = found.get(family)
