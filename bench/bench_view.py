@@ -12,8 +12,9 @@ and a TCP listener on host A's address:
       (the rewrite's own time included: a whole process, then the restore);
   (c) what users do today: copy the image dir, rewrite files.img (crit decode/edit/encode),
       restore on B from the copy.
-Each is the median of --runs, page cache warm (one unmeasured warm-up restore first), runs
-(a), (b) and (e) interleaved in rotating order, sync and 1 s of rest before each. Also:
+Each is the median of --runs, page cache warm (one unmeasured warm-up restore first, and
+every file of the checkpoint read again before each run: see warm_cache), runs (a), (b)
+and (e) interleaved in rotating order, sync and 1 s of rest before each. Also:
 `overlayfs-inetsk mount` to mount ready; the first open and the full read of a
 10,000-socket files.img through a mount, for the one-address UDP image and for the
 distinct-TCP-peers image (bench_rewrite.py's dumps; --images DIR reuses them), with a map
@@ -26,6 +27,8 @@ Exits 1 if a target is missed.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import mmap
 import os
 import resource
 import shutil
@@ -78,13 +81,52 @@ def umount(mnt: str) -> None:
         subprocess.run(["umount", "-l", mnt], check=False)
 
 
-def timed_restore(host, images: str, work: str) -> float:
-    shutil.rmtree(work, ignore_errors=True)
-    # Let the kernel settle after the previous run (freeing a killed 1 GiB tree, writeback):
-    # without this, whichever restore comes right after a kill reads its pages up to 30%
-    # slower, seen in CRIU's own log as time spent in the restorer's page reads.
+def warm_cache(image_dir: str) -> None:
+    """Read every file of the image dir (unmeasured), so each run starts with its pages in
+    the page cache. This VM runs DAMON proactive reclaim (a kdamond with a `pageout`
+    scheme for pages idle a few seconds): without this, a run whose pages it had dropped
+    reads them from disk and takes twice as long (0.5 s vs 1.1 s, in either column)."""
+    for name in sorted(os.listdir(image_dir)):
+        path = os.path.join(image_dir, name)
+        if os.path.isfile(path):
+            with open(path, "rb", buffering=0) as f:
+                while f.read(1 << 20):
+                    pass
+
+
+def prefault(nbytes: int) -> None:
+    """Touch nbytes of fresh memory and free it again (unmeasured). This VM reports free
+    memory to its host (kernel command line page_reporting.page_reporting_order=11, a
+    virtio_balloon): memory freed by the previous run's killed 1 GiB tree goes back to the
+    host a few seconds later, and a restore that must fault it in again takes twice as
+    long (0.5 s vs 1.1 s), in whichever column it falls. Touched just before the run, the
+    memory is still the guest's when the restore allocates it (the kernel waits 2 s
+    before reporting freed pages)."""
+    m = mmap.mmap(-1, nbytes)
+    try:
+        buf = ctypes.c_char.from_buffer(m)
+        ctypes.memset(ctypes.addressof(buf), 1, nbytes)
+        del buf
+    finally:
+        m.close()
+
+
+def settle(image_dir: str) -> None:
+    """Let the kernel settle after the previous run (freeing a killed 1 GiB tree,
+    writeback): without this, whichever restore comes right after a kill reads its pages up
+    to 30% slower, seen in CRIU's own log as time spent in the restorer's page reads. Then
+    warm the page cache (warm_cache) and the memory the restore will take (prefault)."""
     os.sync()
     time.sleep(1)
+    warm_cache(image_dir)
+    size = sum(e.stat().st_size for e in os.scandir(image_dir) if e.is_file())
+    prefault(size + size // 4)
+
+
+def timed_restore(host, images: str, work: str, originals: str | None = None) -> float:
+    """`originals`: the image dir behind `images` (a mount of it), warmed before the run."""
+    shutil.rmtree(work, ignore_errors=True)
+    settle(originals or images)
     t = time.perf_counter()
     pid = tb.restore(host, images, work, tcp_established=False, timeout=300)
     dt = time.perf_counter() - t
@@ -136,7 +178,7 @@ def main() -> int:
                 step("warm-up restores (page cache, bytecode)")
                 timed_restore(a, big, os.path.join(work, "w-a"))
                 mount(big, mnt, *mopts)
-                timed_restore(b, mnt, os.path.join(work, "w-b"))
+                timed_restore(b, mnt, os.path.join(work, "w-b"), big)
                 umount(mnt)
                 subprocess.run([BIN, "rewrite", big, os.path.join(work, "warm"), *mopts],
                                check=True, stdout=subprocess.DEVNULL)
@@ -148,14 +190,13 @@ def main() -> int:
 
                 def run_b() -> None:
                     tmount.append(mount(big, mnt, *mopts))
-                    tb_.append(timed_restore(b, mnt, os.path.join(work, "w-b")))
+                    tb_.append(timed_restore(b, mnt, os.path.join(work, "w-b"), big))
                     umount(mnt)
 
                 def run_e() -> None:
                     view = os.path.join(work, "offline")
                     shutil.rmtree(view, ignore_errors=True)
-                    os.sync()
-                    time.sleep(1)
+                    settle(big)
                     t = time.perf_counter()
                     subprocess.run([BIN, "rewrite", big, view, *mopts], check=True,
                                    stdout=subprocess.DEVNULL)
@@ -176,14 +217,13 @@ def main() -> int:
                 for i in range(max(3, opts.runs // 3)):
                     step(f"run {i + 1}: (d) through a mount with --serve read")
                     mount(big, mnt, *mopts, "--serve", "read")
-                    td.append(timed_restore(b, mnt, os.path.join(work, "w-d")))
+                    td.append(timed_restore(b, mnt, os.path.join(work, "w-d"), big))
                     umount(mnt)
                 for i in range(opts.runs):
                     step(f"run {i + 1}/{opts.runs}: (c) copy, rewrite, restore")
                     copy = os.path.join(work, "copy")
                     shutil.rmtree(copy, ignore_errors=True)
-                    os.sync()
-                    time.sleep(1)
+                    settle(big)
                     t = time.perf_counter()
                     shutil.copytree(big, copy)
                     crit_rewrite(os.path.join(big, "files.img"), os.path.join(copy, "files.img"),
