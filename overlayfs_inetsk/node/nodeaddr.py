@@ -5,12 +5,12 @@ on an interface (--iface; default: the one holding the default route of the fami
 of the other family), the first global address of the family (scope universe, not
 tentative, not DAD-failed, not an IPv6 temporary address).
 
-pyroute2 0.9.7's `IPRoute(netns=PATH, flags=0)` does accept any path (/proc/PID/ns/net
-included) and never creates a namespace with flags=0, but it makes its socket in a forked
-child process (multiprocessing). Forking is not safe in the FUSE daemon (threads, the
-/dev/fuse session), so the lookup runs in a short-lived thread that setns()es into the
-namespace (setns(CLONE_NEWNET) only moves the calling thread), makes a plain IPRoute() there,
-and exits; no pooled thread ever changes namespace.
+The lookup reads the namespace's routes and addresses over rtnetlink (node/rtnl.py, stdlib
+only). A netlink socket belongs to the namespace of the thread that makes it, and
+setns(CLONE_NEWNET) only moves the calling thread: so the lookup runs in a short-lived thread
+that setns()es into the namespace, makes its socket there, reads, and exits; no pooled
+thread ever changes namespace, and nothing forks (forking is not safe in the FUSE daemon:
+threads, the /dev/fuse session).
 """
 
 from __future__ import annotations
@@ -21,34 +21,25 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import InetskError, NodeAddressError
+
+if TYPE_CHECKING:
+    from .rtnl import Rtnl
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[int], IPAddress | None]
 
 CLONE_NEWNET = 0x40000000
 RT_SCOPE_UNIVERSE = 0
+RTN_UNICAST = 1
 IFA_F_SECONDARY = 0x01  # IPv6: IFA_F_TEMPORARY
 IFA_F_DADFAILED = 0x08
 IFA_F_TENTATIVE = 0x40
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 T = TypeVar("T")
-
-
-class NetlinkMessage(Protocol):
-    """What we read of pyroute2's messages (pyroute2 has no type hints)."""
-
-    def get_attr(self, name: str) -> Any: ...
-    def __getitem__(self, key: str) -> Any: ...
-
-
-class RouteSource(Protocol):
-    """What we ask of pyroute2's IPRoute for the default route."""
-
-    def get_routes(self, *, family: int) -> Iterable[NetlinkMessage]: ...
 
 
 _libc: ctypes.CDLL | None = None
@@ -111,66 +102,52 @@ def check_netns(netns: str) -> None:
         raise
 
 
-def _flags(msg: NetlinkMessage) -> int:
-    f = msg.get_attr("IFA_FLAGS")
-    return int(f if f is not None else msg["flags"])
-
-
-def _route_oif(route: NetlinkMessage) -> int | None:
-    oif = route.get_attr("RTA_OIF")
-    if oif is None:
-        mp = route.get_attr("RTA_MULTIPATH")
-        if mp:
-            oif = mp[0]["oif"]
-    return int(oif) if oif else None
-
-
-def _default_oif(ipr: RouteSource, af: int) -> int | None:
+def _default_oif(rtnl: Rtnl, af: int) -> int | None:
+    """The interface of the default unicast route of `af` with the lowest metric (the first
+    nexthop's of a multipath one); None if there is none."""
     best: tuple[int, int] | None = None
-    for r in ipr.get_routes(family=af):
-        if r["dst_len"] != 0 or r["type"] != 1:  # RTN_UNICAST
+    for r in rtnl.routes(af):
+        if r.dst_len != 0 or r.type != RTN_UNICAST:
             continue
-        oif = _route_oif(r)
-        if oif is None:
+        oif = r.oif or (r.nexthops[0] if r.nexthops else 0)
+        if not oif:
             continue
-        prio = r.get_attr("RTA_PRIORITY") or 0
+        prio = r.priority or 0
         if best is None or prio < best[0]:
             best = (prio, oif)
     return None if best is None else best[1]
 
 
 def _lookup(family: int, iface: str | None, where: str) -> IPAddress | None:
-    from pyroute2 import IPRoute  # imported lazily: only `auto` maps need netlink
+    from .rtnl import Rtnl  # imported here: only `auto` maps need netlink
 
-    with IPRoute() as ipr:
-        return _lookup_with(ipr, family, iface, where)
+    with Rtnl() as rtnl:
+        return _lookup_with(rtnl, family, iface, where)
 
 
-def _lookup_with(ipr: Any, family: int, iface: str | None, where: str) -> IPAddress | None:
-    """_lookup() on an open IPRoute (snapshot() asks one socket for every family)."""
+def _lookup_with(rtnl: Rtnl, family: int, iface: str | None, where: str) -> IPAddress | None:
+    """_lookup() on an open socket (snapshot() asks one socket for every family)."""
     af = _FAMILIES[family]
     if iface is not None:
-        idx = ipr.link_lookup(ifname=iface)
-        if not idx:
+        found = rtnl.link_index(iface)
+        if found is None:
             raise NodeAddressError(f"interface {iface} not found in {where}")
-        index = idx[0]
+        index = found
     else:
         other = _FAMILIES[10 - family]
-        found = _default_oif(ipr, af) or _default_oif(ipr, other)
+        found = _default_oif(rtnl, af) or _default_oif(rtnl, other)
         if found is None:
             raise NodeAddressError(f"no default route in {where}; pass --iface")
         index = found
-    for a in ipr.get_addr(family=af, index=index):
-        if a["scope"] != RT_SCOPE_UNIVERSE:
-            continue
-        bad = IFA_F_TENTATIVE | IFA_F_DADFAILED | (IFA_F_SECONDARY if family == 6 else 0)
-        if _flags(a) & bad:
+    bad = IFA_F_TENTATIVE | IFA_F_DADFAILED | (IFA_F_SECONDARY if family == 6 else 0)
+    for a in rtnl.addresses(af, index):
+        if a.scope != RT_SCOPE_UNIVERSE or a.flags & bad:
             continue
         # IFA_LOCAL is ours; on a point-to-point link IFA_ADDRESS is the peer's
         # (iproute2 shows IFA_LOCAL first too); IPv6 often sends IFA_ADDRESS alone
-        addr = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+        addr = a.local or a.address
         if addr:
-            return ipaddress.ip_address(addr)
+            return addr
     return None
 
 
@@ -216,12 +193,12 @@ def snapshot(families: Iterable[int], netns: str | None = None,
     where = f"netns {netns}" if netns else "our network namespace"
 
     def lookup_all() -> None:  # one thread in the namespace, one netlink socket
-        from pyroute2 import IPRoute
+        from .rtnl import Rtnl
 
-        with IPRoute() as ipr:
+        with Rtnl() as rtnl:
             for fam in fams:
                 try:
-                    found[fam] = _lookup_with(ipr, fam, iface, where)
+                    found[fam] = _lookup_with(rtnl, fam, iface, where)
                 except NodeAddressError as e:
                     found[fam] = e
 
