@@ -92,7 +92,7 @@ def setup(verbosity: int = 0, quiet: bool = False, stream: IO[Any] | None = None
     level = level_for(verbosity, quiet)
     root.setLevel(level)
     # third-party chatter stays at INFO or above unless asked twice (-vv)
-    for name in ("pyroute2", "pyfuse3", "trio"):
+    for name in ("pyfuse3", "trio"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity > 1 else
                                          max(level, logging.INFO))
     return handler

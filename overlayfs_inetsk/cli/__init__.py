@@ -23,7 +23,6 @@ MISSING_FIX = {
     "google": "protobuf: run scripts/setup.sh, or pip install protobuf",
     "pyfuse3": "run scripts/setup.sh, or pip install pyfuse3 (needs libfuse3-dev, pkg-config)",
     "trio": "run scripts/setup.sh, or pip install trio",
-    "pyroute2": "run scripts/setup.sh, or pip install pyroute2",
 }
 
 

@@ -161,8 +161,6 @@ def validate(cfg: MountConfig) -> Prepared:
     resolve: Resolver | None = None
     depends: Hashable = None  # what the planned bytes depend on, as `current` describes it
     if families:
-        import pyroute2  # noqa: F401  (imported here, not in the first open: about 60 ms)
-
         snap, found = snapshot(families, cfg.netns, cfg.iface)
         depends = describe(snap)
         where = f"netns {cfg.netns}" if cfg.netns else "our network namespace"

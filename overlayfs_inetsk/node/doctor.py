@@ -179,7 +179,7 @@ def _check_dev_fuse(path: str) -> Check:
 
 def _check_modules() -> Check:
     missing = []
-    for mod in ("pyfuse3", "trio", "pyroute2", "pycriu.images.fdinfo_pb2"):
+    for mod in ("pyfuse3", "trio", "pycriu.images.fdinfo_pb2"):
         try:
             importlib.import_module(mod)
         except Exception as e:  # ImportError, or a broken generated module
@@ -187,7 +187,7 @@ def _check_modules() -> Check:
     if missing:
         return Check("python-modules", "fail", "cannot import " + ", ".join(missing),
                      SETUP + " (pycriu comes from CRIU's source tree, not PyPI)")
-    return Check("python-modules", "ok", "pyfuse3, trio, pyroute2, pycriu")
+    return Check("python-modules", "ok", "pyfuse3, trio, pycriu")
 
 
 def ready(checks: list[Check]) -> bool:

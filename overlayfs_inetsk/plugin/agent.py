@@ -1,6 +1,6 @@
 """`overlayfs-inetsk agent`: the node agent the CRIU plugin asks first.
 
-Long-running, so the imports (protobuf, pycriu, pyroute2) and the interpreter start are paid
+Long-running, so the imports (protobuf, pycriu) and the interpreter start are paid
 once, not at every restore. One SOCK_SEQPACKET unix socket (default
 /run/overlayfs-inetsk/agent.sock, mode 0600); only root and the agent's own uid are
 served (SO_PEERCRED). A request is one
@@ -83,8 +83,7 @@ def handle(conn: socket.socket, view_root: str = VIEW_ROOT) -> None:
 
 def _warm_up() -> None:
     """Import what a request needs now, not during the first restore."""
-    from pyroute2 import IPRoute  # noqa: F401
-
+    from ..node import rtnl  # noqa: F401
     from . import planning  # noqa: F401
 
 
