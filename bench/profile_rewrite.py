@@ -6,7 +6,7 @@ benchmark).
 IMAGES_DIR is bench_rewrite.py's --images dir (its udp/, tcp/ and small/ dumps). Prints:
   1. start-up: the bare interpreter, `python -X importtime` of `rewrite` and `inspect` on
      the small image (total import time, the heaviest top-level imports, how many *_pb2
-     modules, and whether pyfuse3/trio/pyroute2 were imported: they must not be);
+     modules, and whether pyfuse3/trio/netlink (node/rtnl) were imported: they must not be);
   2. in-process stages for the udp (one address) and tcp (distinct peers) images: framing,
      decoding, re-serializing every inet entry, the plan with and without reports, what
      `rewrite` prints (the problem rows and the summary) and the table of `rewrite --table`;
@@ -29,7 +29,7 @@ import time
 BIN = os.path.join(os.path.dirname(sys.executable), "overlayfs-inetsk")
 MAP = ["local=10.77.0.99", "local=fd77::99"]
 MAP_ARGS = ["--map", MAP[0], "--map", MAP[1], "--tcp-outside", "keep"]
-FORBIDDEN = ("pyfuse3", "trio", "pyroute2")
+FORBIDDEN = ("pyfuse3", "trio", "pyroute2", "overlayfs_inetsk.node.rtnl")
 
 
 def med(f, n: int = 7) -> float:
@@ -62,7 +62,7 @@ def importtime(argv: list[str]) -> tuple[float, list[tuple[int, str]], int, list
             top.append((int(m.group(2)), m.group(4)))
     total = sum(t for t, _ in top)
     pb2 = sum(1 for n in names if n.endswith("_pb2"))
-    bad = sorted({n for n in names if n.split(".")[0] in FORBIDDEN})
+    bad = sorted({n for n in names if any(n == f or n.startswith(f + ".") for f in FORBIDDEN)})
     return total, sorted(top, reverse=True)[:8], pb2, bad
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "overlayfs_inetsk"
 FORBIDDEN_IN_CORE = ("pyfuse3", "trio", "pyroute2", "ctypes", "subprocess")
+NETLINK = "overlayfs_inetsk.node.rtnl"  # the netlink reader: adapters only, never core
+DROPPED = ("pyroute2",)  # no longer dependencies: no module may import them
 MAX_LINES = 350
 
 
@@ -80,7 +82,7 @@ def test_core_imports_no_adapter_module() -> None:
                         env=dict(os.environ), timeout=60)
     assert cp.returncode == 0, cp.stderr
     loaded = json.loads(cp.stdout)
-    bad = sorted(m for m in loaded if m.split(".")[0] in FORBIDDEN_IN_CORE)
+    bad = sorted(m for m in loaded if m.split(".")[0] in FORBIDDEN_IN_CORE or m == NETLINK)
     assert bad == [], f"importing core loads {bad}"
     outside = sorted(m for m in loaded if m.startswith("overlayfs_inetsk.")
                      and not m.startswith("overlayfs_inetsk.core")
@@ -131,3 +133,16 @@ def test_long_modules_say_why() -> None:
         if not any(line.startswith("Long: ") and len(line) > 12 for line in head):
             unexplained.append(f"{name} ({text.count(chr(10))} lines)")
     assert unexplained == [], "over 350 lines without a `Long: ` reason: " + ", ".join(unexplained)
+
+
+def test_no_module_imports_a_dropped_dependency() -> None:
+    """pyroute2 is gone from pyproject.toml (node/rtnl.py reads netlink): an import of it,
+    even inside a function, would fail on a fresh install."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                    else [])
+            found += [f"{name}: {m}" for m in mods if m.split(".")[0] in DROPPED]
+    assert found == [], f"imports of dropped dependencies: {found}"

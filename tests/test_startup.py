@@ -21,7 +21,8 @@ from overlayfs_inetsk.cli import main
 code = main(sys.argv[1:])
 print(json.dumps([code, sorted(sys.modules)]))
 """
-NOT_WANTED = ("pyfuse3", "trio", "pyroute2", "pycriu.images", "pycriu.rpc_pb2",
+NOT_WANTED = ("pyfuse3", "trio", "pyroute2", "overlayfs_inetsk.node.rtnl", "pycriu.images",
+              "pycriu.rpc_pb2",
               "overlayfs_inetsk.plugin.agent", "overlayfs_inetsk.plugin.viewmaker",
               "overlayfs_inetsk.fuse.ops", "overlayfs_inetsk.fuse.daemon", "tomllib",
               # what only other commands need: the barrier and `plugin install` (and the
