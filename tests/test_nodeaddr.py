@@ -218,7 +218,7 @@ def _an_interface_only_outside() -> list[str]:
     return names[:1]
 
 
-@pytest.mark.parametrize("iface", ["nope", "x" * 20, ""] + _an_interface_only_outside())
+@pytest.mark.parametrize("iface", ["nope", "x" * 20, "", "\udcff0"] + _an_interface_only_outside())
 def test_an_unknown_interface_is_an_error(iface):
     """Looked up in the namespace: an interface of our own namespace is unknown there."""
     with scratch_netns(*TWO_LINKS, default("v0", 4)) as ns:

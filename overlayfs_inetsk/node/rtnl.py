@@ -241,7 +241,7 @@ class Rtnl:
 
     def link_index(self, name: str) -> int | None:
         """The index of interface `name`; None if there is none of that name."""
-        raw = name.encode()
+        raw = os.fsencode(name)  # a name from argv may hold surrogate escapes
         if not raw or len(raw) >= IFNAMSIZ or b"\0" in raw:
             return None  # no interface can have that name (the kernel refuses it: ERANGE)
         attr = raw + b"\0"
