@@ -411,13 +411,15 @@ class AddressMap:
 _MISS = object()
 
 
-def _addr_key(addr: IPAddress) -> object:
-    """An address as might_move() keys it: an IPv4 one (or the IPv4 address of an
-    IPv4-mapped one) by its CRIU word, an IPv6 one by its four words."""
-    words = addr_to_words(addr)
-    return words[0] if addr.version == 4 else tuple(words)
 _ntohl = socket.ntohl
 _MAPPED_WORD = socket.htonl(0xFFFF)  # the third word of ::ffff:0:0/96 in CRIU's words
+
+
+def _addr_key(addr: IPAddress) -> object:
+    """An unmapped address as might_move() keys it: an IPv4 one by its CRIU word, an IPv6
+    one by its four words."""
+    words = addr_to_words(addr)
+    return words[0] if addr.version == 4 else tuple(words)
 
 
 class BoundMap:
@@ -538,8 +540,12 @@ class BoundMap:
         bits = self._not_local
         if bits is None:
             bits = self._not_local = bytearray(self._NOT_LOCAL_BITS >> 3)
-        b = hash((key,)) & (self._NOT_LOCAL_BITS - 1)
+        b = self._bit(key)
         bits[b >> 3] |= 1 << (b & 7)
+
+    @classmethod
+    def _bit(cls, key: object) -> int:
+        return hash((key,)) & (cls._NOT_LOCAL_BITS - 1)  # (key,): an int's hash is itself
 
     def said_not_local(self, family: int, words: Sequence[int]) -> bool:
         """Whether might_move() or lookup() may have answered that the address in these
@@ -550,13 +556,7 @@ class BoundMap:
         plain = _unmap(words_to_addr(words, family))
         if is_special(plain) or is_multicast(plain):
             return False  # never one of the image's own: asking could not change an answer
-        if family == AF_INET:
-            key: object = words[0]
-        elif tuple(words[:3]) == (0, 0, _MAPPED_WORD):
-            key = words[3]
-        else:
-            key = tuple(words)
-        b = hash((key,)) & (self._NOT_LOCAL_BITS - 1)
+        b = self._bit(_addr_key(plain))
         return bool(bits[b >> 3] & (1 << (b & 7)))
 
     def _lookup_plain(self, addr: IPAddress, is_src: bool) -> tuple[IPAddress, str] | None:
