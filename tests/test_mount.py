@@ -19,6 +19,7 @@ import pytest
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
 from pycriu.images import fdinfo_pb2
+from inetsk_testbed.mount import mount_daemons
 from inetsk_testbed.net import scratch_netns, veth_with_route
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
@@ -87,7 +88,7 @@ class Mounts:
             if p.poll() is None:
                 p.kill()
             p.wait()
-        for pid in daemon_pids(self.tmp):
+        for pid in mount_daemons(self.tmp):
             os.kill(pid, signal.SIGKILL)
         for mp in self.points:  # the read-only bind a killed daemon left behind
             self.umount(mp)
@@ -99,23 +100,6 @@ def _stale(mp: Path) -> bool:
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
-
-
-def daemon_pids(tmp: Path) -> list[int]:
-    """Daemons whose command line names a path under tmp."""
-    out = []
-    key = os.fsencode(str(tmp))
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if b"overlayfs_inetsk" in cmd and b"\0mount\0" in cmd and key in cmd:
-            out.append(int(d))
-    return out
 
 
 @pytest.fixture
@@ -186,7 +170,7 @@ def test_mount_serves_rewritten_and_original_bytes(mounts: Mounts, image: Path) 
     assert cp2.returncode == 0, cp2.stderr
     assert not os.path.ismount(mp)
     time.sleep(0.3)
-    assert daemon_pids(mounts.tmp) == []  # the daemon ends with its mount
+    assert mount_daemons(mounts.tmp) == []  # the daemon ends with its mount
 
 
 def test_erofs(mounts: Mounts, image: Path) -> None:
@@ -225,7 +209,7 @@ def test_serve_read(mounts: Mounts, image: Path) -> None:
 def test_kill9_then_umount_and_fresh_mount(mounts: Mounts, image: Path) -> None:
     mp = mounts.mountpoint()
     mounts.mount(image, mp, *MAP)
-    [pid] = daemon_pids(mounts.tmp)
+    [pid] = mount_daemons(mounts.tmp)
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)
     with pytest.raises(OSError) as ei:
@@ -433,7 +417,7 @@ def test_refusal_known_at_mount_is_refused_at_mount(mounts: Mounts, image: Path,
             assert cp.returncode == 5, (args, fg, cp.returncode, err)
             assert "\n" not in err and word in err and "Traceback" not in err, (args, err)
             assert not os.path.ismount(mp)
-            assert daemon_pids(tmp_path) == []
+            assert mount_daemons(tmp_path) == []
 
 
 def test_auto_without_address_warns_at_mount_and_mounts(mounts: Mounts, image: Path,
@@ -483,7 +467,7 @@ def test_default_log_kept_only_when_worth_reading(mounts: Mounts, image: Path,
         log.unlink()
         # killed: kept; the next clean daemon appends and keeps it too
         mount(*MAP)
-        [pid] = daemon_pids(mounts.tmp)
+        [pid] = mount_daemons(mounts.tmp)
         os.kill(pid, signal.SIGKILL)
         assert mounts.umount(mp).returncode == 0
         mount(*MAP)
