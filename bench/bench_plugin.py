@@ -123,15 +123,20 @@ def main() -> int:
             }
             step(f"small service: {opts.runs} alternating runs of each")
             os.environ["OVERLAYFS_INETSK_AGENT_SOCK"] = sock
-            res: dict[str, list] = {k: [] for k in runs}
-            for i in range(opts.runs):
-                order = list(runs) if i % 2 == 0 else list(reversed(runs))
-                for k in order:
-                    host, images, w, extra = runs[k]
-                    os.environ["OVERLAYFS_INETSK_AGENT_SOCK"] = (
-                        os.path.join(work, "none.sock") if "CLI" in k else sock)
-                    res[k].append(one_restore(host, images, w, extra))
-            report("small service (3 inet sockets)", res)
+
+            def alternate(runs: dict[str, tuple], n: int) -> dict[str, list]:
+                """n runs of each route, the order reversed every other time; the CLI
+                route is pointed at an agent socket that does not exist."""
+                res: dict[str, list] = {k: [] for k in runs}
+                for i in range(n):
+                    for k in (list(runs) if i % 2 == 0 else list(reversed(runs))):
+                        host, images, w, extra = runs[k]
+                        os.environ["OVERLAYFS_INETSK_AGENT_SOCK"] = (
+                            os.path.join(work, "none.sock") if "CLI" in k else sock)
+                        res[k].append(one_restore(host, images, w, extra))
+                return res
+
+            report("small service (3 inet sockets)", alternate(runs, opts.runs))
 
             step(f"dumping a process with {opts.sockets} UDP sockets on {A4}")
             big = os.path.join(work, "big")
@@ -144,14 +149,7 @@ def main() -> int:
                 "plugin, CLI (new address)": (b, big, os.path.join(work, "b2"), plug),
             }
             step(f"{opts.sockets} sockets: {opts.big_runs} alternating runs of each")
-            res = {k: [] for k in runs}
-            for i in range(opts.big_runs):
-                order = list(runs) if i % 2 == 0 else list(reversed(runs))
-                for k in order:
-                    host, images, w, extra = runs[k]
-                    os.environ["OVERLAYFS_INETSK_AGENT_SOCK"] = (
-                        os.path.join(work, "none.sock") if "CLI" in k else sock)
-                    res[k].append(one_restore(host, images, w, extra))
+            res = alternate(runs, opts.big_runs)
             report(f"{opts.sockets} UDP sockets (files.img "
                    f"{os.path.getsize(os.path.join(big, 'files.img'))} bytes)", res)
     finally:
