@@ -175,3 +175,25 @@ def _log_guard(request: pytest.FixtureRequest) -> Iterator[_LogGuard]:
 def expect_log(_log_guard: _LogGuard):  # type: ignore[no-untyped-def]
     """expect_log(level, pattern): declare a WARNING/ERROR record this test logs."""
     return _log_guard.expect
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kept_mount_logs() -> Iterator[None]:
+    """Mounts that fail keep their default log in /run/overlayfs-inetsk (fuse/daemon.py,
+    worth reading then); the suite makes many on purpose. Remove the ones this session
+    added when it ends, so runs do not pile them up."""
+    run_dir = "/run/overlayfs-inetsk"
+
+    def logs() -> set[str]:
+        try:
+            return {n for n in os.listdir(run_dir) if n.endswith(".log")}
+        except OSError:
+            return set()
+
+    before = logs()
+    yield
+    for name in logs() - before:
+        try:
+            os.unlink(os.path.join(run_dir, name))
+        except OSError:
+            pass
