@@ -29,9 +29,10 @@ _REPO_SO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 def built_so(env: Mapping[str, str] | None = None) -> str:
-    """The built plugin: $OVERLAYFS_INETSK_PLUGIN_SO, setup.sh's copy, or the source tree's."""
+    """The built plugin: $OVERLAYFS_INETSK_PLUGIN_SO, the source tree's own build (when this
+    package runs from a checkout), or setup.sh's copy."""
     env = os.environ if env is None else env
-    for path in (env.get(ENV_SO), INSTALLED_SO, _REPO_SO):
+    for path in (env.get(ENV_SO), _REPO_SO, INSTALLED_SO):
         if path and os.path.isfile(path):
             return path
     raise InetskError(f"no built plugin ({INSTALLED_SO} missing): run scripts/setup.sh "

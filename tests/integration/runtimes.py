@@ -34,7 +34,9 @@ def base_image() -> str:
 def plugin_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CRIU plugin dir holding only our plugin, made by `plugin install --libdir`."""
     lib = tmp_path_factory.mktemp("criu-lib")
-    cp = subprocess.run([CLI, "plugin", "install", "--libdir", str(lib), "--cli", CLI],
+    so = ROOT / "plugin" / "build" / "overlayfs_inetsk_plugin.so"  # this tree's (setup.sh)
+    cp = subprocess.run([CLI, "plugin", "install", "--libdir", str(lib), "--so", str(so),
+                         "--cli", CLI],
                         capture_output=True, text=True, timeout=60)
     if "invalid choice: 'plugin'" in cp.stderr:
         pytest.skip(f"{CLI} has no `plugin` command (set OVERLAYFS_INETSK_TEST_CLI)")
