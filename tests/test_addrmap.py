@@ -1,6 +1,7 @@
 import contextlib
 import ipaddress as ip
 import json
+import os
 import random
 import signal
 import time
@@ -161,6 +162,38 @@ def test_bad_map_files_name_the_file(tmp_path, name, text, fragment):
 def test_missing_map_file(tmp_path):
     with pytest.raises(MapError, match="cannot read map file"):
         AddressMap.from_args([], [str(tmp_path / "nope.toml")])
+
+
+def test_a_symlinked_map_file_is_not_followed(tmp_path):
+    real = tmp_path / "real.toml"
+    real.write_text('rules = ["10.0.0.1=10.9.0.1"]\n')
+    link = tmp_path / "link.toml"
+    link.symlink_to(real)
+    with pytest.raises(MapError) as ei:
+        AddressMap.from_args([], [str(link)])
+    assert str(ei.value) == (f"{link}: cannot read map file: not a regular file "
+                             "(a symlink is not followed)")
+    assert AddressMap.from_args([], [str(real)]).rules  # the file itself is read
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "socket"])
+def test_a_map_file_that_is_no_regular_file_is_refused_at_once(tmp_path, kind):
+    """A FIFO without a writer used to hang the open (the agent's thread with it)."""
+    import socket as so
+
+    f = tmp_path / "m.toml"
+    if kind == "fifo":
+        os.mkfifo(f)
+    elif kind == "dir":
+        f.mkdir()
+    else:
+        s = so.socket(so.AF_UNIX)
+        s.bind(str(f))
+        s.close()
+    with _deadline(5.0), pytest.raises(MapError) as ei:
+        AddressMap.from_args([], [str(f)])
+    msg = str(ei.value)
+    assert msg == f"{f}: cannot read map file: not a regular file (a symlink is not followed)"
 
 
 # --- ports -----------------------------------------------------------------------------

@@ -27,9 +27,12 @@ Pure: no I/O but reading map files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import ipaddress
+import os
 import socket
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
@@ -311,6 +314,40 @@ def parse_rule(spec: str, source: str) -> Rule | list[LocalRule] | PortRule:
 
 
 PORT_OFFSET_KEY = "port-offset"
+NOT_REGULAR = "not a regular file (a symlink is not followed)"
+
+
+def open_regular_file(path: str) -> int:
+    """An fd of the regular file at path, opened without following a symlink in the last
+    component (O_NOFOLLOW) and without waiting for a FIFO's writer (O_NONBLOCK), then
+    checked with fstat: what was checked is what is read (an lstat and then an open could
+    read a symlink swapped in between). OSError; for a symlink, a FIFO, a device or a
+    socket its strerror is NOT_REGULAR."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a socket
+            raise OSError(exc.errno, NOT_REGULAR, path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, NOT_REGULAR, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular_file(path: str) -> bytes:
+    """The bytes of a map or options file, read from open_regular_file's fd."""
+    fd = open_regular_file(path)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _load_map_file(path: str) -> tuple[list[tuple[str, str]], int | None]:
@@ -320,8 +357,7 @@ def _load_map_file(path: str) -> tuple[list[tuple[str, str]], int | None]:
     optionally `port-offset`, an integer.
     """
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_regular_file(path)
     except OSError as exc:
         raise MapError(f"{path}: cannot read map file: {exc.strerror}") from None
     try:
