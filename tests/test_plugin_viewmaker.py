@@ -181,6 +181,22 @@ def test_view_with_relative_links_and_the_images_untouched(images, fds, tmp_path
     assert [p.name for p in root.iterdir()] == [view.name]  # no temporary dir left
 
 
+def test_a_view_keeps_the_images_modes(images, fds, tmp_path) -> None:
+    """Issue 18: plugin views were written 0644 in a 0755 dir; CRIU writes its images
+    0600. The view keeps the images' modes (its dir: the images dir's, no wider)."""
+    (images / "files.img").chmod(0o600)
+    images.chmod(0o700)
+    old = os.umask(0)
+    try:
+        reply = make_view(*fds, {"INETSK_LOCAL_IPV4": B4}, 4243, str(tmp_path / "views"))
+    finally:
+        os.umask(old)
+    view = Path(reply.split(" ", 1)[1])
+    assert reply.startswith("VIEW ") and srcs(view / "files.img") == [B4, B4]
+    assert oct(os.lstat(view / "files.img").st_mode & 0o7777) == oct(0o600)
+    assert oct(os.lstat(view).st_mode & 0o7777) == oct(0o700)
+
+
 def test_none_when_nothing_changes(tmp_path) -> None:
     d = checkpoint(tmp_path / "img", inet_file_entry(isk(1, "0.0.0.0", 7006)),
                    inet_file_entry(isk(2, "127.0.0.1", 7007)))
