@@ -196,6 +196,29 @@ def test_a_map_file_that_is_no_regular_file_is_refused_at_once(tmp_path, kind):
     assert msg == f"{f}: cannot read map file: not a regular file (a symlink is not followed)"
 
 
+def test_a_map_file_past_the_size_limit_is_refused_unread(tmp_path):
+    """A map file may come with a checkpoint (the plugin reads the images dir's): a sparse
+    file of 100 GB is refused by its size, nothing read (it used to be read whole)."""
+    import resource
+
+    f = tmp_path / "big.toml"
+    with open(f, "wb") as fh:
+        fh.truncate(100 << 30)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with _deadline(5.0), pytest.raises(MapError) as ei:
+        AddressMap.from_args([], [str(f)])
+    assert str(ei.value) == (f"{f}: cannot read map file: {100 << 30} bytes or more, past "
+                             f"the limit of {64 << 20} bytes for a map or options file")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KiB
+    # at the limit it is read, one byte past it is not
+    from overlayfs_inetsk.core.addrmap import read_regular_file
+
+    f.write_bytes(b"#" * 1000)
+    assert read_regular_file(str(f), limit=1000) == b"#" * 1000
+    with pytest.raises(OSError, match="1000 bytes or more, past the limit of 999 bytes"):
+        read_regular_file(str(f), limit=999)
+
+
 # --- ports -----------------------------------------------------------------------------
 
 def ep(bmap, addr, port):

@@ -338,13 +338,27 @@ def open_regular_file(path: str) -> int:
     return fd
 
 
-def read_regular_file(path: str) -> bytes:
-    """The bytes of a map or options file, read from open_regular_file's fd."""
+# A map or options file may come with a checkpoint (the plugin reads the images dir's):
+# one that says it is bigger is refused before it is read. 100,000 rules take 3.5 MB.
+MAX_FILE_BYTES = 64 << 20
+
+
+def read_regular_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a map or options file, read from open_regular_file's fd; OSError
+    (EFBIG) for one of more than `limit` bytes (a sparse file of 100 GB, e.g., in a
+    checkpoint), checked before reading and while reading (a file that grows)."""
     fd = open_regular_file(path)
     try:
+        size = os.fstat(fd).st_size
         chunks = []
-        while chunk := os.read(fd, 1 << 20):
+        got = 0
+        while size <= limit and (chunk := os.read(fd, min(1 << 20, limit + 1 - got))):
             chunks.append(chunk)
+            got += len(chunk)
+            size = max(size, got)
+        if size > limit:
+            raise OSError(errno.EFBIG, f"{size} bytes or more, past the limit of {limit} "
+                          "bytes for a map or options file", path)
         return b"".join(chunks)
     finally:
         os.close(fd)
