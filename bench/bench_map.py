@@ -17,9 +17,10 @@ In one invocation, in-process (no root needed):
   (3) lookups (BoundMap.lookup of distinct addresses, half of them moved, on a fresh bound
       map each run) and might_move (from CRIU words): new vs baseline with a 2-rule map,
       and with 1,000 rules (the baseline scans every rule per address).
-Medians of --runs runs, new and baseline alternating. Exits 1 if a target is missed:
-100,000 mixed rules load in under 1 s; lookups with 2 rules no slower than the baseline's
-(ratio <= 1.10).
+Medians of --runs runs of CPU time (this process's: the machine is shared; the wall time
+is printed beside the main figures), new and baseline alternating. Exits 1 if a target is
+missed: 100,000 mixed rules load in under 1 s; lookups with 2 rules no slower than the
+baseline's (ratio <= 1.10).
 """
 
 from __future__ import annotations
@@ -58,21 +59,29 @@ def baseline(rev: str) -> ModuleType:
     return mod
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
+WALL: list[float] = []  # the wall times of the last median_pair's `a` runs
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(CPU time of this process, wall time) of one run."""
+    c, t = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t
+    return time.process_time() - c, time.perf_counter() - t
 
 
 def median_pair(runs: int, a: Callable[[], object], b: Callable[[], object] | None
                 ) -> tuple[float, float | None]:
-    """Medians of a and b, run alternately."""
+    """Median CPU times of a and b, run alternately (CPU, not wall: the machine is shared
+    with other work, which a wall clock counts too); a's wall times are left in WALL."""
     ta: list[float] = []
     tb: list[float] = []
+    WALL.clear()
     for _ in range(runs):
-        ta.append(timed(a))
+        cpu, wall = timed(a)
+        ta.append(cpu)
+        WALL.append(wall)
         if b is not None:
-            tb.append(timed(b))
+            tb.append(timed(b)[0])
     return statistics.median(ta), (statistics.median(tb) if tb else None)
 
 
@@ -106,7 +115,7 @@ def main() -> int:
     old_mod = baseline(args.baseline_rev)
     missed: list[str] = []
 
-    print(f"(1) loading maps: new vs {args.baseline_rev}, medians of {args.runs} runs")
+    print(f"(1) loading maps: new vs {args.baseline_rev}, CPU time, medians of {args.runs} runs")
     print(f"{'kind':8} {'rules':>7} {'new load':>12} {'new parse':>12} {'new check':>12} "
           f"{'check/rule':>10} {'base load':>12} {'base/new':>9}")
     for kind in bigmap.KINDS:
@@ -123,6 +132,7 @@ def main() -> int:
                 load_new, load_old = median_pair(
                     args.runs, lambda: new_mod.AddressMap.from_args(specs),
                     (lambda: old_mod.AddressMap.from_args(specs)) if in_base else None)
+                wall = statistics.median(WALL)
                 parse_new, _ = median_pair(
                     args.runs, lambda: [new_mod.parse_rule(s, "x") for s in specs], None)
                 parsed = [new_mod.parse_rule(s, "x") for s in specs]
@@ -147,8 +157,10 @@ def main() -> int:
                 ratio = f"~{bt * (n / bn) ** 2 / load_new:7.0f}x*"
             print(f"{kind:8} {n:7d} {ms(load_new):>12} {ms(parse_new):>12} {ms(check):>12} "
                   f"{per:>10} {base_s:>12} {ratio:>9}")
-            if kind == "mixed" and n == 100_000 and load_new is not None and load_new >= 1.0:
-                missed.append(f"100,000 mixed rules took {load_new:.2f} s (target < 1 s)")
+            if kind == "mixed" and n == 100_000 and load_new is not None:
+                print(f"{'':8} {'':7} wall {wall * 1000:.1f} ms (median)")
+                if load_new >= 1.0:
+                    missed.append(f"100,000 mixed rules took {load_new:.2f} s CPU (target < 1 s)")
     print("  * extrapolated: the baseline's time at its largest size times (n/size)^2")
 
     print("\n(2) 100,000 mixed rules from a map file (whole from_args; the parser's share)")
@@ -169,7 +181,8 @@ def main() -> int:
                 files=[path]), lambda: parser(text))
             assert parse is not None
             print(f"  {fmt:10} {len(text) / 1e6:5.1f} MB  load {ms(whole)}  of which "
-                  f"{fmt.split('-')[0]} parsing {ms(parse)} ({parse / whole:.0%})")
+                  f"{fmt.split('-')[0]} parsing {ms(parse)} ({parse / whole:.0%}); "
+                  f"wall {ms(statistics.median(WALL))}")
 
     print("\n(3) lookups of 20,000 distinct addresses (half moved), fresh bound map each run")
     addrs = lookup_addrs(20_000)
