@@ -642,3 +642,55 @@ def test_lookups_are_what_a_scan_of_every_rule_finds():
             assert got == want, (specs, text)
             fam, words = _words(addr)
             assert m.might_move(fam, words) or hit is None, (specs, text)
+
+
+def _old_parse_net(text):
+    """_parse_net as it was, all ipaddress: (version, first address, length) or the
+    MapError message."""
+    try:
+        if "/" not in text:
+            a = ip.ip_address(text)
+            if a.version == 6 and a.ipv4_mapped is not None:
+                a = a.ipv4_mapped
+            net = ip.ip_network(a)
+        else:
+            try:
+                net = ip.ip_network(text, strict=True)
+            except ValueError as exc:
+                return f"x: old address {text!r} is not a valid prefix ({exc})"
+            if net.version == 6 and net.prefixlen >= 96 and \
+                    net.network_address.ipv4_mapped is not None:
+                net = ip.IPv4Network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
+    except ValueError:
+        return f"x: old address {text!r} is not an IPv4 or IPv6 address"
+    return net.version, int(net.network_address), net.prefixlen
+
+
+def test_addresses_and_prefixes_parse_as_ipaddress_parses_them():
+    """The fast parse (inet_pton) gives ipaddress's answer, or its message, for every text."""
+    from overlayfs_inetsk.core.addrmap import _parse_net
+
+    rnd = random.Random(77)
+    texts = ["10.0.0.0/8", "10.0.0.0/08", "10.0.0.1/8", "10.0.0.0/33", "10.0.0.0/-1", "10.0.0.0/",
+             "10.0.0.0/255.0.0.0", "10.0.0.0/ 8", "::ffff:0:0/96", "::ffff:0:0/95",
+             "::ffff:10.0.0.0/104", "::ffff:10.0.0.1", "::/0", "fe80::1%eth0", "01.2.3.4",
+             "1.2.3.4/32/1", "fd00::/129", "fd00::/٣", "[fd00::1]", "1.2.3", ""]
+    for _ in range(20000):
+        if rnd.random() < 0.5:
+            base = ".".join(str(rnd.choice([0, 1, 10, 255, 256, rnd.randrange(300)]))
+                            for _ in range(rnd.choice([3, 4, 4, 4, 5])))
+        else:
+            groups = [format(rnd.randrange(0x10000), "x") for _ in range(rnd.randrange(1, 9))]
+            cut = rnd.randrange(len(groups) + 1)
+            base = ":".join(groups[:cut]) + rnd.choice(["::", ":"]) + ":".join(groups[cut:])
+            if rnd.random() < 0.2:
+                base = "::ffff:" + ".".join(str(rnd.randrange(256)) for _ in range(4))
+        if rnd.random() < 0.7:
+            base += "/" + str(rnd.choice([0, 8, 24, 31, 32, 33, 64, 95, 96, 104, 127, 128, 129]))
+        texts.append(base)
+    for text in texts:
+        try:
+            got = _parse_net(text, "x", "old address")
+        except MapError as e:
+            got = str(e)
+        assert got == _old_parse_net(text), text
