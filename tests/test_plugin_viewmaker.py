@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,6 +112,57 @@ def test_a_symlinked_map_file_in_the_checkpoint_is_refused(images: Path, tmp_pat
         load_config(str(images), {})
 
 
+def test_map_and_options_swapped_for_a_symlink_are_never_read_through_it(
+        images: Path, tmp_path: Path) -> None:
+    """The checkpoint's map and options files, swapped back and forth between a regular
+    file and a symlink to another file while the planner reads them (it used to lstat them
+    and then open them following links): what is read is the regular file, or the load is
+    refused; never the symlink's target."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (tmp_path / "secret.map").write_text(f'rules = ["{A4}=10.66.66.66"]\n')
+    (tmp_path / "secret.options").write_text("--iface leaked\n")
+    env = {"OVERLAYFS_INETSK_CONF_DIR": str(conf)}
+    targets = [(images / "overlayfs-inetsk.map", f'rules = ["{A4}={B4}"]\n', "secret.map"),
+               (images / "overlayfs-inetsk.options", "--iface good\n", "secret.options")]
+    for path, text, _ in targets:
+        path.write_text(text)
+    stop = threading.Event()
+
+    def swap() -> None:
+        tmp = images / ".swap"
+        while not stop.is_set():
+            for path, text, secret in targets:
+                tmp.unlink(missing_ok=True)
+                tmp.symlink_to(tmp_path / secret)
+                os.rename(tmp, path)
+                tmp.write_text(text)
+                os.rename(tmp, path)
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    t = threading.Thread(target=swap)
+    t.start()
+    loaded = refused = 0
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline and loaded + refused < 5000:
+            try:
+                cfg = load_config(str(images), env)
+            except MapError as e:
+                assert "not a regular file (a symlink is not followed)" in str(e)
+                refused += 1
+                continue
+            assert [str(r.new) for r in cfg.amap.rules] in ([B4], []), "the map was read through a symlink"
+            assert cfg.iface in ("good", None), "the options were read through a symlink"
+            loaded += 1
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(old_interval)
+    assert loaded and refused, (loaded, refused)  # both outcomes came up
+
+
 # -- make_view ------------------------------------------------------------------------------
 def test_view_with_relative_links_and_the_images_untouched(images, fds, tmp_path) -> None:
     before = {p.name: p.read_bytes() for p in images.iterdir()}
@@ -127,6 +179,22 @@ def test_view_with_relative_links_and_the_images_untouched(images, fds, tmp_path
     assert (view / VIEW_MARKER).is_file()
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
     assert [p.name for p in root.iterdir()] == [view.name]  # no temporary dir left
+
+
+def test_a_view_keeps_the_images_modes(images, fds, tmp_path) -> None:
+    """Issue 18: plugin views were written 0644 in a 0755 dir; CRIU writes its images
+    0600. The view keeps the images' modes (its dir: the images dir's, no wider)."""
+    (images / "files.img").chmod(0o600)
+    images.chmod(0o700)
+    old = os.umask(0)
+    try:
+        reply = make_view(*fds, {"INETSK_LOCAL_IPV4": B4}, 4243, str(tmp_path / "views"))
+    finally:
+        os.umask(old)
+    view = Path(reply.split(" ", 1)[1])
+    assert reply.startswith("VIEW ") and srcs(view / "files.img") == [B4, B4]
+    assert oct(os.lstat(view / "files.img").st_mode & 0o7777) == oct(0o600)
+    assert oct(os.lstat(view).st_mode & 0o7777) == oct(0o700)
 
 
 def test_none_when_nothing_changes(tmp_path) -> None:

@@ -35,6 +35,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..core.addrmap import open_regular_file, read_regular_file
 from ..core.hooktable import hook_plan
 from ..fuse.robind import FSTYPE as FUSE_FSTYPE
 from ..fuse.robind import mounts
@@ -122,16 +123,27 @@ def already_a_view(images_fd: int, root: str) -> str | None:
 
 # -- the map and options ------------------------------------------------------------------
 def _file(path: str) -> str | None:
-    """path if it exists; MapError if it is there but not a regular file."""
+    """path if it exists; MapError if it is there but not a regular file (a symlink is
+    not followed). AddressMap, which then reads a map file, checks again on the fd it
+    reads (addrmap.read_regular_file), so a file swapped meanwhile is refused there."""
     try:
-        st = os.lstat(path)
+        os.close(open_regular_file(path))
     except FileNotFoundError:
         return None
     except OSError as e:
         raise MapError(f"{path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise MapError(f"{path}: not a regular file (a symlink is not followed)")
     return path
+
+
+def _read(path: str) -> bytes | None:
+    """The bytes of the options file at path (None if there is none), read from the fd
+    it was checked on; MapError as _file's."""
+    try:
+        return read_regular_file(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MapError(f"{path}: {e.strerror}") from None
 
 
 def parse_options(text: str, source: str) -> tuple[RewriteOptions, str | None]:
@@ -185,11 +197,10 @@ def load_config(root: str, env: Mapping[str, str]) -> Config:
     else:
         text, options_source = "", "defaults"
         for path in (os.path.join(root, CHECKPOINT_OPTIONS), os.path.join(conf_dir, NODE_OPTIONS)):
-            if _file(path) is not None:
+            if (raw := _read(path)) is not None:
                 try:
-                    with open(path, encoding="utf-8") as f:
-                        text = f.read()
-                except (OSError, UnicodeDecodeError) as e:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
                     raise MapError(f"{path}: cannot read: {e}") from None
                 options_source = path
                 break
