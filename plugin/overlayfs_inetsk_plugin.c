@@ -3,7 +3,8 @@
  * dir, with the inet socket addresses rewritten by the project's own planner (Python).
  *
  * The C side is only plumbing (docs/plugin.md):
- *   1. fast path: no inet socket entry in files.img / inetsk.img -> nothing to do;
+ *   1. fast path (inetsk_scan.c): no inet socket entry in files.img / inetsk.img ->
+ *      nothing to do;
  *   2. find the restore's target network namespace (runc's extRootNetNS: a netns fd of
  *      ours that is not our own netns), else our own;
  *   3. ask the planner: the node agent on a unix socket, else `overlayfs-inetsk
@@ -39,6 +40,7 @@
 #include "criu_hook_abi.h"
 #include "criu-log.h"
 #include "inetsk_hook.h"
+#include "inetsk_scan.h"
 
 #ifndef NS_GET_NSTYPE
 #define NS_GET_NSTYPE _IO(0xb7, 0x3)
@@ -46,11 +48,6 @@
 #ifndef CLONE_NEWNET
 #define CLONE_NEWNET 0x40000000
 #endif
-
-#define IMG_COMMON 0x54564319u
-#define FILES_MAGIC 0x56303138u
-#define INETSK_MAGIC 0x56443851u
-#define FD_TYPES_INETSK 4
 
 #define DEFAULT_AGENT_SOCK "/run/overlayfs-inetsk/agent.sock"
 #define CLI_CONF_NAME "overlayfs-inetsk-plugin.cli" /* beside the .so; CRIU loads only *.so */
@@ -66,120 +63,23 @@ static char view_path[PATH_MAX]; /* the view made for this restore, removed in f
 
 /* ---------------------------------------------------------------- fast path ------ */
 
-/* One protobuf varint at *p (< end); -1 when truncated or too long. */
-static int read_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
-{
-	uint64_t v = 0;
-	int shift;
-
-	for (shift = 0; shift < 64; shift += 7) {
-		if (*p >= end)
-			return -1;
-		v |= (uint64_t)(**p & 0x7f) << shift;
-		if (!(*(*p)++ & 0x80)) {
-			*out = v;
-			return 0;
-		}
-	}
-	return -1;
-}
-
-/* The last value of top-level field 1 (file_entry.type) in one entry: 1 = INETSK,
- * 0 = something else, -1 = not parseable (then the planner decides and names the fault). */
-static int entry_is_inet(const uint8_t *p, const uint8_t *end)
-{
-	uint64_t key, v, type = 0;
-
-	while (p < end) {
-		if (read_varint(&p, end, &key))
-			return -1;
-		switch (key & 7) {
-		case 0:
-			if (read_varint(&p, end, &v))
-				return -1;
-			if (key >> 3 == 1)
-				type = v;
-			break;
-		case 1:
-			if (end - p < 8)
-				return -1;
-			p += 8;
-			break;
-		case 2:
-			if (read_varint(&p, end, &v) || v > (uint64_t)(end - p))
-				return -1;
-			p += v;
-			break;
-		case 5:
-			if (end - p < 4)
-				return -1;
-			p += 4;
-			break;
-		default:
-			return -1;
-		}
-	}
-	return type == FD_TYPES_INETSK;
-}
-
-/* 1: the image holds an inet socket entry (or cannot be read: let the planner say why);
- * 0: it holds none, or is absent. */
+/* 1: the image holds an inet socket entry, or the scanner will not read it (then the
+ * planner reads it and names the fault); 0: it holds none, or is absent. The scanner
+ * (inetsk_scan.c) reads a regular file only, capped and streamed. */
 static int image_has_inet(int dirfd, const char *name, uint32_t want_magic)
 {
-	uint8_t *buf = NULL;
-	size_t len = 0, cap = 0;
-	uint32_t hdr[2], n;
-	size_t off;
-	int fd, ret = 1;
+	char why[256];
 
-	fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return errno == ENOENT ? 0 : 1;
-	for (;;) {
-		ssize_t r;
-
-		if (len == cap) {
-			uint8_t *nb;
-
-			cap = cap ? cap * 2 : 1 << 16;
-			nb = realloc(buf, cap);
-			if (!nb)
-				goto out;
-			buf = nb;
-		}
-		r = read(fd, buf + len, cap - len);
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			goto out;
-		}
-		if (r == 0)
-			break;
-		len += r;
+	switch (inetsk_scan_image(dirfd, name, want_magic, why, sizeof(why))) {
+	case INETSK_SCAN_NONE:
+		return 0;
+	case INETSK_SCAN_INET:
+		pr_info("%s: %s\n", name, why);
+		return 1;
+	default:
+		pr_info("%s: not read by the fast path (%s): the planner reads it\n", name, why);
+		return 1;
 	}
-	if (len < sizeof(hdr))
-		goto out;
-	memcpy(hdr, buf, sizeof(hdr));
-	if (hdr[0] != IMG_COMMON || hdr[1] != want_magic)
-		goto out;
-	for (off = sizeof(hdr); off < len;) {
-		if (len - off < sizeof(n))
-			goto out;
-		memcpy(&n, buf + off, sizeof(n));
-		off += sizeof(n);
-		if (n > len - off)
-			goto out;
-		if (want_magic == INETSK_MAGIC)
-			goto out; /* legacy inetsk.img: every entry is an inet socket */
-		if (entry_is_inet(buf + off, buf + off + n) != 0)
-			goto out;
-		off += n;
-	}
-	ret = 0;
-out:
-	free(buf);
-	close(fd);
-	return ret;
 }
 
 /* ---------------------------------------------------------------- target netns --- */
@@ -549,8 +449,8 @@ static int overlayfs_inetsk_init(int stage)
 		pr_err("no images dir fd\n");
 		return -1;
 	}
-	if (!image_has_inet(imgfd, "files.img", FILES_MAGIC) &&
-	    !image_has_inet(imgfd, "inetsk.img", INETSK_MAGIC)) {
+	if (!image_has_inet(imgfd, "files.img", INETSK_FILES_MAGIC) &&
+	    !image_has_inet(imgfd, "inetsk.img", INETSK_LEGACY_MAGIC)) {
 		pr_info("no inet socket in this checkpoint: nothing to do\n");
 		return 0;
 	}
