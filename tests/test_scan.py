@@ -21,6 +21,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -260,11 +261,30 @@ def test_header_and_framing(harness: Path, tmp_path: Path) -> None:
 
 # -- what the scanner opens and reads --------------------------------------------------------
 def scan_dir(harness: Path, d: Path, name: str = "files.img") -> tuple[str, str]:
-    cp = subprocess.run([str(harness), "scan", str(d), name], capture_output=True, text=True,
-                        timeout=10)
-    assert cp.returncode == 0 and not cp.stderr, cp.stderr
-    verdict, why = cp.stdout.rstrip("\n").split("\t")
-    return verdict, why
+    return scan_dir_rss(harness, d, name)[:2]
+
+
+def scan_dir_rss(harness: Path, d: Path, name: str = "files.img") -> tuple[str, str, int]:
+    """The plugin's call on d/name: verdict, why, the harness's peak RSS in bytes."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([str(harness), "scan", str(d), name], stdout=out, stderr=err)
+        end = time.monotonic() + 10
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                p.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > end:
+                p.kill()
+                p.wait()
+                raise AssertionError(f"scan of {d}/{name} still running after 10 s")
+            time.sleep(0.01)
+        out.seek(0)
+        err.seek(0)
+        text, errors = out.read(), err.read()
+    assert p.returncode == 0 and not errors, errors
+    verdict, why = text.rstrip("\n").split("\t")
+    return verdict, why, ru.ru_maxrss * 1024
 
 
 @pytest.mark.root  # mknod
@@ -338,13 +358,24 @@ def test_an_image_of_exactly_the_cap_is_read(harness: Path, tmp_path: Path) -> N
         f.write(struct.pack("=III", imagefile.IMG_COMMON, imagefile.FILES_MAGIC,
                             len(entry) + pad) + entry + field_head)
         f.truncate(SOCKET_IMAGE_MAX)
-    assert scan_dir(harness, tmp_path) == ("NONE", "1 entries, none an inet socket")
+    verdict, why, rss = scan_dir_rss(harness, tmp_path)
+    assert (verdict, why) == ("NONE", "1 entries, none an inet socket")
+    assert rss < 150 << 20, f"{rss >> 20} MiB: the scanner holds the file"  # streamed
     assert len(read_socket_image(str(p))) == SOCKET_IMAGE_MAX
     with open(p, "ab") as f:
         f.write(b"\0")
     assert scan_dir(harness, tmp_path)[0] == "ASK"
     with pytest.raises(ImageError, match="over the limit"):
         read_socket_image(str(p))
+
+
+def test_the_scan_stops_at_the_first_inet_entry(harness: Path, tmp_path: Path) -> None:
+    """An inet entry, then an entry whose length runs 4 GiB past the end: the scanner
+    answers from the first and never reads the second (it would ask)."""
+    data = files_img(reg_file_entry(1), inet_file_entry(isk(2, "10.0.1.5", 80)))
+    (tmp_path / "files.img").write_bytes(data + struct.pack("=I", 0xFFFF_FFFF) + b"x")
+    assert scan_dir(harness, tmp_path) == (
+        "INET", f"entry at offset {8 + 4 + len(reg_file_entry(1))} is an inet socket")
 
 
 def test_the_two_caps_are_one_number() -> None:
