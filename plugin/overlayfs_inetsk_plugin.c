@@ -3,9 +3,11 @@
  * dir, with the inet socket addresses rewritten by the project's own planner (Python).
  *
  * The C side is only plumbing (docs/plugin.md):
- *   1. fast path: no inet socket entry in files.img / inetsk.img -> nothing to do;
- *   2. find the restore's target network namespace (runc's extRootNetNS: a netns fd of
- *      ours that is not our own netns), else our own;
+ *   1. fast path (inetsk_scan.c): no inet socket entry in files.img / inetsk.img ->
+ *      nothing to do;
+ *   2. find the restore's target network namespace: the one CRIU was handed as
+ *      extRootNetNS (named on its command line, else the only foreign one it holds), else
+ *      its own; more than one and none named: refused;
  *   3. ask the planner: the node agent on a unix socket, else `overlayfs-inetsk
  *      plugin-view` run as a child; both get the images dir fd and the netns fd and answer
  *      one line: NONE | VIEW <abs dir> | ERR <message>;
@@ -39,6 +41,7 @@
 #include "criu_hook_abi.h"
 #include "criu-log.h"
 #include "inetsk_hook.h"
+#include "inetsk_scan.h"
 
 #ifndef NS_GET_NSTYPE
 #define NS_GET_NSTYPE _IO(0xb7, 0x3)
@@ -46,11 +49,6 @@
 #ifndef CLONE_NEWNET
 #define CLONE_NEWNET 0x40000000
 #endif
-
-#define IMG_COMMON 0x54564319u
-#define FILES_MAGIC 0x56303138u
-#define INETSK_MAGIC 0x56443851u
-#define FD_TYPES_INETSK 4
 
 #define DEFAULT_AGENT_SOCK "/run/overlayfs-inetsk/agent.sock"
 #define CLI_CONF_NAME "overlayfs-inetsk-plugin.cli" /* beside the .so; CRIU loads only *.so */
@@ -66,167 +64,189 @@ static char view_path[PATH_MAX]; /* the view made for this restore, removed in f
 
 /* ---------------------------------------------------------------- fast path ------ */
 
-/* One protobuf varint at *p (< end); -1 when truncated or too long. */
-static int read_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
-{
-	uint64_t v = 0;
-	int shift;
-
-	for (shift = 0; shift < 64; shift += 7) {
-		if (*p >= end)
-			return -1;
-		v |= (uint64_t)(**p & 0x7f) << shift;
-		if (!(*(*p)++ & 0x80)) {
-			*out = v;
-			return 0;
-		}
-	}
-	return -1;
-}
-
-/* The last value of top-level field 1 (file_entry.type) in one entry: 1 = INETSK,
- * 0 = something else, -1 = not parseable (then the planner decides and names the fault). */
-static int entry_is_inet(const uint8_t *p, const uint8_t *end)
-{
-	uint64_t key, v, type = 0;
-
-	while (p < end) {
-		if (read_varint(&p, end, &key))
-			return -1;
-		switch (key & 7) {
-		case 0:
-			if (read_varint(&p, end, &v))
-				return -1;
-			if (key >> 3 == 1)
-				type = v;
-			break;
-		case 1:
-			if (end - p < 8)
-				return -1;
-			p += 8;
-			break;
-		case 2:
-			if (read_varint(&p, end, &v) || v > (uint64_t)(end - p))
-				return -1;
-			p += v;
-			break;
-		case 5:
-			if (end - p < 4)
-				return -1;
-			p += 4;
-			break;
-		default:
-			return -1;
-		}
-	}
-	return type == FD_TYPES_INETSK;
-}
-
-/* 1: the image holds an inet socket entry (or cannot be read: let the planner say why);
- * 0: it holds none, or is absent. */
+/* 1: the image holds an inet socket entry, or the scanner will not read it (then the
+ * planner reads it and names the fault); 0: it holds none, or is absent. The scanner
+ * (inetsk_scan.c) reads a regular file only, capped and streamed. */
 static int image_has_inet(int dirfd, const char *name, uint32_t want_magic)
 {
-	uint8_t *buf = NULL;
-	size_t len = 0, cap = 0;
-	uint32_t hdr[2], n;
-	size_t off;
-	int fd, ret = 1;
+	char why[256];
 
-	fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return errno == ENOENT ? 0 : 1;
-	for (;;) {
-		ssize_t r;
-
-		if (len == cap) {
-			uint8_t *nb;
-
-			cap = cap ? cap * 2 : 1 << 16;
-			nb = realloc(buf, cap);
-			if (!nb)
-				goto out;
-			buf = nb;
-		}
-		r = read(fd, buf + len, cap - len);
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			goto out;
-		}
-		if (r == 0)
-			break;
-		len += r;
+	switch (inetsk_scan_image(dirfd, name, want_magic, why, sizeof(why))) {
+	case INETSK_SCAN_NONE:
+		return 0;
+	case INETSK_SCAN_INET:
+		pr_info("%s: %s\n", name, why);
+		return 1;
+	default:
+		pr_info("%s: not read by the fast path (%s): the planner reads it\n", name, why);
+		return 1;
 	}
-	if (len < sizeof(hdr))
-		goto out;
-	memcpy(hdr, buf, sizeof(hdr));
-	if (hdr[0] != IMG_COMMON || hdr[1] != want_magic)
-		goto out;
-	for (off = sizeof(hdr); off < len;) {
-		if (len - off < sizeof(n))
-			goto out;
-		memcpy(&n, buf + off, sizeof(n));
-		off += sizeof(n);
-		if (n > len - off)
-			goto out;
-		if (want_magic == INETSK_MAGIC)
-			goto out; /* legacy inetsk.img: every entry is an inet socket */
-		if (entry_is_inet(buf + off, buf + off + n) != 0)
-			goto out;
-		off += n;
-	}
-	ret = 0;
-out:
-	free(buf);
-	close(fd);
-	return ret;
 }
 
 /* ---------------------------------------------------------------- target netns --- */
 
-/* The restore's network namespace: a netns fd we hold that is not our own netns (runc's
- * extRootNetNS), else our own. Returns an fd of our own (O_CLOEXEC) or -1. */
+#define NETNS_SEEN_MAX 8 /* foreign network namespaces named in the refusal line */
+
+/* Is fd a network namespace? Its inode in *ino. nsfs files share one device (OWN's). */
+static int is_netns_fd(int fd, const struct stat *own, unsigned long *ino)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) || st.st_dev != own->st_dev || ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET)
+		return 0;
+	*ino = (unsigned long)st.st_ino;
+	return 1;
+}
+
+/* The fd criu's command line hands over as extRootNetNS (`--inherit-fd fd[N]:extRootNetNS`,
+ * parsed as criu's inherit_fd_parse does, in any form getopt_long takes: `--inherit-fd=`,
+ * an abbreviation): N, -1 when none is named, -2 when two different fds are. A restore
+ * driven over RPC (`criu swrk`, as runc and crun run it) has none on its command line. */
+static int cmdline_ext_root_netns(void)
+{
+	static char buf[65536];
+	const char *opt = "--inherit-fd";
+	size_t len = 0;
+	char *a, *next;
+	int fd, named = -1, want_value = 0;
+
+	fd = open("/proc/self/cmdline", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	while (len < sizeof(buf) - 1) {
+		ssize_t n = read(fd, buf + len, sizeof(buf) - 1 - len);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		len += n;
+	}
+	close(fd);
+	buf[len] = '\0';
+	for (a = buf; a < buf + len; a = next) {
+		const char *val = NULL;
+		int n = -1;
+
+		next = a + strlen(a) + 1;
+		if (want_value) {
+			val = a;
+			want_value = 0;
+		} else if (!strcmp(a, "--")) {
+			break;
+		} else if (!strncmp(a, "--inh", 5)) {
+			size_t k = strcspn(a, "=");
+
+			if (k > strlen(opt) || strncmp(a, opt, k))
+				continue;
+			if (a[k] == '=')
+				val = a + k + 1;
+			else
+				want_value = 1;
+		}
+		if (!val || strncmp(val, "fd[", 3) || sscanf(val + 2, "[%d]:", &n) != 1 || n < 0 ||
+		    !strchr(val, ':') || strcmp(strchr(val, ':') + 1, "extRootNetNS"))
+			continue;
+		if (named >= 0 && named != n)
+			return -2;
+		named = n;
+	}
+	return named;
+}
+
+/* The restore's network namespace, as an fd of our own (O_CLOEXEC), or -1 (said, in one
+ * line). The one CRIU was handed, never a guess (docs/plugin.md):
+ *   - the fd criu's command line names extRootNetNS (`--inherit-fd fd[N]:extRootNetNS`);
+ *   - else the one network namespace other than criu's own that criu holds an fd of (runc
+ *     and crun hand it so, an inherited fd registered over RPC as extRootNetNS);
+ *   - none: criu's own (plain `criu restore` run inside the node's namespace);
+ *   - more than one, none named: refused, naming them. */
 static int open_target_netns(void)
 {
-	struct stat own, st;
+	unsigned long seen[NETNS_SEEN_MAX], ino;
+	int seen_fd[NETNS_SEEN_MAX], n_seen = 0, i, named, found = -1, from = -1;
+	char path[64], list[NETNS_SEEN_MAX * 40];
+	struct stat own;
 	struct dirent *de;
 	DIR *d;
-	int found = -1;
 
-	if (stat("/proc/self/ns/net", &own))
+	if (stat("/proc/self/ns/net", &own)) {
+		pr_perror("cannot stat /proc/self/ns/net");
 		return -1;
-	d = opendir("/proc/self/fd");
-	if (d) {
+	}
+	named = cmdline_ext_root_netns();
+	if (named == -2) {
+		pr_err("criu's command line names more than one fd as extRootNetNS: not guessing "
+		       "which network namespace is the restore's\n");
+		return -1;
+	}
+	if (named >= 0) {
+		if (!is_netns_fd(named, &own, &ino)) {
+			pr_err("criu's command line names fd %d as extRootNetNS, but it is not a "
+			       "network namespace\n", named);
+			return -1;
+		}
+		from = named;
+	} else {
+		d = opendir("/proc/self/fd");
+		if (!d) {
+			pr_perror("cannot list /proc/self/fd");
+			return -1;
+		}
 		while ((de = readdir(d)) != NULL) {
-			char path[64];
 			int fd;
 
 			if (de->d_name[0] < '0' || de->d_name[0] > '9')
 				continue;
 			fd = atoi(de->d_name);
-			if (fd == dirfd(d) || fstat(fd, &st))
+			if (fd == dirfd(d) || !is_netns_fd(fd, &own, &ino) ||
+			    ino == (unsigned long)own.st_ino)
 				continue;
-			/* nsfs files share one device; only then ask for the namespace type */
-			if (st.st_dev != own.st_dev || st.st_ino == own.st_ino)
-				continue;
-			if (ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET)
-				continue;
-			snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-			found = open(path, O_RDONLY | O_CLOEXEC);
-			if (found >= 0) {
-				pr_info("target network namespace: fd %d (net:[%lu])\n", fd,
-					(unsigned long)st.st_ino);
-				break;
+			for (i = 0; i < n_seen && i < NETNS_SEEN_MAX && seen[i] != ino; i++)
+				;
+			if (i < n_seen && i < NETNS_SEEN_MAX)
+				continue; /* another fd of one already seen */
+			if (n_seen < NETNS_SEEN_MAX) {
+				seen[n_seen] = ino;
+				seen_fd[n_seen] = fd;
 			}
+			n_seen++;
 		}
 		closedir(d);
+		if (n_seen > 1) {
+			size_t at = 0;
+
+			for (i = 0; i < n_seen && i < NETNS_SEEN_MAX; i++)
+				at += snprintf(list + at, sizeof(list) - at, "%snet:[%lu] on fd %d",
+					       i ? ", " : "", seen[i], seen_fd[i]);
+			pr_err("criu holds %d network namespaces besides its own (%s%s) and its command "
+			       "line names none with --inherit-fd fd[N]:extRootNetNS: not guessing which "
+			       "one is the restore's\n", n_seen, list, n_seen > NETNS_SEEN_MAX ? ", ..." : "");
+			return -1;
+		}
+		if (n_seen == 1) {
+			from = seen_fd[0];
+			ino = seen[0];
+		}
 	}
+	if (from >= 0) {
+		snprintf(path, sizeof(path), "/proc/self/fd/%d", from);
+		found = open(path, O_RDONLY | O_CLOEXEC);
+		if (found < 0) {
+			pr_perror("cannot open the network namespace on fd %d", from);
+			return -1;
+		}
+		pr_info("target network namespace: fd %d (net:[%lu]), %s\n", from, ino,
+			named >= 0 ? "named extRootNetNS on criu's command line" :
+				     "the only one criu holds besides its own");
+		return found;
+	}
+	found = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
 	if (found < 0) {
-		found = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
-		if (found >= 0)
-			pr_info("target network namespace: criu's own (net:[%lu])\n",
-				(unsigned long)own.st_ino);
+		pr_perror("cannot open /proc/self/ns/net");
+		return -1;
 	}
+	pr_info("target network namespace: criu's own (net:[%lu])\n", (unsigned long)own.st_ino);
 	return found;
 }
 
@@ -549,16 +569,14 @@ static int overlayfs_inetsk_init(int stage)
 		pr_err("no images dir fd\n");
 		return -1;
 	}
-	if (!image_has_inet(imgfd, "files.img", FILES_MAGIC) &&
-	    !image_has_inet(imgfd, "inetsk.img", INETSK_MAGIC)) {
+	if (!image_has_inet(imgfd, "files.img", INETSK_FILES_MAGIC) &&
+	    !image_has_inet(imgfd, "inetsk.img", INETSK_LEGACY_MAGIC)) {
 		pr_info("no inet socket in this checkpoint: nothing to do\n");
 		return 0;
 	}
 	netnsfd = open_target_netns();
-	if (netnsfd < 0) {
-		pr_perror("cannot open a network namespace");
-		return -1;
-	}
+	if (netnsfd < 0)
+		return -1; /* said, in one line */
 	pr_info("criu pid %d: asking the planner for a per-node view%s\n", (int)getpid(),
 		inetsk_criu_calls_update_inetsk() ? " or a table for CRIU's UPDATE_INETSK hook" : "");
 	r = ask_agent(imgfd, netnsfd, reply, sizeof(reply));
