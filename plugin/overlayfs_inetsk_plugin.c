@@ -513,7 +513,8 @@ static int build_request(char *buf, size_t cap, long deadline, size_t *out)
 			pr_err("the request to the planner does not fit in %d bytes: $%.*s is %zu bytes "
 			       "(OVERLAYFS_INETSK_* and INETSK_* variables are sent whole or not at all; "
 			       "put a long map in a map file)\n",
-			       INETSK_WIRE_REQUEST_MAX, (int)strcspn(*e, "="), *e, l - 1);
+			       INETSK_WIRE_REQUEST_MAX, (int)strcspn(*e, "="), *e,
+			       l - 2 - strcspn(*e, "="));
 			return -1;
 		}
 		memcpy(buf + len, *e, l);
@@ -612,8 +613,13 @@ static int exchange(int sk, const char *who, int imgfd, int netnsfd, const char 
 		for (k = 0; k < cnt && rep->nfds < REPLY_FDS_MAX; k++)
 			memcpy(&rep->fds[rep->nfds++], CMSG_DATA(c) + k * sizeof(int), sizeof(int));
 	}
-	if (n == 0 && rep->nfds == 0)
-		return 0;
+	if (n == 0 && rep->nfds == 0) {
+		if (now_ms() < deadline)
+			return 0; /* went away: another planner may answer */
+		pr_err("%s gave no answer within %d ms (stopped or overloaded? its log says more)\n",
+		       who, ms);
+		return -1;
+	}
 	if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
 		pr_err("%s: refused its reply: %s\n", who, mh.msg_flags & MSG_TRUNC ?
 		       "larger than " STR(INETSK_WIRE_REPLY_MAX) " bytes" : "more fds than a reply carries");
@@ -835,7 +841,7 @@ static int ask_planner(const struct conf *cf, int imgfd, int netnsfd, const char
 
 /* ---------------------------------------------------------------- the view -------- */
 
-static int view_root_fd = -1;
+static int view_root_fd = -1, view_fd = -1;
 static char view_name[sizeof(INETSK_WIRE_VIEW_PREFIX) + INETSK_WIRE_VIEW_HEX];
 
 static int remove_tree_at(int parent, const char *name, int depth)
@@ -871,7 +877,7 @@ static int remove_tree_at(int parent, const char *name, int depth)
 static void remove_view(void)
 {
 	if (view_name[0]) {
-		if (remove_tree_at(view_root_fd, view_name, 0))
+		if (remove_tree_at(view_root_fd, view_name, 0) && errno != ENOENT)
 			pr_warn("could not remove the view %s/%s: %s\n", INETSK_WIRE_VIEW_ROOT, view_name,
 				strerror(errno));
 		else
@@ -880,7 +886,9 @@ static void remove_view(void)
 	view_name[0] = '\0';
 	if (view_root_fd >= 0)
 		close(view_root_fd);
-	view_root_fd = -1;
+	if (view_fd >= 0)
+		close(view_fd); /* our hold on the view's lock: the sweeper may have what is left */
+	view_root_fd = view_fd = -1;
 }
 
 /* root-owned, and not writable by group or others (a sticky root-owned parent, as /tmp,
@@ -936,6 +944,17 @@ bad:
 	return -1;
 }
 
+/* A copy of s for one log line: at most cap - 1 bytes, control bytes as '?'. */
+static const char *printable(const char *s, char *buf, size_t cap)
+{
+	size_t i;
+
+	for (i = 0; s[i] && i + 1 < cap; i++)
+		buf[i] = (unsigned char)s[i] < 0x20 || (unsigned char)s[i] == 0x7f ? '?' : s[i];
+	buf[i] = '\0';
+	return buf;
+}
+
 /* view-<VIEW_HEX lowercase hex digits>, and nothing else */
 static int view_name_ok(const char *s)
 {
@@ -953,6 +972,7 @@ static int view_name_ok(const char *s)
 static int use_view(int imgfd, const char *name, struct reply *rep)
 {
 	struct stat got, entry;
+	char shown[81];
 	int rootfd, e;
 
 	if (rep->nfds != 1) {
@@ -960,8 +980,9 @@ static int use_view(int imgfd, const char *name, struct reply *rep)
 		return -1;
 	}
 	if (!view_name_ok(name)) {
-		pr_err("refused the planner's VIEW reply: '%.80s' is not an entry %sXXX of %s\n", name,
-		       INETSK_WIRE_VIEW_PREFIX, INETSK_WIRE_VIEW_ROOT);
+		pr_err("refused the planner's VIEW reply: '%s' is not an entry %sXXX of %s\n",
+		       printable(name, shown, sizeof(shown)), INETSK_WIRE_VIEW_PREFIX,
+		       INETSK_WIRE_VIEW_ROOT);
 		return -1;
 	}
 	if (fstat(rep->fds[0], &got) || !S_ISDIR(got.st_mode)) {
@@ -973,8 +994,9 @@ static int use_view(int imgfd, const char *name, struct reply *rep)
 		return -1;
 	e = openat(rootfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 	if (e < 0 || fstat(e, &entry)) {
-		pr_err("refused the planner's VIEW reply: cannot open %s/%s: %s\n", INETSK_WIRE_VIEW_ROOT,
-		       name, strerror(errno));
+		pr_err("refused the planner's VIEW reply: cannot open %s/%s: %s%s\n",
+		       INETSK_WIRE_VIEW_ROOT, name, strerror(errno),
+		       errno == ENOTDIR || errno == ELOOP ? " (a symlink is not followed)" : "");
 		goto bad;
 	}
 	close(e);
@@ -996,6 +1018,9 @@ static int use_view(int imgfd, const char *name, struct reply *rep)
 			  name);
 		goto bad;
 	}
+	/* CRIU closes imgfd at the end, before fini: keep the lock until fini removes it */
+	view_fd = rep->fds[0];
+	rep->fds[0] = rep->fds[--rep->nfds];
 	view_root_fd = rootfd;
 	snprintf(view_name, sizeof(view_name), "%s", name);
 	pr_info("CRIU reads the per-node view %s/%s\n", INETSK_WIRE_VIEW_ROOT, name);
@@ -1011,7 +1036,7 @@ bad:
  * or -1 (logged once). Every fd that came with it is closed. */
 static int take_reply(int imgfd, struct reply *rep, long t0)
 {
-	char *text = rep->text;
+	char *text = rep->text, shown[1001];
 	int ret = -1;
 
 	if (rep->len && text[rep->len - 1] == '\n')
@@ -1027,7 +1052,7 @@ static int take_reply(int imgfd, struct reply *rep, long t0)
 			ret = 0;
 		}
 	} else if (!strncmp(text, "ERR ", 4)) {
-		pr_err("%.1000s\n", text + 4);
+		pr_err("%s\n", printable(text + 4, shown, sizeof(shown)));
 	} else if (!strcmp(text, "NONE") || !strncmp(text, "NONE ", 5)) {
 		if (rep->nfds || strchr(text, '\n'))
 			pr_err("refused the planner's NONE reply: it came with fds or more lines\n");
@@ -1042,7 +1067,7 @@ static int take_reply(int imgfd, struct reply *rep, long t0)
 			ret = 0;
 		}
 	} else {
-		pr_err("unexpected answer from the planner: %.200s\n", text);
+		pr_err("unexpected answer from the planner: %s\n", printable(text, shown, 201));
 	}
 	close_reply_fds(rep);
 	return ret;

@@ -240,7 +240,7 @@ def test_a_view_finished_after_the_deadline_is_removed(tmp_path: Path, images: P
     t.start()
     text, got = ask(a, request(ms=300), list(fds))
     t.join(10)
-    assert (text, got) == ("", [])
+    assert (text, got) in (("", []), ("ERR the request's deadline passed before the reply", []))
     assert names(root) == []
 
 
@@ -349,7 +349,8 @@ def test_agent_absurd_pids_break_nothing(tmp_path: Path, fds) -> None:
 
 
 def test_agent_drops_a_request_whose_deadline_passed(agent: Agent, fds) -> None:
-    assert ask(agent.sock, request(ms=-1), list(fds)) == ("", [])
+    assert ask(agent.sock, request(ms=-1), list(fds)) == (
+        "ERR the request's deadline passed before the planner read it", [])
     assert names(agent.root) == []
     assert "deadline had passed before it was read: dropped" in agent.log.read_text()
 

@@ -119,6 +119,7 @@ def handle(conn: socket.socket, view_root: str = VIEW_ROOT) -> None:
                 if time.monotonic() >= deadline:
                     log.info("%s: the request's deadline had passed before it was read: "
                              "dropped", who)
+                    _late(conn, "before the planner read it")
                     return
                 reply = make_view(fds[0], fds[1], req.env, req.pid, view_root,
                                   hook=req.hook, deadline=deadline)
@@ -145,9 +146,10 @@ def _send_reply(conn: socket.socket, text: str, view: viewroot.View | None,
         view = None
     left = READ_MS / 1000 if deadline is None else deadline - time.monotonic()
     if left <= 0:
-        log.info("%s: the request's deadline passed before the reply: no reply%s", who,
-                 ", view removed" if view else "")
+        log.info("%s: the request's deadline passed before the reply%s", who,
+                 ": view removed" if view else "")
         _drop(view)
+        _late(conn, "before the reply")
         return
     try:
         conn.settimeout(left)
@@ -159,6 +161,16 @@ def _send_reply(conn: socket.socket, text: str, view: viewroot.View | None,
         log.info("%s: the reply could not be sent (%s)%s", who, e,
                  ": view removed" if view else "")
         _drop(view)
+
+
+def _late(conn: socket.socket, when: str) -> None:
+    """Tell a client whose deadline passed (it has most likely gone: then nothing)."""
+    try:
+        conn.settimeout(0.1)
+        conn.sendmsg([f"ERR the request's deadline passed {when}".encode()], [],
+                     socket.MSG_NOSIGNAL)
+    except OSError:
+        pass
 
 
 def _drop(view: viewroot.View | None) -> None:
