@@ -63,8 +63,8 @@ def parse_conf(text: str, path: str) -> PluginConf:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        key, _, value = line.partition(" ")
-        value = value.strip()
+        key, _, value = line.replace("\t", " ").partition(" ")
+        value = value.strip(" \t")
         where = f"{path}:{n}"
         if key not in ("cli", "agent-socket", "timeout-ms"):
             raise InetskError(f"{where}: unknown setting {key!r} (cli, agent-socket, "

@@ -435,3 +435,38 @@ def test_the_cli_gets_only_its_socket(kernel, dumped, tmp_path, so, clean_env):
     assert sorted(int(x) for x in seen.read_text().split()) == [0, 1, 2, 3]
     assert_answers(net.add_host("C"), str(b.ipv4), str(b.ipv6))
     criu.kill_tree(rpid)  # type: ignore[arg-type]
+
+
+# -- the plugin's config file ------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["group-writable", "symlink", "unknown-setting", "not-root"])
+def test_a_config_file_the_plugin_may_not_trust_fails_the_restore(bad, dumped, tmp_path, so,
+                                                                  clean_env):
+    """It names a program the plugin runs as root: read only when a regular root-owned file
+    that neither group nor others may write, never through a symlink; a bad line is named."""
+    net, dirs, _a = dumped
+    b = net.add_host("B")
+    p = Plugin(tmp_path, so, "exec")
+    conf = p.libdir / "overlayfs-inetsk-plugin.conf"
+    want = {"group-writable": r"must be owned by root and not writable by group or others "
+                              r"\(uid 0, mode 0664\)$",
+            "not-root": r"must be owned by root and not writable by group or others "
+                        r"\(uid 65534, mode 0644\)$",
+            "symlink": r"Too many levels of symbolic links \(a symlink is not followed\)$",
+            "unknown-setting": r"overlayfs-inetsk-plugin.conf:6: unknown setting 'clii' "
+                               r"\(cli, agent-socket, timeout-ms\)$"}[bad]
+    if bad == "group-writable":
+        conf.chmod(0o664)
+    elif bad == "not-root":
+        os.chown(conf, 65534, 65534)
+    elif bad == "symlink":
+        real = tmp_path / "real.conf"
+        conf.rename(real)
+        conf.symlink_to(real)
+    else:
+        conf.write_text(conf.read_text() + "clii /bin/sh\n")
+    work = dirs.work_for("B")
+    with pytest.raises(criu.CriuError):
+        restore(b, dirs.images, work, p)
+    err = one_error(work)
+    assert f"overlayfs-inetsk: {conf}" in err and re.search(want, err), err
+    assert not any("asking the planner" in ln for ln in plugin_lines(work))
