@@ -617,8 +617,9 @@ int inetsk_ask_planner(const struct inetsk_conf *cf, int imgfd, int netnsfd, con
 			waiting = 1;
 		}
 		if (inetsk_now_ms() >= deadline) {
-			pr_err("no agent answered at %s within %d ms, and no CLI can run instead (%s): start the agent (its systemd unit or DaemonSet), or install the plugin with --cli PATH\n",
-			       cf->sock, cf->timeout_ms, cf->cli[0] ? cf->cli : "cli none");
+			pr_err("no agent answered at %s within %d ms, and no CLI can run instead (%s%s): start the agent (its systemd unit or DaemonSet), or install the plugin with --cli PATH\n",
+			       cf->sock, cf->timeout_ms, cf->cli[0] ? cf->cli : "cli none",
+			       cf->cli[0] ? " is not executable here" : "");
 			return -1;
 		}
 		sleep_ms(deadline - inetsk_now_ms() < 100 ? deadline - inetsk_now_ms() : 100);

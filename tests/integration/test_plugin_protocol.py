@@ -470,3 +470,22 @@ def test_a_config_file_the_plugin_may_not_trust_fails_the_restore(bad, dumped, t
     err = one_error(work)
     assert f"overlayfs-inetsk: {conf}" in err and re.search(want, err), err
     assert not any("asking the planner" in ln for ln in plugin_lines(work))
+
+
+def test_a_cli_that_is_not_on_this_node_is_waited_out_like_none(dumped, tmp_path, so,
+                                                               clean_env):
+    """The DaemonSet's init container names the CLI of its image, which the node does not
+    have: the plugin does not try to run it; it waits for the agent, then says so."""
+    net, dirs, _a = dumped
+    b = net.add_host("B")
+    p = Plugin(tmp_path, so, "none", install=("--cli", "/nonexistent/overlayfs-inetsk",
+                                              "--timeout-ms", "800"))
+    work = dirs.work_for("B")
+    with pytest.raises(criu.CriuError):
+        restore(b, dirs.images, work, p)
+    lines = plugin_lines(work)
+    assert any("no CLI to run (/nonexistent/overlayfs-inetsk is not executable here): "
+               "waiting for the agent" in ln for ln in lines), lines
+    assert re.search(r"no agent answered at \S+ within 800 ms, and no CLI can run instead "
+                     r"\(/nonexistent/overlayfs-inetsk is not executable here\)",
+                     one_error(work))
