@@ -473,3 +473,18 @@ def test_plugin_view_serves_one_request_on_its_socket_fd(tmp_path: Path, fds) ->
         assert p.stdout is not None and p.stdout.read() == b""
     finally:
         close_all(got)
+
+
+def test_a_bug_in_a_request_loses_that_request_only(tmp_path: Path, fds, monkeypatch,
+                                                   expect_log) -> None:
+    def broken(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    expect_log(40, r"^criu pid 9: request failed$")
+    monkeypatch.setattr(viewmaker, "make_view", broken)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    t = threading.Thread(target=agent_mod.handle, args=(b, str(tmp_path / "views")))
+    t.start()
+    assert ask(a, request(), list(fds)) == ("", [])
+    t.join(10)
+    assert not t.is_alive()

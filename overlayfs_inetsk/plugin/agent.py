@@ -127,6 +127,8 @@ def handle(conn: socket.socket, view_root: str = VIEW_ROOT) -> None:
         _send_reply(conn, text, reply.view if reply is not None else None, deadline, who)
     except OSError as e:
         log.warning("%s: request failed: %s", who, e)
+    except Exception:  # a bug: this request is lost (the plugin says so), the agent goes on
+        log.exception("%s: request failed", who)
     finally:
         for fd in fds:
             os.close(fd)
