@@ -274,6 +274,10 @@ def test_the_c_header_is_what_wire_py_generates() -> None:
         "plugin/inetsk_wire.h is stale: make -C plugin wire-header"
     for name in ("REQUEST_MAX", "REPLY_MAX", "TABLE_MAX", "TIMEOUT_MS", "PROTOCOL"):
         assert f"#define INETSK_WIRE_{name} {getattr(wire, name)}\n" in have
+    # the pure hook_plan keeps a default of its own (core imports nothing of the plugin's);
+    # the planner passes wire.TABLE_MAX, and the two must not drift apart
+    from overlayfs_inetsk.core.hooktable import MAX_ENTRIES
+    assert MAX_ENTRIES == wire.TABLE_MAX
     sources = {p.name: p.read_text() for p in (ROOT / "plugin").glob("*.[ch]")
                if p.name != "inetsk_wire.h"}
     assert "#define TABLE_MAX INETSK_WIRE_TABLE_MAX" in sources["inetsk_hook.c"]
