@@ -206,10 +206,13 @@ def test_a_view_keeps_the_images_modes(images, fds, tmp_path) -> None:
         reply = make_view(*fds, {"INETSK_LOCAL_IPV4": B4}, 4243, str(tmp_path / "views"))
     finally:
         os.umask(old)
-    view = Path(reply.split(" ", 1)[1])
-    assert reply.startswith("VIEW ") and srcs(view / "files.img") == [B4, B4]
-    assert oct(os.lstat(view / "files.img").st_mode & 0o7777) == oct(0o600)
-    assert oct(os.lstat(view).st_mode & 0o7777) == oct(0o700)
+    try:
+        view = view_path(reply, tmp_path / "views")
+        assert srcs(view / "files.img") == [B4, B4]
+        assert oct(os.lstat(view / "files.img").st_mode & 0o7777) == oct(0o600)
+        assert oct(os.lstat(view).st_mode & 0o7777) == oct(0o700)
+    finally:
+        reply.close()
 
 
 def test_none_when_nothing_changes(tmp_path) -> None:

@@ -16,11 +16,10 @@ from .test_plugin import (  # noqa: F401  (fixtures)
     SERVICE,
     assert_answers,
     built_so,
-    criu_pid,
     plugin,
     plugin_lines,
     service,
-    views_of,
+    views_left,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]

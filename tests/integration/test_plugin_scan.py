@@ -20,12 +20,11 @@ from .test_plugin import (  # noqa: F401  (fixtures)
     Plugin,
     assert_answers,
     built_so,
-    criu_pid,
     plugin,
     plugin_lines,
     restore,
     service,
-    views_of,
+    views_left,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
@@ -90,7 +89,7 @@ def test_files_img_a_symlink_to_dev_zero(service, plugin):
     assert f"{files}: socket image is a symlink; refusing to follow it" in err, lines
     assert took < 10, took
     assert rss < 300 << 20, f"criu's peak RSS {rss >> 20} MiB"
-    assert views_of(criu_pid(lines)) == [] and b.pids() == []
+    assert views_left(lines) == [] and b.pids() == []
 
 
 def test_files_img_a_fifo(service, plugin):
