@@ -64,6 +64,7 @@ def test_commands_parse_and_use_the_codes_defaults():
     install = cmds["install-plugin"]
     assert install[1:3] == ["plugin", "install"]
     assert install[install.index("--libdir") + 1] == DEFAULT_LIBDIR
+    assert "--no-cli" in install  # the CLI is inside the image, not on the node
     agent = cmds["agent"]
     assert agent[1] == "agent" and agent[agent.index("--socket") + 1] == DEFAULT_SOCKET, \
         shlex.join(agent)
