@@ -225,6 +225,7 @@ def check_up(ck: Checkpoint, results: list[RestoreResult]) -> None:
         assert c.state == "running", why_failed(r)
         addrs.add((c.ipv4, c.ipv6))
     assert len(addrs) == len(results), addrs
+    ck.net.client  # made once, before the threads that probe from it
     with ThreadPoolExecutor(len(results)) as ex:
         list(ex.map(lambda a: assert_answers(ck.net, *a), addrs))
     for r in results:
@@ -256,6 +257,9 @@ def test_the_agent_runs_in_a_pid_namespace_of_its_own(agent: Agent, node: Node):
     cap_eff = int(re.search(r"^CapEff:\s+(\w+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
     assert cap_eff & (1 << 21), "no CAP_SYS_ADMIN: not privileged"  # setns() into a netns
     assert os.stat(AGENT_SOCK).st_ino == agent.sock_ino
+    host = agent.pod.inspect("agent")["HostConfig"]
+    assert host["Privileged"] is True and host["ReadonlyRootfs"] is True, host
+    assert host["Memory"] == 256 << 20, host["Memory"]  # resources.limits.memory: 256Mi
     # the image's PATH, spelt out in the Dockerfile (a base made by `podman import` has none)
     env = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                if b"=" in e)
@@ -361,8 +365,18 @@ def test_a_frozen_agent_fails_restores_within_the_timeout(agent: Agent, node: No
             assert t1 - t0 < FROZEN_TIMEOUT_MS / 1000 + 20, f"took {t1 - t0:.1f} s"
         ids = [r.container.info.get("Id", "") for r in results]
         assert all(ids), ids
-        # thawed: the requests it was sent are answered into the void; no view stays
-        time.sleep(2)
+        # thawed, the agent reads the requests it was sent while stopped: their deadline has
+        # passed, so it makes no view for them (or removes the one whose reply cannot go)
+        pids = [m.group(1) for r in results
+                if (m := re.search(r"overlayfs-inetsk: criu pid (\d+): asking", r.log))]
+        assert len(pids) == len(results), [plugin_lines(r.log) for r in results]
+        late = re.compile(r"criu pid (\d+): (the request's deadline had passed before it was "
+                          r"read: dropped|the request's deadline passed before the reply|"
+                          r"the reply could not be sent)")
+        probe_wait = time.monotonic() + 30
+        while {m.group(1) for m in late.finditer(agent.pod.logs("agent"))} < set(pids):
+            assert time.monotonic() < probe_wait, agent.pod.logs("agent")[-3000:]
+            time.sleep(0.1)
         assert _our_views(ids) == []
         after, _, _ = restore(checkpoint, "f-after")
         results.append(after)
