@@ -51,7 +51,5 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
 COPY --from=build /out/usr/local /usr/local
 COPY --from=build /opt/overlayfs-inetsk/venv /opt/overlayfs-inetsk/venv
 COPY --from=build /out/plugin/overlayfs_inetsk_plugin.so /usr/local/lib/overlayfs-inetsk/
-# spelt out: an image made with `podman import` (or any base without ENV PATH) has no PATH,
-# and "venv/bin:$PATH" was then the venv alone (no ip, nsenter, criu for the commands run)
-ENV PATH=/opt/overlayfs-inetsk/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+ENV PATH=/opt/overlayfs-inetsk/venv/bin:$PATH
 ENTRYPOINT ["/opt/overlayfs-inetsk/venv/bin/overlayfs-inetsk", "mount", "--foreground"]

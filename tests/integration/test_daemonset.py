@@ -260,7 +260,8 @@ def test_the_agent_runs_in_a_pid_namespace_of_its_own(agent: Agent, node: Node):
     host = agent.pod.inspect("agent")["HostConfig"]
     assert host["Privileged"] is True and host["ReadonlyRootfs"] is True, host
     assert host["Memory"] == 256 << 20, host["Memory"]  # resources.limits.memory: 256Mi
-    # the image's PATH, spelt out in the Dockerfile (a base made by `podman import` has none)
+    # the image's PATH (the base made by `podman import` has none; buildah expands the
+    # Dockerfile's $PATH with its default): the system dirs, for doctor and fusermount3
     env = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                if b"=" in e)
     assert {b"/usr/bin", b"/usr/sbin", b"/usr/local/sbin"} <= set(env[b"PATH"].split(b":")), env
