@@ -22,10 +22,12 @@ import shutil
 import stat
 import tempfile
 
-from .core.addrmap import AddressMap, Resolver
+from .core.addrmap import AddressMap
+from .core.boundmap import Resolver
 from .core.decide import RewriteOptions
-from .core.imagedir import check_image_dir
-from .core.plan import RewriteResult, plan_tree, raise_problems
+from .host.files import check_image_dir
+from .core.plan import RewriteResult, raise_problems
+from .planner.planner import plan_tree
 from .core.tree import ROOT_INODE, ImageTree, Kind
 from .errors import InetskError
 

@@ -25,7 +25,7 @@ from overlayfs_inetsk.core import imagefile
 from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.cli import main
 from overlayfs_inetsk.errors import ImageError
-from overlayfs_inetsk.core.imagedir import read_socket_image
+from overlayfs_inetsk.host.files import read_socket_image
 from overlayfs_inetsk.core.plan import plan_checkpoint
 from inetsk_testbed.mount import BIN, mounted
 from overlayfs_inetsk.core.tree import ImageTree

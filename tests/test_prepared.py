@@ -14,7 +14,8 @@ import trio
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
 from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.core.decide import RewriteOptions
-from overlayfs_inetsk.core.plan import generator, rewrite_checkpoint
+from overlayfs_inetsk.core.plan import rewrite_checkpoint
+from overlayfs_inetsk.planner.planner import generator
 from overlayfs_inetsk.core.tree import ROOT_INODE, ImageTree
 from overlayfs_inetsk.fuse.daemon import MountConfig, validate
 from overlayfs_inetsk.fuse.ops import ViewOperations

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from overlayfs_inetsk.errors import ImageError
-from overlayfs_inetsk.core.imagedir import read_socket_image
+from overlayfs_inetsk.host.files import read_socket_image
 
 from overlayfs_inetsk.core.tree import ROOT_INODE, ImageTree, Kind
 from overlayfs_inetsk.errors import TreeError

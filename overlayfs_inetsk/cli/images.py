@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 from .options import REWRITE_OPTIONS, add_map_options, add_options
 
 if TYPE_CHECKING:  # imported where used: inspect's start-up stays small
-    from ..core.addrmap import AddressMap, Resolver
+    from ..core.addrmap import AddressMap
+    from ..core.boundmap import Resolver
     from ..core.decide import RewriteOptions
 
 
@@ -32,9 +33,9 @@ def add_image_parsers(subparsers: Any) -> None:
 
 
 def build_map(args: argparse.Namespace) -> AddressMap:
-    from ..core.addrmap import AddressMap
+    from ..planner.sources import load_map
 
-    return AddressMap.from_args(args.map, args.map_file, env=os.environ,
+    return load_map(args.map, args.map_file, env=os.environ,
                                 port_offset=args.port_offset)
 
 
@@ -51,8 +52,8 @@ def build_resolver(args: argparse.Namespace) -> Resolver | None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..core.imagedir import check_image_dir
-    from ..core.plan import merged, plan_tree
+    from ..host.files import check_image_dir
+    from ..planner.planner import merged, plan_tree
     from ..core.render import render_json, render_table
     from ..core.tree import ImageTree
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import PortRangeError, RewriteError
-from .addrmap import BoundMap, Moved
+from .boundmap import BoundMap
+from .endpoints import Moved
 from .sockaddr import (
     AF_INET,
     FAMILY_NAMES,

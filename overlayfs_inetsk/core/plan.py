@@ -16,14 +16,13 @@ bytes are asked for.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 from ..errors import RewriteError
-from .addrmap import AddressMap, BoundMap, Resolver
+from .addrmap import AddressMap
+from .boundmap import BoundMap, Resolver, Sources, one_pass
 from .decide import (
     CLOSED,
     KEPT,
@@ -51,9 +50,7 @@ from .entries import (
     inet_entries,
     set_endpoints,
 )
-from .imagedir import read_group
 from .sockaddr import AF_INET, AF_INET6, IPAddress
-from .tree import ImageTree
 
 # What a pass does: "check" decodes only (mount validation: the map is applied on first
 # open, when an `auto` address is looked up); "rewrite" decides every socket and splices
@@ -132,7 +129,7 @@ _SAME_MAX = 1024  # decisions kept by _plan_image (memory for 10,000 peers with 
 
 def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 options: RewriteOptions, want_reports: bool,
-                ports: PortContext | None = None, seen: _Seen | None = None) -> RewriteResult:
+                ports: PortContext | None = None, seen: Sources | None = None) -> RewriteResult:
     counts = dict.fromkeys(VERDICTS, 0)
     reports: list[SocketReport] = []
     problems_: list[SocketReport] = []
@@ -260,52 +257,17 @@ def plan_checkpoint(
     interner = Interner()
     if mode == "check":
         return {path: _check_image(path, data, interner) for path, data in images.items()}
-    if amap.moves_ports():
-        # With a `local` rule, a destination equal to any source address of the checkpoint
-        # follows it; the port decisions ask the map about every socket up front: the
-        # source addresses are collected first (one more decoding pass).
-        bmap = amap.bind(lambda: _local_addresses(images, interner), resolve)
-        ports = _port_context(images, interner, bmap)
-        return {path: _plan_image(path, data, interner, bmap, options, reports, ports)
+
+    def plan(bmap: BoundMap, sources: Sources | None) -> dict[str, RewriteResult]:
+        ports = None if sources is not None or not bmap.moves_ports else _port_context(
+            images, interner, bmap)
+        return {path: _plan_image(path, data, interner, bmap, options, reports, ports, sources)
                 for path, data in images.items()}
-    # Without port moves, the map asks for the source addresses when a destination first
-    # needs them, and gets those met so far (one pass instead of two). The pass notes the
-    # source addresses it meets after that (`seen.late`); the map notes the addresses it
-    # said were not the image's own (BoundMap.said_not_local): if it may have said so of a
-    # late one, that answer may be wrong, and the checkpoint is planned again knowing every
-    # source address. A server's listeners usually come before its connections.
-    seen = _Seen()
-    bmap = amap.bind(seen.asked, resolve)
-    results = {path: _plan_image(path, data, interner, bmap, options, reports, None, seen)
-               for path, data in images.items()}
-    if seen.late and any(bmap.said_not_local(*key) for key in seen.late):
-        decide_log.debug("%s: a source address came after the peers judged against it: "
-                         "planning again", ", ".join(images))
-        bmap = amap.bind(list(seen.srcs.values()), resolve)
-        results = {path: _plan_image(path, data, Interner(), bmap, options, reports)
-                   for path, data in images.items()}
-    return results
 
-
-class _Seen:
-    """What one planning pass met: for plan_checkpoint's `local` check."""
-
-    __slots__ = ("srcs", "asking", "late")
-
-    def __init__(self) -> None:
-        self.srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # every source
-        self.asking = False  # the map has asked for the source addresses
-        self.late: list[tuple[int, tuple[int, ...]]] = []  # sources first met after it asked
-
-    def asked(self) -> list[IPAddress]:
-        self.asking = True
-        return list(self.srcs.values())
-
-    def src(self, key: tuple[int, tuple[int, ...]], addr: IPAddress) -> None:
-        if key not in self.srcs:
-            self.srcs[key] = addr
-            if self.asking:
-                self.late.append(key)
+    # the source addresses, collected by a pass of their own when the map needs them first
+    # (boundmap.one_pass: the map moves ports)
+    return one_pass(amap, resolve, plan, lambda: _local_addresses(images, interner),
+                    ", ".join(images))
 
 
 def problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> list[SocketReport]:
@@ -339,53 +301,3 @@ def rewrite_checkpoint(
     results = plan_checkpoint(images, amap, resolve, options, reports)
     raise_problems(results, options)
     return results
-
-
-def generator(amap: AddressMap, resolve: Resolver | None, options: RewriteOptions
-              ) -> Callable[[Mapping[str, bytes]], dict[str, RewriteResult]]:
-    """What the FUSE view calls on first open of a checkpoint's socket image."""
-    return partial(rewrite_checkpoint, amap=amap, resolve=resolve, options=options)
-
-
-def served_bytes(paths: Mapping[str, bytes | str],
-                 generate: Callable[[Mapping[str, bytes]], Mapping[str, RewriteResult]]
-                 ) -> dict[str, bytes]:
-    """Read one checkpoint's originals (image name -> real path) and run `generate` over
-    them: image name -> the bytes to serve (the original where the generator left one
-    out). The generator sees each image under its real path, so messages name the file."""
-    by_path = {os.fsdecode(real): name for name, real in paths.items()}
-    images = read_group(by_path)
-    results = generate(images)
-    out: dict[str, bytes] = {}
-    for path, name in by_path.items():
-        r = results.get(path)
-        out[name] = images[path] if r is None else bytes(r.data)
-    return out
-
-
-def plan_tree(
-    tree: ImageTree,
-    amap: AddressMap,
-    resolve: Resolver | None = None,
-    options: RewriteOptions = RewriteOptions(),
-    *,
-    mode: Mode = "rewrite",
-    reports: bool = True,
-) -> Iterator[CheckpointPlan]:
-    """One CheckpointPlan per checkpoint dir of `tree` (every dir holding a socket image),
-    in the tree's order. Raises ImageError for a malformed image; never for a refused
-    socket (see problems())."""
-    for dino, group in tree.iter_socket_groups():
-        paths = {name: os.fsdecode(real) for name, real in group.items()}
-        results = plan_checkpoint(read_group(paths.values()), amap, resolve, options, reports,
-                                  mode)
-        yield CheckpointPlan(dino, tree.display(dino), paths, results)
-
-
-def merged(plans: Iterator[CheckpointPlan]) -> dict[str, RewriteResult]:
-    """Every image's result of every checkpoint, by real path (inspect's, rewrite's and
-    restore's view of a whole tree)."""
-    out: dict[str, RewriteResult] = {}
-    for cp in plans:
-        out.update(cp.results)
-    return out

@@ -37,7 +37,7 @@ from .robind import (
 )
 
 if TYPE_CHECKING:  # imported where used: `umount` and the parent of a spawn stay small
-    from ..core.addrmap import Resolver
+    from ..core.boundmap import Resolver
     from ..core.sockaddr import IPAddress
     from ..core.plan import RewriteResult
     from ..core.tree import ImageTree
@@ -133,10 +133,11 @@ def validate(cfg: MountConfig) -> Prepared:
     address the node does not have yet, the images are only checked, and a warning naming
     the family and the namespace goes into Prepared.warnings (the node may get its address
     before CRIU opens files.img; the open fails with EIO until then)."""
-    from ..core.addrmap import AddressMap
     from ..core.decide import RewriteOptions
-    from ..core.imagedir import check_image_dir, stamp
-    from ..core.plan import generator, plan_tree, raise_problems
+    from ..host.files import check_image_dir, stamp
+    from ..planner.sources import load_map
+    from ..core.plan import raise_problems
+    from ..planner.planner import generator, plan_tree
     from ..core.tree import SERVE_MODES, ImageTree
     from ..node.nodeaddr import check_netns, describe, snapshot
 
@@ -144,7 +145,7 @@ def validate(cfg: MountConfig) -> Prepared:
         raise MountError(f"--serve must be one of {', '.join(SERVE_MODES)}")
     image_real = check_image_dir(cfg.image_dir)
     mp = check_mountpoint(cfg.mountpoint, image_real)
-    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env,
+    amap = load_map(cfg.maps, cfg.map_files, env=cfg.env,
                                 port_offset=cfg.port_offset)
     try:
         options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)

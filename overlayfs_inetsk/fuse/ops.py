@@ -25,8 +25,9 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from ..core.imagedir import stamp
-from ..core.plan import RewriteResult, served_bytes
+from ..host.files import stamp
+from ..core.plan import RewriteResult
+from ..planner.planner import served_bytes
 from ..core.tree import ImageTree, Kind, Node
 from ..errors import InetskError
 

@@ -185,8 +185,8 @@ def image_connections(image_dir: str) -> list[Conn]:
     the images say (for a view: after the rewrite). Sockets the rewrite closed are in state
     CLOSE and not listed."""
     from ..core.addrmap import AddressMap
-    from ..core.imagedir import check_image_dir
-    from ..core.plan import merged, plan_tree
+    from ..host.files import check_image_dir
+    from ..planner.planner import merged, plan_tree
     from ..core.sockaddr import SOCK_STREAM, TCP_CONNECTED_STATES, TCP_TIME_WAIT
     from ..core.tree import ImageTree
 

@@ -158,10 +158,11 @@ class Plan:
 
 def plan(cfg: RestoreConfig) -> Plan:
     """Everything that can fail for a user reason, before anything is mounted."""
-    from ..core.addrmap import AddressMap
     from ..core.decide import RewriteOptions
-    from ..core.imagedir import check_image_dir
-    from ..core.plan import merged, plan_tree, raise_problems
+    from ..host.files import check_image_dir
+    from ..planner.sources import load_map
+    from ..core.plan import raise_problems
+    from ..planner.planner import merged, plan_tree
     from ..core.tree import ImageTree
     from .nodeaddr import check_netns, make_resolver
     from .portcheck import check_plan
@@ -172,7 +173,7 @@ def plan(cfg: RestoreConfig) -> Plan:
     if cfg.netns:
         check_netns(cfg.netns)
     maps, defaulted = effective_maps(cfg.maps, cfg.map_files, cfg.env)
-    amap = AddressMap.from_args(maps, cfg.map_files, env=cfg.env, port_offset=cfg.port_offset)
+    amap = load_map(maps, cfg.map_files, env=cfg.env, port_offset=cfg.port_offset)
     options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
     resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
     results = merged(plan_tree(ImageTree.build(image_real), amap, resolver, options))

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 
-from ..core.addrmap import AddressMap, Resolver
+from ..core.addrmap import AddressMap
+from ..core.boundmap import Resolver
 from ..core.decide import RewriteOptions
-from ..core.plan import RewriteResult, plan_tree, raise_problems
+from ..core.plan import RewriteResult, raise_problems
+from ..planner.planner import plan_tree
 from ..core.tree import ROOT_INODE, ImageTree
 from ..errors import ImageError, InetskError, MapError
 from ..node.nodeaddr import make_resolver

@@ -35,7 +35,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..core.addrmap import open_regular_file, read_regular_file
+from ..host.files import open_regular_file, read_regular_file
+from ..planner.sources import load_map
 from ..core.hooktable import hook_plan
 from ..fuse.robind import FSTYPE as FUSE_FSTYPE
 from ..fuse.robind import mounts
@@ -153,7 +154,7 @@ def already_a_view(images_fd: int, root: str, view_root: str = VIEW_ROOT) -> str
 def _file(path: str) -> str | None:
     """path if it exists; MapError if it is there but not a regular file (a symlink is
     not followed). AddressMap, which then reads a map file, checks again on the fd it
-    reads (addrmap.read_regular_file), so a file swapped meanwhile is refused there."""
+    reads (host/files.read_regular_file), so a file swapped meanwhile is refused there."""
     try:
         os.close(open_regular_file(path))
     except FileNotFoundError:
@@ -215,9 +216,9 @@ def load_config(root: str, env: Mapping[str, str]) -> Config:
         what = [f"{ENV_MAP}={env[ENV_MAP]}"] if specs else []
         map_source = "CRIU's environment (" + ", ".join(what + env_local) + ")"
     elif (path := _file(os.path.join(root, CHECKPOINT_MAP))) is not None:
-        amap, map_source = AddressMap.from_args(files=[path]), path
+        amap, map_source = load_map(files=[path]), path
     elif (path := _file(os.path.join(conf_dir, NODE_MAP))) is not None:
-        amap, map_source = AddressMap.from_args(files=[path]), path
+        amap, map_source = load_map(files=[path]), path
     else:
         amap, map_source = AddressMap.from_args([DEFAULT_MAP]), f"the default {DEFAULT_MAP}"
     if env.get(ENV_OPTIONS, "").strip():

@@ -1,0 +1,124 @@
+"""Where a local endpoint (a socket's source address and port) goes under a bound map:
+the port by the port rule naming it, else by the port offset; the address by the port
+rule's new address if it names one, else by the address rules (docs/map.md, "Ports").
+
+Pure. BoundMap (boundmap.py) makes one Endpoints per checkpoint and lends it its address
+lookup and its `auto` resolution.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import PortRangeError
+from .rules import MAX_PORT, PortRule, _unmap
+from .sockaddr import IPAddress
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A local endpoint's new place; addr_by / port_by name the rule that moved each part
+    (None: that part stays)."""
+
+    addr: IPAddress
+    port: int
+    addr_by: str | None
+    port_by: str | None
+    why: str
+
+
+class Endpoints:
+    """The port rules (by old port) and the port offset of one bound map."""
+
+    def __init__(self, port_rules: Sequence[PortRule], offset: int, offset_source: str,
+                 lookup: Callable[[IPAddress, bool], tuple[IPAddress, str] | None],
+                 auto: Callable[[int, str], IPAddress]) -> None:
+        self._rules: dict[int, list[PortRule]] = {}
+        for pr in port_rules:
+            self._rules.setdefault(pr.old_port, []).append(pr)
+        self._offset = offset
+        self._offset_source = offset_source
+        self._lookup = lookup  # BoundMap.lookup(addr, is_src)
+        self._auto = auto  # BoundMap._auto(version, rule source)
+        self._cache: dict[tuple[IPAddress, int], Moved | None | PortRangeError] = {}
+
+    def port_rule(self, addr: IPAddress, port: int) -> PortRule | None:
+        """The port rule whose old side is this endpoint, if any (at most one: old sides
+        never overlap)."""
+        rules = self._rules.get(port)
+        if not rules:
+            return None
+        plain = _unmap(addr)
+        for pr in rules:
+            if pr.old_addr is None or pr.old_addr == plain:
+                return pr
+        return None
+
+    def names_endpoint(self, addr: IPAddress, port: int) -> bool:
+        """Whether a port rule names this endpoint by its address (so a peer connected to it
+        knows it moves with the group)."""
+        pr = self.port_rule(addr, port)
+        return pr is not None and pr.old_addr is not None
+
+    def endpoint(self, addr: IPAddress, port: int) -> Moved | None:
+        """Where a local endpoint (a socket's source address and port) goes: the port by
+        the port rule naming it, else by the port offset (non-zero ports only); the address
+        by the port rule's new address if it names one, else by the address rules
+        (`lookup(addr, is_src=True)`). None if neither moves. Cached per endpoint.
+        Raises PortRangeError when the offset pushes the port out of 1..65535 and
+        RewriteError when an `auto` target has no address."""
+        key = (addr, port)
+        cache = self._cache
+        if key in cache:
+            got = cache[key]
+            if isinstance(got, PortRangeError):
+                raise got
+            return got
+        try:
+            got = self._endpoint(addr, port)
+        except PortRangeError as exc:
+            cache[key] = exc
+            raise
+        cache[key] = got
+        return got
+
+    def _endpoint(self, addr: IPAddress, port: int) -> Moved | None:
+        pr = self.port_rule(addr, port) if port else None
+        new_port, port_why = port, ""
+        new_addr: IPAddress | None = None
+        addr_why = ""
+        if pr is not None:
+            new_port, port_why = pr.new_port, pr.source
+            if pr.new_addr is not None or pr.new_auto:
+                target = pr.new_addr if pr.new_addr is not None else self._auto(
+                    _unmap(addr).version, pr.source)
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                    target = ipaddress.IPv6Address("::ffff:" + str(target))
+                if target != addr:
+                    new_addr, addr_why = target, pr.source
+        elif port and self._offset:
+            new_port = port + self._offset
+            if not 0 < new_port <= MAX_PORT:
+                raise PortRangeError(
+                    f"port {port} {self._offset:+d} = {new_port} is out of range "
+                    f"(1-{MAX_PORT}) ({self._offset_source})")
+            port_why = self._offset_source
+        if new_addr is None and not addr_why:
+            hit = self._lookup(addr, True)
+            if hit is not None:
+                new_addr, addr_why = hit
+        if new_addr is None and new_port == port:
+            return None
+        why = []
+        if addr_why and new_port != port and addr_why == port_why:
+            why.append(f"src and port {port}->{new_port} by {addr_why}")
+        else:
+            if addr_why:
+                why.append(f"src by {addr_why}")
+            if new_port != port:
+                why.append(f"port {port}->{new_port} by {port_why}")
+        return Moved(addr if new_addr is None else new_addr, new_port,
+                     None if new_addr is None else addr_why, port_why if new_port != port else None,
+                     "; ".join(why))
