@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
-from overlayfs_inetsk.fuse.robind import RO_DIR, find_mount, ro_bind_path
+from overlayfs_inetsk.host.mounts import RO_DIR, find_mount, ro_bind_path
 from inetsk_testbed.mount import BIN, mounted
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
@@ -190,7 +190,7 @@ def test_nothing_created_world_writable_even_with_umask_0(image: Path, tmp_path:
 def test_bind_falls_back_to_bind_and_remount(image: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Kernels without the new mount API (< 5.12): mount --bind, then remount read-only."""
-    from overlayfs_inetsk.fuse import robind as daemon
+    from overlayfs_inetsk.host import mounts as daemon
 
     def no_new_api(*_a: object) -> None:
         raise OSError(errno.ENOSYS, "open_tree: Function not implemented")

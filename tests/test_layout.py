@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "overlayfs_inetsk"
 FORBIDDEN_IN_CORE = ("pyfuse3", "trio", "pyroute2", "ctypes", "subprocess")
-NETLINK = "overlayfs_inetsk.node.rtnl"  # the netlink reader: adapters only, never core
+NETLINK = "overlayfs_inetsk.host.rtnl"  # the netlink reader: adapters only, never core
 DROPPED = ("pyroute2",)  # no longer dependencies: no module may import them
 MAX_LINES = 350
 
@@ -136,7 +136,7 @@ def test_long_modules_say_why() -> None:
 
 
 def test_no_module_imports_a_dropped_dependency() -> None:
-    """pyroute2 is gone from pyproject.toml (node/rtnl.py reads netlink): an import of it,
+    """pyroute2 is gone from pyproject.toml (host/rtnl.py reads netlink): an import of it,
     even inside a function, would fail on a fresh install."""
     found = []
     for name, path in modules().items():

@@ -556,7 +556,7 @@ def test_port_taken_in_netns_warns_and_strict_refuses(mounts: Mounts, image: Pat
     """The image's UDP socket 10.0.1.5:53 moves to 10.77.31.7:5353 (local address of the
     namespace); a socket there already holds udp 5353: `mount` names it on stderr (the
     background parent) and mounts; with --strict it refuses before mounting (exit 5)."""
-    from overlayfs_inetsk.node.nodeaddr import in_netns
+    from overlayfs_inetsk.host.netns import in_netns
 
     def hold() -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -1,4 +1,4 @@
-"""`auto`'s address lookup (overlayfs_inetsk/node/nodeaddr.py over node/rtnl.py) on real
+"""`auto`'s address lookup (overlayfs_inetsk/host/nodeaddr.py over host/rtnl.py) on real
 interfaces in namespaces the test makes; `ip` (iproute2) is the independent oracle: each
 test checks with it that the namespace is what the test means (e.g. that the address that
 must be skipped is the one the kernel lists first), so a lookup that ignored the rule fails.
@@ -19,8 +19,9 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from overlayfs_inetsk.errors import NodeAddressError
-from overlayfs_inetsk.node import rtnl
-from overlayfs_inetsk.node.nodeaddr import check_netns, in_netns, node_address, snapshot
+from overlayfs_inetsk.host import rtnl
+from overlayfs_inetsk.host.netns import check_netns, in_netns
+from overlayfs_inetsk.host.nodeaddr import node_address, snapshot
 from inetsk_testbed.net import scratch_netns
 
 pytestmark = pytest.mark.root

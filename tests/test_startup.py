@@ -21,7 +21,7 @@ from overlayfs_inetsk.cli import main
 code = main(sys.argv[1:])
 print(json.dumps([code, sorted(sys.modules)]))
 """
-NOT_WANTED = ("pyfuse3", "trio", "pyroute2", "overlayfs_inetsk.node.rtnl", "pycriu.images",
+NOT_WANTED = ("pyfuse3", "trio", "pyroute2", "overlayfs_inetsk.host.rtnl", "pycriu.images",
               "pycriu.rpc_pb2",
               "overlayfs_inetsk.plugin.agent", "overlayfs_inetsk.plugin.viewmaker",
               "overlayfs_inetsk.fuse.ops", "overlayfs_inetsk.fuse.daemon", "tomllib",
@@ -30,7 +30,8 @@ NOT_WANTED = ("pyfuse3", "trio", "pyroute2", "overlayfs_inetsk.node.rtnl", "pycr
               "overlayfs_inetsk.node.barrier", "overlayfs_inetsk.plugin.install", "subprocess")
 # the parser of every command is built at each start: it loads none of the work
 PARSER_NOT_WANTED = NOT_WANTED + ("overlayfs_inetsk.core", "overlayfs_inetsk.node",
-                                  "overlayfs_inetsk.fuse", "dataclasses")
+                                  "overlayfs_inetsk.fuse", "overlayfs_inetsk.host",
+                                  "overlayfs_inetsk.planner", "dataclasses")
 PARSER_PROBE = r"""
 import json, sys
 from overlayfs_inetsk.cli import make_parser

@@ -46,7 +46,7 @@ def build_options(args: argparse.Namespace) -> RewriteOptions:
 
 
 def build_resolver(args: argparse.Namespace) -> Resolver | None:
-    from ..node.nodeaddr import make_resolver
+    from ..host.nodeaddr import make_resolver
 
     return make_resolver(netns=args.netns, iface=args.iface)
 
@@ -65,7 +65,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     results = merged(plan_tree(tree, amap, resolver, build_options(args)))
     taken = []
     if args.netns:  # which ports the restore would bind are taken there (warnings)
-        from ..node.portcheck import check_plan
+        from ..planner.ports import check_plan
 
         taken = check_plan(results, args.netns, False, _warn)
     if args.json:

@@ -64,7 +64,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from ..fuse.robind import unmount
+    from ..host.mounts import unmount
     from ..node.stale import clear_stale
 
     # views of restores killed with SIGKILL (their owner pid gone) go too

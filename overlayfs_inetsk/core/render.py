@@ -16,7 +16,7 @@ JSON_SCHEMA_VERSION = 1
 
 
 class WantedPort(Protocol):
-    """What the JSON shows of an endpoint a restore binds (node.portcheck.Want)."""
+    """What the JSON shows of an endpoint a restore binds (core.portcheck.Want)."""
 
     @property
     def file(self) -> str: ...
@@ -31,8 +31,7 @@ class WantedPort(Protocol):
 
 
 class TakenPort(Protocol):
-    """A port a restore would find taken (node.portcheck.Clash: the core does not import
-    node/)."""
+    """A port a restore would find taken (core.portcheck.Clash)."""
 
     @property
     def want(self) -> WantedPort: ...
@@ -95,7 +94,7 @@ def map_sources(amap: AddressMap) -> list[str]:
 
 def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteResult],
                 ports_taken: Sequence[TakenPort] | None = None) -> str:
-    """`ports_taken`: node.portcheck's Clash list when the check ran (inspect --netns);
+    """`ports_taken`: core.portcheck's Clash list when the check ran (inspect --netns);
     the key is left out when it did not."""
     import json  # here: `rewrite` and the table need no json (start-up time)
 

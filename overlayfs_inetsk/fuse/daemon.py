@@ -6,7 +6,7 @@ guards are read together.
     serve_foreground()  pyfuse3.init -> trio.run(main loop + signals + readiness) -> close
 
 The background start is spawn.py; the read-only bind of IMAGE_DIR and `umount` are
-robind.py (docs/security.md).
+host/mounts.py (docs/security.md).
 
 Readiness means "serving": after pyfuse3.init a worker thread stat()s the mountpoint, which
 only returns once our main loop answered; then READY=1 goes to $NOTIFY_SOCKET (--systemd)
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import InetskError, MountError
-from .robind import (
+from ..host.mounts import (
     FSNAME,
     FSTYPE,
     RUN_DIR,
@@ -139,7 +139,8 @@ def validate(cfg: MountConfig) -> Prepared:
     from ..core.plan import raise_problems
     from ..planner.planner import generator, plan_tree
     from ..core.tree import SERVE_MODES, ImageTree
-    from ..node.nodeaddr import check_netns, describe, snapshot
+    from ..host.netns import check_netns
+    from ..host.nodeaddr import describe, snapshot
 
     if cfg.serve not in SERVE_MODES:
         raise MountError(f"--serve must be one of {', '.join(SERVE_MODES)}")
@@ -202,7 +203,7 @@ def validate(cfg: MountConfig) -> Prepared:
         log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
                     cfg.image_dir)
     elif not warnings and port_check:
-        from ..node.portcheck import check_plan
+        from ..planner.ports import check_plan
 
         check_plan(results, cfg.netns, cfg.strict, warnings.append)
     if not families:

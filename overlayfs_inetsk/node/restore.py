@@ -164,8 +164,9 @@ def plan(cfg: RestoreConfig) -> Plan:
     from ..core.plan import raise_problems
     from ..planner.planner import merged, plan_tree
     from ..core.tree import ImageTree
-    from .nodeaddr import check_netns, make_resolver
-    from .portcheck import check_plan
+    from ..host.nodeaddr import make_resolver
+    from ..host.netns import check_netns
+    from ..planner.ports import check_plan
 
     image_real = check_image_dir(cfg.image_dir)
     sub = criu_subdir(image_real)
@@ -259,7 +260,7 @@ def run(cfg: RestoreConfig, prepared: Plan | None = None,
     """Mount the view, run criu restore, unmount. `on_start(plan, argv)` is called once the
     view serves, right before criu starts (to print the summary)."""
     from ..fuse.daemon import MountConfig
-    from ..fuse.robind import unmount
+    from ..host.mounts import unmount
     from ..fuse.spawn import spawn_background
 
     p = prepared or plan(cfg)

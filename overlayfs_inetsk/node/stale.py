@@ -43,7 +43,7 @@ def clear_stale(restore_dir: str = RESTORE_DIR) -> list[str]:
     that finished removed it; a failed one keeps only its work dir, for its logs), and no
     process runs in it (a criu still restoring or, --foreground, still serving). Returns
     the views cleared; failures are logged, never raised."""
-    from ..fuse.robind import find_mount, unmount
+    from ..host.mounts import find_mount, unmount
 
     cleared: list[str] = []
     try:
@@ -81,6 +81,6 @@ def _lexists(path: str) -> bool:
 
 
 def _mount_points() -> list[str]:
-    from ..fuse.robind import mounts
+    from ..host.mounts import mounts
 
     return [m.point for m in mounts()]

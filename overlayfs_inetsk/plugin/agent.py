@@ -183,7 +183,7 @@ def _drop(view: viewroot.View | None) -> None:
 # -- the socket -----------------------------------------------------------------------------
 def _warm_up() -> None:
     """Import what a request needs now, not during the first restore."""
-    from ..node import rtnl  # noqa: F401
+    from ..host import rtnl  # noqa: F401
     from . import planning, viewmaker  # noqa: F401
 
 

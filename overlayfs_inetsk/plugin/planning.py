@@ -12,7 +12,7 @@ from ..core.plan import RewriteResult, raise_problems
 from ..planner.planner import plan_tree
 from ..core.tree import ROOT_INODE, ImageTree
 from ..errors import ImageError, InetskError, MapError
-from ..node.nodeaddr import make_resolver
+from ..host.nodeaddr import make_resolver
 from ..offline import VIEW_MARKER, write_view_dir
 
 __all__ = ["AddressMap", "ImageError", "InetskError", "MapError", "RewriteOptions", "RewriteResult",

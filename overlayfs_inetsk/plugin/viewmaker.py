@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from ..host.files import open_regular_file, read_regular_file
 from ..planner.sources import load_map
 from ..core.hooktable import hook_plan
-from ..fuse.robind import FSTYPE as FUSE_FSTYPE
-from ..fuse.robind import mounts
+from ..host.mounts import FSTYPE as FUSE_FSTYPE
+from ..host.mounts import mounts
 from . import viewroot
 from .planning import (
     VIEW_MARKER,

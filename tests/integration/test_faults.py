@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayfs_inetsk.fuse.robind import find_mount, ro_bind_path
+from overlayfs_inetsk.host.mounts import find_mount, ro_bind_path
 from inetsk_testbed import criu, probe
 from inetsk_testbed.mount import BIN, ismount, mounted, overlayfs_inetsk
 
