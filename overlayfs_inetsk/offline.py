@@ -26,8 +26,9 @@ from .core.addrmap import AddressMap
 from .core.boundmap import Resolver
 from .core.decide import RewriteOptions
 from .host.files import check_image_dir
+from .host.listing import build_tree
 from .core.plan import RewriteResult, raise_problems
-from .planner.planner import plan_tree
+from .planner.planner import check_parents, plan_tree
 from .core.tree import ROOT_INODE, ImageTree, Kind
 from .errors import InetskError
 
@@ -52,7 +53,7 @@ def write_view_dir(
 ) -> dict[str, RewriteResult]:
     """`tree` and `results`: an ImageTree of image_dir and its plan, made by the caller
     (they are made here when absent; a caller's tree decides the links itself, e.g.
-    ImageTree.build(link_from=OUT_DIR's real path) for relative ones). reports=False:
+    build_tree(link_from=OUT_DIR's real path) for relative ones). reports=False:
     the plan made here keeps a SocketReport only for the sockets that need attention
     (RewriteResult.problems), not for every socket: the view needs none (faster)."""
     root = check_image_dir(image_dir)
@@ -72,8 +73,8 @@ def write_view_dir(
     if tree is None:
         # relative links are made relative to where the view will be (its real path)
         links_from = os.path.join(os.path.realpath(parent), os.path.basename(out_abs))
-        tree = ImageTree.build(root, link_from=links_from if relative_links else None)
-    tree.refuse_outside_parent()
+        tree = build_tree(root, link_from=links_from if relative_links else None)
+    check_parents(tree)
     if results is None:
         results = {}
         for cp in plan_tree(tree, amap, resolve, options, reports=reports):

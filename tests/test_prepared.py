@@ -16,7 +16,8 @@ from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.core.decide import RewriteOptions
 from overlayfs_inetsk.core.plan import rewrite_checkpoint
 from overlayfs_inetsk.planner.planner import generator
-from overlayfs_inetsk.core.tree import ROOT_INODE, ImageTree
+from overlayfs_inetsk.core.tree import ROOT_INODE
+from overlayfs_inetsk.host.listing import build_tree
 from overlayfs_inetsk.fuse.daemon import MountConfig, validate
 from overlayfs_inetsk.fuse.ops import ViewOperations
 from inetsk_testbed.net import scratch_netns, veth_with_route
@@ -125,7 +126,7 @@ def test_ops_without_prepared_bytes_generate_on_first_open(tmp_path: Path) -> No
         calls.append(sorted(images))
         return {}
 
-    ops = ViewOperations(ImageTree.build(str(root)), gen)  # type: ignore[arg-type]
+    ops = ViewOperations(build_tree(str(root)), gen)  # type: ignore[arg-type]
     data = trio.run(read_files_img, ops)
     assert data == (root / "ck" / "files.img").read_bytes()  # the generator left it out
     assert len(calls) == 1 and ops.generations == 1

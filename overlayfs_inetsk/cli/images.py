@@ -53,15 +53,15 @@ def build_resolver(args: argparse.Namespace) -> Resolver | None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..host.files import check_image_dir
-    from ..planner.planner import merged, plan_tree
+    from ..planner.planner import check_parents, merged, plan_tree
     from ..core.render import render_json, render_table
-    from ..core.tree import ImageTree
+    from ..host.listing import build_tree
 
     amap = build_map(args)
     resolver = build_resolver(args) if amap.auto_families() else None
     # inspect reads socket images only: files the tree leaves out change nothing it shows
-    tree = ImageTree.build(check_image_dir(args.image_dir), sockets_only=True)
-    tree.refuse_outside_parent(warn_only=True)  # inspect serves nothing: a warning
+    tree = build_tree(check_image_dir(args.image_dir), sockets_only=True)
+    check_parents(tree, warn_only=True)  # inspect serves nothing: a warning
     results = merged(plan_tree(tree, amap, resolver, build_options(args)))
     taken = []
     if args.netns:  # which ports the restore would bind are taken there (warnings)

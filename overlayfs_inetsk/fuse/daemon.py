@@ -137,8 +137,9 @@ def validate(cfg: MountConfig) -> Prepared:
     from ..host.files import check_image_dir, stamp
     from ..planner.sources import load_map
     from ..core.plan import raise_problems
-    from ..planner.planner import generator, plan_tree
-    from ..core.tree import SERVE_MODES, ImageTree
+    from ..planner.planner import check_parents, generator, plan_tree
+    from ..core.tree import SERVE_MODES
+    from ..host.listing import build_tree
     from ..host.netns import check_netns
     from ..host.nodeaddr import describe, snapshot
 
@@ -156,8 +157,8 @@ def validate(cfg: MountConfig) -> Prepared:
         check_netns(cfg.netns)
     ro_bind = ro_bind_path(mp) if cfg.serve == "symlink" else None
     # relative links: they resolve in a container's mount namespace too (runc restore)
-    tree = ImageTree.build(image_real, cfg.serve, ro_bind, link_from=mp)
-    tree.refuse_outside_parent()
+    tree = build_tree(image_real, cfg.serve, ro_bind, link_from=mp)
+    check_parents(tree)
     families = amap.auto_families()
     warnings: list[str] = []
     resolve: Resolver | None = None

@@ -188,10 +188,10 @@ def image_connections(image_dir: str) -> list[Conn]:
     from ..host.files import check_image_dir
     from ..planner.planner import merged, plan_tree
     from ..core.sockaddr import SOCK_STREAM, TCP_CONNECTED_STATES, TCP_TIME_WAIT
-    from ..core.tree import ImageTree
+    from ..host.listing import build_tree
 
     out: list[Conn] = []
-    tree = ImageTree.build(check_image_dir(image_dir))
+    tree = build_tree(check_image_dir(image_dir))
     results = merged(plan_tree(tree, AddressMap.from_args([])))
     for res in results.values():
         for r in res.reports:

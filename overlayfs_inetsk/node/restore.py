@@ -163,7 +163,7 @@ def plan(cfg: RestoreConfig) -> Plan:
     from ..planner.sources import load_map
     from ..core.plan import raise_problems
     from ..planner.planner import merged, plan_tree
-    from ..core.tree import ImageTree
+    from ..host.listing import build_tree
     from ..host.nodeaddr import make_resolver
     from ..host.netns import check_netns
     from ..planner.ports import check_plan
@@ -177,7 +177,7 @@ def plan(cfg: RestoreConfig) -> Plan:
     amap = load_map(maps, cfg.map_files, env=cfg.env, port_offset=cfg.port_offset)
     options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
     resolver = make_resolver(cfg.netns, cfg.iface) if amap.auto_families() else None
-    results = merged(plan_tree(ImageTree.build(image_real), amap, resolver, options))
+    results = merged(plan_tree(build_tree(image_real), amap, resolver, options))
     raise_problems(results, options)
     # a port the restore binds that is taken there: named now, not by CRIU halfway through
     taken = check_plan(results, cfg.netns, cfg.strict, log.warning)

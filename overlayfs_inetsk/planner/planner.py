@@ -3,6 +3,7 @@ and plan them; the Planner object comes with the next steps)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
@@ -12,7 +13,29 @@ from ..core.boundmap import Resolver
 from ..core.decide import RewriteOptions
 from ..core.plan import CheckpointPlan, Mode, RewriteResult, plan_checkpoint, rewrite_checkpoint
 from ..core.tree import ImageTree
+from ..errors import TreeError
 from ..host.files import read_group
+
+log = logging.getLogger(__name__)
+
+
+def check_parents(tree: ImageTree, warn_only: bool = False) -> None:
+    """TreeError naming the first `parent` link (CRIU's link to the previous dump of an
+    incremental chain, --prev-images-dir) that points outside image_dir. A view (mount,
+    rewrite) cannot show it, and CRIU cannot restore such a dump without it: its
+    restorer fails late ("No parent for snapshot pagemap"). Refused at once instead,
+    naming the dir to use. warn_only (inspect, which serves nothing): one WARNING line
+    per such link instead."""
+    for link_b, target_b in tree.outside_parents:
+        link, target = os.fsdecode(link_b), os.fsdecode(target_b)
+        chain = os.path.commonpath([os.path.dirname(link), target])
+        msg = (f"{link}: the link to the previous dump (--prev-images-dir) points outside "
+               f"IMAGE_DIR ({target}): a view of this dir cannot show it and CRIU cannot "
+               "restore the dump without it; use the directory holding the whole chain "
+               f"({chain}) and restore from its subdirectory")
+        if not warn_only:
+            raise TreeError(msg)
+        log.warning("%s", msg)
 
 
 def generator(amap: AddressMap, resolve: Resolver | None, options: RewriteOptions

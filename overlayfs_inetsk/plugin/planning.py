@@ -12,6 +12,7 @@ from ..core.plan import RewriteResult, raise_problems
 from ..planner.planner import plan_tree
 from ..core.tree import ROOT_INODE, ImageTree
 from ..errors import ImageError, InetskError, MapError
+from ..host.listing import build_tree
 from ..host.nodeaddr import make_resolver
 from ..offline import VIEW_MARKER, write_view_dir
 
@@ -26,7 +27,7 @@ def plan(root: str, amap: AddressMap, resolve: Resolver | None, options: Rewrite
     or a --strict violation, ImageError for a bad image). reports=True: every socket's
     SocketReport too (the hook table needs them). link_from: where the view will be; its
     links are then relative (they must resolve in a container's mount namespace too)."""
-    tree = ImageTree.build(root, link_from=link_from)
+    tree = build_tree(root, link_from=link_from)
     results: dict[str, RewriteResult] = {}
     for cp in plan_tree(tree, amap, resolve, options, reports=reports):
         raise_problems(cp.results, options)
