@@ -102,7 +102,7 @@ def main() -> int:
     from overlayfs_inetsk.core.decide import RewriteOptions
     from overlayfs_inetsk.core.entries import inet_entries
     from overlayfs_inetsk.core.plan import plan_checkpoint
-    from overlayfs_inetsk.core.render import render_table
+    from overlayfs_inetsk.cli.render import render_table
 
     amap = AddressMap.from_args(MAP)
     opts = RewriteOptions(tcp_outside="keep")

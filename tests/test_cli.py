@@ -253,7 +253,7 @@ def test_missing_pycriu_is_one_line_naming_the_fix(image_dir, tmp_path, cmd):
 
 
 def test_a_missing_module_of_our_own_is_still_a_bug(image_dir):
-    p = subprocess.run([sys.executable, "-c", _HIDE, "overlayfs_inetsk.core.render", "inspect",
+    p = subprocess.run([sys.executable, "-c", _HIDE, "overlayfs_inetsk.cli.render", "inspect",
                         str(image_dir)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 70 and "Traceback" in p.stderr
 

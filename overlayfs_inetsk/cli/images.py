@@ -54,7 +54,7 @@ def build_resolver(args: argparse.Namespace) -> Resolver | None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..host.files import check_image_dir
     from ..planner.planner import check_parents, merged, plan_tree
-    from ..core.render import render_json, render_table
+    from .render import render_json, render_table
     from ..host.listing import build_tree
 
     amap = build_map(args)
@@ -84,7 +84,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     that changes), the summary line, and where the view is. Without --table the plan keeps
     no per-socket reports (for 10,000 sockets, reports and table took about 35 ms of a
     155 ms run: docs/design.md)."""
-    from ..core.render import render_table
+    from .render import render_table
     from ..offline import write_view_dir
 
     amap = build_map(args)

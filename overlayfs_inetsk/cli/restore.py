@@ -85,7 +85,7 @@ def add_restore_parsers(subparsers: Any) -> None:
 
 
 def _print_summary(plan: Any, argv: list[str]) -> None:
-    from ..core.render import render_table
+    from .render import render_table
 
     table = render_table(plan.image_real, plan.results, with_map=True, only_changes=True)
     sys.stdout.write(table)
@@ -97,7 +97,7 @@ def _print_summary(plan: Any, argv: list[str]) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from ..node.restore import RestoreConfig, plan, render_json, run
+    from ..node.restore import RestoreConfig, plan, run
 
     cfg = RestoreConfig(
         image_dir=args.image_dir, netns=args.netns, maps=list(args.map),
@@ -110,3 +110,24 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(render_json(p, cfg, out))
     return out.exit_code
+
+
+def render_json(p: Any, cfg: Any, out: Any) -> str:
+    """`restore --json`: inspect's document (docs/json.md) plus what restore did."""
+    import json
+    import signal
+
+    from .render import render_json as inspect_json
+
+    doc = json.loads(inspect_json(p.image_real, p.amap, p.results, p.ports_taken))
+    doc["netns"] = cfg.netns
+    doc["map_defaulted"] = p.map_defaulted
+    doc["restore"] = {
+        "exit_code": out.exit_code,
+        "criu_argv": out.argv,
+        "tcp_established_added": out.tcp_established_added,
+        "work_dir": out.work_dir,
+        "log": out.log,
+        "signal": signal.Signals(out.signal).name if out.signal else None,
+    }
+    return json.dumps(doc, indent=2) + "\n"

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import PortRangeError
+from .reasons import PORT_BY, SRC_AND_PORT_BY, SRC_BY, Reason
 from .rules import MAX_PORT, PortRule, _unmap
 from .sockaddr import IPAddress
 
 
-@dataclass(frozen=True, slots=True)
-class Moved:
+class Moved(NamedTuple):
     """A local endpoint's new place; addr_by / port_by name the rule that moved each part
     (None: that part stays)."""
 
@@ -26,7 +26,10 @@ class Moved:
     port: int
     addr_by: str | None
     port_by: str | None
-    why: str
+    why: tuple[Reason, ...]  # how it moves (decide.py puts these in a socket's reasons)
+
+
+_new = tuple.__new__
 
 
 class Endpoints:
@@ -101,9 +104,7 @@ class Endpoints:
         elif port and self._offset:
             new_port = port + self._offset
             if not 0 < new_port <= MAX_PORT:
-                raise PortRangeError(
-                    f"port {port} {self._offset:+d} = {new_port} is out of range "
-                    f"(1-{MAX_PORT}) ({self._offset_source})")
+                raise PortRangeError(port, self._offset, new_port, self._offset_source)
             port_why = self._offset_source
         if new_addr is None and not addr_why:
             hit = self._lookup(addr, True)
@@ -111,14 +112,18 @@ class Endpoints:
                 new_addr, addr_why = hit
         if new_addr is None and new_port == port:
             return None
-        why = []
+        # Reason(...) and Moved(...) without their __new__: made once per endpoint (with port
+        # moves, 10,000 sockets make 10,000)
+        why: tuple[Reason, ...]
         if addr_why and new_port != port and addr_why == port_why:
-            why.append(f"src and port {port}->{new_port} by {addr_why}")
+            why = (_new(Reason, (SRC_AND_PORT_BY, (port, new_port, addr_why))),)
+        elif not addr_why:
+            why = (_new(Reason, (PORT_BY, (port, new_port, port_why))),)
+        elif new_port == port:
+            why = (_new(Reason, (SRC_BY, (addr_why,))),)
         else:
-            if addr_why:
-                why.append(f"src by {addr_why}")
-            if new_port != port:
-                why.append(f"port {port}->{new_port} by {port_why}")
-        return Moved(addr if new_addr is None else new_addr, new_port,
-                     None if new_addr is None else addr_why, port_why if new_port != port else None,
-                     "; ".join(why))
+            why = (_new(Reason, (SRC_BY, (addr_why,))),
+                   _new(Reason, (PORT_BY, (port, new_port, port_why))))
+        return _new(Moved, (addr if new_addr is None else new_addr, new_port,
+                            None if new_addr is None else addr_why,
+                            port_why if new_port != port else None, why))

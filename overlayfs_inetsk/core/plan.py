@@ -16,7 +16,7 @@ bytes are asked for.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,24 +24,20 @@ from ..errors import RewriteError
 from .addrmap import AddressMap
 from .boundmap import BoundMap, Resolver, Sources, one_pass
 from .decide import (
+    CLOSE,
     CLOSED,
     KEPT,
     NEEDS_ADDRESS,
     REFUSED,
     REWRITTEN,
+    SET,
     VERDICTS,
     Decision,
-    PortContext,
     RewriteOptions,
-    Sock,
-    SocketReport,
-    decision,
-    log_decision,
+    decide,
+    fails,
     peer_class,
-    reason_maker,
 )
-from .decide import decide as decide_one
-from .decide import log as decide_log
 from .entries import (
     Interner,
     Splicer,
@@ -50,7 +46,11 @@ from .entries import (
     inet_entries,
     set_endpoints,
 )
+from .ports import PortContext
+from .report import SocketReport, log_decision
+from .report import log as decide_log
 from .sockaddr import AF_INET, AF_INET6, IPAddress
+from .sockets import Socket
 
 # What a pass does: "check" decodes only (mount validation: the map is applied on first
 # open, when an `auto` address is looked up); "rewrite" decides every socket and splices
@@ -103,15 +103,15 @@ def _port_context(images: Mapping[str, bytes], interner: Interner,
     """The checkpoint's sockets as the port decisions need them (one more decoding pass,
     made only when the map moves ports)."""
 
-    def socks() -> Iterator[Sock]:
+    def socks() -> Iterator[Socket]:
         for path, data in images.items():
             for off, _s, _e, _m, isk in inet_entries(data, path):
                 fam = isk.family
-                yield Sock(path, isk.id, isk.type, isk.state, fam,
-                           interner.get(fam, tuple(isk.src_addr), path, off, isk, "src_addr"),
-                           isk.src_port,
-                           interner.get(fam, tuple(isk.dst_addr), path, off, isk, "dst_addr"),
-                           isk.dst_port, isk.proto)
+                yield Socket(path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,
+                             interner.get(fam, tuple(isk.src_addr), path, off, isk, "src_addr"),
+                             isk.src_port,
+                             interner.get(fam, tuple(isk.dst_addr), path, off, isk, "dst_addr"),
+                             isk.dst_port)
 
     return PortContext.build(socks(), bmap)
 
@@ -142,17 +142,17 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     # words alone (BoundMap.might_move), with no address object. With port moves, decide()
     # reads much more: the key is the socket's whole 4-tuple. What repeats from one entry to
     # the next (a service's source address, an unconnected socket's empty peer) is looked
-    # at once. A socket's own report is made only when asked for (reports, a problem, -v),
-    # its reason derived from its class's first one (decide.reason_maker).
-    classes: dict[tuple[object, ...], Decision] = {}
-    # id(Decision) -> (it, its reason maker): checked by identity, since `classes` may let
-    # a Decision go and a new one take its id
-    makers: dict[int, tuple[Decision, Callable[[IPAddress, int], str] | None]] = {}
+    # at once. A socket's own report is made only when asked for (reports, a problem, -v):
+    # its class's Decision beside its own facts (reasons are rendered with them).
+    classes: dict[tuple[object, ...], tuple[Decision, str, str, tuple[int, ...] | None,
+                                            tuple[int, ...] | None, int | None, int | None,
+                                            Socket]] = {}
     changed = 0
     splicer = Splicer(data, path)
     replace, keep = splicer.replace, splicer.keep
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
     might_move, lookup = bmap.might_move, bmap.lookup
+    new_tuple = tuple.__new__
     srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # (family, words) -> address
     last_dst: tuple[int, tuple[int, ...]] | None = None
     dst: IPAddress | None = None
@@ -189,50 +189,39 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         else:  # the local port matters too
             dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
             key = (isk.type, isk.proto, isk.state, fam, src_w, dst_w, dport, sport)
-        d = classes.get(key)
-        if d is None:
+        got = classes.get(key)
+        if got is None:
             if dst is None:
                 dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
-            first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,
-                                 isk.state, src, sport, dst, dport)
-            d = classes[key] = decision(first, bmap, options, ports)
+            first = Socket(path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,
+                           src, sport, dst, dport)
+            d = decide(first, bmap, options, ports)
+            # what the pass reads of it, at hand for every socket of the class
+            got = classes[key] = (d, d.verdict, d.action, d.src_words, d.dst_words,
+                                  d.new_sport, d.new_dport, first)
             if len(classes) > _SAME_MAX:
                 classes.clear()  # keyed per socket (port moves): a key seldom comes back
-                classes[key] = d
-        proto = d.report
-        verdict = proto.verdict
+                classes[key] = got
+        d, verdict, action, src_words, dst_words, new_sport, new_dport, first = got
         counts[verdict] += 1
         if want_reports or verdict in (REFUSED, NEEDS_ADDRESS) or debug:
-            if dst is None:
-                dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
-            if proto.offset == off and proto.file == path:
-                report = proto  # the class's first socket, decided as itself
-            else:
-                report = SocketReport(
-                    path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,
-                    src, isk.src_port, dst, dport, proto.klass, verdict, proto.reason,
-                    proto.new_src, proto.new_dst, proto.new_sport, proto.new_dport,
-                )
-                if dport != proto.dport or dst != proto.dst:
-                    made = makers.get(id(d))
-                    if made is not None and made[0] is d:
-                        mk = made[1]
-                    else:
-                        mk = reason_maker(proto)
-                        makers[id(d)] = (d, mk)
-                    if mk is None:
-                        decide_one(report, bmap, options, ports)
-                    else:
-                        report.reason = mk(dst, dport)
+            if first.offset != off:  # not the class's first socket
+                if dst is None:
+                    dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
+                # = Socket(...) and SocketReport(first, d), without their __new__ (10,000
+                # sockets: 2 ms of inspect's plan)
+                first = new_tuple(Socket, (path, off, isk.id, isk.ino, fam, isk.type,
+                                           isk.proto, isk.state, src, sport, dst, dport))
+            report = new_tuple(SocketReport, (first, d))
             if debug:
-                log_decision(path, off, isk, report)
+                log_decision(report)
             if want_reports:
                 reports.append(report)
             if verdict != REWRITTEN and verdict != CLOSED and verdict != KEPT:
                 problems_.append(report)
-        if verdict == REWRITTEN or (verdict == NEEDS_ADDRESS and d.changes):
-            set_endpoints(isk, d.src_words, d.dst_words, proto.new_sport, proto.new_dport)
-        elif verdict == CLOSED:
+        if action == SET:
+            set_endpoints(isk, src_words, dst_words, new_sport, new_dport)
+        elif action == CLOSE:
             close_connection(isk)
         else:
             keep(off, msg, isk)
@@ -271,10 +260,9 @@ def plan_checkpoint(
 
 
 def problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> list[SocketReport]:
-    """The sockets that make the rewrite fail: refused ones, and with --strict the ones left
-    on an uncovered specific address."""
-    bad = {REFUSED} | ({NEEDS_ADDRESS} if options.strict else set())
-    return [r for res in results.values() for r in res.problems if r.verdict in bad]
+    """The sockets that make the rewrite fail (decide.fails: refused ones, and with
+    --strict the ones left on an uncovered specific address)."""
+    return [r for res in results.values() for r in res.problems if fails(r.decision, options)]
 
 
 def raise_problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> None:
@@ -283,10 +271,7 @@ def raise_problems(results: Mapping[str, RewriteResult], options: RewriteOptions
     if bad:
         first = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise RewriteError(
-            f"{first.file}: socket id {first.id} {first.kind} {first.local} -> "
-            f"{first.remote}: {first.verdict}: {first.reason}{more}"
-        )
+        raise RewriteError(f"{first.line()}{more}")
 
 
 def rewrite_checkpoint(

@@ -40,21 +40,9 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .decide import CLOSED, REFUSED, SocketReport
-from .sockaddr import (
-    AF_INET,
-    AF_INET6,
-    ICMP_PROTOS,
-    SOCK_DGRAM,
-    SOCK_STREAM,
-    TCP_CONNECTED_STATES,
-    TCP_STATES,
-    IPAddress,
-    fmt_endpoint,
-    words_to_addr,
-)
+from .report import SocketReport
+from .sockaddr import AF_INET, AF_INET6, TCP_STATES, IPAddress, fmt_endpoint, words_to_addr
 
-UDPLITE = 136  # IPPROTO_UDPLITE (the socket module has no name for it)
 TCP_LISTEN_HEX = 0x0A
 TCP_CLOSE_HEX = 0x07
 TCP_TIME_WAIT_HEX = 0x06
@@ -190,32 +178,16 @@ def clashes(wants: Iterable[Want], holders: Sequence[Holder], where: str) -> lis
 
 
 def wants_of(reports: Iterable[SocketReport]) -> list[Want]:
-    """The endpoints a restore of these planned sockets (core.decide.SocketReport) binds on
-    its own: listeners, bound TCP sockets, UDP (and UDP-Lite) sockets with a port, at their
-    NEW address and port. Connections share their listener's port; closed ones bind
-    nothing; ping sockets bind nothing either (their "port" is the echo id, and CRIU 4.2.1
-    binds no ICMP socket)."""
+    """The endpoints a restore of these planned sockets binds on its own (each decision's
+    `binds`, at the socket's new local endpoint), each once."""
     out: list[Want] = []
     seen: set[tuple[str, int, IPAddress, int]] = set()
     for r in reports:
-        verdict = r.verdict
-        if verdict in (CLOSED, REFUSED):
-            continue
-        kind = r.type
-        if kind == SOCK_STREAM and r.state in TCP_CONNECTED_STATES:
-            continue
-        if kind not in (SOCK_STREAM, SOCK_DGRAM) or r.proto in ICMP_PROTOS:
-            continue
-        port = r.new_sport if r.new_sport is not None else r.sport
-        if not port:
-            continue
-        addr = r.new_src if r.new_src is not None else r.src
-        proto = "tcp" if kind == SOCK_STREAM else "udplite" if r.proto == UDPLITE else "udp"
-        key = (proto, r.family, addr, port)
-        if key in seen:
+        key = r.binds
+        if key is None or key in seen:
             continue
         seen.add(key)
-        label = f"{r.file}: socket id {r.id}"
-        out.append(Want(proto, r.family, addr, port, label,
+        proto, family, addr, port = key
+        out.append(Want(proto, family, addr, port, f"{r.file}: socket id {r.id}",
                         file=r.file, id=r.id))
     return out

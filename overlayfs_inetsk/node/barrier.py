@@ -195,10 +195,11 @@ def image_connections(image_dir: str) -> list[Conn]:
     results = merged(plan_tree(tree, AddressMap.from_args([])))
     for res in results.values():
         for r in res.reports:
-            if (r.type != SOCK_STREAM or r.state not in TCP_CONNECTED_STATES
-                    or r.state == TCP_TIME_WAIT):
+            s = r.sock
+            if (s.type != SOCK_STREAM or s.state not in TCP_CONNECTED_STATES
+                    or s.state == TCP_TIME_WAIT):
                 continue
-            src, dst = r.src, r.dst
+            src, dst = s.src, s.dst
             v4src, v4dst = getattr(src, "ipv4_mapped", None), getattr(dst, "ipv4_mapped", None)
             if v4src is not None and v4dst is not None:  # CRIU locks these with iptables
                 src, dst = v4src, v4dst

@@ -26,7 +26,6 @@ successful restore unless --work-dir named it, and kept, its path printed, on fa
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -370,21 +369,3 @@ def _rmdir(path: str) -> None:
         os.rmdir(path)
     except OSError:
         pass
-
-
-def render_json(p: Plan, cfg: RestoreConfig, out: RestoreOutcome) -> str:
-    """`restore --json`: inspect's document (docs/json.md) plus what restore did."""
-    from ..core.render import render_json as inspect_json
-
-    doc = json.loads(inspect_json(p.image_real, p.amap, p.results, p.ports_taken))
-    doc["netns"] = cfg.netns
-    doc["map_defaulted"] = p.map_defaulted
-    doc["restore"] = {
-        "exit_code": out.exit_code,
-        "criu_argv": out.argv,
-        "tcp_established_added": out.tcp_established_added,
-        "work_dir": out.work_dir,
-        "log": out.log,
-        "signal": signal.Signals(out.signal).name if out.signal else None,
-    }
-    return json.dumps(doc, indent=2) + "\n"
