@@ -20,7 +20,7 @@ def A(s):
 
 
 def bound(specs, locals_=(), resolve=None, env=None):
-    return AddressMap.from_args(specs, env=env).bind([A(x) for x in locals_], resolve)
+    return load_map(specs, env=env).bind([A(x) for x in locals_], resolve)
 
 
 def new(bmap, addr):

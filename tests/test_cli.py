@@ -121,9 +121,9 @@ def test_rewrite_shows_the_sockets_needing_attention(image_dir, tmp_path, capsys
 
     planned, write = [], offline.write_view_dir
 
-    def spy(*a, **kw):
-        planned.append(write(*a, **kw))
-        return planned[-1]
+    def spy(image_dir, out, tree, results):  # type: ignore[no-untyped-def]
+        planned.append(results)  # what the planner made for the writer
+        return write(image_dir, out, tree, results)
 
     monkeypatch.setattr(offline, "write_view_dir", spy)
     out = tmp_path / "view"

@@ -8,6 +8,7 @@ import pytest
 
 from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.core.hooktable import hook_plan
+from overlayfs_inetsk.planner.sources import load_map
 from overlayfs_inetsk.core.decide import RewriteOptions
 from overlayfs_inetsk.core.plan import plan_checkpoint as plan_group
 from overlayfs_inetsk.core.sockaddr import addr_to_words
@@ -18,7 +19,7 @@ A, B, P = "10.77.0.1", "10.77.0.2", "10.77.0.3"
 
 def plan(*sks, specs=("10.77.0.1=10.77.0.2",), env=None, fate="close"):
     images = {"files.img": files_img(*(inet_file_entry(s) for s in sks))}
-    amap = AddressMap.from_args(list(specs), env=env)
+    amap = load_map(list(specs), env=env)
     return plan_group(images, amap, None, RewriteOptions(tcp_outside=fate), reports=True)
 
 

@@ -15,10 +15,11 @@ from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
 from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.core.decide import RewriteOptions
 from overlayfs_inetsk.core.plan import rewrite_checkpoint
-from overlayfs_inetsk.planner.planner import generator
+from overlayfs_inetsk.planner.planner import Planner
 from overlayfs_inetsk.core.tree import ROOT_INODE
 from overlayfs_inetsk.host.listing import build_tree
-from overlayfs_inetsk.fuse.daemon import MountConfig, validate
+from overlayfs_inetsk.app.mount import validate
+from overlayfs_inetsk.fuse.daemon import MountConfig
 from overlayfs_inetsk.fuse.ops import ViewOperations
 from inetsk_testbed.net import scratch_netns, veth_with_route
 
@@ -71,8 +72,7 @@ def test_a_file_changed_after_validation_is_generated_at_open(tmp_path: Path) ->
     changed = files_img(inet_file_entry(isk(5, "10.77.0.1", 9000)))
     (root / "ck" / "files.img").write_bytes(changed)
     real = os.path.realpath(root / "ck" / "files.img")
-    ops = ViewOperations(prep.tree, generator(AddressMap.from_args(MAP), None,  # type: ignore[arg-type]
-                                              RewriteOptions()), generated=prep.generated)
+    ops = ViewOperations(prep.tree, Planner(AddressMap.from_args(MAP), RewriteOptions()).generator(None), generated=prep.generated)
     want = rewrite_checkpoint({real: changed}, AddressMap.from_args(MAP))[real].data
     assert trio.run(read_files_img, ops) == bytes(want)
     assert ops.generations == 1

@@ -9,9 +9,9 @@ import argparse
 import sys
 from typing import Any
 
-from .options import BARRIER_ACTIONS as ACTIONS
-from .options import BARRIER_DEFAULT_ACTION as DEFAULT_ACTION
-from .options import BARRIER_DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
+from ..options import BARRIER_ACTIONS as ACTIONS
+from ..options import BARRIER_DEFAULT_ACTION as DEFAULT_ACTION
+from ..options import BARRIER_DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
 
 
 def _barrier_options(p: argparse.ArgumentParser) -> None:
@@ -56,7 +56,8 @@ def add_group_parsers(subparsers: Any) -> None:
 
 
 def cmd_barrier(args: argparse.Namespace) -> int:
-    from ..node.barrier import Passed, run_action
+    from ..app.barrier import run_action
+    from ..node.barrier import Passed
 
     got = run_action(args.dir, args.name, args.members, args.timeout, args.action,
                      lock_connections=args.lock)

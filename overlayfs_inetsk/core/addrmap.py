@@ -1,9 +1,8 @@
 """The address map: the rules in force, indexed, refusing rules that cannot stand together.
 
 AddressMap.from_args puts together the `--map` rules (rules.py parses each), map files
-(mapfile.py), $INETSK_LOCAL_IPV4/6 (the environment form of CRIU's sample plugin,
-`INETSK_LOCAL_IPV4=<ipv4>`, means `local4=<ipv4>` unless a `local` rule is given) and the
-port offset. Two address rules whose prefixes overlap, two local rules of one family, two
+(mapfile.py), fallback local rules (planner/sources.py's environment form) and the port
+offset. Two address rules whose prefixes overlap, two local rules of one family, two
 port rules with one old side or one new side, a second port offset: refused, naming the
 first rule. AddressMap.bind applies the map to one checkpoint (boundmap.py).
 
@@ -14,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import MapError
@@ -22,9 +21,6 @@ from .boundmap import BoundMap, Resolver
 from .mapfile import PORT_OFFSET_KEY, parse_map_file
 from .rules import LocalRule, PortRule, Rule, check_port_offset, parse_rule
 from .sockaddr import IPAddress
-
-ENV_LOCAL = {4: "INETSK_LOCAL_IPV4", 6: "INETSK_LOCAL_IPV6"}
-
 
 class _Prefixes:
     """One IP version's address rules by prefix length: what the overlap check and the
@@ -183,20 +179,23 @@ class AddressMap:
         cls,
         specs: Sequence[str] = (),
         files: Iterable[tuple[str, bytes]] = (),
-        env: Mapping[str, str] | None = None,
         port_offset: int | None = None,
-    ) -> "AddressMap":
+        fallback_local: Sequence[tuple[str, str]] = (),
+    ) -> AddressMap:
         """The map of `--map` rules, map files ((path, contents) pairs, read by an adapter:
         planner/sources.py; taken in order, so an adapter may read each as it is asked
-        for), the $INETSK_LOCAL_IPV4/6 of `env` and `port_offset` (--port-offset; None: not
-        given). A port offset may not be given twice (on the command line and in a map
-        file, or in two files)."""
+        for) and `port_offset` (--port-offset; None: not given), and of `fallback_local`
+        ((spec, source) pairs of `local4=`/`local6=` rules, each added only if no rule
+        above is a local rule of its family: the environment form, sources.py). A port
+        offset may not be given twice (on the command line and in a map file, or in two
+        files)."""
         with _no_gc():
-            return cls._from_args(specs, files, env, port_offset)
+            return cls._from_args(specs, files, port_offset, fallback_local)
 
     @classmethod
     def _from_args(cls, specs: Sequence[str], files: Iterable[tuple[str, bytes]],
-                   env: Mapping[str, str] | None, port_offset: int | None) -> "AddressMap":
+                   port_offset: int | None, fallback_local: Sequence[tuple[str, str]]
+                   ) -> AddressMap:
         pairs: list[tuple[str, str]] = []
         amap = cls()
         for path, raw in files:
@@ -211,12 +210,10 @@ class AddressMap:
         add = amap._add
         for spec, source in pairs:
             add(parse_rule(spec, source))
-        if env is not None:
-            for version, name in ENV_LOCAL.items():
-                value = env.get(name, "").strip()
-                if value and version not in amap.local:
-                    rule = parse_rule(f"local{version}={value}", f"${name}")
-                    amap._add(rule)
+        for spec, source in fallback_local:
+            rule = parse_rule(spec, source)
+            if isinstance(rule, list) and not any(lr.version in amap.local for lr in rule):
+                add(rule)
         return amap
 
     def _set_offset(self, offset: int, source: str) -> None:

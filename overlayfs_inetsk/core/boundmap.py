@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from ..errors import RewriteError
-from .endpoints import Endpoints
+from .endpoints import Endpoints, Moved
 from .rules import LocalRule, Network, PortRule, Rule, _ip, _unmap
 from .sockaddr import AF_INET, IPAddress, addr_to_words, is_multicast, is_special, words_to_addr
 
@@ -145,9 +145,7 @@ class BoundMap:
         self._locals: set[IPAddress] | None = None
         self.moves_ports = amap.moves_ports()
         # where local endpoints go (port rules, the offset, then lookup())
-        self.endpoints = Endpoints(amap.port_rules, amap.port_offset, amap.port_offset_source,
-                                   self.lookup, self._auto)
-        self.endpoint = self.endpoints.endpoint
+        self.endpoints = Endpoints(amap.port_rules, amap.port_offset, amap.port_offset_source)
         self.names_endpoint = self.endpoints.names_endpoint
         # the rules by prefix (shared with the map, which is not changed after from_args)
         self._prefixes = amap.prefixes
@@ -165,6 +163,14 @@ class BoundMap:
             addrs = src() if callable(src) else src
             self._locals = {u for u in map(_unmap, addrs) if not is_special(u) and not u.is_multicast}
         return self._locals
+
+    def endpoint(self, addr: IPAddress, port: int) -> Moved | None:
+        """Where a local endpoint goes (endpoints.py's Endpoints.endpoint)."""
+        return self.endpoints.endpoint(addr, port, self)
+
+    def auto(self, version: int, source: str) -> IPAddress:
+        """This node's address of `version` for an `auto` target of rule `source`."""
+        return self._auto(version, source)
 
     def _auto(self, version: int, source: str) -> IPAddress:
         got = self._resolved.get(version)

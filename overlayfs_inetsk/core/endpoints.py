@@ -9,8 +9,8 @@ lookup and its `auto` resolution.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 from ..errors import PortRangeError
 from .reasons import PORT_BY, SRC_AND_PORT_BY, SRC_BY, Reason
@@ -32,19 +32,24 @@ class Moved(NamedTuple):
 _new = tuple.__new__
 
 
+class Owner(Protocol):
+    """The bound map an Endpoints serves (passed per call, not kept: no reference cycle, so
+    a bound map goes with its last user)."""
+
+    def lookup(self, addr: IPAddress, is_src: bool = False) -> tuple[IPAddress, str] | None: ...
+    def auto(self, version: int, source: str) -> IPAddress: ...
+
+
 class Endpoints:
     """The port rules (by old port) and the port offset of one bound map."""
 
-    def __init__(self, port_rules: Sequence[PortRule], offset: int, offset_source: str,
-                 lookup: Callable[[IPAddress, bool], tuple[IPAddress, str] | None],
-                 auto: Callable[[int, str], IPAddress]) -> None:
+    def __init__(self, port_rules: Sequence[PortRule], offset: int, offset_source: str
+                 ) -> None:
         self._rules: dict[int, list[PortRule]] = {}
         for pr in port_rules:
             self._rules.setdefault(pr.old_port, []).append(pr)
         self._offset = offset
         self._offset_source = offset_source
-        self._lookup = lookup  # BoundMap.lookup(addr, is_src)
-        self._auto = auto  # BoundMap._auto(version, rule source)
         self._cache: dict[tuple[IPAddress, int], Moved | None | PortRangeError] = {}
 
     def port_rule(self, addr: IPAddress, port: int) -> PortRule | None:
@@ -65,7 +70,7 @@ class Endpoints:
         pr = self.port_rule(addr, port)
         return pr is not None and pr.old_addr is not None
 
-    def endpoint(self, addr: IPAddress, port: int) -> Moved | None:
+    def endpoint(self, addr: IPAddress, port: int, owner: Owner) -> Moved | None:
         """Where a local endpoint (a socket's source address and port) goes: the port by
         the port rule naming it, else by the port offset (non-zero ports only); the address
         by the port rule's new address if it names one, else by the address rules
@@ -80,14 +85,14 @@ class Endpoints:
                 raise got
             return got
         try:
-            got = self._endpoint(addr, port)
+            got = self._endpoint(addr, port, owner)
         except PortRangeError as exc:
             cache[key] = exc
             raise
         cache[key] = got
         return got
 
-    def _endpoint(self, addr: IPAddress, port: int) -> Moved | None:
+    def _endpoint(self, addr: IPAddress, port: int, owner: Owner) -> Moved | None:
         pr = self.port_rule(addr, port) if port else None
         new_port, port_why = port, ""
         new_addr: IPAddress | None = None
@@ -95,7 +100,7 @@ class Endpoints:
         if pr is not None:
             new_port, port_why = pr.new_port, pr.source
             if pr.new_addr is not None or pr.new_auto:
-                target = pr.new_addr if pr.new_addr is not None else self._auto(
+                target = pr.new_addr if pr.new_addr is not None else owner.auto(
                     _unmap(addr).version, pr.source)
                 if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
                     target = ipaddress.IPv6Address("::ffff:" + str(target))
@@ -107,7 +112,7 @@ class Endpoints:
                 raise PortRangeError(port, self._offset, new_port, self._offset_source)
             port_why = self._offset_source
         if new_addr is None and not addr_why:
-            hit = self._lookup(addr, True)
+            hit = owner.lookup(addr, True)
             if hit is not None:
                 new_addr, addr_why = hit
         if new_addr is None and new_port == port:

@@ -1,16 +1,14 @@
-"""The one entry point from an image tree and an address map to what happens to its sockets.
-Long: the one pass over a checkpoint's entries and what keeps it fast (a decision per kind
-of socket, not per socket; one pass for `local` maps) belong together.
+"""One checkpoint's socket images and an address map to what happens to every socket, and
+the bytes to serve: the one pass over the entries.
 
-    plan_tree(tree, amap, resolve, options)   one CheckpointPlan per checkpoint dir
-    plan_checkpoint(images, amap, ...)        one checkpoint dir, its images already read
+    plan_checkpoint(images, amap, resolve, options)   the images of one checkpoint dir
+                                                      (path -> bytes), planned together
+    rewrite_checkpoint(...)                           the same, RewriteError for a refusal
 
-Every adapter goes through here: `inspect` (cli/images.py), the offline `rewrite`
-(offline.py), `restore` and `barrier` (node/), mount validation (fuse/daemon.py) and the
-FUSE view's generation on first open (fuse/ops.py). No other module loops over checkpoint
-dirs or socket entries. Per entry, in ONE decoding pass: entries.py decodes it, decide.py
-decides its fate (once per distinct key), entries.py splices a changed entry back when the
-bytes are asked for.
+The planner (planner/planner.py) calls it for every adapter; no other module loops over
+socket entries. Per entry, in ONE decoding pass: entries.py decodes it, decide.py decides
+its fate (once per kind of socket: see _plan_image), entries.py splices a changed entry
+back. The `local` protocol that keeps it one pass is boundmap.one_pass.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import pytest
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
 from inetsk_testbed import criu, probe
 from inetsk_testbed.mount import mount_daemons
-from overlayfs_inetsk.node.restore import RESTORE_DIR
+from overlayfs_inetsk.host.stale import RESTORE_DIR
 
 CLI = [sys.executable, "-m", "overlayfs_inetsk.cli"]
 A4, A6 = "10.77.0.1", "fd77::1"

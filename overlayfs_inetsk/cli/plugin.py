@@ -7,8 +7,8 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from . import DEFAULT_LIBDIR, DEFAULT_SOCKET, VIEW_ROOT
-from .wire import CLI_FD, TIMEOUT_MAX_MS, TIMEOUT_MS
+from ..plugin import DEFAULT_LIBDIR, DEFAULT_SOCKET, VIEW_ROOT
+from ..plugin.wire import CLI_FD, TIMEOUT_MAX_MS, TIMEOUT_MS
 
 
 def _timeout_ms(text: str) -> int:
@@ -58,7 +58,7 @@ def add_plugin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
-    from .install import PluginConf, install
+    from ..plugin.install import PluginConf, install
 
     conf = PluginConf(cli="none" if args.no_cli else args.cli,
                       agent_socket=args.agent_socket, timeout_ms=args.timeout_ms)
@@ -68,7 +68,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    from .install import remove
+    from ..plugin.install import remove
 
     for line in remove(args.libdir) or [f"not installed in {args.libdir}"]:
         print(line)
@@ -76,7 +76,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
-    from .agent import serve
+    from ..app.agent import serve
 
     return serve(args.socket, args.view_root)
 
@@ -92,7 +92,7 @@ def plugin_view_main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     import socket
 
-    from .agent import handle
+    from ..app.agent import handle
 
     try:
         conn = socket.socket(fileno=args.socket_fd)

@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable
 
 from ..errors import InetskError
-from . import DEFAULT_SOCKET, VIEW_ROOT, viewroot
-from .wire import (
+from ..plugin import DEFAULT_SOCKET, VIEW_ROOT, viewroot
+from ..plugin.wire import (
     BACKLOG,
     MAX_IN_FLIGHT,
     READ_MS,
@@ -84,7 +84,7 @@ def _fd_kinds(fds: list[int]) -> str | None:
 def handle(conn: socket.socket, view_root: str = VIEW_ROOT) -> None:
     """Serve one request on conn (the agent's connection, or the CLI's fd 3) and close it.
     Never raises for what a client sends."""
-    from .viewmaker import Reply, make_view
+    from .plugin_view import Reply, make_view
 
     fds: list[int] = []
     reply: Reply | None = None
@@ -184,7 +184,7 @@ def _drop(view: viewroot.View | None) -> None:
 def _warm_up() -> None:
     """Import what a request needs now, not during the first restore."""
     from ..host import rtnl  # noqa: F401
-    from . import planning, viewmaker  # noqa: F401
+    from . import plugin_view  # noqa: F401
 
 
 def _answers(path: str) -> str | None:
