@@ -457,7 +457,8 @@ GROUP_SCRIPT = """\
 # CRIU action script of one member of a group restored through Podman (runc):
 # docs/tcp.md, "Groups through Podman". The member's CRIU config file (the container's
 # org.criu.config annotation, or /etc/criu/runc.conf) names it: action-script THIS_FILE.
-if [ "$CRTOOLS_SCRIPT_ACTION" = setup-namespaces ]; then
+case "$CRTOOLS_SCRIPT_ACTION" in
+setup-namespaces)
     # The restored root task is in the container's new network namespace and no socket
     # exists yet: lock that namespace the way CRIU locks one it restores itself (its
     # CRIU chain, which CRIU deletes at network-unlock, right after post-restore).
@@ -471,12 +472,13 @@ if [ "$CRTOOLS_SCRIPT_ACTION" = setup-namespaces ]; then
 -A CRIU -j DROP
 COMMIT
 EOF
-    done
-    exit 0
-fi
-# At post-restore, wait until every member's sockets exist (other actions: nothing).
-# --no-lock: the barrier's own lock would go into criu's network namespace, the host's.
-exec {cli} barrier --dir {dir} --members {members} --name {name} --timeout {timeout} --no-lock
+    done ;;
+post-restore)
+    # Wait until every member's sockets exist. --no-lock: the barrier's own lock would
+    # go into criu's network namespace, which under runc is the host's.
+    exec {cli} barrier --dir {dir} --members {members} --name {name} --timeout {timeout} \\
+        --no-lock ;;
+esac
 """
 
 
