@@ -525,10 +525,11 @@ def repack_archive(src: Path, dest: Path, *, add: dict[str, str] | None = None,
     """A copy of a Podman checkpoint archive (a zstd tar) with files added (``add``:
     path in the archive -> text, e.g. ``checkpoint/overlayfs-inetsk.map``) and, given
     ``addresses`` (the new IPv4 and/or IPv6 address), the container's fixed addresses
-    changed to them in the two places Podman 4.3 takes a restored container's address from:
-    ``network.status`` (each interface's subnets) and ``config.dump`` (its networks'
-    ``static_ips``). Podman has no restore option that names an address; a group's map
-    needs the members' new addresses before the restore."""
+    changed to them: in ``network.status`` (each interface's subnets), which is where
+    Podman 4.3 takes a restored container's address from unless --ignore-static-ip
+    (measured: an edit of config.dump alone changed nothing), and in ``config.dump`` (its
+    networks' ``static_ips``), so that the two agree. Podman has no restore option that
+    names an address; a group's map needs the members' new addresses before the restore."""
     tree = dest.with_name(dest.name + ".d")
     tree.mkdir()
     subprocess.run(["tar", "-C", str(tree), "-xf", str(src)], check=True, timeout=60)
