@@ -29,12 +29,18 @@ RUN bash -c ". /tmp/apt-mirror.sh && criu_src_entry" > /etc/apt/sources.list.d/c
     && make -C criu -j"$(nproc)" criu && make -C criu lib \
     && make -C criu PREFIX=/usr/local DESTDIR=/out install-criu \
     && echo "__version__ = '4.2.1'" > criu/crit/crit/version.py
+# the venv with pycriu, crit and the dependencies pyproject.toml names, before the tree is
+# copied: a change to the tree alone rebuilds neither CRIU nor these (pyfuse3 compiles)
+COPY pyproject.toml /deps/pyproject.toml
+RUN python3 -c 'import tomllib; print("\n".join(["setuptools>=77", *tomllib.load(open("/deps/pyproject.toml", "rb"))["project"]["dependencies"]]))' > /deps/requirements.txt \
+    && python3 -m venv /opt/overlayfs-inetsk/venv \
+    && /opt/overlayfs-inetsk/venv/bin/pip install --no-cache-dir /src/criu/lib /src/criu/crit \
+    && /opt/overlayfs-inetsk/venv/bin/pip install --no-cache-dir -r /deps/requirements.txt
 COPY . /app
 # the CRIU plugin (docs/plugin.md), against the same CRIU source tree; the DaemonSet's init
 # container installs it from /usr/local/lib/overlayfs-inetsk (`plugin install`)
 RUN make -C /app/plugin CRIU_SRC=/src/criu OUT=/out/plugin
-RUN python3 -m venv /opt/overlayfs-inetsk/venv \
-    && /opt/overlayfs-inetsk/venv/bin/pip install --no-cache-dir /src/criu/lib /src/criu/crit /app
+RUN /opt/overlayfs-inetsk/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation /app
 
 FROM ${DEBIAN}
 RUN apt-get update && apt-get install -y --no-install-recommends \

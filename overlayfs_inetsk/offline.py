@@ -9,12 +9,17 @@ the runtime plugin does not rewrite a view again.
 
 relative_links=True (the runtime plugin): the symlinks are relative to their own directory,
 so they resolve inside a restored container's mount namespace too (FACTS.md).
+
+Modes, whatever the caller's umask: a rewritten socket image has its original's (CRIU
+writes 0600); a directory has its original's, without group or world write, plus the
+owner's rwx (so that its owner can remove the view). Nothing is wider than the original.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 
 from .core.addrmap import AddressMap, Resolver
@@ -75,9 +80,10 @@ def write_view_dir(
 
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_abs)}.", dir=parent)
     try:
-        os.chmod(tmp, 0o755)
+        root_mode = dir_mode(tree.root.st.st_mode)
         _populate(tree, os.fsencode(tmp), results)
-        _write_marker(os.path.join(tmp, VIEW_MARKER))
+        _write_marker(os.path.join(tmp, VIEW_MARKER), root_mode & 0o444)
+        os.chmod(tmp, root_mode)
         os.rename(tmp, out_abs)  # replaces an empty OUT_DIR atomically
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -85,14 +91,21 @@ def write_view_dir(
     return results
 
 
-def _write_marker(path: str) -> None:
+def dir_mode(original: int) -> int:
+    """A view directory's permissions: its original's, without group or world write, plus
+    the owner's rwx."""
+    return stat.S_IMODE(original) & 0o755 | 0o700
+
+
+def _write_marker(path: str, mode: int) -> None:
     try:  # O_EXCL: a marker linked from IMAGE_DIR (a view of a view) is left as it is
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         return
     with os.fdopen(fd, "w") as f:
         f.write("a per-node view written by overlayfs-inetsk: its socket images are "
                 "rewritten already\n")
+        os.fchmod(f.fileno(), mode | 0o400)
 
 
 def _populate(tree: ImageTree, tmp: bytes, results: dict[str, RewriteResult]) -> None:
@@ -102,11 +115,13 @@ def _populate(tree: ImageTree, tmp: bytes, results: dict[str, RewriteResult]) ->
             continue
         dest = os.path.join(tmp, tree.path(node.inode))
         if node.kind is Kind.DIR:
-            os.mkdir(dest, 0o755)
+            os.mkdir(dest, 0o700)
+            os.chmod(dest, dir_mode(node.st.st_mode))
         elif node.kind is Kind.SOCKET_IMAGE:
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(results[os.fsdecode(node.real_path)].data)
+                os.fchmod(f.fileno(), stat.S_IMODE(node.st.st_mode) & 0o777)
         else:
             assert node.link_target is not None
             os.symlink(node.link_target, dest)

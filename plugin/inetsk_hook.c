@@ -22,8 +22,9 @@
 
 #include "criu-log.h"
 #include "inetsk_hook.h"
+#include "inetsk_wire.h"
 
-#define TABLE_MAX 4096
+#define TABLE_MAX INETSK_WIRE_TABLE_MAX
 
 struct hook_entry {
 	uint32_t family, state, src[4], dst[4];

@@ -256,3 +256,32 @@ def test_a_missing_module_of_our_own_is_still_a_bug(image_dir):
     p = subprocess.run([sys.executable, "-c", _HIDE, "overlayfs_inetsk.core.render", "inspect",
                         str(image_dir)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 70 and "Traceback" in p.stderr
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+def test_rewrite_keeps_the_originals_modes(image_dir, tmp_path, capsys, umask):
+    """Issue 18: views were written 0644 (CRIU writes its images 0600). A socket image
+    keeps its original's mode, a directory its original's without group/world write (plus
+    the owner's rwx), whatever the umask."""
+    sub = image_dir / "checkpoint-extra"
+    (sub / "files.img").write_bytes((image_dir / "files.img").read_bytes())
+    (image_dir / "files.img").chmod(0o600)
+    (sub / "files.img").chmod(0o640)
+    image_dir.chmod(0o750)
+    sub.chmod(0o777)
+    out = tmp_path / "view"
+    old = os.umask(umask)
+    try:
+        assert main(["rewrite", str(image_dir), str(out), "--map", "local=10.9.0.7"]) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+
+    def mode(p):
+        return oct(os.lstat(p).st_mode & 0o7777)
+
+    assert mode(out / "files.img") == oct(0o600)
+    assert mode(out / "checkpoint-extra" / "files.img") == oct(0o640)
+    assert mode(out) == oct(0o750)
+    assert mode(out / "checkpoint-extra") == oct(0o755)  # never world-writable
+    assert mode(out / ".overlayfs-inetsk-view") == oct(0o440)

@@ -5,6 +5,7 @@ agent sees the node's paths at the node's paths."""
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -54,12 +55,16 @@ def test_commands_parse_and_use_the_codes_defaults():
 
     spec = _daemonset()["spec"]["template"]["spec"]
     cmds = {c["name"]: c["command"] for c in spec["initContainers"] + spec["containers"]}
+    # the image's own path to the CLI (its ENTRYPOINT's), not a name looked up on PATH
+    entry = re.search(r'^ENTRYPOINT \["([^"]+)"', (ROOT / "Dockerfile").read_text(), re.M)
+    assert entry and entry.group(1).endswith("/bin/overlayfs-inetsk"), entry
     for name, cmd in cmds.items():
-        assert cmd[0] == "overlayfs-inetsk", name
+        assert cmd[0] == entry.group(1), name
         make_parser().parse_args(cmd[1:])  # exits (fails the test) on a bad command line
     install = cmds["install-plugin"]
     assert install[1:3] == ["plugin", "install"]
     assert install[install.index("--libdir") + 1] == DEFAULT_LIBDIR
+    assert "--no-cli" in install  # the CLI is inside the image, not on the node
     agent = cmds["agent"]
     assert agent[1] == "agent" and agent[agent.index("--socket") + 1] == DEFAULT_SOCKET, \
         shlex.join(agent)
@@ -81,3 +86,42 @@ def test_host_paths_are_mounted_where_the_node_has_them():
         assert need in mounted, need
     agent = next(c for c in spec["containers"] if c["name"] == "agent")
     assert agent["securityContext"]["privileged"] is True  # setns into the restore's netns
+
+
+def test_the_daemonset_as_pods_changes_only_what_it_is_told():
+    """inetsk_testbed.kube turns the template into the Pods tests/integration/test_daemonset.py
+    plays: every field kept but the image and the named hostPaths; the init containers in a
+    pod of their own that runs once, with only the volumes they mount."""
+    from inetsk_testbed.kube import pods_from_daemonset
+
+    ds = _daemonset()
+    spec = ds["spec"]["template"]["spec"]
+    init, main = pods_from_daemonset(ds, "x", image="img:1", label="k=v",
+                                     host_paths={"criu-lib": "/tmp/lib"},
+                                     init_args=["--timeout-ms", "5"])
+    assert init["metadata"]["name"] == "x-init" and main["metadata"]["name"] == "x"
+    assert init["spec"]["restartPolicy"] == "Never" and "restartPolicy" not in main["spec"]
+    assert main["metadata"]["labels"]["k"] == "v"
+    for pod, want in ((init, spec["initContainers"]), (main, spec["containers"])):
+        assert "initContainers" not in pod["spec"]
+        got = pod["spec"]["containers"]
+        assert [c["image"] for c in got] == ["img:1"] * len(want)
+        for g, w in zip(got, want, strict=True):
+            extra = ["--timeout-ms", "5"] if pod is init else []
+            assert {**g, "image": w["image"], "command": w["command"]} == w
+            assert g["command"] == w["command"] + extra
+        used = {m["name"] for c in want for m in c.get("volumeMounts", [])}
+        vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert set(vols) == used
+        for v in spec["volumes"]:
+            if v["name"] not in used:
+                continue
+            if v["name"] == "criu-lib":
+                assert vols[v["name"]]["hostPath"] == {**v["hostPath"], "path": "/tmp/lib"}
+            else:
+                assert vols[v["name"]] == v
+    for key in ("priorityClassName", "tolerations", "nodeSelector"):
+        assert main["spec"][key] == spec[key]
+    assert spec["volumes"][0]["hostPath"]["path"] == "/usr/lib/criu"  # the manifest untouched
+    with pytest.raises(ValueError, match="no hostPath volume"):
+        pods_from_daemonset(ds, "x", image="i", label="k=v", host_paths={"tmp": "/x"})

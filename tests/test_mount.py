@@ -206,6 +206,42 @@ def test_serve_read(mounts: Mounts, image: Path) -> None:
     assert served_src((mp / "checkpoint" / "files.img").read_bytes())[0] == "10.200.200.200"
 
 
+def test_serve_read_serves_only_the_file_it_listed(mounts: Mounts, image: Path,
+                                                   tmp_path: Path) -> None:
+    """--serve read with --allow-other: the daemon (root) opens the original for whoever
+    reads the view. An original swapped after the mount for a symlink (to a file the
+    reader may not see) or for another file gets EIO and one log line; the rest is served."""
+    mp = mounts.mountpoint()
+    mounts.mount(image, mp, "--serve", "read", "--allow-other", *MAP)
+    pages, spec = image / "checkpoint" / "pages-1.img", image / "spec.dump"
+    original = pages.read_bytes()
+    assert (mp / "checkpoint" / "pages-1.img").read_bytes() == original
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root's secret")
+    secret.chmod(0o600)
+    pages.rename(tmp_path / "pages-1.img.orig")
+    pages.symlink_to(secret)  # swapped for a symlink
+    with pytest.raises(OSError) as ei:
+        (mp / "checkpoint" / "pages-1.img").read_bytes()
+    assert ei.value.errno == errno.EIO
+    spec.rename(tmp_path / "spec.orig")
+    spec.write_bytes(b'{"x": 2}')  # swapped for another file (another inode)
+    with pytest.raises(OSError) as ei:
+        (mp / "spec.dump").read_bytes()
+    assert ei.value.errno == errno.EIO
+    assert served_src((mp / "checkpoint" / "files.img").read_bytes())[0] == "10.200.200.200"
+    assert (mp / os.fsdecode(ODD)).read_bytes() == b"odd"  # still serving
+    pages.unlink()
+    (tmp_path / "pages-1.img.orig").rename(pages)  # the listed file back: served again
+    assert (mp / "checkpoint" / "pages-1.img").read_bytes() == original
+    log = (mounts.tmp / "mnt.log").read_text()
+    lines = [ln for ln in log.splitlines() if "ERROR" in ln]
+    assert len(lines) == 2, lines
+    assert "checkpoint/pages-1.img: it is a symlink now (not followed)" in lines[0]
+    assert "spec.dump: not the file listed at mount time (inode " in lines[1]
+    assert "Traceback" not in log
+
+
 def test_kill9_then_umount_and_fresh_mount(mounts: Mounts, image: Path) -> None:
     mp = mounts.mountpoint()
     mounts.mount(image, mp, *MAP)

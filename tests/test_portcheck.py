@@ -181,3 +181,47 @@ def test_wants_of_a_plan_are_the_new_endpoints_the_restore_binds():
                                                                 port_offset=1000))
     got = [(w.proto, str(w.addr), w.port, w.id) for w in wants_of(res["f.img"].reports)]
     assert got == [("tcp", "10.0.0.2", 1080, 1), ("udp", "::", 1053, 4)]
+
+
+def test_ping_sockets_want_no_port_and_udplite_its_own():
+    """A ping socket's src_port is its echo id and CRIU 4.2.1 binds no ICMP socket: it
+    wants no port (issue 18: it was checked as UDP). UDP-Lite ports are not UDP ones."""
+    from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
+
+    from overlayfs_inetsk.core.addrmap import AddressMap
+    from overlayfs_inetsk.core.plan import plan_checkpoint
+    from overlayfs_inetsk.node.portcheck import wants_of
+
+    def dgram(id_, src, port, proto):
+        e = isk(id_, src, port, proto="udp")
+        e.proto = proto
+        return e
+
+    data = files_img(*(inet_file_entry(e) for e in (
+        dgram(1, "10.0.0.1", 5353, socket.IPPROTO_ICMP),     # ping, echo id 5353
+        dgram(2, "fd00::1", 5354, socket.IPPROTO_ICMPV6),    # ping6
+        dgram(3, "10.0.0.1", 5355, 136),                     # UDP-Lite
+        dgram(4, "10.0.0.1", 5356, socket.IPPROTO_UDP),      # UDP
+    )))
+    res = plan_checkpoint({"f.img": data}, AddressMap.from_args([]))
+    got = [(w.proto, w.port, w.id) for w in wants_of(res["f.img"].reports)]
+    assert got == [("udplite", 5355, 3), ("udp", 5356, 4)]
+
+
+@pytest.mark.root
+def test_udplite_and_udp_ports_are_apart_in_a_namespace(netns):
+    def make(proto, port):
+        def run():
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, proto)
+            s.bind(("0.0.0.0", port))
+            return s
+        return in_netns(netns, run)
+
+    with make(136, 7301), make(socket.IPPROTO_UDP, 7302):
+        wants = [Want("udp", AF_INET, A("127.0.0.1"), 7301, "a"),
+                 Want("udplite", AF_INET, A("127.0.0.1"), 7301, "b"),
+                 Want("udplite", AF_INET, A("127.0.0.1"), 7302, "c"),
+                 Want("udp", AF_INET, A("127.0.0.1"), 7302, "d")]
+        got = taken(wants, netns)
+        assert [c.want.label for c in got] == ["b", "d"]
+        assert "by udplite 0.0.0.0:7301 bound" in str(got[0])

@@ -26,10 +26,15 @@ Pure: no I/O but reading map files.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
 import ipaddress
+import os
 import socket
+import stat
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from ..errors import MapError, PortRangeError, RewriteError
 from .sockaddr import (
@@ -48,31 +53,43 @@ ENV_LOCAL = {4: "INETSK_LOCAL_IPV4", 6: "INETSK_LOCAL_IPV6"}
 AUTO = "auto"
 
 
-def _overlap(a: Network, b: Network) -> bool:
-    """Networks of one version that share an address (IPv4 and IPv6 ones never do)."""
-    if isinstance(a, ipaddress.IPv4Network):
-        return isinstance(b, ipaddress.IPv4Network) and a.overlaps(b)
-    return isinstance(b, ipaddress.IPv6Network) and a.overlaps(b)
+class Rule(NamedTuple):
+    """An address rule: OLD prefix -> NEW. Kept as integers (a map may hold 100,000 rules:
+    no ipaddress object is made for one until it is asked for, see `old` and `new`)."""
 
-
-@dataclass(frozen=True)
-class Rule:
-    old: Network
-    new: Network | IPAddress | None  # network: keep host part; address: all to it; None: auto
+    version: int
+    net: int  # the OLD prefix's first address
+    plen: int  # the OLD prefix's length
+    target: int | None  # the NEW address (or NEW prefix's first address); None: auto
+    keep_host: bool  # NEW is a prefix (of the same length): the host part is kept
     source: str  # where the rule came from, for messages
 
     @property
-    def version(self) -> int:
-        return self.old.version
+    def old(self) -> Network:
+        if self.version == 4:
+            return ipaddress.IPv4Network((self.net, self.plen))
+        return ipaddress.IPv6Network((self.net, self.plen))
+
+    @property
+    def new(self) -> Network | IPAddress | None:
+        """A network: keep the host part; an address: all to it; None: auto."""
+        if self.target is None:
+            return None
+        if self.keep_host:
+            if self.version == 4:
+                return ipaddress.IPv4Network((self.target, self.plen))
+            return ipaddress.IPv6Network((self.target, self.plen))
+        return _ip(self.version, self.target)
 
     def __str__(self) -> str:
         return self.source
 
 
-@dataclass(frozen=True)
-class PortRule:
+class PortRule(NamedTuple):
     """`OLD_ADDR:OLD_PORT=NEW_ADDR:NEW_PORT`. old_addr None: any address. new_addr None:
-    the address the address rules give (new_auto: this node's address, `auto:PORT`)."""
+    the address the address rules give (new_auto: this node's address, `auto:PORT`).
+    overlaps() and same_target() say which pairs AddressMap refuses (it asks _PortSides,
+    which answers the same of a new rule and all earlier ones at once)."""
 
     old_addr: IPAddress | None
     old_port: int
@@ -117,16 +134,63 @@ def _unmap(addr: IPAddress) -> IPAddress:
     return addr
 
 
+_pton = socket.inet_pton
+_AF6 = socket.AF_INET6
+_IPv4, _IPv6 = ipaddress.IPv4Address, ipaddress.IPv6Address
+_MAPPED = 0xFFFF  # n >> 32 of an IPv4-mapped IPv6 address (::ffff:a.b.c.d)
+
+
+def _ip(version: int, n: int) -> IPAddress:
+    return _IPv4(n) if version == 4 else _IPv6(n)
+
+
+def _addr_int(text: str) -> tuple[int, int] | None:
+    """(version, integer) of an address, unmapped (::ffff:a.b.c.d is IPv4); None when
+    inet_pton does not take it (then ipaddress gives the answer or the message). On every
+    text both accept, they agree (ipaddress also takes an IPv6 scope, `%eth0`)."""
+    try:
+        if ":" in text:
+            n = int.from_bytes(_pton(_AF6, text), "big")
+            if n >> 32 == _MAPPED:
+                return 4, n & 0xFFFFFFFF
+            return 6, n
+        return 4, int.from_bytes(_pton(AF_INET, text), "big")
+    except (OSError, ValueError):
+        return None
+
+
 def _parse_addr(text: str, source: str, what: str) -> IPAddress:
+    got = _addr_int(text)
+    if got is not None:
+        return _IPv4(got[1]) if got[0] == 4 else _IPv6(got[1])
     try:
         return _unmap(ipaddress.ip_address(text))
     except ValueError:
         raise MapError(f"{source}: {what} {text!r} is not an IPv4 or IPv6 address") from None
 
 
-def _parse_net(text: str, source: str, what: str) -> Network:
+def _parse_net(text: str, source: str, what: str) -> tuple[int, int, int]:
+    """(version, first address, prefix length) of an address or prefix, an IPv4-mapped
+    one read as IPv4."""
     if "/" not in text:
-        return ipaddress.ip_network(_parse_addr(text, source, what))
+        got = _addr_int(text)
+        if got is None:
+            got = (a := _parse_addr(text, source, what)).version, int(a)
+        return got[0], got[1], 32 if got[0] == 4 else 128
+    addr_s, _, len_s = text.partition("/")
+    if len_s.isascii() and len_s.isdigit():  # a length, as ipaddress reads one
+        plen = int(len_s)
+        six = ":" in addr_s
+        try:
+            n = int.from_bytes(_pton(_AF6 if six else AF_INET, addr_s), "big")
+        except (OSError, ValueError):
+            n, plen = 0, -1
+        bits = 128 if six else 32
+        if 0 <= plen <= bits and not n & ((1 << (bits - plen)) - 1):
+            if six and plen >= 96 and n >> 32 == _MAPPED:
+                return 4, n & 0xFFFFFFFF, plen - 96
+            return (6 if six else 4), n, plen
+    # anything else (a netmask, host bits set, a bad length): ipaddress's answer or message
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
@@ -134,8 +198,8 @@ def _parse_net(text: str, source: str, what: str) -> Network:
     if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
         mapped = net.network_address.ipv4_mapped
         if mapped is not None:
-            return ipaddress.IPv4Network(f"{mapped}/{net.prefixlen - 96}")
-    return net
+            return 4, int(mapped), net.prefixlen - 96
+    return net.version, int(net.network_address), net.prefixlen
 
 
 MAX_PORT = 65535
@@ -204,12 +268,15 @@ def _parse_port_rule(spec: str, source: str, old_s: str, new_s: str) -> PortRule
 def parse_rule(spec: str, source: str) -> Rule | list[LocalRule] | PortRule:
     if spec.count("=") != 1:
         raise MapError(f"{source}: rule {spec!r} must have the form OLD=NEW")
-    old_s, new_s = (p.strip() for p in spec.split("="))
+    old_s, new_s = spec.split("=")
+    old_s, new_s = old_s.strip(), new_s.strip()
     if not old_s or not new_s:
         raise MapError(f"{source}: rule {spec!r} has an empty side")
-    prule = _parse_port_rule(spec, source, old_s, new_s)
-    if prule is not None:
-        return prule
+    # what makes _split_endpoint see a port (else neither side has one: an address rule)
+    if old_s[0] == "[" or new_s[0] == "[" or old_s.count(":") == 1 or new_s.count(":") == 1:
+        prule = _parse_port_rule(spec, source, old_s, new_s)
+        if prule is not None:
+            return prule
     if old_s.startswith("[") and old_s.endswith("]"):
         old_s = old_s[1:-1]
     if new_s.startswith("[") and new_s.endswith("]"):
@@ -225,26 +292,76 @@ def parse_rule(spec: str, source: str) -> Rule | list[LocalRule] | PortRule:
         if key != "local" and new.version != int(key[-1]):
             raise MapError(f"{source}: {old_s} needs an IPv{key[-1]} address, got {new_s}")
         return [LocalRule(new.version, new, source)]
-    old = _parse_net(old_s, source, "old address")
+    version, net, plen = _parse_net(old_s, source, "old address")
     if new_s.lower() == AUTO:
-        return Rule(old, None, source)
+        return Rule(version, net, plen, None, False, source)
     if "/" in new_s:
-        new_net = _parse_net(new_s, source, "new prefix")
-        if new_net.version != old.version:
-            raise MapError(f"{source}: maps IPv{old.version} to IPv{new_net.version}")
-        if new_net.prefixlen != old.prefixlen:
+        new_version, new_net, new_plen = _parse_net(new_s, source, "new prefix")
+        if new_version != version:
+            raise MapError(f"{source}: maps IPv{version} to IPv{new_version}")
+        if new_plen != plen:
             raise MapError(
-                f"{source}: prefix lengths differ (/{old.prefixlen} vs /{new_net.prefixlen}); "
+                f"{source}: prefix lengths differ (/{plen} vs /{new_plen}); "
                 "give NEW as one address to map the whole prefix to it"
             )
-        return Rule(old, new_net, source)
-    new_addr = _parse_addr(new_s, source, "new address")
-    if new_addr.version != old.version:
-        raise MapError(f"{source}: maps IPv{old.version} to IPv{new_addr.version}")
-    return Rule(old, new_addr, source)
+        return Rule(version, net, plen, new_net, True, source)
+    got = _addr_int(new_s)
+    if got is None:
+        got = (a := _parse_addr(new_s, source, "new address")).version, int(a)
+    if got[0] != version:
+        raise MapError(f"{source}: maps IPv{version} to IPv{got[0]}")
+    return Rule(version, net, plen, got[1], False, source)
 
 
 PORT_OFFSET_KEY = "port-offset"
+NOT_REGULAR = "not a regular file (a symlink is not followed)"
+
+
+def open_regular_file(path: str) -> int:
+    """An fd of the regular file at path, opened without following a symlink in the last
+    component (O_NOFOLLOW) and without waiting for a FIFO's writer (O_NONBLOCK), then
+    checked with fstat: what was checked is what is read (an lstat and then an open could
+    read a symlink swapped in between). OSError; for a symlink, a FIFO, a device or a
+    socket its strerror is NOT_REGULAR."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a socket
+            raise OSError(exc.errno, NOT_REGULAR, path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, NOT_REGULAR, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# A map or options file may come with a checkpoint (the plugin reads the images dir's):
+# one that says it is bigger is refused before it is read. 100,000 rules take 3.5 MB.
+MAX_FILE_BYTES = 64 << 20
+
+
+def read_regular_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a map or options file, read from open_regular_file's fd; OSError
+    (EFBIG) for one of more than `limit` bytes (a sparse file of 100 GB, e.g., in a
+    checkpoint), checked before reading and while reading (a file that grows)."""
+    fd = open_regular_file(path)
+    try:
+        size = os.fstat(fd).st_size
+        chunks = []
+        got = 0
+        while size <= limit and (chunk := os.read(fd, min(1 << 20, limit + 1 - got))):
+            chunks.append(chunk)
+            got += len(chunk)
+            size = max(size, got)
+        if size > limit:
+            raise OSError(errno.EFBIG, f"{size} bytes or more, past the limit of {limit} "
+                          "bytes for a map or options file", path)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _load_map_file(path: str) -> tuple[list[tuple[str, str]], int | None]:
@@ -254,8 +371,7 @@ def _load_map_file(path: str) -> tuple[list[tuple[str, str]], int | None]:
     optionally `port-offset`, an integer.
     """
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_regular_file(path)
     except OSError as exc:
         raise MapError(f"{path}: cannot read map file: {exc.strerror}") from None
     try:
@@ -313,6 +429,147 @@ def check_port_offset(offset: int, source: str) -> int:
     return offset
 
 
+class _Prefixes:
+    """One IP version's address rules by prefix length: what the overlap check and the
+    lookups ask, a dict lookup per prefix length in use (a map of 100,000 rules uses a few)
+    instead of a pass over every rule. Two CIDR prefixes overlap when one holds the other:
+    an earlier rule holding the new one is found in `exact` at its (shorter or equal)
+    length, an earlier one inside the new one in `under` at the new one's length."""
+
+    __slots__ = ("bits", "exact", "under", "members", "tables")
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        # length -> {prefix >> (bits - length): position in AddressMap.rules}
+        self.exact: dict[int, dict[int, int]] = {}
+        # length -> {prefix of a rule at least that long, cut to that length: the first
+        # such rule's position}; made for a length when a rule of that length is checked
+        self.under: dict[int, dict[int, int]] = {}
+        self.members: list[tuple[int, int, int]] = []  # (net, length, position), in order
+        self.tables: list[tuple[int, dict[int, int]]] = []  # (shift, exact[length])
+
+    def place(self, net: int, plen: int, pos: int) -> int | None:
+        """Add net/plen as the rule at `pos`, unless a rule added before overlaps it: then
+        the first such rule's position (and nothing is added)."""
+        bits = self.bits
+        found: int | None = None
+        exact = self.exact
+        for length, table in exact.items():
+            if length <= plen:
+                hit = table.get(net >> (bits - length))
+                if hit is not None and (found is None or hit < found):
+                    found = hit
+        under = self.under
+        mine = under.get(plen)
+        if mine is None:  # the first rule of this length: rules at least as long, cut
+            mine = under[plen] = {}
+            shift = bits - plen
+            for m_net, m_len, m_pos in self.members:
+                if m_len >= plen:
+                    mine.setdefault(m_net >> shift, m_pos)
+        hit = mine.get(net >> (bits - plen))
+        if hit is not None and (found is None or hit < found):
+            found = hit
+        if found is not None:
+            return found
+        got = exact.get(plen)
+        if got is None:
+            got = exact[plen] = {}
+            self.tables.append((bits - plen, got))
+        table = got
+        table[net >> (bits - plen)] = pos
+        for length, cut in under.items():
+            if length <= plen:
+                cut.setdefault(net >> (bits - length), pos)
+        self.members.append((net, plen, pos))
+        return None
+
+    def find(self, n: int) -> int | None:
+        """The position of the rule holding address n (at most one: rules never overlap)."""
+        for shift, table in self.tables:
+            pos = table.get(n >> shift)
+            if pos is not None:
+                return pos
+        return None
+
+
+def _akey(addr: IPAddress | None) -> int | None:
+    """A dict key for an address that hashes fast (an ipaddress object hashes through
+    hex()): its integer, IPv6 ones above every IPv4 one."""
+    if addr is None:
+        return None
+    return int(addr) if addr.version == 4 else int(addr) | 1 << 128
+
+
+class _PortSides:
+    """The port rules' old and new sides, so that AddressMap._add finds the first earlier
+    rule a new one clashes with by a few dict lookups (what PortRule.overlaps and
+    PortRule.same_target answer of each pair). Every key is unique among accepted rules
+    (a second one would have clashed), so each dict's first value is its earliest rule.
+    Addresses are keyed by _akey (None: any address)."""
+
+    __slots__ = ("old", "named", "kept")
+
+    def __init__(self) -> None:
+        # old port -> {old address: position}
+        self.old: dict[int, dict[int | None, int]] = {}
+        # (new port, new address) -> position, for rules naming their new address
+        self.named: dict[tuple[int, int | None], int] = {}
+        # new port -> {old address: position}, for rules keeping the mapped address
+        self.kept: dict[int, dict[int | None, int]] = {}
+
+    @staticmethod
+    def _first(group: dict[int | None, int] | None, addr: int | None) -> int | None:
+        """The first rule of group whose old address can be addr (None: any address)."""
+        if not group:
+            return None
+        if addr is None:
+            return next(iter(group.values()))
+        # a group never holds both: a rule for any address and one for addr would clash
+        got = group.get(addr)
+        return got if got is not None else group.get(None)
+
+    def place(self, r: PortRule, pos: int) -> tuple[int, bool] | None:
+        """Add r as the rule at `pos`, unless it clashes with an earlier rule: then (the
+        first such rule's position, whether they overlap (else they move onto one port))
+        and nothing is added."""
+        old_key = _akey(r.old_addr)
+        over = self._first(self.old.get(r.old_port), old_key)
+        same: int | None = None
+        new_key = None
+        if r.new_addr is not None:
+            new_key = _akey(r.new_addr)
+            same = self.named.get((r.new_port, new_key))
+        elif not r.new_auto:
+            same = self._first(self.kept.get(r.new_port), old_key)
+        if over is not None and (same is None or over <= same):
+            return over, True
+        if same is not None:
+            return same, False
+        self.old.setdefault(r.old_port, {})[old_key] = pos
+        if r.new_addr is not None:
+            self.named[(r.new_port, new_key)] = pos
+        elif not r.new_auto:
+            self.kept.setdefault(r.new_port, {})[old_key] = pos
+        return None
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused while a map is made: the rules and indexes hold
+    no cycles, and the collections their allocations set off took a fifth of a 100,000-rule
+    load, the map file's parse included (bench/bench_map.py). Only the caller that paused
+    it resumes it (another thread's load that finds it paused leaves it be)."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
 @dataclass
 class AddressMap:
     rules: list[Rule] = field(default_factory=list)
@@ -320,6 +577,9 @@ class AddressMap:
     port_rules: list[PortRule] = field(default_factory=list)
     port_offset: int = 0
     port_offset_source: str = ""
+    _prefixes: dict[int, _Prefixes] = field(
+        default_factory=lambda: {4: _Prefixes(32), 6: _Prefixes(128)}, repr=False, compare=False)
+    _port_sides: _PortSides = field(default_factory=_PortSides, repr=False, compare=False)
 
     @classmethod
     def from_args(
@@ -331,6 +591,12 @@ class AddressMap:
     ) -> "AddressMap":
         """`port_offset`: --port-offset (None: not given). It may not be given twice (on the
         command line and in a map file, or in two files)."""
+        with _no_gc():
+            return cls._from_args(specs, files, env, port_offset)
+
+    @classmethod
+    def _from_args(cls, specs: Sequence[str], files: Sequence[str],
+                   env: Mapping[str, str] | None, port_offset: int | None) -> "AddressMap":
         pairs: list[tuple[str, str]] = []
         amap = cls()
         for path in files:
@@ -342,8 +608,9 @@ class AddressMap:
             amap._set_offset(check_port_offset(port_offset, f"--port-offset {port_offset}"),
                              f"--port-offset {port_offset}")
         pairs.extend((s, f"--map {s}") for s in specs)
+        add = amap._add
         for spec, source in pairs:
-            amap._add(parse_rule(spec, source))
+            add(parse_rule(spec, source))
         if env is not None:
             for version, name in ENV_LOCAL.items():
                 value = env.get(name, "").strip()
@@ -358,17 +625,20 @@ class AddressMap:
         self.port_offset, self.port_offset_source = offset, source
 
     def _add(self, rule: Rule | list[LocalRule] | PortRule) -> None:
+        """Add one parsed rule, refusing one that overlaps an earlier rule (naming the first
+        such rule). Each check is a few dict lookups (_Prefixes, _PortSides), so a map of
+        100,000 rules loads in a fraction of a second (bench/bench_map.py)."""
         if isinstance(rule, PortRule):
-            for other in self.port_rules:
-                if other.overlaps(rule):
+            hit = self._port_sides.place(rule, len(self.port_rules))
+            if hit is not None:
+                other = self.port_rules[hit[0]]
+                if hit[1]:
                     raise MapError(f"{rule.source}: overlaps {other.source} (both move "
                                    f"port {rule.old_port} of one address)")
-                if other.same_target(rule):
-                    raise MapError(f"{rule.source}: moves onto the port {other.source} "
-                                   f"moves onto ({rule.new_port})")
+                raise MapError(f"{rule.source}: moves onto the port {other.source} "
+                               f"moves onto ({rule.new_port})")
             self.port_rules.append(rule)
-            return
-        if isinstance(rule, list):
+        elif isinstance(rule, list):
             for lr in rule:
                 prev = self.local.get(lr.version)
                 if prev is not None:
@@ -377,11 +647,11 @@ class AddressMap:
                         f"(first: {prev.source})"
                     )
                 self.local[lr.version] = lr
-            return
-        for prev_rule in self.rules:
-            if _overlap(prev_rule.old, rule.old):
-                raise MapError(f"{rule.source}: overlaps {prev_rule.source}")
-        self.rules.append(rule)
+        else:
+            pos = self._prefixes[rule.version].place(rule.net, rule.plen, len(self.rules))
+            if pos is not None:
+                raise MapError(f"{rule.source}: overlaps {self.rules[pos].source}")
+            self.rules.append(rule)
 
     def is_empty(self) -> bool:
         return not self.rules and not self.local and not self.moves_ports()
@@ -391,7 +661,7 @@ class AddressMap:
         return bool(self.port_rules) or self.port_offset != 0
 
     def auto_families(self) -> set[int]:
-        fams = {r.version for r in self.rules if r.new is None}
+        fams = {r.version for r in self.rules if r.target is None}
         fams |= {v for v, lr in self.local.items() if lr.new is None}
         fams |= {r.old_addr.version for r in self.port_rules if r.new_auto and r.old_addr}
         return fams
@@ -445,12 +715,11 @@ class BoundMap:
         self._offset_source = amap.port_offset_source
         self.moves_ports = amap.moves_ports()
         self._ep_cache: dict[tuple[IPAddress, int], Moved | None | PortRangeError] = {}
-        # might_move(): each version's rule prefixes as (mask, network) integers, and the
-        # local addresses as CRIU words (made when first needed, as local_addrs is)
-        self._nets: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
-        for rule in self._rules:
-            self._nets[rule.version].append(
-                (int(rule.old.netmask), int(rule.old.network_address)))
+        # the rules by prefix (shared with the map, which is not changed after from_args)
+        self._prefixes = amap._prefixes
+        self._names_special: dict[int, bool] = {}  # rule position -> _names_special()
+        # might_move(): the local addresses as CRIU words (made when first needed, as
+        # local_addrs is)
         self._local_words: dict[int, set[object]] | None = None
         self._not_local: bytearray | None = None  # see said_not_local()
 
@@ -507,15 +776,15 @@ class BoundMap:
             version, key = 4, words[3]
         else:
             version, key = 6, words
-        nets = self._nets[version]
-        if nets:
+        tables = self._prefixes[version].tables
+        if tables:
             if version == 4:
                 n = _ntohl(words[0] if family == AF_INET else words[3])
             else:
                 n = (_ntohl(words[0]) << 96 | _ntohl(words[1]) << 64
                      | _ntohl(words[2]) << 32 | _ntohl(words[3]))
-            for mask, net in nets:
-                if n & mask == net:
+            for shift, table in tables:
+                if n >> shift in table:
                     return True  # a rule's prefix holds it (lookup() weighs special ones)
         if version not in self._local_rules:
             return False
@@ -561,27 +830,31 @@ class BoundMap:
 
     def _lookup_plain(self, addr: IPAddress, is_src: bool) -> tuple[IPAddress, str] | None:
         special = is_special(addr)
-        for rule in self._rules:
-            if rule.version != addr.version or addr not in rule.old:
-                continue
-            if special and not _names_special(rule.old):
-                continue
-            new = rule.new
-            if new is None:
-                return self._auto(addr.version, rule.source), rule.source
-            if isinstance(new, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-                host = int(addr) & int(rule.old.hostmask)
-                return ipaddress.ip_address(int(new.network_address) | host), rule.source
-            return new, rule.source
+        version, n = addr.version, int(addr)
+        pos = self._prefixes[version].find(n)
+        if pos is not None and (not special or self._rule_names_special(pos)):
+            rule = self._rules[pos]
+            target = rule.target
+            if target is None:
+                return self._auto(version, rule.source), rule.source
+            if rule.keep_host:
+                target |= n & ((1 << ((32 if version == 4 else 128) - rule.plen)) - 1)
+            return _ip(version, target), rule.source
         lr = self._local_rules.get(addr.version)
         if lr is None or special or is_multicast(addr):
             return None
         if not is_src and addr not in self.local_addrs:
             self._note_not_local(_addr_key(addr))
             return None
-        target = lr.new if lr.new is not None else self._auto(addr.version, lr.source)
-        return target, lr.source
+        moved = lr.new if lr.new is not None else self._auto(addr.version, lr.source)
+        return moved, lr.source
 
+
+    def _rule_names_special(self, pos: int) -> bool:
+        got = self._names_special.get(pos)
+        if got is None:
+            got = self._names_special[pos] = _names_special(self._rules[pos].old)
+        return got
 
     def port_rule(self, addr: IPAddress, port: int) -> PortRule | None:
         """The port rule whose old side is this endpoint, if any (at most one: old sides

@@ -31,29 +31,56 @@ def check_image_dir(path: str) -> str:
     return real
 
 
+# The largest socket image read (bytes): a bigger one is refused, not read into memory. The
+# plugin's C fast path has the same limit (plugin/inetsk_scan.h INETSK_SOCKET_IMAGE_MAX;
+# tests/test_scan.py checks that they agree). 256 MiB is about 2.4 million inet sockets.
+SOCKET_IMAGE_MAX = 256 << 20
+
+
 def read_socket_image(path: str) -> bytes:
-    """Read a socket image, refusing anything but a regular file (no symlink, no device)."""
+    """Read a socket image, refusing anything but a regular file (no symlink followed, no
+    FIFO or device opened) and anything over SOCKET_IMAGE_MAX bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        lst = os.lstat(path)
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the last component is a symlink
+        raise ImageError(path, f"cannot open: {exc.strerror}") from None
+    if stat.S_ISLNK(lst.st_mode):
+        raise ImageError(path, "socket image is a symlink; refusing to follow it")
+    if not stat.S_ISREG(lst.st_mode):
+        raise ImageError(path, "socket image is not a regular file")
+    _check_size(path, lst.st_size)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: the last component became a symlink
             raise ImageError(path, "socket image is a symlink; refusing to follow it") from None
         raise ImageError(path, f"cannot open: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError(path, "socket image is not a regular file")
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
+            raise ImageError(path, "socket image was replaced while it was opened")
+        _check_size(path, st.st_size)
         chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 20)
+        size = 0
+        while size <= SOCKET_IMAGE_MAX:
+            chunk = os.read(fd, min(1 << 20, SOCKET_IMAGE_MAX + 1 - size))
             if not chunk:
                 break
             chunks.append(chunk)
+            size += len(chunk)
+        _check_size(path, size)  # it grew while read
         return b"".join(chunks)
     except OSError as exc:
         raise ImageError(path, f"cannot read: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _check_size(path: str, size: int) -> None:
+    if size > SOCKET_IMAGE_MAX:
+        raise ImageError(path, f"socket image is {size} bytes, over the limit of "
+                         f"{SOCKET_IMAGE_MAX} bytes")
 
 
 def read_group(paths: Iterable[str | bytes]) -> dict[str, bytes]:

@@ -274,9 +274,10 @@ class ImageTree:
                 except OSError as exc:
                     self._leave_out(dino, name, f"cannot stat: {exc.strerror}")
                     continue
-                if stat.S_ISLNK(lst.st_mode) and name in _SOCKET_NAMES_B:
-                    # a socket image must be a regular file: kept as the link itself, so
-                    # validation (and any open) refuses it by name, as inspect/rewrite do
+                if name in _SOCKET_NAMES_B and not stat.S_ISREG(lst.st_mode):
+                    # a socket image must be a regular file: a symlink, FIFO, device or
+                    # directory is kept as what it is, so validation (and any open)
+                    # refuses it by name, as inspect/rewrite do; nothing else opens it
                     next_ino += 1
                     self._add(Node(next_ino, Kind.SOCKET_IMAGE, name, dino, path, lst))
                     self.socket_groups.setdefault(dino, {})[_SOCKET_NAMES_B[name]] = path

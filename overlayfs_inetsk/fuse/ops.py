@@ -18,6 +18,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -62,6 +63,35 @@ def _guard(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]
 
 def _erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
+
+
+class _NotListed(Exception):
+    """The original at a FILE node's path is not the file the listing recorded."""
+
+
+def _open_listed(node: Node) -> int:
+    """Worker thread: an fd of the original a FILE node (--serve read) stands for, which
+    the daemon (root) reads for any user the mount lets in (--allow-other). Opened without
+    following a symlink (O_NOFOLLOW) or waiting on a FIFO (O_NONBLOCK), and refused
+    (_NotListed) unless it is the very file the listing recorded (st_dev, st_ino): a file
+    swapped since the mount, for a symlink or another file, is never served."""
+    try:
+        fd = os.open(node.real_path,
+                     os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _NotListed("it is a symlink now (not followed)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        listed = (node.st.st_dev, node.st.st_ino)
+        if (st.st_dev, st.st_ino) != listed or not stat.S_ISREG(st.st_mode):
+            raise _NotListed(f"not the file listed at mount time (inode {listed[0]}:"
+                             f"{listed[1]}, now {st.st_dev}:{st.st_ino})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class ViewOperations(pyfuse3.Operations):
@@ -277,8 +307,10 @@ class ViewOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._new_fh(data), direct_io=True, keep_cache=False)
         if node.kind is Kind.FILE:
             try:
-                fd = await trio.to_thread.run_sync(
-                    os.open, node.real_path, os.O_RDONLY | os.O_CLOEXEC, limiter=self._limiter)
+                fd = await trio.to_thread.run_sync(_open_listed, node, limiter=self._limiter)
+            except _NotListed as e:
+                log.error("cannot open %s: %s", self.tree.display(inode), e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
             except OSError as e:
                 log.error("cannot open %s: %s", self.tree.display(inode), e.strerror)
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None

@@ -4,7 +4,7 @@ CRIU binds every listener and bound socket in the middle of the restore; a port 
 taken fails there with EADDRINUSE and the whole restore aborts after the processes were
 half made. This module names such ports before anything is restored.
 
-How: it reads the namespace's socket tables (/proc/thread-self/net/{tcp,tcp6,udp,udp6})
+How: it reads the namespace's socket tables (/proc/thread-self/net/{tcp,udp,udplite}{,6})
 from a short-lived thread that setns()es into the namespace (nodeaddr.in_netns, the same
 way `auto` looks addresses up; no fork, so it is safe inside the FUSE daemon), and compares
 each wanted endpoint with every socket holding its port, with the kernel's overlap rules
@@ -27,7 +27,10 @@ so the answer is a warning (`--strict` refuses); the rules below lean to naming 
   inherit its SO_REUSEADDR); TIME_WAIT never does for a socket with SO_REUSEADDR, and CRIU's
   listeners nearly always have it, so TIME_WAIT is not named;
 * any UDP socket with that port holds it (with SO_REUSEADDR on both, the bind succeeds and
-  the two sockets share the port's datagrams: worth a warning all the same).
+  the two sockets share the port's datagrams: worth a warning all the same);
+* UDP-Lite has ports of its own (its own table), checked the same way;
+* a ping socket (SOCK_DGRAM with IPPROTO_ICMP/ICMPV6) wants no port: what CRIU keeps as
+  its port is the echo id, and CRIU 4.2.1 binds no ICMP socket on restore.
 """
 
 from __future__ import annotations
@@ -45,15 +48,19 @@ if TYPE_CHECKING:
     from ..core.decide import SocketReport
     from ..core.plan import RewriteResult
 
+UDPLITE = 136  # IPPROTO_UDPLITE (the socket module has no name for it)
 TCP_LISTEN_HEX = 0x0A
 TCP_CLOSE_HEX = 0x07
 TCP_TIME_WAIT_HEX = 0x06
-_TABLES = (("tcp", AF_INET), ("tcp6", AF_INET6), ("udp", AF_INET), ("udp6", AF_INET6))
+_TABLES = (("tcp", AF_INET), ("tcp6", AF_INET6), ("udp", AF_INET), ("udp6", AF_INET6),
+           ("udplite", AF_INET), ("udplite6", AF_INET6))
+_DATAGRAM = ("udp", "udplite")  # protocols whose every socket with the port holds it
 
 
 @dataclass(frozen=True)
 class Want:
-    """An endpoint the restore will bind: proto "tcp" or "udp", family AF_INET/AF_INET6."""
+    """An endpoint the restore will bind: proto "tcp", "udp" or "udplite", family
+    AF_INET/AF_INET6."""
 
     proto: str
     family: int
@@ -79,7 +86,7 @@ class Holder:
 
     @property
     def state_name(self) -> str:
-        if self.proto == "udp":
+        if self.proto in _DATAGRAM:
             return "bound" if self.state == TCP_CLOSE_HEX else "connected"
         return TCP_STATES.get(self.state, str(self.state))
 
@@ -125,9 +132,9 @@ def read_tables(netns: str | None = None) -> list[Holder]:
             try:
                 with open(f"/proc/thread-self/net/{name}") as f:
                     text = f.read()
-            except FileNotFoundError:  # IPv6 disabled: no tcp6/udp6
+            except FileNotFoundError:  # IPv6 (or UDP-Lite) not there: no such table
                 continue
-            out.extend(parse_table(text, name.rstrip("6"), family))
+            out.extend(parse_table(text, name.removesuffix("6"), family))
         return out
 
     return in_netns(netns, read)
@@ -165,7 +172,7 @@ def _overlap(want: Want, h: Holder) -> bool:
 def _holds(want: Want, h: Holder) -> bool:
     if h.proto != want.proto or h.port != want.port or not _overlap(want, h):
         return False
-    if h.proto == "udp":
+    if h.proto in _DATAGRAM:
         return True
     if h.state in (TCP_LISTEN_HEX, TCP_CLOSE_HEX):
         return True
@@ -201,10 +208,12 @@ def taken(wants: Iterable[Want], netns: str | None = None) -> list[Clash]:
 
 def wants_of(reports: Iterable[SocketReport]) -> list[Want]:
     """The endpoints a restore of these planned sockets (core.decide.SocketReport) binds on
-    its own: listeners, bound TCP sockets, UDP sockets with a port, at their NEW address and
-    port. Connections share their listener's port; closed ones bind nothing."""
+    its own: listeners, bound TCP sockets, UDP (and UDP-Lite) sockets with a port, at their
+    NEW address and port. Connections share their listener's port; closed ones bind
+    nothing; ping sockets bind nothing either (their "port" is the echo id, and CRIU 4.2.1
+    binds no ICMP socket)."""
     from ..core.decide import CLOSED, REFUSED
-    from ..core.sockaddr import SOCK_DGRAM, SOCK_STREAM, TCP_CONNECTED_STATES
+    from ..core.sockaddr import ICMP_PROTOS, SOCK_DGRAM, SOCK_STREAM, TCP_CONNECTED_STATES
 
     out: list[Want] = []
     seen: set[tuple[str, int, IPAddress, int]] = set()
@@ -215,13 +224,13 @@ def wants_of(reports: Iterable[SocketReport]) -> list[Want]:
         kind = r.type
         if kind == SOCK_STREAM and r.state in TCP_CONNECTED_STATES:
             continue
-        if kind not in (SOCK_STREAM, SOCK_DGRAM):
+        if kind not in (SOCK_STREAM, SOCK_DGRAM) or r.proto in ICMP_PROTOS:
             continue
         port = r.new_sport if r.new_sport is not None else r.sport
         if not port:
             continue
         addr = r.new_src if r.new_src is not None else r.src
-        proto = "tcp" if kind == SOCK_STREAM else "udp"
+        proto = "tcp" if kind == SOCK_STREAM else "udplite" if r.proto == UDPLITE else "udp"
         key = (proto, r.family, addr, port)
         if key in seen:
             continue

@@ -5,24 +5,45 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 
 from . import DEFAULT_LIBDIR, DEFAULT_SOCKET, VIEW_ROOT
+from .wire import CLI_FD, TIMEOUT_MAX_MS, TIMEOUT_MS
+
+
+def _timeout_ms(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not 0 < v <= TIMEOUT_MAX_MS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {TIMEOUT_MAX_MS} ms, not {v}")
+    return v
 
 
 def add_plugin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("plugin", help="install or remove the CRIU plugin (docs/plugin.md)")
     psub = p.add_subparsers(dest="plugin_command", required=True, metavar="ACTION")
-    q = psub.add_parser("install", help="copy the plugin into CRIU's plugin dir (idempotent)")
+    q = psub.add_parser("install", help="copy the plugin into CRIU's plugin dir and write its "
+                                        "config file beside it (idempotent)")
     q.add_argument("--libdir", default=DEFAULT_LIBDIR,
                    help=f"CRIU's plugin dir (default: {DEFAULT_LIBDIR})")
     q.add_argument("--so", metavar="PATH", help="the built plugin (default: setup.sh's)")
-    q.add_argument("--cli", metavar="PATH",
-                   help="the overlayfs-inetsk the plugin runs when no agent answers "
-                        "(default: this one)")
+    cli = q.add_mutually_exclusive_group()
+    cli.add_argument("--cli", metavar="PATH",
+                     help="the overlayfs-inetsk the plugin runs when no agent answers "
+                          "(default: this one)")
+    cli.add_argument("--no-cli", action="store_true",
+                     help="no CLI fallback (the CLI is not on this node, e.g. inside the "
+                          "agent's image): with no agent, a restore waits for one until "
+                          "its timeout")
+    q.add_argument("--agent-socket", metavar="PATH", default=DEFAULT_SOCKET,
+                   help=f"the agent's socket (default: {DEFAULT_SOCKET})")
+    q.add_argument("--timeout-ms", metavar="N", type=_timeout_ms, default=TIMEOUT_MS,
+                   help=f"how long a restore waits for the planner (default: {TIMEOUT_MS})")
     q.set_defaults(func=_cmd_install)
-    q = psub.add_parser("remove", help="remove the plugin from CRIU's plugin dir (idempotent)")
+    q = psub.add_parser("remove", help="remove the plugin and its config file from CRIU's "
+                                       "plugin dir (idempotent)")
     q.add_argument("--libdir", default=DEFAULT_LIBDIR,
                    help=f"CRIU's plugin dir (default: {DEFAULT_LIBDIR})")
     q.set_defaults(func=_cmd_remove)
@@ -37,9 +58,11 @@ def add_plugin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
-    from .install import install
+    from .install import PluginConf, install
 
-    for line in install(args.libdir, args.so, args.cli) or [f"already installed in {args.libdir}"]:
+    conf = PluginConf(cli="none" if args.no_cli else args.cli,
+                      agent_socket=args.agent_socket, timeout_ms=args.timeout_ms)
+    for line in install(args.libdir, args.so, conf) or [f"already installed in {args.libdir}"]:
         print(line)
     return 0
 
@@ -59,17 +82,23 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
 
 def plugin_view_main(argv: Sequence[str]) -> int:
-    """`plugin-view --images-fd N --netns-fd M`: the reply line on stdout, always exit 0
-    (the line says what happened; the CRIU plugin reads it)."""
+    """`plugin-view --socket-fd 3`: serve the one request the plugin sends on that socket
+    (its end of a socketpair) with the agent's handler, then exit at once (the plugin waits
+    for this process, and kills its process group at its deadline)."""
     p = argparse.ArgumentParser(prog="overlayfs-inetsk plugin-view")
-    p.add_argument("--images-fd", type=int, required=True)
-    p.add_argument("--netns-fd", type=int, required=True)
-    p.add_argument("--hook", action="store_true",
-                   help="CRIU calls UPDATE_INETSK: answer a table where the hook is exact")
+    p.add_argument("--socket-fd", type=int, required=True,
+                   help=f"the socket the request comes on (the plugin passes {CLI_FD})")
+    p.add_argument("--view-root", default=VIEW_ROOT, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from .viewmaker import make_view
+    import socket
 
-    reply = make_view(args.images_fd, args.netns_fd, os.environ, os.getppid(), hook=args.hook)
-    sys.stdout.write(reply + "\n")
-    sys.stdout.flush()
-    return 0
+    from .agent import handle
+
+    try:
+        conn = socket.socket(fileno=args.socket_fd)
+    except OSError as e:
+        p.error(f"--socket-fd {args.socket_fd}: {e.strerror}")
+    if conn.type != socket.SOCK_SEQPACKET or conn.family != socket.AF_UNIX:
+        p.error(f"--socket-fd {args.socket_fd}: not a unix SOCK_SEQPACKET socket")
+    handle(conn, args.view_root)
+    os._exit(0)  # no interpreter teardown: the restore waits for this exit

@@ -3,8 +3,12 @@
 CRIU loads every `*.so` of its plugin dir: `-L/--libdir`, else $CRIU_LIBS_DIR, else the
 `lib` option of its config files, else its built-in default (/usr/lib/criu, which
 `criu --help` names). Install copies the built .so there (mode 755, atomically: a copy
-renamed into place) and writes, beside it, the one-line file naming the CLI the plugin
-runs when no agent answers (CRIU ignores files not ending in .so). Both are idempotent.
+renamed into place) and writes, beside it, the plugin's config file
+(overlayfs-inetsk-plugin.conf: the CLI it runs when no agent answers, or `none`, the agent's
+socket, the timeout; CRIU ignores files not ending in .so). Both are idempotent. Under a
+container runtime CRIU gets none of our environment, so the file is how the plugin is set
+up there; the plugin reads it only when it is a regular root-owned file that neither group
+nor others may write (it names a program run as root).
 """
 
 from __future__ import annotations
@@ -13,19 +17,100 @@ import filecmp
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from ..errors import InetskError
 from . import DEFAULT_LIBDIR
+from .wire import AGENT_SOCKET, CONF_MAX, CONF_NAME, TIMEOUT_MAX_MS, TIMEOUT_MS
 
 SO_NAME = "overlayfs_inetsk_plugin.so"
-CLI_CONF = "overlayfs-inetsk-plugin.cli"
+CLI_CONF = CONF_NAME
+OLD_CLI_CONF = "overlayfs-inetsk-plugin.cli"  # before the config file: one line, the CLI
 INSTALLED_SO = f"/usr/local/lib/overlayfs-inetsk/{SO_NAME}"  # where scripts/setup.sh puts it
 ENV_SO = "OVERLAYFS_INETSK_PLUGIN_SO"
+SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), with its NUL
 _REPO_SO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "plugin", "build", SO_NAME)
+
+
+@dataclass(frozen=True)
+class PluginConf:
+    """The plugin's config file. cli: an absolute path, "none" (no fallback), or None (the
+    CLI beside this interpreter, at install)."""
+
+    cli: str | None = None
+    agent_socket: str = AGENT_SOCKET
+    timeout_ms: int = TIMEOUT_MS
+
+    def text(self) -> str:
+        return ("# the overlayfs-inetsk CRIU plugin's configuration, written by "
+                "`overlayfs-inetsk plugin install`\n"
+                "# (docs/plugin.md); read only when root-owned and not writable by group or "
+                "others\n"
+                f"cli {self.cli}\nagent-socket {self.agent_socket}\n"
+                f"timeout-ms {self.timeout_ms}\n")
+
+
+def parse_conf(text: str, path: str) -> PluginConf:
+    """The plugin's own reading of its config file (the C plugin applies the same rules):
+    `cli PATH|none`, `agent-socket PATH`, `timeout-ms N`; `#` starts a comment."""
+    seen: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, _, value = line.replace("\t", " ").partition(" ")
+        value = value.strip(" \t")
+        where = f"{path}:{n}"
+        if key not in ("cli", "agent-socket", "timeout-ms"):
+            raise InetskError(f"{where}: unknown setting {key!r} (cli, agent-socket, "
+                              "timeout-ms)")
+        if key in seen:
+            raise InetskError(f"{where}: {key} is set twice")
+        if not value:
+            raise InetskError(f"{where}: {key} needs a value")
+        if key == "cli" and value != "none" and not value.startswith("/"):
+            raise InetskError(f"{where}: cli must be an absolute path or none, not {value!r}")
+        if key == "agent-socket" and (not value.startswith("/")
+                                      or len(value.encode()) >= SUN_PATH_MAX):
+            raise InetskError(f"{where}: agent-socket must be an absolute path shorter than "
+                              f"{SUN_PATH_MAX} bytes")
+        if key == "timeout-ms" and not (value.isdigit() and 0 < int(value) <= TIMEOUT_MAX_MS):
+            raise InetskError(f"{where}: timeout-ms must be 1 to {TIMEOUT_MAX_MS}, not "
+                              f"{value!r}")
+        seen[key] = value
+    return PluginConf(cli=seen.get("cli"), agent_socket=seen.get("agent-socket", AGENT_SOCKET),
+                      timeout_ms=int(seen.get("timeout-ms", TIMEOUT_MS)))
+
+
+def read_conf(path: str) -> PluginConf | None:
+    """The config file at path as the plugin reads it (None: absent); InetskError when the
+    plugin would refuse it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise InetskError(f"{path}: {e.strerror}"
+                          + (" (a symlink is not followed)" if e.errno == 40 else "")) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise InetskError(f"{path}: not a regular file")
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise InetskError(f"{path}: must be owned by root and not writable by group or "
+                              f"others (uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+        data = f.read(CONF_MAX + 1)
+    if len(data) > CONF_MAX:
+        raise InetskError(f"{path}: larger than {CONF_MAX} bytes")
+    try:
+        return parse_conf(data.decode("utf-8"), path)
+    except UnicodeDecodeError:
+        raise InetskError(f"{path}: not UTF-8 text") from None
 
 
 def built_so(env: Mapping[str, str] | None = None) -> str:
@@ -48,7 +133,7 @@ def default_cli() -> str:
     found = shutil.which("overlayfs-inetsk")
     if found:
         return os.path.abspath(found)
-    raise InetskError("overlayfs-inetsk is not on PATH: pass --cli PATH")
+    raise InetskError("overlayfs-inetsk is not on PATH: pass --cli PATH (or --no-cli)")
 
 
 def _put(path: str, data: bytes | None, src: str | None, mode: int) -> None:
@@ -68,10 +153,13 @@ def _put(path: str, data: bytes | None, src: str | None, mode: int) -> None:
 
 
 def install(libdir: str = DEFAULT_LIBDIR, so: str | None = None,
-            cli: str | None = None) -> list[str]:
+            conf: PluginConf | None = None) -> list[str]:
     """Install; returns what changed (empty when all was in place already)."""
     so = so or built_so()
-    cli = cli or default_cli()
+    conf = conf or PluginConf()
+    if conf.cli is None:
+        conf = PluginConf(default_cli(), conf.agent_socket, conf.timeout_ms)
+    parse_conf(conf.text(), "the config to write")  # what the plugin will accept
     done = []
     try:
         if not os.path.isdir(libdir):
@@ -84,16 +172,23 @@ def install(libdir: str = DEFAULT_LIBDIR, so: str | None = None,
         elif os.stat(dest).st_mode & 0o777 != 0o755:
             os.chmod(dest, 0o755)
             done.append(f"chmod 755 {dest}")
-        conf = os.path.join(libdir, CLI_CONF)
-        want = (cli + "\n").encode()
+        path = os.path.join(libdir, CLI_CONF)
+        want = conf.text().encode()
         try:
-            with open(conf, "rb") as f:
+            with open(path, "rb") as f:
                 have = f.read()
+            st = os.lstat(path)
+            fine = stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
         except FileNotFoundError:
-            have = None
-        if have != want:
-            _put(conf, want, None, 0o644)
-            done.append(f"wrote {conf} ({cli})")
+            have, fine = None, False
+        if have != want or not fine:
+            _put(path, want, None, 0o644)
+            done.append(f"wrote {path} (cli {conf.cli}, agent-socket {conf.agent_socket}, "
+                        f"timeout-ms {conf.timeout_ms})")
+        old = os.path.join(libdir, OLD_CLI_CONF)
+        if os.path.lexists(old):
+            os.unlink(old)
+            done.append(f"removed {old} (replaced by {CLI_CONF})")
     except OSError as e:
         raise InetskError(f"{libdir}: cannot install the plugin: {e.strerror or e}") from None
     return done
@@ -101,7 +196,7 @@ def install(libdir: str = DEFAULT_LIBDIR, so: str | None = None,
 
 def remove(libdir: str = DEFAULT_LIBDIR) -> list[str]:
     done = []
-    for name in (SO_NAME, CLI_CONF):
+    for name in (SO_NAME, CLI_CONF, OLD_CLI_CONF):
         path = os.path.join(libdir, name)
         try:
             os.unlink(path)
@@ -151,9 +246,39 @@ def criu_plugin_dir(criu: str, env: Mapping[str, str], run: Runner = subprocess.
     return DEFAULT_LIBDIR, "CRIU's usual default"
 
 
+def agent_answers(path: str) -> tuple[bool, str]:
+    """Whether a root agent listens on path, as the plugin checks it: a non-blocking
+    connect and the peer's uid (SO_PEERCRED); nothing is sent (the agent drops an empty
+    connection), so it is quick."""
+    import socket
+    import struct
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK)
+    try:
+        s.connect(path)
+        pid, uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET,
+                                                          socket.SO_PEERCRED, 12))
+    except BlockingIOError:
+        return False, f"the agent at {path} does not accept (stopped or overloaded?)"
+    except FileNotFoundError:
+        return False, f"no agent at {path}"
+    except ConnectionRefusedError:
+        return False, f"no agent at {path} (a socket nobody listens on)"
+    except OSError as e:
+        return False, f"agent at {path}: {e.strerror}"
+    finally:
+        s.close()
+    if uid != 0:
+        return False, f"{path} is answered by uid {uid}, not root: the plugin refuses it"
+    return True, f"the agent answers at {path} (pid {pid}, root)"
+
+
 def doctor_check(criu: str | None, env: Mapping[str, str], run: Runner = subprocess.run
                  ) -> tuple[str, str, str]:
-    """(status, detail, fix) of the `plugin` check."""
+    """(status, detail, fix) of the `plugin` check: installed, its config file, whether the
+    agent answers, whether the CLI fallback can run on this node."""
+    from .wire import ENV_AGENT_SOCKET, ENV_CLI
+
     fix = "overlayfs-inetsk plugin install (runtime-driven restores: Podman, CRI-O, containerd)"
     if criu is None:
         return "skip", "no criu", ""
@@ -167,19 +292,33 @@ def doctor_check(criu: str | None, env: Mapping[str, str], run: Runner = subproc
             notes.append("differs from the built plugin (re-run plugin install)")
     except InetskError:
         pass
-    conf = os.path.join(libdir, CLI_CONF)
+    path = os.path.join(libdir, CLI_CONF)
     try:
-        with open(conf) as f:
-            cli = f.read().strip()
-        if not os.access(cli, os.X_OK):
-            notes.append(f"{conf} names {cli}, which is not executable")
-    except OSError:
-        notes.append(f"no {conf}: the plugin runs overlayfs-inetsk from PATH")
-    from . import DEFAULT_SOCKET
-
-    if not os.path.exists(DEFAULT_SOCKET):
-        notes.append("no agent running (restores start the CLI instead: slower)")
-    detail = f"{so}, loaded by {criu} from {libdir} ({why})"
+        conf = read_conf(path)
+    except InetskError as e:
+        return "warn", f"{so}: {e}: the plugin refuses it, and every restore with it fails", fix
+    if conf is None:
+        conf = PluginConf(cli="overlayfs-inetsk")
+        notes.append(f"no {path}: the plugin runs overlayfs-inetsk from PATH")
+    if os.path.lexists(os.path.join(libdir, OLD_CLI_CONF)):
+        notes.append(f"{OLD_CLI_CONF} is left from an older install (re-run plugin install)")
+    sock = env.get(ENV_AGENT_SOCKET) or conf.agent_socket
+    agent_ok, agent = agent_answers(sock)
+    cli = env.get(ENV_CLI) or conf.cli or "none"
+    if cli == "none":
+        fallback = "no CLI fallback (cli none): with no agent a restore waits for one"
+        cli_ok = False
+    else:
+        found = cli if "/" in cli else shutil.which(cli, path=env.get("PATH", os.defpath))
+        cli_ok = found is not None and os.access(found, os.X_OK)
+        fallback = (f"CLI fallback: {found}" if cli_ok else
+                    f"no CLI fallback: {cli} is not executable here")
+    detail = f"{so}, loaded by {criu} from {libdir} ({why}); {agent}; {fallback}"
+    if not agent_ok and not cli_ok:
+        notes.append("nothing answers the plugin on this node: every restore it has to "
+                     "change fails (start the agent, or install with --cli PATH)")
+    elif not agent_ok:
+        notes.append("restores start the CLI instead of asking an agent: slower")
     if notes:
         return "warn", detail + "; " + "; ".join(notes), fix
     return "ok", detail, ""

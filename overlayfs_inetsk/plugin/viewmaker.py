@@ -1,8 +1,10 @@
 """Make the per-node view the CRIU plugin puts in place of its images dir.
 
-make_view(images_fd, netns_fd, env, pid, hook) answers the plugin with one line:
+make_view(images_fd, netns_fd, env, pid, view_root, hook, deadline) answers the plugin with
+a Reply: one line, and for VIEW the view's locked fd (viewroot.py; the protocol: wire.py):
   NONE <why>     nothing to change (or the images dir is a per-node view already);
-  VIEW <dir>     a private view dir made for this restore (the plugin removes it at fini);
+  VIEW <name>    a private view dir made for this restore, an entry of the view root (the
+                 plugin removes it at fini; the sweeper once no restore holds it);
   ERR <message>  the map cannot be applied: the restore must fail, with this line;
   TABLE <n>      only when the plugin says CRIU calls UPDATE_INETSK (hook=True) and the
                  hook can apply the plan exactly: n more lines, the table the hook applies
@@ -27,18 +29,17 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
 import shlex
-import shutil
 import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..core.addrmap import open_regular_file, read_regular_file
 from ..core.hooktable import hook_plan
 from ..fuse.robind import FSTYPE as FUSE_FSTYPE
 from ..fuse.robind import mounts
-from . import VIEW_ROOT
+from . import viewroot
 from .planning import (
     VIEW_MARKER,
     AddressMap,
@@ -51,6 +52,7 @@ from .planning import (
     top_level,
     write_view,
 )
+from .wire import TABLE_MAX, VIEW_ROOT, view_reply
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,18 @@ CHECKPOINT_OPTIONS = "overlayfs-inetsk.options"
 NODE_MAP = "plugin.map"
 NODE_OPTIONS = "plugin.options"
 DEFAULT_MAP = "local=auto"
-_VIEW_NAME = re.compile(r"^\.?view-(\d+)-")
+
+
+@dataclass
+class Reply:
+    """What the planner answers: the line, and for VIEW the view (its fd goes with it)."""
+
+    text: str
+    view: viewroot.View | None = None
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.close()
 
 
 @dataclass
@@ -97,41 +110,68 @@ def images_root(images_fd: int) -> str:
     return path
 
 
-def _fstype_of_fd(fd: int) -> str | None:
-    """The file system type of the mount holding fd (from fdinfo's mnt_id)."""
+def _fstype(images_fd: int, root: str) -> str:
+    """The file system type of the mount holding the images dir, as this planner's mount
+    namespace has it: from an fd of our own of `root` (the fd criu sent may be on a mount of
+    another namespace, whose id means nothing here). InetskError when it cannot be told:
+    guessing "not a FUSE view" could rewrite a view twice."""
+    why = "cannot tell which file system it is on"
     try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            mnt_id = next((ln.split()[1] for ln in f if ln.startswith("mnt_id:")), None)
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) != (os.fstat(images_fd).st_ino,
+                                                              os.fstat(images_fd).st_dev):
+                raise InetskError(f"images dir {root}: changed while being looked at")
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                mnt_id = next((ln.split()[1] for ln in f if ln.startswith("mnt_id:")), None)
+        finally:
+            os.close(fd)
         if mnt_id is None:
-            return None
-        return next((m.fstype for m in mounts() if m.id == int(mnt_id)), None)
-    except (OSError, ValueError, IndexError):
-        return None
+            raise InetskError(f"images dir {root}: {why}: no mnt_id in /proc/self/fdinfo")
+        found = next((m.fstype for m in mounts() if m.id == int(mnt_id)), None)
+    except (OSError, ValueError, IndexError) as e:
+        raise InetskError(f"images dir {root}: {why}: {e}") from None
+    if found is None:
+        raise InetskError(f"images dir {root}: {why}: mount {mnt_id} is not in "
+                          "/proc/self/mountinfo")
+    return found
 
 
-def already_a_view(images_fd: int, root: str) -> str | None:
+def already_a_view(images_fd: int, root: str, view_root: str = VIEW_ROOT) -> str | None:
     """Why the images dir must not be rewritten again, or None."""
-    if root == VIEW_ROOT or root.startswith(VIEW_ROOT + "/"):
-        return "the images dir is a view the plugin made"
+    for vr in {VIEW_ROOT, os.path.normpath(view_root)}:
+        if root == vr or root.startswith(vr + "/"):
+            return "the images dir is a view the plugin made"
     if os.path.lexists(os.path.join(root, VIEW_MARKER)):
         return f"the images dir is a per-node view already ({VIEW_MARKER})"
-    if _fstype_of_fd(images_fd) == FUSE_FSTYPE:
+    if _fstype(images_fd, root) == FUSE_FSTYPE:
         return "the images dir is an overlayfs-inetsk mount (a per-node view already)"
     return None
 
 
 # -- the map and options ------------------------------------------------------------------
 def _file(path: str) -> str | None:
-    """path if it exists; MapError if it is there but not a regular file."""
+    """path if it exists; MapError if it is there but not a regular file (a symlink is
+    not followed). AddressMap, which then reads a map file, checks again on the fd it
+    reads (addrmap.read_regular_file), so a file swapped meanwhile is refused there."""
     try:
-        st = os.lstat(path)
+        os.close(open_regular_file(path))
     except FileNotFoundError:
         return None
     except OSError as e:
         raise MapError(f"{path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise MapError(f"{path}: not a regular file (a symlink is not followed)")
     return path
+
+
+def _read(path: str) -> bytes | None:
+    """The bytes of the options file at path (None if there is none), read from the fd
+    it was checked on; MapError as _file's."""
+    try:
+        return read_regular_file(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MapError(f"{path}: {e.strerror}") from None
 
 
 def parse_options(text: str, source: str) -> tuple[RewriteOptions, str | None]:
@@ -185,11 +225,10 @@ def load_config(root: str, env: Mapping[str, str]) -> Config:
     else:
         text, options_source = "", "defaults"
         for path in (os.path.join(root, CHECKPOINT_OPTIONS), os.path.join(conf_dir, NODE_OPTIONS)):
-            if _file(path) is not None:
+            if (raw := _read(path)) is not None:
                 try:
-                    with open(path, encoding="utf-8") as f:
-                        text = f.read()
-                except (OSError, UnicodeDecodeError) as e:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
                     raise MapError(f"{path}: cannot read: {e}") from None
                 options_source = path
                 break
@@ -198,64 +237,52 @@ def load_config(root: str, env: Mapping[str, str]) -> Config:
 
 
 # -- the view -----------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_views(view_root: str = VIEW_ROOT) -> list[str]:
-    """Views (and half-made ones) of restores whose criu is gone (killed before fini)."""
-    gone: list[str] = []
-    try:
-        names = os.listdir(view_root)
-    except FileNotFoundError:
-        return gone
-    for name in names:
-        m = _VIEW_NAME.match(name)
-        if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(os.path.join(view_root, name), ignore_errors=True)
-            gone.append(name)
-    return gone
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:1000]
 
 
-def make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
-              view_root: str = VIEW_ROOT, hook: bool = False) -> str:
+def _who(pid: int | None) -> str:
+    return f"criu pid {pid if pid is not None else '?'}"
+
+
+def make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int | None,
+              view_root: str = VIEW_ROOT, hook: bool = False,
+              deadline: float | None = None) -> Reply:
+    """pid: what criu said its pid is, for the log only. deadline: time.monotonic() by
+    which the plugin stops waiting (no view is written after it)."""
     t0 = time.perf_counter()
     try:
-        reply = _make_view(images_fd, netns_fd, env, pid, view_root, hook)
+        reply = _make_view(images_fd, netns_fd, env, pid, view_root, hook, deadline)
     except InetskError as e:
-        reply = "ERR " + _one_line(str(e))
+        reply = Reply("ERR " + _one_line(str(e)))
     except Exception as e:  # a bug: the restore fails with its name, the log has the rest
-        log.exception("plugin-view for criu pid %d failed", pid)
-        reply = "ERR internal error (a bug; please report it): " + _one_line(
-            f"{type(e).__name__}: {e}")
-    log.info("criu pid %d: %s (%.0f ms)", pid, reply.split("\n", 1)[0],
+        log.exception("plugin-view for %s failed", _who(pid))
+        reply = Reply("ERR internal error (a bug; please report it): " + _one_line(
+            f"{type(e).__name__}: {e}"))
+    log.info("%s: %s (%.0f ms)", _who(pid), reply.text.split("\n", 1)[0],
              (time.perf_counter() - t0) * 1000)
     return reply
 
 
-def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
-               view_root: str, hook: bool = False) -> str:
+def _check_deadline(deadline: float | None, what: str) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise InetskError(f"the request's deadline passed {what}")
+
+
+def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int | None,
+               view_root: str, hook: bool, deadline: float | None) -> Reply:
     t0 = time.perf_counter()
     root = images_root(images_fd)
-    why = already_a_view(images_fd, root)
+    why = already_a_view(images_fd, root, view_root)
     if why:
-        return f"NONE {why}"
+        return Reply(f"NONE {why}")
     cfg = load_config(root, env)
     resolve = None
     if cfg.amap.auto_families():
         resolve = make_resolver(netns=f"/proc/self/fd/{netns_fd}", iface=cfg.iface)
     # the view's path comes first: its links are relative to it
-    out = os.path.join(os.path.realpath(view_root), f"view-{pid}-{secrets.token_hex(4)}")
+    name = viewroot.new_name()
+    out = os.path.join(os.path.normpath(view_root), name)
     try:
         view, results = plan(root, cfg.amap, resolve, cfg.options, reports=hook, link_from=out)
     except ImageError:
@@ -266,16 +293,20 @@ def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int,
     t1 = time.perf_counter()
     changed = sum(r.changed for r in results.values())
     if not changed:
-        return f"NONE no socket to change (map: {cfg.map_source})"
+        return Reply(f"NONE no socket to change (map: {cfg.map_source})")
     if hook:
-        hp = hook_plan(top_level(view, results))
+        hp = hook_plan(top_level(view, results), max_entries=TABLE_MAX)
         if hp.entries is not None and hp.changed:
-            return hp.wire()
-        log.info("criu pid %d: a view, not the hook: %s", pid,
+            return Reply(hp.wire())
+        log.info("%s: a view, not the hook: %s", _who(pid),
                  hp.why_not or "only sockets in sub-dirs change")
-    os.makedirs(view_root, mode=0o711, exist_ok=True)
-    remove_stale_views(view_root)
-    write_view(root, out, cfg.amap, resolve, cfg.options, view, results)
+    _check_deadline(deadline, "while planning: no view written")
+    swept = viewroot.sweep(view_root)
+    if swept:
+        log.info("removed %d view(s) no restore holds: %s", len(swept), " ".join(swept))
+    made = viewroot.create_view(
+        view_root, lambda path: write_view(root, path, cfg.amap, resolve, cfg.options, view,
+                                           results), name=name, deadline=deadline)
     log.debug("%s: planned in %.1f ms (map: %s), view written in %.1f ms", root,
               (t1 - t0) * 1000, cfg.map_source, (time.perf_counter() - t1) * 1000)
-    return f"VIEW {out}"
+    return Reply(view_reply(made.name), made)

@@ -32,11 +32,15 @@ def base_image() -> str:
 
 @pytest.fixture(scope="module")
 def plugin_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CRIU plugin dir holding only our plugin, made by `plugin install --libdir`."""
+    """A CRIU plugin dir holding only our plugin and its config file, made by `plugin install
+    --libdir`. The config names an agent socket in the test's tmp dir, where none listens:
+    the runtime's CRIU (which gets none of our environment) never asks whatever agent
+    listens on the machine's default socket, and runs the CLI."""
     lib = tmp_path_factory.mktemp("criu-lib")
     so = ROOT / "plugin" / "build" / "overlayfs_inetsk_plugin.so"  # this tree's (setup.sh)
+    sock = lib / "no-agent.sock"
     cp = subprocess.run([CLI, "plugin", "install", "--libdir", str(lib), "--so", str(so),
-                         "--cli", CLI],
+                         "--cli", CLI, "--agent-socket", str(sock)],
                         capture_output=True, text=True, timeout=60)
     if "invalid choice: 'plugin'" in cp.stderr:
         pytest.skip(f"{CLI} has no `plugin` command (set OVERLAYFS_INETSK_TEST_CLI)")

@@ -31,8 +31,7 @@ from .test_plugin import (  # noqa: F401  (fixture)
     ENV_KEYS,
     built_so,
     cli_wrapper,
-    criu_pid,
-    views_of,
+    views_left,
 )
 from .test_plugin_hook import HOOK_LINE, SERVICE, VIEW_LINE, assert_answers
 
@@ -59,10 +58,10 @@ def gpu_plugins() -> dict[str, Path]:
 
 @pytest.fixture
 def cli_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The plugin takes its CLI route (no agent at the socket it asks)."""
+    """This tree's CLI, which the plugin runs (plugin_dir names an agent socket where none
+    listens); none of our variables in CRIU's environment."""
     for k in ENV_KEYS:
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("OVERLAYFS_INETSK_AGENT_SOCK", str(tmp_path / "no-agent.sock"))
     return cli_wrapper(tmp_path / "overlayfs-inetsk")
 
 
@@ -75,7 +74,7 @@ def plugin_dir(root: Path, so: Path, cli: Path, gpu: dict[str, Path] | None,
 
     lib = root / f"lib-{'ours-first' if ours_first else 'ours-last'}"
     overlayfs_inetsk("plugin", "install", "--libdir", str(lib), "--so", str(so),
-                     "--cli", str(cli))
+                     "--cli", str(cli), "--agent-socket", str(root / "no-agent.sock"))
     by_file = {OUR_SO: OURS}
     for attempt in range(200):
         for name, src in (gpu or {}).items():
@@ -163,7 +162,7 @@ def test_restored_on_a_new_address_beside_the_gpu_plugins(
         assert_answers(c, str(b.ipv4), str(b.ipv6))
     finally:
         criu.kill_tree(rpid)
-    assert views_of(criu_pid(lines)) == []
+    assert views_left(lines) == []
 
 
 def test_a_checkpoint_that_lists_the_cuda_plugin_needs_it(
@@ -198,7 +197,7 @@ def test_a_checkpoint_that_lists_the_cuda_plugin_needs_it(
     errors = [ln for ln in log.splitlines() if "Error (" in ln and "RLIMIT_NOFILE" not in ln]
     assert len(errors) == 1 and MISSING_CUDA in errors[0], errors
     assert any(VIEW_LINE in ln for ln in plugin_lines(log)), plugin_lines(log)
-    assert views_of(criu_pid(plugin_lines(log))) == []
+    assert views_left(plugin_lines(log)) == []
     assert "Restore: family" not in log  # no socket was restored: CRIU stopped at plugin init
 
     lib2, order2 = plugin_dir(dirs.root / "with-cuda", built_so, cli_route, gpu_plugins, False)
@@ -211,5 +210,5 @@ def test_a_checkpoint_that_lists_the_cuda_plugin_needs_it(
         assert_answers(c, str(b.ipv4), str(b.ipv6))
     finally:
         criu.kill_tree(rpid)
-    assert views_of(criu_pid(plugin_lines(log2))) == []
+    assert views_left(plugin_lines(log2)) == []
     assert {p.name: p.read_bytes() for p in listed.iterdir() if p.is_file()} == digest

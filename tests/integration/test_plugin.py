@@ -1,10 +1,12 @@
 """The CRIU plugin (plugin/overlayfs_inetsk_plugin.c) with real `criu restore` runs.
 
 Each restore loads the plugin with criu's `-L DIR`, DIR a temporary dir holding only our
-.so (installed there by `overlayfs-inetsk plugin install --libdir DIR`) and the file naming
-the CLI it runs. Both routes to the planner are used: the node agent on a unix socket
-($OVERLAYFS_INETSK_AGENT_SOCK) and, with no agent there, the CLI run as a child.
-criu runs through nsenter in host B, so the restore's network namespace is criu's own.
+.so and its config file (both written by `overlayfs-inetsk plugin install --libdir DIR
+--agent-socket TMP/agent.sock --cli WRAPPER`: never the default agent socket). Both routes
+to the planner are used: the node agent on that socket and, with no agent there, the CLI
+run as a child. criu runs through nsenter in host B, so the restore's network namespace is
+criu's own. More of the protocol (hostile replies, deadlines, the agent in a pid namespace
+of its own): test_plugin_protocol.py.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from overlayfs_inetsk.node.portcheck import read_tables
-from overlayfs_inetsk.plugin.viewmaker import VIEW_ROOT
+from overlayfs_inetsk.plugin.wire import TEMP_NAME, VIEW_NAME, VIEW_ROOT
 from inetsk_testbed import criu, probe
 from inetsk_testbed.mount import mounted, overlayfs_inetsk
 from inetsk_testbed.probe import ProbeError
@@ -31,7 +33,9 @@ A4, A6 = "10.77.0.1", "fd77::1"
 SERVICE = ["--tcp-listen", f"tcp4@{A4}:7001", "--udp-bind", f"udp4@{A4}:7002",
            "--tcp-listen", f"tcp6@[{A6}]:7004"]
 ENV_KEYS = ("OVERLAYFS_INETSK_MAP", "OVERLAYFS_INETSK_OPTIONS", "OVERLAYFS_INETSK_CONF_DIR",
-            "INETSK_LOCAL_IPV4", "INETSK_LOCAL_IPV6", "OVERLAYFS_INETSK_CLI")
+            "INETSK_LOCAL_IPV4", "INETSK_LOCAL_IPV6", "OVERLAYFS_INETSK_CLI",
+            "OVERLAYFS_INETSK_AGENT_SOCK", "OVERLAYFS_INETSK_TIMEOUT_MS")
+VIEW_LINE = re.compile(r"CRIU reads the per-node view (\S+)/(view-[0-9a-f]{32})$")
 
 
 def build_plugin(out: Path) -> Path:
@@ -56,36 +60,46 @@ def built_so(tmp_path_factory) -> Path:
 class Plugin:
     """A plugin dir for `criu -L`, and the route the plugin takes to the planner."""
 
-    def __init__(self, root: Path, so: Path, route: str):
+    def __init__(self, root: Path, so: Path, route: str, install: tuple[str, ...] = ()):
         self.libdir = root / "criu-lib"
         self.route = route
         self.sock = root / "agent.sock"
         self.agent: subprocess.Popen[bytes] | None = None
-        cli = cli_wrapper(root / "overlayfs-inetsk")
+        self.cli = cli_wrapper(root / "overlayfs-inetsk")
         cp = overlayfs_inetsk("plugin", "install", "--libdir", str(self.libdir), "--so", str(so),
-                              "--cli", str(cli))
+                              "--agent-socket", str(self.sock),
+                              *(install or ("--cli", str(self.cli))))
         assert f"installed {self.libdir}" in cp.stdout
         if route == "agent":
-            self.agent = subprocess.Popen(
-                [sys.executable, "-m", "overlayfs_inetsk.cli", "agent", "--socket",
-                 str(self.sock)], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            end = time.monotonic() + 20
-            while not self.sock.exists():
-                assert self.agent.poll() is None, self.agent.communicate()[1]
-                assert time.monotonic() < end, "agent never listened"
-                time.sleep(0.02)
+            self.agent = start_agent(self.sock, root / "agent.log")
 
     def env(self, monkeypatch: pytest.MonkeyPatch) -> None:
         for k in ENV_KEYS:
             monkeypatch.delenv(k, raising=False)
-        monkeypatch.setenv("OVERLAYFS_INETSK_AGENT_SOCK", str(self.sock))
 
     def close(self) -> None:
         if self.agent is not None:
             self.agent.terminate()
             self.agent.wait(10)
             assert not self.sock.exists()
+
+
+def start_agent(sock: Path, log: Path, argv: tuple[str, ...] = (),
+                **kw: object) -> subprocess.Popen[bytes]:
+    """`agent --socket SOCK` of this tree (after argv, e.g. an unshare), its log in `log`;
+    returns once it listens."""
+    with open(log, "ab") as f:
+        agent = subprocess.Popen(
+            [*argv, sys.executable, "-m", "overlayfs_inetsk.cli", "agent", "--socket",
+             str(sock)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=f, **kw)
+    end = time.monotonic() + 20
+    while not sock.exists():
+        if agent.poll() is not None:
+            raise AssertionError(f"agent exited {agent.returncode}: {log.read_text()}")
+        assert time.monotonic() < end, "agent never listened"
+        time.sleep(0.02)
+    return agent
 
 
 @pytest.fixture(params=["agent", "exec"])
@@ -113,12 +127,28 @@ def criu_pid(lines: list[str]) -> int:
     raise AssertionError("no 'asking' line:\n" + "\n".join(lines))
 
 
-def views_of(pid: int) -> list[str]:
+def view_of(lines: list[str]) -> str | None:
+    """The view the plugin put in place for this restore (its name), or None."""
+    for ln in lines:
+        m = VIEW_LINE.search(ln)
+        if m:
+            assert m.group(1) == VIEW_ROOT, ln
+            return m.group(2)
+    return None
+
+
+def views() -> set[str]:
+    """The views (and their temporary dirs) under the view root now."""
     try:
-        names = os.listdir(VIEW_ROOT)
+        return {n for n in os.listdir(VIEW_ROOT) if VIEW_NAME.fullmatch(n) or TEMP_NAME.fullmatch(n)}
     except FileNotFoundError:
-        return []
-    return [n for n in names if re.match(rf"^\.?view-{pid}-", n)]
+        return set()
+
+
+def views_left(lines: list[str]) -> list[str]:
+    """The view this restore used, if it is still there."""
+    name = view_of(lines)
+    return [name] if name is not None and name in views() else []
 
 
 def checksums(d: Path) -> dict[str, bytes]:
@@ -162,13 +192,13 @@ def test_plain_restore_on_another_host_with_no_map(service, plugin):
             probe.tcp_hello(c, A4, 7001)
         assert checksums(shared) == before
         lines = plugin_lines(work)
-        assert any("CRIU reads the per-node view " + VIEW_ROOT in ln for ln in lines), lines
+        assert view_of(lines) is not None, lines
         assert any("removed the view" in ln for ln in lines), lines
         if plugin.route == "exec":
             assert any("no agent at" in ln for ln in lines), lines
         else:
             assert not any("no agent at" in ln for ln in lines), lines
-        assert views_of(criu_pid(lines)) == []
+        assert views_left(lines) == []
         criu.kill_tree(rpid)
     finally:
         subprocess.run(["umount", str(shared)], check=False)
@@ -219,7 +249,7 @@ def test_nothing_to_change_makes_no_view(testnet, image_dirs, plugin):
     lines = plugin_lines(work)
     assert any("nothing to change: no socket to change (map: the default local=auto)" in ln
                for ln in lines), lines
-    assert views_of(criu_pid(lines)) == []
+    assert view_of(lines) is None
     assert probe.tcp_hello(testnet.add_host("C"), str(b.ipv4), 7006) == f"any {b.ipv4} 7006"
     criu.kill_tree(rpid)
 
@@ -237,6 +267,7 @@ def test_auto_with_no_address_fails_the_restore(service, plugin):
     net, dirs = service
     b = net.add_host("B", ipv4=None)  # IPv6 only: local=auto has no IPv4 address here
     work = dirs.work_for("B")
+    before = views()
     with pytest.raises(criu.CriuError):
         restore(b, dirs.images, work, plugin)
     lines = plugin_lines(work)
@@ -244,7 +275,7 @@ def test_auto_with_no_address_fails_the_restore(service, plugin):
     assert len(errors) == 1, lines
     assert ("auto target has no IPv4 address on this node (map: the default local=auto"
             in errors[0]), errors
-    assert views_of(criu_pid(lines)) == []
+    assert view_of(lines) is None and views() <= before
     assert b.pids() == []
 
 
@@ -261,6 +292,7 @@ def test_refused_tcp_fate_from_the_node_file_fails_the_restore(testnet, image_di
     (conf / "plugin.options").write_text("--tcp-outside fail\n")
     monkeypatch.setenv("OVERLAYFS_INETSK_CONF_DIR", str(conf))
     work = image_dirs.work_for("B")
+    before = views()
     with pytest.raises(criu.CriuError):
         restore(b, image_dirs.images, work, plugin)
     lines = plugin_lines(work)
@@ -268,7 +300,7 @@ def test_refused_tcp_fate_from_the_node_file_fails_the_restore(testnet, image_di
     assert len(errors) == 1, lines
     assert "refused" in errors[0] and "outside the map" in errors[0], errors
     assert f"options: {conf}/plugin.options" in errors[0], errors
-    assert views_of(criu_pid(lines)) == []
+    assert view_of(lines) is None and views() <= before
     assert b.pids() == []
 
 
@@ -378,7 +410,7 @@ def test_ports_moved_by_a_map_in_the_checkpoint_or_on_the_node(service, plugin, 
         assert_on_new_ports_only(b, c)
     finally:
         criu.kill_tree(rpid)
-    assert views_of(criu_pid(lines)) == []
+    assert view_of(lines) is not None and views_left(lines) == []
 
 
 def test_dump_with_the_plugin_loaded_is_untouched(testnet, image_dirs, plugin):
@@ -393,26 +425,38 @@ def test_dump_with_the_plugin_loaded_is_untouched(testnet, image_dirs, plugin):
 def test_install_and_remove_in_criu_default_dir(built_so, tmp_path):
     """`plugin install` / `remove` without --libdir: /usr/lib/criu, restored afterwards."""
     libdir = Path("/usr/lib/criu")
+    names = ("overlayfs_inetsk_plugin.so", "overlayfs-inetsk-plugin.conf",
+             "overlayfs-inetsk-plugin.cli")
     existed = libdir.exists()
     saved = {p.name: p.read_bytes() for p in libdir.iterdir()} if existed else {}
     cli = cli_wrapper(tmp_path / "overlayfs-inetsk")
+    sock = tmp_path / "agent.sock"  # never the default agent socket
     try:
-        cp = overlayfs_inetsk("plugin", "install", "--so", str(built_so), "--cli", str(cli))
+        (libdir / "overlayfs-inetsk-plugin.cli").unlink(missing_ok=True)
+        libdir.mkdir(exist_ok=True)
+        (libdir / "overlayfs-inetsk-plugin.cli").write_text("/old/cli\n")  # an older install's
+        cp = overlayfs_inetsk("plugin", "install", "--so", str(built_so), "--cli", str(cli),
+                              "--agent-socket", str(sock))
         assert f"installed {libdir}/overlayfs_inetsk_plugin.so" in cp.stdout
+        assert f"removed {libdir}/overlayfs-inetsk-plugin.cli" in cp.stdout
         assert (libdir / "overlayfs_inetsk_plugin.so").stat().st_mode & 0o777 == 0o755
-        assert (libdir / "overlayfs-inetsk-plugin.cli").read_text() == f"{cli}\n"
-        cp = overlayfs_inetsk("plugin", "install", "--so", str(built_so), "--cli", str(cli))
+        conf = (libdir / "overlayfs-inetsk-plugin.conf").read_text()
+        assert f"\ncli {cli}\nagent-socket {sock}\ntimeout-ms 30000\n" in conf
+        assert (libdir / "overlayfs-inetsk-plugin.conf").stat().st_mode & 0o777 == 0o644
+        cp = overlayfs_inetsk("plugin", "install", "--so", str(built_so), "--cli", str(cli),
+                              "--agent-socket", str(sock))
         assert cp.stdout == f"already installed in {libdir}\n"
         cp = overlayfs_inetsk("doctor", check=False)
         line = next(ln for ln in cp.stdout.splitlines() if " plugin " in ln)
         assert f"{libdir}/overlayfs_inetsk_plugin.so, loaded by /usr/local/sbin/criu" in line
+        assert f"no agent at {sock}; CLI fallback: {cli}" in line, line
         cp = overlayfs_inetsk("plugin", "remove")
         assert cp.stdout.splitlines() == [f"removed {libdir}/overlayfs_inetsk_plugin.so",
-                                          f"removed {libdir}/overlayfs-inetsk-plugin.cli"]
+                                          f"removed {libdir}/overlayfs-inetsk-plugin.conf"]
         cp = overlayfs_inetsk("plugin", "remove")
         assert cp.stdout == f"not installed in {libdir}\n"
     finally:
-        for name in ("overlayfs_inetsk_plugin.so", "overlayfs-inetsk-plugin.cli"):
+        for name in names:
             if name in saved:
                 (libdir / name).write_bytes(saved[name])
             else:

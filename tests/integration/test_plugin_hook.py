@@ -22,12 +22,11 @@ from .test_plugin import (  # noqa: F401  (fixtures)
     SERVICE as PLAIN_SERVICE,
     assert_on_new_ports_only,
     built_so,
-    criu_pid,
     plugin,
     place_port_map,
     plugin_lines,
     restore,
-    views_of,
+    views_left,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
@@ -82,7 +81,7 @@ def test_moved_through_the_hook_alone(service, plugin, hook_criu):
         lines = plugin_lines(work)
         assert any(HOOK_LINE in ln for ln in lines), lines
         assert not any(VIEW_LINE in ln for ln in lines), lines
-        assert views_of(criu_pid(lines)) == []
+        assert views_left(lines) == []
         log = (work / "restore.log").read_text()
         # tcp4, udp4, tcp6, dual, both ends of the self-connection
         assert log.count("Plugin updated the addresses of inet socket") == 6, lines
@@ -205,4 +204,4 @@ def test_a_map_that_moves_ports_goes_through_the_view(testnet, image_dirs, plugi
         assert_on_new_ports_only(b, c)
     finally:
         criu.kill_tree(rpid)
-    assert views_of(criu_pid(lines)) == []
+    assert views_left(lines) == []
