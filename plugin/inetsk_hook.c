@@ -90,7 +90,7 @@ int inetsk_hook_load(const char *answer)
 	}
 	p = end + 1;
 	for (i = 0; i < n; i++) {
-		char line[256];
+		char line[INETSK_WIRE_TABLE_LINE_MAX];
 		size_t len = strcspn(p, "\n");
 
 		if (len == 0 || len >= sizeof(line))

@@ -12,11 +12,11 @@
 #define INETSK_LEGACY_MAGIC 0x56443851u /* inetsk.img (CRIU <= 3.3): inet_sk_entry messages */
 #define INETSK_FD_TYPES_INETSK 4u       /* file_entry.type (field 1) of an inet socket */
 
-/* The largest socket image either side reads (bytes). The Python side has the same number
- * (overlayfs_inetsk/core/imagedir.py SOCKET_IMAGE_MAX; tests/test_scan.py checks they
- * agree). A plain #define for now: the lead moves it into the shared C/Python limits
- * header (helper H1's). 256 MiB is about 2.4 million inet sockets at 110 bytes each. */
-#define INETSK_SOCKET_IMAGE_MAX (256u << 20)
+#include "inetsk_wire.h" /* INETSK_WIRE_SOCKET_IMAGE_MAX: the planner's cap, the same number */
+
+/* The largest socket image either side reads (bytes): core/imagedir.py's SOCKET_IMAGE_MAX,
+ * carried by the generated header. 256 MiB is about 2.4 million inet sockets. */
+#define INETSK_SOCKET_IMAGE_MAX INETSK_WIRE_SOCKET_IMAGE_MAX
 
 /* The scanner's read buffer: one entry is never held whole, so this bounds its memory. */
 #define INETSK_SCAN_BUF 65536

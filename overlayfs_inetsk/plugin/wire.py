@@ -141,7 +141,11 @@ def _c_string(s: str) -> str:
 
 
 def header() -> str:
-    ints = [("PROTOCOL", PROTOCOL), ("REQUEST_MAX", REQUEST_MAX), ("REPLY_MAX", REPLY_MAX),
+    # the socket image cap is the planner's own (core may import nothing of plugin/, and the
+    # CLI's parser, which imports this module, must not load core: hence here, not above)
+    from ..core.imagedir import SOCKET_IMAGE_MAX
+
+    ints = [("SOCKET_IMAGE_MAX", SOCKET_IMAGE_MAX), ("PROTOCOL", PROTOCOL), ("REQUEST_MAX", REQUEST_MAX), ("REPLY_MAX", REPLY_MAX),
             ("TABLE_MAX", TABLE_MAX), ("TABLE_LINE_MAX", TABLE_LINE_MAX),
             ("REQUEST_FDS", REQUEST_FDS), ("TIMEOUT_MS", TIMEOUT_MS),
             ("TIMEOUT_MAX_MS", TIMEOUT_MAX_MS), ("VIEW_HEX", VIEW_HEX),

@@ -49,7 +49,7 @@ BUILD = ROOT / "scripts" / "build-node-image.sh"
 AGENT_SOCK = "/run/overlayfs-inetsk/agent.sock"  # the manifest's (and the code's default)
 VIEW_ROOT = Path("/run/overlayfs-inetsk/plugin")
 VIEW_LINE = re.compile(r"overlayfs-inetsk: CRIU reads the per-node view (\S+)")
-PLUGIN_ERROR = re.compile(r"Error \(overlayfs_inetsk_plugin\.c:\d+\): overlayfs-inetsk: (.*)")
+PLUGIN_ERROR = re.compile(r"Error \((?:overlayfs_inetsk_plugin|inetsk_\w+)\.c:\d+\): overlayfs-inetsk: (.*)")
 FROZEN_TIMEOUT_MS = 3000
 
 

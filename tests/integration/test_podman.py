@@ -130,7 +130,7 @@ def _assert_refused(net: PodmanNet, archive: Path, name: str | None, want: str) 
     r = net.restore(archive, name, ignore_static_ip=True, check=False)
     assert r.returncode != 0, "the restore should have failed"
     errors = [ln for ln in r.log.splitlines()
-              if "Error (" in ln and "overlayfs_inetsk_plugin.c" in ln]
+              if "Error (" in ln and "): overlayfs-inetsk: " in ln]
     assert len(errors) == 1 and re.search(want, errors[0]), r.log[-3000:]
     assert 'Failed in init(2) of "overlayfs-inetsk"' in r.log
     assert "Can't bind inet socket" not in r.log  # it stopped before restoring anything
@@ -182,7 +182,7 @@ def _assert_refused_tcp(net: PodmanNet, archive: Path, name: str) -> None:
                     extra=["--tcp-established"])
     assert r.returncode != 0, "the restore should have failed"
     errors = [ln for ln in r.log.splitlines()
-              if "Error (" in ln and "overlayfs_inetsk_plugin.c" in ln]
+              if "Error (" in ln and "): overlayfs-inetsk: " in ln]
     assert len(errors) == 1 and "tcp" in errors[0].lower(), r.log[-3000:]
     assert "overlayfs-inetsk.options" in errors[0], errors
     assert our_views() == views_before
