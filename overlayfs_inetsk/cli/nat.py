@@ -60,11 +60,11 @@ def cmd_nat_rules(args: argparse.Namespace) -> int:
     from ..core.natrules import nat_connections, ruleset, table_name
     from ..core.plan import merged, plan_tree, raise_problems
     from ..core.tree import ImageTree
-    from ..errors import NatError
+    from ..errors import InetskError
     from ..node.nodeaddr import check_netns, make_resolver
 
     if args.peer_netns and not (args.apply or args.remove):
-        raise NatError("--peer-netns names where to --apply or --remove the table")
+        raise InetskError("--peer-netns names where to --apply or --remove the table")
     for peer in args.peer_netns:
         check_netns(peer)
     amap = AddressMap.from_args(args.map, args.map_file, env=os.environ,
