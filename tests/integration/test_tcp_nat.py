@@ -27,6 +27,8 @@ from inetsk_testbed.net import netns_pids
 from inetsk_testbed.probe import wait_for
 from inetsk_testbed.stream import start_stream, status
 
+from .test_plugin import Plugin, build_plugin
+
 pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
 
 PORT, CTL, CCTL = 7800, 7801, 7802
@@ -228,3 +230,54 @@ def test_a_restore_killed_with_sigkill_is_swept(moved):
     assert "removed the NAT table of a killed restore" in cp.stderr, cp.stderr
     assert ruleset(m["C"]) == m["before"]
     assert lock_rules(m["B"]) == []
+
+
+@pytest.fixture(scope="module")
+def plugin_so(tmp_path_factory):
+    return build_plugin(tmp_path_factory.mktemp("plugin-build"))
+
+
+@pytest.fixture
+def agent_plugin(tmp_path, plugin_so, monkeypatch):
+    """The CRIU plugin, asking the node agent (test_plugin.py's Plugin)."""
+    p = Plugin(tmp_path, plugin_so, "agent")
+    p.env(monkeypatch)
+    yield p
+    p.close()
+
+
+def test_through_the_plugin_fate_nat_from_the_node_options_file(moved, agent_plugin,
+                                                                  monkeypatch):
+    """The route a container runtime takes: plain `criu restore -L PLUGIN_DIR`, the fate
+    from the node's options file, the map from the environment. The plugin's plan keeps
+    the connection established at B's address (as `inspect --tcp-outside nat` says), and
+    the table `nat-rules` prints for that plan, applied at post-restore with B locked
+    (action scripts: the barrier of one member locks at pre-restore; nat-rules --apply),
+    keeps the client counting."""
+    m = moved
+    conf = m["dirs"].root / "conf"
+    conf.mkdir()
+    (conf / "plugin.options").write_text("--tcp-outside nat\n")
+    monkeypatch.setenv("OVERLAYFS_INETSK_CONF_DIR", str(conf))
+    monkeypatch.setenv("OVERLAYFS_INETSK_MAP", f"{m['a']}={m['b']}")
+    root = m["dirs"].root
+    lock = overlayfs_inetsk("barrier-script", str(root / "lock.sh"), "--dir", str(root),
+                            "--members", "1", "--name", "B").stdout.strip()
+    apply = _script(root / "apply.sh", f"exec {BIN} nat-rules {m['dirs'].images} --map "
+                    f"{m['a']}={m['b']} --apply --peer-netns {m['C'].netns_path}")
+    work = m["dirs"].work_for("B")
+    criu.restore(m["B"], m["dirs"].images, work,
+                 extra=["-L", str(agent_plugin.libdir), "--action-script", lock,
+                        "--action-script", apply])
+    adopt_all(m["B"])
+    c0 = status(m["C"], m["c"], CCTL)
+    time.sleep(1.0)
+    c1 = status(m["C"], m["c"], CCTL)
+    assert (c1["local"], c1["connects"], c1["events"], c1["bad"]) == (
+        ep(m["c"], m["cport"]), "1", "connected", "0"), c1
+    assert int(c1["recv"]) - int(c0["recv"]) >= 25, (c0, c1)
+    s1 = status(m["B"], m["b"], CTL)
+    assert s1["local"] == ep(m["b"], PORT) and s1["peer"] == ep(m["c"], m["cport"]), s1
+    overlayfs_inetsk("nat-rules", str(m["dirs"].images), "--map", f"{m['a']}={m['b']}",
+                     "--remove", "--peer-netns", m["C"].netns_path)
+    assert ruleset(m["C"]) == m["before"]
