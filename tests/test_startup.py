@@ -23,15 +23,17 @@ print(json.dumps([code, sorted(sys.modules)]))
 """
 NOT_WANTED = ("pyfuse3", "trio", "pyroute2", "overlayfs_inetsk.host.rtnl", "pycriu.images",
               "pycriu.rpc_pb2",
-              "overlayfs_inetsk.plugin.agent", "overlayfs_inetsk.plugin.viewmaker",
+              "overlayfs_inetsk.app.agent", "overlayfs_inetsk.app.plugin_view",
               "overlayfs_inetsk.fuse.ops", "overlayfs_inetsk.fuse.daemon", "tomllib",
               # what only other commands need: the barrier and `plugin install` (and the
               # subprocess module both load, ~1.5 ms)
-              "overlayfs_inetsk.node.barrier", "overlayfs_inetsk.plugin.install", "subprocess")
+              "overlayfs_inetsk.node.barrier", "overlayfs_inetsk.app.barrier",
+              "overlayfs_inetsk.node.tcplock", "overlayfs_inetsk.plugin.install", "subprocess")
 # the parser of every command is built at each start: it loads none of the work
 PARSER_NOT_WANTED = NOT_WANTED + ("overlayfs_inetsk.core", "overlayfs_inetsk.node",
                                   "overlayfs_inetsk.fuse", "overlayfs_inetsk.host",
-                                  "overlayfs_inetsk.planner", "dataclasses")
+                                  "overlayfs_inetsk.planner", "overlayfs_inetsk.app",
+                                  "dataclasses")
 PARSER_PROBE = r"""
 import json, sys
 from overlayfs_inetsk.cli import make_parser

@@ -39,8 +39,11 @@ from dataclasses import dataclass, field
 from ..core.addrmap import AddressMap
 from ..core.plan import RewriteResult
 from ..core.portcheck import Clash
-from ..errors import InetskError
-from ..host.stale import DIR_FLAGS, RESTORE_DIR, clear_restores, hold_new
+from ..core.natrules import NatConn, nat_connections
+from ..errors import InetskError, RestoreError
+from ..host.stale import DIR_FLAGS, RESTORE_DIR, hold_new
+from ..host.stale import clear_restores as _clear_restores
+from ..node import natrestore
 from ..node.criu import (
     STOP_TIMEOUT,
     TCP_OPTIONS,
@@ -72,6 +75,7 @@ class RestoreConfig:
     work_dir: str | None = None  # kept; default: a temporary dir, removed on success
     foreground: bool = False  # criu without -d: until the restored tree exits
     stop_timeout: float = STOP_TIMEOUT  # --foreground: a stop signal's SIGKILL after this
+    nat_peer_netns: Sequence[str] = ()  # fate nat: apply the peers' table there (natrestore)
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
 
@@ -83,6 +87,7 @@ class RestoreOutcome:
     log: str | None
     tcp_established_added: bool
     signal: int = 0
+    nat_kept: bool = False  # the peers' NAT table stays (fate nat, criu resumed detached)
 
 
 @dataclass
@@ -96,6 +101,7 @@ class Plan:
     tcp_established_added: bool
     ports_taken: list[Clash]  # warned about
     handover: bytes  # the plan, for the view's daemon (planner/view.py): it plans nothing
+    nat: list[NatConn]  # fate nat: the connections the peers' side rewrites
 
 
 def plan(cfg: RestoreConfig) -> Plan:
@@ -112,6 +118,11 @@ def plan(cfg: RestoreConfig) -> Plan:
     check_criu_args(cfg.criu_args, cfg.foreground)
     if cfg.netns:
         check_netns(cfg.netns)
+    if cfg.nat_peer_netns and cfg.tcp_outside != "nat":
+        raise RestoreError("--nat-peer-netns applies the rules of fate nat: it needs "
+                           "--tcp-outside nat")
+    for peer in cfg.nat_peer_netns:
+        check_netns(peer)
     planner, m = Planner.from_cli(cfg.maps, cfg.map_files, cfg.env, cfg.port_offset,
                                   cfg.strict, cfg.tcp_outside, cfg.netns, cfg.iface,
                                   default=DEFAULT_MAP)
@@ -122,8 +133,15 @@ def plan(cfg: RestoreConfig) -> Plan:
         for cp in got.checkpoints})
     add_tcp = (has_tcp_stream(os.path.join(image_real, sub))
                and not any(a in TCP_OPTIONS for a in cfg.criu_args))
+    nat = nat_connections(r for res in got.results.values() for r in res.reports)
     return Plan(image_real, sub, m.amap, got.results, m.specs, m.defaulted, add_tcp,
-                got.ports_taken or [], handover)
+                got.ports_taken or [], handover, nat)
+
+
+def clear_restores() -> list[str]:
+    """What restores killed with SIGKILL left (host/stale.py), their peers' NAT tables too
+    (unless criu resumed the tasks: node/natrestore.sweep). The views cleared."""
+    return _clear_restores(RESTORE_DIR, lambda base: natrestore.sweep(os.path.join(base, "nat")))
 
 
 def _new_base() -> tuple[str, int]:
@@ -182,6 +200,10 @@ def _run(cfg: RestoreConfig, p: Plan, criu: str, base: str, held: int,
     images = os.path.join(mountpoint, p.criu_dir) if p.criu_dir else mountpoint
     argv = criu_argv(criu, cfg.netns, images, work, cfg.criu_args, p.tcp_established_added,
                      cfg.foreground)
+    nat_dir = os.path.join(base, "nat") if p.nat and cfg.nat_peer_netns else None
+    if nat_dir is not None:
+        argv += ["--action-script", natrestore.prepare(
+            nat_dir, p.nat, list(cfg.nat_peer_netns), p.image_real, cfg.netns)]
     restore_log = os.path.join(work, "restore.log")
     outcome = RestoreOutcome(1, argv, work, restore_log, p.tcp_established_added)
     mounted = False
@@ -228,6 +250,8 @@ def _run(cfg: RestoreConfig, p: Plan, criu: str, base: str, held: int,
             if sigs.child is not None and sigs.child.poll() is None:  # an exception above
                 sigs.child.kill()
                 sigs.child.wait()
+            if nat_dir is not None:  # the table stays only with a detached service running
+                outcome.nat_kept = natrestore.finish(nat_dir, criu_ok and not cfg.foreground)
             if mounted:
                 try:
                     unmount(mountpoint)

@@ -94,6 +94,10 @@ def add_restore_parsers(subparsers: Any) -> None:
                    help="--foreground: SIGKILL the restored root task this long after a "
                         f"stop signal passed on to it, if it is still there (default "
                         f"{STOP_TIMEOUT:g})")
+    g.add_argument("--nat-peer-netns", action="append", default=[], metavar="PATH",
+                   help="with --tcp-outside nat: apply the peers' NAT table (nat-rules) in "
+                        "this network namespace at the moment that keeps the connections, "
+                        "remove it if the restore fails (repeatable; docs/tcp.md)")
     g.add_argument("--json", action="store_true",
                    help="print a JSON report after criu returns (docs/json.md)")
     p.set_defaults(func=cmd_restore)
@@ -108,6 +112,12 @@ def _print_summary(plan: Any, argv: list[str]) -> None:
         sys.stdout.write("map: --map local=auto (the default: no --map given)\n")
     if plan.tcp_established_added:
         sys.stdout.write("criu: --tcp-established added (the images hold tcp-stream-*.img)\n")
+    if plan.nat:
+        from ..core.natrules import table_name
+
+        sys.stdout.write(f"nat: {len(plan.nat)} connection(s) of fate nat need the peers' "
+                         f"side (table inet {table_name(plan.nat)}: "
+                         "overlayfs-inetsk nat-rules)\n")
     sys.stdout.flush()
 
 
@@ -120,7 +130,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         port_offset=args.port_offset,
         tcp_outside=args.tcp_outside, serve=args.serve, criu_args=list(args.criu_args),
         work_dir=args.work_dir, foreground=args.foreground, stop_timeout=args.stop_timeout,
-        env=dict(os.environ))
+        nat_peer_netns=list(args.nat_peer_netns), env=dict(os.environ))
     p = plan(cfg)
     out = run(cfg, p, on_start=None if args.json else _print_summary)
     if args.json:
@@ -145,5 +155,7 @@ def render_json(p: Any, cfg: Any, out: Any) -> str:
         "work_dir": out.work_dir,
         "log": out.log,
         "signal": signal.Signals(out.signal).name if out.signal else None,
+        "nat_peer_netns": list(cfg.nat_peer_netns),
+        "nat_kept": out.nat_kept,
     }
     return json.dumps(doc, indent=2) + "\n"

@@ -43,6 +43,7 @@ from .reasons import (
     NOT_BOUND,
     OUTSIDE_CLOSED,
     OUTSIDE_KEEP,
+    OUTSIDE_NAT,
     OUTSIDE_REFUSED,
     PEER_MOVES,
     PORT_OUTSIDE_CLOSED,
@@ -66,7 +67,10 @@ from .sockets import MOVED, OUTSIDE, Socket, classify, connected_tcp, is_loopbac
 from .sockets import SELF as PEER_SELF
 from .sockets import peer_of
 
-TCP_FATES = ("close", "keep", "fail")
+# The fates of a TCP connection whose local end moves and whose peer stays (--tcp-outside,
+# docs/tcp.md): restored closed; kept on the old 4-tuple (the peer resets it); kept and
+# rewritten on the peer's side (nat: core/natrules.py); refused. See _outside().
+TCP_FATES = ("close", "keep", "nat", "fail")
 DEFAULT_TCP_FATE = "close"
 
 # Verdicts
@@ -117,6 +121,9 @@ class Decision(NamedTuple):
     dst_words: tuple[int, ...] | None = None
     binds: str | None = None
     hook: str = HOOK_LEAVE
+    # fate nat: restored established at its new local endpoint; the peer's side must
+    # rewrite the connection (core/natrules.py)
+    peer_nat: bool = False
 
 
 def fails(d: Decision, options: RewriteOptions) -> bool:
@@ -131,16 +138,18 @@ _new = tuple.__new__  # = Decision(...) without its __new__: decide() runs per s
 
 def _made(klass: str, verdict: str, reasons: tuple[Reason, ...],
           new_src: IPAddress | None = None, new_dst: IPAddress | None = None,
-          new_sport: int | None = None, new_dport: int | None = None) -> Decision:
+          new_sport: int | None = None, new_dport: int | None = None,
+          peer_nat: bool = False) -> Decision:
     """A finding (decide() completes it: _finish)."""
     return _new(Decision, (klass, verdict, reasons, KEEP, new_src, new_dst, new_sport,
-                           new_dport, None, None, None, HOOK_LEAVE))
+                           new_dport, None, None, None, HOOK_LEAVE, peer_nat))
 
 
 def _finish(s: Socket, d: Decision) -> Decision:
     """d with what follows from its verdict and moves: the action, what it binds, what the
     hook can do, the new addresses as CRIU words."""
     klass, verdict, reasons, _a, new_src, new_dst, new_sport, new_dport = d[:8]
+    peer_nat = d.peer_nat
     if verdict == CLOSED:
         return Decision(klass, verdict, reasons, CLOSE, hook=HOOK_NO_CLOSED)
     if verdict == REFUSED:
@@ -155,7 +164,7 @@ def _finish(s: Socket, d: Decision) -> Decision:
     return _new(Decision, (klass, verdict, reasons, action, new_src, new_dst, new_sport,
                            new_dport, None if new_src is None else tuple(addr_to_words(new_src)),
                            None if new_dst is None else tuple(addr_to_words(new_dst)), binds,
-                           hook))
+                           hook, peer_nat))
 
 
 def decide(s: Socket, bmap: BoundMap, options: RewriteOptions,
@@ -174,17 +183,20 @@ def decide(s: Socket, bmap: BoundMap, options: RewriteOptions,
     return _finish(s, d)
 
 
-def _outside(klass: str, fate: str, port_moves: bool) -> Decision | tuple[Reason, ...]:
+def _outside(klass: str, fate: str, port_moves: bool
+             ) -> Decision | tuple[tuple[Reason, ...], bool]:
     """THE fate of a TCP connection whose local end moves (its address or, port_moves, its
-    port) while its peer stays (--tcp-outside): a Decision (closed, refused), or the reasons
-    of a connection that moves on (keep)."""
+    port) while its peer stays (--tcp-outside): a Decision (closed, refused), or, for a
+    connection that moves on, (its reasons, whether the peer's side rewrites it: nat)."""
     if fate == "close":
         return _made(klass, CLOSED, (Reason(PORT_OUTSIDE_CLOSED if port_moves
-                                               else OUTSIDE_CLOSED),))
+                                            else OUTSIDE_CLOSED),))
     if fate == "fail":
         return _made(klass, REFUSED, (Reason(PORT_OUTSIDE_REFUSED if port_moves
-                                                else OUTSIDE_REFUSED),))
-    return (Reason(OUTSIDE_KEEP),)
+                                             else OUTSIDE_REFUSED),))
+    if fate == "nat":
+        return (Reason(OUTSIDE_NAT),), True
+    return (Reason(OUTSIDE_KEEP),), False
 
 
 def _addresses(s: Socket, bmap: BoundMap, options: RewriteOptions) -> Decision:
@@ -202,7 +214,9 @@ def _addresses(s: Socket, bmap: BoundMap, options: RewriteOptions) -> Decision:
         got = _outside(klass, options.tcp_outside, False)
         if isinstance(got, Decision):
             return got
-        return _made(klass, REWRITTEN, (Reason(SRC_BY, (src_hit[1],)), *got), src_hit[0])
+        fate_why, nat = got
+        return _made(klass, REWRITTEN, (Reason(SRC_BY, (src_hit[1],)), *fate_why), src_hit[0],
+                     peer_nat=nat)
     if src_hit is not None or dst_hit is not None:
         why = []
         if src_hit is not None:
@@ -238,23 +252,25 @@ def _ports(d: Decision, pm: PortMoves, options: RewriteOptions) -> Decision:
     if pm.refused is not None:
         return _made(d.klass, REFUSED, (pm.refused,))
     why = pm.why
+    nat = d.peer_nat
     if pm.outside:  # its local port moves, its peer stays: the connection's fate
         got = _outside(d.klass, options.tcp_outside, True)
         if isinstance(got, Decision):
             return got
-        why += got
+        why += got[0]
+        nat = nat or got[1]
     new_src = d.new_src if pm.new_src is None else pm.new_src
     new_dst = d.new_dst if pm.new_dst is None else pm.new_dst
     if pm.new_sport is None and pm.new_dport is None and new_src is None and new_dst is None:
         return d
     if d.verdict == NEEDS_ADDRESS and new_src is None:  # the port moves; still on an
         return _made(d.klass, NEEDS_ADDRESS, (*why, *d.reasons), None, new_dst,
-                     pm.new_sport, pm.new_dport)  # address no rule covers
+                     pm.new_sport, pm.new_dport, nat)  # address no rule covers
     before = d.reasons if d.verdict == REWRITTEN else ()
     if pm.moves_local:  # its own `src by` is in the endpoint's why
         before = tuple([r for r in before if r.code != SRC_BY])
     return _made(d.klass, REWRITTEN, tuple(dict.fromkeys((*why, *before))), new_src,
-                 new_dst, pm.new_sport, pm.new_dport)
+                 new_dst, pm.new_sport, pm.new_dport, nat)
 
 
 # Deciding sockets that differ only in their peer (plan.py): a server with 10,000 clients

@@ -41,6 +41,7 @@ NO_RULE_V6 = "no-rule-v6"
 OUTSIDE_CLOSED = "outside-closed"
 OUTSIDE_REFUSED = "outside-refused"
 OUTSIDE_KEEP = "outside-keep"
+OUTSIDE_NAT = "outside-nat"  # kept established, the peer's side rewrites it
 PORT_OUTSIDE_CLOSED = "port-outside-closed"
 PORT_OUTSIDE_REFUSED = "port-outside-refused"
 OLD_PORT = "old-port"  # a connected UDP socket whose port moves, its peer outside
@@ -118,6 +119,9 @@ _TEXT: dict[str, Callable[[Socket, tuple[object, ...]], str]] = {
                                    "go on)"),
     OUTSIDE_KEEP: lambda s, a: (f"peer {s.remote} is outside the map and will reset the "
                                 "connection (fate keep)"),
+    OUTSIDE_NAT: lambda s, a: (f"peer {s.remote} is outside the map: kept established, the "
+                               "peer's side must follow (fate nat: overlayfs-inetsk "
+                               "nat-rules)"),
     PORT_OUTSIDE_CLOSED: lambda s, a: (f"its local port moves and its peer {s.remote} is "
                                        f"outside the map: {_CLOSED}"),
     PORT_OUTSIDE_REFUSED: lambda s, a: (f"its local port moves and its peer {s.remote} is "

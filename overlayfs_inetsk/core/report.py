@@ -96,6 +96,10 @@ class SocketReport(NamedTuple):
         return self.decision.new_dport
 
     @property
+    def peer_nat(self) -> bool:
+        return self.decision.peer_nat
+
+    @property
     def new_local(self) -> str | None:
         """The new local endpoint, or None when neither its address nor its port moves."""
         d, s = self.decision, self.sock

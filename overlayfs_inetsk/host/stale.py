@@ -107,7 +107,7 @@ def _lexists(path: str) -> bool:
         return e.errno == errno.ENOTCONN  # a FUSE mount whose daemon is gone
 
 
-def _clear_restore(restore_dir: str, name: str) -> bool:
+def _clear_restore(restore_dir: str, name: str, also: Callable[[str], None] | None) -> bool:
     base = os.path.join(restore_dir, name)
     view = os.path.join(base, "view")
     if not _lexists(view):
@@ -120,22 +120,26 @@ def _clear_restore(restore_dir: str, name: str) -> bool:
     except InetskError as e:
         log.error("cannot clear the view of killed restore %s: %s", name.partition("-")[0], e)
         return False
+    if also is not None:
+        also(base)  # what else the restore left (its peers' NAT table: app/restore.py)
     shutil.rmtree(base, ignore_errors=True)
     log.warning("cleared %s, left by restore pid %s (killed)", view, name.partition("-")[0])
     return True
 
 
-def clear_restores(restore_dir: str = RESTORE_DIR) -> list[str]:
+def clear_restores(restore_dir: str = RESTORE_DIR,
+                   also: Callable[[str], None] | None = None) -> list[str]:
     """Clear what a restore killed with SIGKILL left: its view (the mount, its read-only
     bind, and so its daemon, which ends when unmounted) and its temporary dir, once nobody
-    holds it (see above). Returns the views cleared; failures are logged, never raised."""
+    holds it (see above); also(its dir) first, for what else it left. Returns the views
+    cleared; failures are logged, never raised."""
     try:
         root_fd = os.open(restore_dir, DIR_FLAGS)
     except OSError:
         return []
     try:
         names = sweep(root_fd, lambda n: n.partition("-")[0].isdigit(),
-                      lambda n: _clear_restore(restore_dir, n))
+                      lambda n: _clear_restore(restore_dir, n, also))
     finally:
         os.close(root_fd)
     return [os.path.join(restore_dir, n, "view") for n in names]

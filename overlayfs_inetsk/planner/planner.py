@@ -61,6 +61,7 @@ STEPS: dict[str, Steps] = {
     # to a view (app/plugin_view.py checks them before writing one; the hook needs none)
     "plugin": Steps("view", True, "no"),
     "barrier": Steps("warn", False, "no"),  # reads the view CRIU restores from
+    "nat-rules": Steps("warn", True, "no", True),  # the peers' side of a restore's plan
 }
 
 
