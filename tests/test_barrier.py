@@ -15,7 +15,7 @@ from overlayfs_inetsk.app import barrier as group
 from overlayfs_inetsk.node import barrier, tcplock
 from overlayfs_inetsk.errors import BarrierError
 from overlayfs_inetsk.cli import main
-from inetsk_testbed.net import scratch_netns
+from inetsk_testbed.netns import scratch_netns
 
 
 def run_members(d, names, members, timeout=5.0):

@@ -20,7 +20,7 @@ import pytest
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
 from pycriu.images import fdinfo_pb2
 from inetsk_testbed.mount import mount_daemons
-from inetsk_testbed.net import scratch_netns, veth_with_route
+from inetsk_testbed.netns import scratch_netns, veth_with_route
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 

@@ -22,7 +22,7 @@ from overlayfs_inetsk.errors import NodeAddressError
 from overlayfs_inetsk.host import rtnl
 from overlayfs_inetsk.host.netns import check_netns, in_netns
 from overlayfs_inetsk.host.nodeaddr import node_address, snapshot
-from inetsk_testbed.net import scratch_netns
+from inetsk_testbed.netns import scratch_netns
 
 pytestmark = pytest.mark.root
 

@@ -13,7 +13,7 @@ from overlayfs_inetsk.core.portcheck import Holder, Want, clashes, parse_table
 from overlayfs_inetsk.host.proctables import read_tables
 from overlayfs_inetsk.planner.ports import taken
 from overlayfs_inetsk.core.sockaddr import AF_INET, AF_INET6
-from inetsk_testbed.net import scratch_netns
+from inetsk_testbed.netns import scratch_netns
 
 A = ip.ip_address
 

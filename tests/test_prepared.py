@@ -21,7 +21,7 @@ from overlayfs_inetsk.host.listing import build_tree
 from overlayfs_inetsk.app.mount import validate
 from overlayfs_inetsk.fuse.daemon import MountConfig
 from overlayfs_inetsk.fuse.ops import ViewOperations
-from inetsk_testbed.net import scratch_netns, veth_with_route
+from inetsk_testbed.netns import scratch_netns, veth_with_route
 
 MAP = ["local=10.77.0.99"]
 
