@@ -62,6 +62,7 @@ def restore_cmd(*args: str, tmp: Path, env: dict[str, str] | None = None,
     return Ran(p.args, p.returncode, out, err, p.pid)
 
 
+STOP_TIMEOUT = 2.0  # restore --stop-timeout here (the default, 10 s, cost 10 s a test)
 RAN: list[int] = []  # pids of the restores run here (their kept work dirs are removed)
 
 
@@ -151,9 +152,13 @@ prev=""
 for a in "$@"; do [ "$prev" = "-D" ] && dir="$a"; prev="$a"; done
 cat "$dir/files.img" > "$out/files.img" 2>"$out/cat.err"
 if [ -n "$FAKE_SLEEP" ]; then
-  trap 'echo TERM > "$out/signal"; exit 7' TERM
+  # the sleep holds none of our stdio (restore's caller would wait for its end to read
+  # restore's output to EOF) and goes with us on TERM
+  sleep "$FAKE_SLEEP" </dev/null >/dev/null 2>&1 &
+  pid=$!
+  trap 'echo TERM > "$out/signal"; kill $pid 2>/dev/null; exit 7' TERM
   echo started > "$out/started"
-  sleep "$FAKE_SLEEP" & wait $!
+  wait $pid
 fi
 exit "${FAKE_RC:-0}"
 """
@@ -314,7 +319,8 @@ def _cwd(pid: str) -> str:
 
 def _start_foreground(image_dirs, b, pidfile: Path) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
     p = subprocess.Popen([*CLI, "restore", str(image_dirs.images), "--netns", b.netns_path,
-                          "--foreground", "--", "--pidfile", str(pidfile)],
+                          "--foreground", "--stop-timeout", str(STOP_TIMEOUT), "--",
+                          "--pidfile", str(pidfile)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          stdin=subprocess.DEVNULL)
     RAN.append(p.pid)
@@ -359,13 +365,22 @@ def test_foreground_restore_stops_the_service_on_a_signal_and_leaves_nothing(
         time.sleep(0.5)
         assert p.poll() is None, p.communicate()
         assert len(our_mounts(f"{RESTORE_DIR}/{p.pid}-")) == 1  # mounted while it runs
+        t0 = time.monotonic()
         p.send_signal(signum)
         out, err = p.communicate(timeout=40)
+        took = time.monotonic() - t0
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
     assert p.returncode == 0, out + err  # criu's status: the service ran and ended
+    # the workload, init of its pid namespace, has no SIGTERM handler: it ignores SIGTERM
+    # and is SIGKILLed after --stop-timeout; SIGINT ends it at once
+    if signum == signal.SIGTERM:
+        assert STOP_TIMEOUT <= took < STOP_TIMEOUT + 5, (took, err)
+        assert f"did not stop within {STOP_TIMEOUT:.0f} s: SIGKILL" in err, err
+    else:
+        assert took < STOP_TIMEOUT, (took, err)
     assert not criu.is_alive(rpid)
     assert b.pids() == []
     assert our_mounts(f"{RESTORE_DIR}/{p.pid}-") == [] and leftovers(p.pid) == []
