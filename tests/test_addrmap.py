@@ -358,11 +358,19 @@ def test_conflicting_port_rules(specs, fragment):
 
 
 def test_port_rules_that_do_not_clash():
-    # a swap; one port on two different addresses (a group map: each host its own); the
-    # same new port on two named new addresses
-    AddressMap.from_args([":80=:81", ":81=:80"])
-    AddressMap.from_args(["10.0.0.1:80=:8080", "10.0.0.2:80=:8080"])
-    AddressMap.from_args(["10.0.0.1:80=10.0.0.8:8080", "10.0.0.2:80=10.0.0.9:8080"])
+    """Accepted, every rule kept and applied: a swap; one port on two different addresses
+    (a group map: each host its own); the same new port on two named new addresses."""
+    m = ports([":80=:81", ":81=:80"])
+    assert [ep(m, "10.0.0.1", 80), ep(m, "10.0.0.1", 81), ep(m, "fd00::1", 80)] == [
+        ("10.0.0.1", 81), ("10.0.0.1", 80), ("fd00::1", 81)]
+    m = ports(["10.0.0.1:80=:8080", "10.0.0.2:80=:8080"])
+    assert [ep(m, "10.0.0.1", 80), ep(m, "10.0.0.2", 80), ep(m, "10.0.0.3", 80)] == [
+        ("10.0.0.1", 8080), ("10.0.0.2", 8080), None]
+    m = ports(["10.0.0.1:80=10.0.0.8:8080", "10.0.0.2:80=10.0.0.9:8080"])
+    assert [ep(m, "10.0.0.1", 80), ep(m, "10.0.0.2", 80)] == [("10.0.0.8", 8080),
+                                                            ("10.0.0.9", 8080)]
+    assert [len(AddressMap.from_args(specs).port_rules) for specs in (
+        [":80=:81", ":81=:80"], ["10.0.0.1:80=:8080", "10.0.0.2:80=:8080"])] == [2, 2]
 
 
 def test_address_rules_still_take_bracketed_ipv6():

@@ -305,7 +305,7 @@ def test_err_lines(images, fds, tmp_path) -> None:
     finally:
         os.close(fd)
     assert reply.startswith(f"ERR {bad}/files.img: entry at offset 8: "), reply
-    assert not root.exists() or os.listdir(root) == []
+    assert not root.exists()  # every refusal comes before the view root is opened
 
 
 def test_no_view_is_written_after_the_deadline(images, fds, tmp_path) -> None:
@@ -315,7 +315,7 @@ def test_no_view_is_written_after_the_deadline(images, fds, tmp_path) -> None:
     reply = make_view(*fds, {"INETSK_LOCAL_IPV4": B4}, 1, str(root),
                       deadline=time.monotonic())
     assert reply.text == "ERR the request's deadline passed while planning: no view written"
-    assert not root.exists() or os.listdir(root) == []
+    assert not root.exists()  # the deadline is checked before the view root is opened
 
 
 # -- install / remove, the config file, doctor, and the C build -----------------------------
