@@ -3,6 +3,7 @@ a tmp dir as the barrier dir. The lock rules are checked as text (no netfilter h
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -136,6 +137,20 @@ def test_image_connections(tmp_path):
         (4, "10.77.0.3", 7402, "10.77.0.4", 9),
         (6, "fd77::3", 7403, "fd77::4", 9),
     ]
+
+
+def test_image_connections_warn_of_a_parent_link_outside(tmp_path, expect_log):
+    """The barrier reads the view CRIU restores from, as the planner's purpose "barrier":
+    a `parent` link out of it is named in one warning (it was not looked at), and the
+    connections are listed all the same."""
+    img = tmp_path / "img"
+    img.mkdir()
+    (tmp_path / "prev").mkdir()
+    os.symlink(tmp_path / "prev", img / "parent")
+    (img / "files.img").write_bytes(files_img(
+        inet_file_entry(isk(3, "10.77.0.3", 7400, "10.77.0.4", 40000))))
+    expect_log(logging.WARNING, r"img/parent: the link to the previous dump")
+    assert group.image_connections(str(img)) == [(4, "10.77.0.3", 7400, "10.77.0.4", 40000)]
 
 
 def test_barrier_script_runs_without_arguments(tmp_path):

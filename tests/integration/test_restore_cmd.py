@@ -239,6 +239,42 @@ def test_tcp_established_added_only_for_tcp_stream_images(fake, tmp_path):
 
 @pytest.mark.root
 @pytest.mark.fuse
+def test_the_checkpoint_is_planned_once(fake, tmp_path):
+    """restore plans (its summary, its refusals) and hands the plan to the view's daemon,
+    which plans nothing: criu reads those bytes (issue 19: the daemon planned the same
+    again). -v: the daemon's log would show a decision line per socket if it planned."""
+    work = tmp_path / "keep"
+    cp = restore_cmd("-v", str(fake["img"]), "--map", f"{A4}={B4}", "--work-dir", str(work),
+                     tmp=tmp_path, env=fake["env"])  # type: ignore[arg-type]
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stderr.count(": socket id ") == 2  # restore's own plan, one line a socket
+    daemon = (work / "mount.log").read_text()
+    assert "the plan of 1 checkpoint dir(s) handed over" in daemon, daemon
+    assert ": socket id " not in daemon, daemon  # no decision made there
+    assert "socket images as the mount planned them" in daemon and "generated " not in daemon
+    out: Path = fake["out"]  # type: ignore[assignment]
+    assert src_addrs((out / "files.img").read_bytes()) == [B4, B4]
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_a_parent_link_outside_is_refused_before_mounting(fake, tmp_path):
+    """A dump whose `parent` link (--prev-images-dir) points outside IMAGE_DIR: restore
+    refuses it at once, as mount does, in one line, having made nothing (it mounted a view
+    first, whose daemon refused it, and left its work dir)."""
+    img: Path = fake["img"]  # type: ignore[assignment]
+    (tmp_path / "prev").mkdir()
+    os.symlink(tmp_path / "prev", img / "parent")
+    cp = restore_cmd(str(img), "--map", f"{A4}={B4}", tmp=tmp_path, env=fake["env"])  # type: ignore[arg-type]
+    assert cp.returncode == 1, cp.stderr
+    assert cp.stderr.count("\n") == 1 and "the link to the previous dump" in cp.stderr
+    out: Path = fake["out"]  # type: ignore[assignment]
+    assert not (out / "argv").exists(), "criu must not run"
+    assert leftovers(cp.pid) == [] and our_mounts(f"{RESTORE_DIR}/{cp.pid}-") == []
+
+
+@pytest.mark.root
+@pytest.mark.fuse
 def test_json_report(fake, tmp_path):
     work = tmp_path / "keep"
     cp = restore_cmd(str(fake["img"]), "--map", f"{A4}={B4}", "--work-dir", str(work),
