@@ -11,7 +11,7 @@ the runtime plugin does not rewrite a view again.
 
 A tree made with link_from=view_location(OUT_DIR) (the runtime plugin): the symlinks are
 relative to their own directory, so they resolve inside a restored container's mount
-namespace too (FACTS.md).
+namespace too, where the host's absolute paths do not exist (docs/podman.md).
 
 Modes, whatever the caller's umask: a rewritten socket image has its original's (CRIU
 writes 0600); a directory has its original's, without group or world write, plus the

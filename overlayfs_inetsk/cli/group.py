@@ -1,6 +1,7 @@
 """`overlayfs-inetsk barrier` and `barrier-script`: the group-restore barrier (docs/tcp.md).
 
-cli/__init__.py calls add_group_parsers(subparsers). The work is in node/barrier.py.
+cli/__init__.py calls add_group_parsers(subparsers). The work is in app/barrier.py
+(the action script) and node/barrier.py (the protocol, the script it writes).
 """
 
 from __future__ import annotations

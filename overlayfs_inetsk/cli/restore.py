@@ -1,6 +1,6 @@
 """`overlayfs-inetsk restore`: argument parsing and output.
 
-cli/__init__.py calls add_restore_parsers(subparsers). The work is in node/restore.py.
+cli/__init__.py calls add_restore_parsers(subparsers). The work is in app/restore.py.
 """
 
 from __future__ import annotations

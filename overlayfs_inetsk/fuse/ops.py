@@ -93,7 +93,7 @@ class ViewOperations(pyfuse3.Operations):
                  current: CurrentFn | None = None,
                  generated: Mapping[int, tuple[object, Hashable, dict[str, bytes]]] | None
                  = None) -> None:
-        """`generated`: dir inode -> (imagedir.stamp of the originals, what the bytes depend
+        """`generated`: dir inode -> (host.files.stamp of the originals, what the bytes depend
         on (as `current` describes it; None without `auto`), image name -> bytes), already
         made by mount's validation: what the first open would generate, unless the files
         or the addresses changed since."""

@@ -21,7 +21,8 @@ module as a CRIU action script (`nat-action DIR`):
 The state lives in DIR (the restore's own temporary dir): `state.json` (the table, the
 peers, the connections), `locked.json`, `applied`, `resumed`. The restore removes the table
 and the lock when criu fails or is killed (clean), and after a --foreground service exits;
-node/stale.py does the same for a restore killed with SIGKILL whose criu did not resume.
+app/restore.clear_restores (the one sweeper, host/stale.py) does the same for a restore killed
+with SIGKILL whose criu did not resume.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def resumed(directory: str) -> bool:
 
 
 def sweep(directory: str) -> None:
-    """For node/stale.py: a restore killed with SIGKILL. Its table stays only if criu
+    """For app/restore.clear_restores: a restore killed with SIGKILL. Its table stays only if criu
     resumed the tasks (the connections live on); otherwise clean(). Never raises."""
     if not os.path.exists(os.path.join(directory, STATE)) or resumed(directory):
         return
