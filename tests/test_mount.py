@@ -343,9 +343,25 @@ def test_foreground_sigterm_and_systemd_notify(mounts: Mounts, image: Path,
     p.send_signal(signal.SIGINT)
     assert p.wait(20) == 0 and not os.path.ismount(mp)
     p = mounts.foreground(image, mp, *MAP)
-    _wait_mounted(mp)
+    _wait_ready(p)  # unmounted before it served, it would say it never became ready
     subprocess.run(["fusermount3", "-u", str(mp)], check=True)
     assert p.wait(20) == 0 and not os.path.ismount(mp)
+
+
+def _wait_ready(p: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Until the foreground daemon's log says it serves ("ready")."""
+    import select
+
+    assert p.stderr is not None
+    end = time.monotonic() + timeout
+    while True:
+        left = end - time.monotonic()
+        assert left > 0, "the daemon did not become ready"
+        if select.select([p.stderr], [], [], left)[0]:
+            line = p.stderr.readline()
+            assert line, "the daemon exited before it was ready"
+            if line.rstrip().endswith(b": ready"):
+                return
 
 
 def _wait_mounted(mp: Path, timeout: float = 20) -> None:
