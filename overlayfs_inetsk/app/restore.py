@@ -42,7 +42,7 @@ from ..core.portcheck import Clash
 from ..core.natrules import NatConn, nat_connections
 from ..errors import InetskError, RestoreError
 from ..host.stale import DIR_FLAGS, RESTORE_DIR, hold_new
-from ..host.stale import clear_restores as _clear_restores
+from .stale import clear_restores
 from ..node import natrestore
 from ..node.criu import (
     STOP_TIMEOUT,
@@ -136,12 +136,6 @@ def plan(cfg: RestoreConfig) -> Plan:
     nat = nat_connections(r for res in got.results.values() for r in res.reports)
     return Plan(image_real, sub, m.amap, got.results, m.specs, m.defaulted, add_tcp,
                 got.ports_taken or [], handover, nat)
-
-
-def clear_restores() -> list[str]:
-    """What restores killed with SIGKILL left (host/stale.py), their peers' NAT tables too
-    (unless criu resumed the tasks: node/natrestore.sweep). The views cleared."""
-    return _clear_restores(RESTORE_DIR, lambda base: natrestore.sweep(os.path.join(base, "nat")))
 
 
 def _new_base() -> tuple[str, int]:

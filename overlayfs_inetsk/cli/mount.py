@@ -65,7 +65,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     from ..host.mounts import unmount
-    from ..app.restore import clear_restores
+    from ..app.stale import clear_restores
 
     # views of restores killed with SIGKILL (held by nobody any more) go too
     cleared = clear_restores()
