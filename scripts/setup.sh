@@ -7,7 +7,8 @@
 #   4. the CRIU plugin built (plugin/build/) and copied to /usr/local/lib/overlayfs-inetsk/, where
 #      `overlayfs-inetsk plugin install` takes it from (installing it into CRIU's plugin dir
 #      is that command's job: setup changes no restore by itself);
-#   5. test-only: CRIU 4.2.1 with the UPDATE_INETSK hook in $CACHE/criu-hook/prefix;
+#   5. test-only: CRIU 4.2.1 with the UPDATE_INETSK hook in $CACHE/criu-hook/prefix, and
+#      CRIU's CUDA and AMD GPU plugins from the same 4.2.1 tree in $CACHE/gpu-plugins;
 #   6. scripts/setup-containers.sh: Podman, runc, containerd and the base image.
 set -euo pipefail
 
@@ -84,6 +85,14 @@ log "criu: $(/usr/local/sbin/criu --version | head -1)"
 if [ "${OVERLAYFS_INETSK_SKIP_CRIU_HOOK:-0}" != 1 ]; then
   OVERLAYFS_INETSK_CACHE="$CACHE" "$ROOT/tests/criu-hook/build.sh" >/dev/null ||
     die "the test-only patched CRIU did not build (tests/criu-hook/build.sh)"
+fi
+
+# --- test-only: CRIU's own GPU plugins (CUDA, AMD), to load beside ours -----------------
+# Only tests/integration/test_gpu_plugins.py uses them; never installed into a plugin dir.
+# Cached; OVERLAYFS_INETSK_SKIP_GPU_PLUGINS=1 skips (those tests then skip).
+if [ "${OVERLAYFS_INETSK_SKIP_GPU_PLUGINS:-0}" != 1 ]; then
+  OVERLAYFS_INETSK_CACHE="$CACHE" bash "$ROOT/scripts/build-gpu-plugins.sh" >/dev/null ||
+    die "CRIU's GPU plugins did not build (scripts/build-gpu-plugins.sh)"
 fi
 
 # --- the CRIU plugin (-Wall -Wextra -Werror against this CRIU's criu-plugin.h) ---------

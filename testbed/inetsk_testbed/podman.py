@@ -8,7 +8,11 @@ Long: making and always cleaning up the network, containers and archives go toge
         probe.tcp_hello(net.client, c.ipv4, 7001)
         net.checkpoint(c, archive, leave_running=True)
         r = net.restore(archive, "copy1", ignore_static_ip=True)
-    # every container (also failed restores), the network and the client are removed
+        img = net.checkpoint_image(c, "ck")          # podman checkpoint --create-image
+        r = net.restore_image(img, "copy2")          # podman restore IMAGE (CRI-O's route)
+        rs = net.restore_group([a1, a2], gap=1.0)    # concurrent restores, one after another
+    # every container (also failed restores), every checkpoint image, the network and the
+    # client are removed
 
 Conventions (docs/podman.md, ../shared/FACTS.md "Container runtimes"):
 
@@ -28,18 +32,23 @@ Conventions (docs/podman.md, ../shared/FACTS.md "Container runtimes"):
   subnets are ever used;
 * names start with ``oitrt`` and carry a run id; containers carry the label
   ``overlayfs-inetsk.testrun=<run id>:<owner pid>`` (restored copies keep it: it is in the
-  archive), so :func:`cleanup_stale` finds what a crashed run left behind.
+  archive), and checkpoint images (which take no label) are named
+  ``localhost/oitrt<run id>p<owner pid>-NAME``, so :func:`cleanup_stale` finds what a
+  crashed run left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
 import re
 import secrets
+import shlex
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
@@ -57,6 +66,8 @@ WORKLOAD_IN = "/srv/workload.py"
 ALLOWED_V4 = ipaddress.IPv4Network("10.77.0.0/16")
 ALLOWED_V6 = ipaddress.IPv6Network("fd77::/64")
 _LOGFILE_RE = re.compile(r"log file: (\S+)")
+TESTBED_IN = "/srv/inetsk_testbed"  # run_stream mounts the testbed package here
+_IMAGE_RE = re.compile(rf"^localhost/{PREFIX}([0-9a-f]{{6}})p(\d+)-")
 
 
 class PodmanError(RuntimeError):
@@ -93,8 +104,6 @@ def ensure_base_image(setup_script: Path) -> str:
 
 
 def sha256(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -153,12 +162,13 @@ class Container:
     def logs(self) -> str:
         return podman(["logs", self.name], check=False).stdout
 
-    def wait_ready(self, timeout: float = 20) -> None:
-        """Wait for the workload's READY line (or its ERROR, or the container's end)."""
+    def wait_ready(self, timeout: float = 20, count: int = 1) -> None:
+        """Wait for the workload's READY line (``count`` of them: one per workload
+        process in the container), or its ERROR, or the container's end."""
         end = time.monotonic() + timeout
         while True:
             out = self.logs()
-            if "READY" in out:
+            if out.count("READY") >= count:
                 return
             if "ERROR" in out or self.state not in ("running", "created", "configured"):
                 raise PodmanError(f"{self.name}: workload did not start: {out.strip()[-500:]}")
@@ -192,6 +202,8 @@ class PodmanNet:
         self.v4: ipaddress.IPv4Network | None = None
         self.v6: ipaddress.IPv6Network | None = None
         self.criu_conf: Path | None = None
+        self.images: list[str] = []
+        self._confs: list[Path] = []
         self._client: Container | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -224,12 +236,16 @@ class PodmanNet:
         if self.criu_lib is not None:
             self.criu_conf = self.write_criu_conf(self.criu_lib)
 
-    def write_criu_conf(self, lib: Path, extra: Iterable[str] = ()) -> Path:
+    def write_criu_conf(self, lib: Path, extra: Iterable[str] = (), name: str = "") -> Path:
         """A CRIU config file (for runc, via the org.criu.config annotation) whose plugin
-        dir is ``lib``; in workdir (or /run) so it outlives nothing but this network."""
+        dir is ``lib``, plus the ``extra`` lines (e.g. ``tcp-established``, ``action-script
+        PATH``); in workdir (or /run) so it outlives nothing but this network. ``name``
+        tells several files apart (one per container)."""
         base = self.workdir or Path("/run")
-        conf = base / f"{self.name}-criu.conf"
+        conf = base / f"{self.name}{'-' + name if name else ''}-criu.conf"
         conf.write_text(f"lib {lib}\n" + "".join(f"{x}\n" for x in extra))
+        if self.workdir is None:
+            self._confs.append(conf)
         return conf
 
     def close(self) -> None:
@@ -238,10 +254,16 @@ class PodmanNet:
             cp = podman(["rm", "-f", "-t", "0", name], check=False)
             if cp.returncode != 0 and "no such container" not in cp.stderr:
                 errors.append(cp.stderr.strip())
+        for image in self.images:
+            cp = podman(["rmi", "-f", image], check=False)
+            if cp.returncode != 0 and "image not known" not in cp.stderr:
+                errors.append(cp.stderr.strip())
         podman(["network", "rm", "-f", self.name], check=False)
-        if self.criu_conf is not None and self.workdir is None:
+        confs = [*self._confs, *([self.criu_conf] if self.criu_conf is not None
+                                 and self.workdir is None else [])]
+        for conf in confs:
             with contextlib.suppress(FileNotFoundError):
-                self.criu_conf.unlink()
+                conf.unlink()
         if errors:
             raise PodmanError("cleanup: " + "; ".join(errors))
 
@@ -263,27 +285,49 @@ class PodmanNet:
 
     # -- containers ------------------------------------------------------------------------
     def run(self, name: str, host: int | None, argv: Sequence[str], *, workload: bool = True,
-            extra: Sequence[str] = (), wait: bool = True) -> Container:
+            extra: Sequence[str] = (), wait: bool = True, criu_conf: Path | None = None,
+            ready: int | None = None) -> Container:
         """Start a container (``--ip``/``--ip6`` of host number ``host``, or IPAM's when
-        None) running ``python3 /srv/workload.py ARGV`` (or ARGV itself, workload=False)."""
+        None) running ``python3 /srv/workload.py ARGV`` (or ARGV itself, workload=False:
+        the testbed's workload.py is mounted at /srv/workload.py either way). Its CRIU
+        config is ``criu_conf`` or the network's. With wait, returns once ``ready``
+        processes said READY (default: 1 for the workload, none for another command)."""
         full = f"{self.name}-{name}"
         args = ["run", "-d", "--name", full, "--network", self.name, "--label", self.label,
                 *ULIMITS]
         if host is not None:
             args += ["--ip", self.ipv4(host), "--ip6", self.ipv6(host)]
-        if self.criu_conf is not None:
-            args += ["--annotation", f"org.criu.config={self.criu_conf}"]
-        if workload:
-            args += ["-v", f"{WORKLOAD}:{WORKLOAD_IN}:ro"]
+        conf = criu_conf or self.criu_conf
+        if conf is not None:
+            args += ["--annotation", f"org.criu.config={conf}"]
+        args += ["-v", f"{WORKLOAD}:{WORKLOAD_IN}:ro"]
         args += [*extra, self.image]
         args += ["python3", WORKLOAD_IN, *argv] if workload else list(argv)
         self.containers.append(full)
         podman(args)
         c = Container(full, self)
         c.inspect()
-        if wait and workload:
-            c.wait_ready()
+        count = (1 if workload else 0) if ready is None else ready
+        if wait and count:
+            c.wait_ready(count=count)
         return c
+
+    def run_stream(self, name: str, host: int, argv: Sequence[str], **kw: Any) -> Container:
+        """A container running the testbed's numbered TCP stream (:mod:`.stream`, stdlib
+        only: the package is mounted read-only) with ARGV; waits for its READY."""
+        pkg = Path(__file__).parent
+        extra = ["-v", f"{pkg}:{TESTBED_IN}:ro", "-w", str(Path(TESTBED_IN).parent)]
+        return self.run(name, host, ["python3", "-m", "inetsk_testbed.stream", *argv],
+                        workload=False, ready=1, extra=[*extra, *kw.pop("extra", ())], **kw)
+
+    def run_service(self, name: str, host: int, front: Sequence[str],
+                    worker: Sequence[str], **kw: Any) -> Container:
+        """A container holding two workload processes: ``worker`` (started first, in the
+        background) and ``front`` (the container's main process, pid 1; give its
+        --tcp-connect to the worker ``retry=S``). Waits for both READY lines."""
+        sh = (f"python3 {WORKLOAD_IN} {' '.join(_sh(a) for a in worker)} & "
+              f"exec python3 {WORKLOAD_IN} {' '.join(_sh(a) for a in front)}")
+        return self.run(name, host, ["/bin/sh", "-c", sh], workload=False, ready=2, **kw)
 
     @property
     def client(self) -> NetnsOf:
@@ -301,6 +345,18 @@ class PodmanNet:
             args.append("--tcp-established")
         podman([*args, *extra, c.name])
 
+    def checkpoint_image(self, c: Container, name: str, *, leave_running: bool = True,
+                         extra: Sequence[str] = ()) -> str:
+        """``podman container checkpoint --create-image IMAGE C``: a checkpoint image (the
+        form Kubernetes moves checkpoints in), removed by close(). Returns its name."""
+        image = f"localhost/{PREFIX}{self.run_id}p{os.getpid()}-{name}:1"
+        self.images.append(image)
+        args = ["container", "checkpoint", "--create-image", image]
+        if leave_running:
+            args.append("--leave-running")
+        podman([*args, *extra, c.name])
+        return image
+
     def restore(self, archive: Path, name: str | None, *, ignore_static_ip: bool = True,
                 keep: bool = False, extra: Sequence[str] = (), env: dict[str, str] | None = None,
                 check: bool = True) -> RestoreResult:
@@ -308,7 +364,23 @@ class PodmanNet:
         The container is tracked for cleanup even when the restore fails (Podman leaves it
         in Created). With check=True a failure raises PodmanError with restore.log's
         errors; else the result carries them."""
-        args = ["container", "restore", "--import", str(archive)]
+        return self._restore(["--import", str(archive)], str(archive), name,
+                             ignore_static_ip=ignore_static_ip, keep=keep, extra=extra,
+                             env=env, check=check)
+
+    def restore_image(self, image: str, name: str | None, *, ignore_static_ip: bool = True,
+                      keep: bool = False, extra: Sequence[str] = (),
+                      check: bool = True) -> RestoreResult:
+        """``podman container restore [--name N] [--ignore-static-ip] IMAGE``: a new
+        container from a checkpoint image (Podman copies the image's checkpoint/ into the
+        container's own dir first, as CRI-O does)."""
+        return self._restore([], image, name, ignore_static_ip=ignore_static_ip, keep=keep,
+                             extra=[*extra, image], check=check)
+
+    def _restore(self, source: list[str], what: str, name: str | None, *,
+                 ignore_static_ip: bool, keep: bool, extra: Sequence[str],
+                 env: dict[str, str] | None = None, check: bool = True) -> RestoreResult:
+        args = ["container", "restore", *source]
         full = f"{self.name}-{name}" if name else None
         if full:
             args += ["--name", full]
@@ -318,6 +390,10 @@ class PodmanNet:
         if keep:
             args.append("--keep")
         cp = podman([*args, *extra], check=False, env=env)
+        return self._restore_result(cp, full, what, keep, check)
+
+    def _restore_result(self, cp: subprocess.CompletedProcess[str], full: str | None,
+                        what: str, keep: bool, check: bool) -> RestoreResult:
         log = ""
         m = _LOGFILE_RE.search(cp.stderr)
         if m and os.path.exists(m.group(1)):
@@ -335,9 +411,150 @@ class PodmanNet:
                     log = rl.read_text(errors="replace") if rl.exists() else ""
         if check and cp.returncode != 0:
             errs = "\n".join(ln for ln in log.splitlines() if "Error" in ln or "rror (" in ln)
-            raise PodmanError(f"restore of {archive} failed: {cp.stderr.strip()[-1500:]}\n"
+            raise PodmanError(f"restore of {what} failed: {cp.stderr.strip()[-1500:]}\n"
                               f"restore.log errors:\n{errs[-3000:]}")
         return RestoreResult(cp.returncode, cp.stderr, log, c)
+
+    def restore_group(self, archives: Sequence[Path], *, gap: float = 1.0,
+                      extra: Sequence[str] = ("--tcp-established",), keep: bool = True,
+                      timeout: float = 90, check: bool = True) -> list[RestoreResult]:
+        """Restore several archives at once, the way a group is restored on several nodes:
+        ``podman container restore --import A`` for each (no --name: each container takes
+        the name in its archive), each started ``gap`` seconds after the one before and
+        running concurrently with it (a barrier in the restores' action scripts may hold
+        the first until the last arrives). Every restore has the deadline ``timeout``."""
+        procs: list[tuple[Path, subprocess.Popen[str]]] = []
+        try:
+            for i, archive in enumerate(archives):
+                if i:
+                    time.sleep(gap)
+                argv = ["podman", *RUNTIME, "container", "restore", "--import", str(archive),
+                        *(["--keep"] if keep else []), *extra]
+                procs.append((archive, subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True)))
+            end = time.monotonic() + timeout
+            done = []
+            for archive, p in procs:
+                try:
+                    out, err = p.communicate(timeout=max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise PodmanError(f"restore of {archive}: no answer within {timeout} s"
+                                      ) from None
+                done.append((archive, subprocess.CompletedProcess(p.args, p.returncode, out,
+                                                                  err)))
+        finally:
+            for _, p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+        return [self._restore_result(cp, None, str(archive), keep, check)
+                for archive, cp in done]
+
+
+GROUP_SCRIPT = """\
+#!/bin/sh
+# CRIU action script of one member of a group restored through Podman (runc):
+# docs/tcp.md, "Groups through Podman". The member's CRIU config file (the container's
+# org.criu.config annotation, or /etc/criu/runc.conf) names it: action-script THIS_FILE.
+case "$CRTOOLS_SCRIPT_ACTION" in
+setup-namespaces)
+    # The restored root task is in the container's new network namespace and no socket
+    # exists yet: lock that namespace the way CRIU locks one it restores itself (its
+    # CRIU chain, which CRIU deletes at network-unlock, right after post-restore).
+    for cmd in iptables-restore ip6tables-restore; do
+        nsenter --net="/proc/$CRTOOLS_INIT_PID/ns/net" "$cmd" -w --noflush <<'EOF' || exit 1
+*filter
+:CRIU - [0:0]
+-I INPUT -j CRIU
+-I OUTPUT -j CRIU
+-A CRIU -m mark --mark 0xC114 -j ACCEPT
+-A CRIU -j DROP
+COMMIT
+EOF
+    done ;;
+post-restore)
+    # Wait until every member's sockets exist. --no-lock: the barrier's own lock would
+    # go into criu's network namespace, which under runc is the host's.
+    exec {cli} barrier --dir {dir} --members {members} --name {name} --timeout {timeout} \\
+        --no-lock ;;
+esac
+"""
+
+
+def write_group_script(path: Path, *, cli: str, directory: Path, members: int, name: str,
+                       timeout: float = 60) -> Path:
+    """GROUP_SCRIPT for one member, executable, at ``path``."""
+    path.write_text(GROUP_SCRIPT.format(cli=_sh(cli), dir=_sh(str(directory)),
+                                        members=members, name=_sh(name), timeout=f"{timeout:g}"))
+    path.chmod(0o755)
+    return path
+
+
+def _sh(arg: str) -> str:
+    return shlex.quote(arg)
+
+
+def image_state(image: str) -> dict[str, Any]:
+    """What a checkpoint image is, to show it unchanged: podman's image id and digest,
+    and a sha256 over its one layer's whole tree (every path with its type and mode, each
+    file's bytes, each link's target), read from the layer's dir in podman's storage."""
+    out: dict[str, Any] = json.loads(podman(["image", "inspect", image]).stdout)[0]
+    layers = out["RootFS"]["Layers"]
+    diff = Path(out["GraphDriver"]["Data"]["UpperDir"])
+    h = hashlib.sha256()
+    files: list[str] = []
+    for root, dirs, names in os.walk(diff):
+        dirs.sort()
+        for n in sorted([*dirs, *names]):
+            path = Path(root) / n
+            rel = str(path.relative_to(diff))
+            st = path.lstat()
+            h.update(f"{rel}\0{st.st_mode:o}\0".encode())
+            if stat.S_ISREG(st.st_mode):
+                files.append(rel)
+                h.update(sha256(path).encode())
+            elif stat.S_ISLNK(st.st_mode):
+                h.update(os.readlink(path).encode())
+    return {"id": out["Id"], "digest": out["Digest"], "layers": layers,
+            "tree": h.hexdigest(), "files": files}
+
+
+def repack_archive(src: Path, dest: Path, *, add: dict[str, str] | None = None,
+                   addresses: Sequence[str] = ()) -> Path:
+    """A copy of a Podman checkpoint archive (a zstd tar) with files added (``add``:
+    path in the archive -> text, e.g. ``checkpoint/overlayfs-inetsk.map``) and, given
+    ``addresses`` (the new IPv4 and/or IPv6 address), the container's fixed addresses
+    changed to them: in ``network.status`` (each interface's subnets), which is where
+    Podman 4.3 takes a restored container's address from unless --ignore-static-ip
+    (measured: an edit of config.dump alone changed nothing), and in ``config.dump`` (its
+    networks' ``static_ips``), so that the two agree. Podman has no restore option that
+    names an address; a group's map needs the members' new addresses before the restore."""
+    tree = dest.with_name(dest.name + ".d")
+    tree.mkdir()
+    subprocess.run(["tar", "-C", str(tree), "-xf", str(src)], check=True, timeout=60)
+    for rel, text in (add or {}).items():
+        (tree / rel).write_text(text)
+    if addresses:
+        new = {ipaddress.ip_address(a).version: a for a in addresses}
+        status = json.loads((tree / "network.status").read_text())
+        for net in status.values():
+            for iface in net["interfaces"].values():
+                for sub in iface["subnets"]:
+                    addr, _, plen = sub["ipnet"].partition("/")
+                    v = ipaddress.ip_address(addr).version
+                    if v in new:
+                        sub["ipnet"] = f"{new[v]}/{plen}"
+        (tree / "network.status").write_text(json.dumps(status))
+        config = json.loads((tree / "config.dump").read_text())
+        for opts in (config.get("newNetworks") or {}).values():
+            opts["static_ips"] = [new.get(ipaddress.ip_address(a).version, a)
+                                  for a in opts.get("static_ips") or []]
+        (tree / "config.dump").write_text(json.dumps(config))
+    subprocess.run(["tar", "--zstd", "-C", str(tree), "-cf", str(dest), "."], check=True,
+                   timeout=60)
+    shutil.rmtree(tree)
+    return dest
 
 
 def _taken_subnets() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -374,6 +591,12 @@ def cleanup_stale() -> list[str]:
             podman(["rm", "-f", "-t", "0", name], check=False)
             removed.append(name)
             dead_runs.add(val.partition(":")[0])
+    cp = podman(["images", "--format", "{{.Repository}}:{{.Tag}}"], check=False)
+    for image in cp.stdout.split():
+        m = _IMAGE_RE.match(image)
+        if m and not os.path.exists(f"/proc/{m.group(2)}"):
+            podman(["rmi", "-f", image], check=False)
+            removed.append(image)
     cp = podman(["network", "ls", "--filter", f"label={LABEL}", "--format", "{{.Name}}"],
                 check=False)
     for name in cp.stdout.split():

@@ -18,6 +18,12 @@ flag and the spec (``tcp/10.77.0.1:8000``, ``udp/...``, ``udpc/...``, ``self/...
                            ``SELF <label> OK`` or ``SELF <label> FAIL <reason>``
       CLIENT LABEL TEXT    send TEXT over a --tcp-connect connection, wait for it to be
                            echoed back: ``CLIENT <label> OK <local> <peer>`` or FAIL
+      ASK LABEL COMMAND    send COMMAND over a --tcp-connect connection to another
+                           workload listener and relay its answer (the lines up to its
+                           END, joined by `` | ``): ``ASK <label> OK <answer>`` or FAIL
+      SEQ                  ``SEQ <label> conn=<k> seq=<n> pid=<pid>``: this is the k-th
+                           connection the listener accepted, and the n-th SEQ asked over
+                           it (through ASK, a number only that very connection carries)
       UDPSEND LABEL TEXT   send TEXT on a --udp-connect socket: ``UDPSEND <label> OK <n>``
       STATUS               one line per socket: ``<kind> <label> <local> <peer> <state>``
       PID                  ``PID <pid in own ns> <pid in the host's /proc>``
@@ -29,9 +35,11 @@ flag and the spec (``tcp/10.77.0.1:8000``, ``udp/...``, ``udpc/...``, ``self/...
 --tcp-self [LABEL@]ENDPOINT[,keep_listener=1]
     A TCP connection to itself over ENDPOINT (listen, connect, accept; both ends kept; the
     listener is closed afterwards unless keep_listener=1). Checked with ``SELF``.
---tcp-connect [LABEL@]PEER[,bind=ADDR][,reconnect=1]
+--tcp-connect [LABEL@]PEER[,bind=ADDR][,reconnect=1][,retry=SECONDS]
     Client connection to another server (blocking connect at start, 5 s timeout). With
-    reconnect=1 a lost connection (EOF, reset, EPIPE) is re-established every 0.5 s.
+    reconnect=1 a lost connection (EOF, reset, EPIPE) is re-established every 0.5 s. With
+    retry=S a refused connect at start is tried again every 50 ms for up to S seconds (a
+    peer process started at the same time may not listen yet).
 
 Once every socket is set up it writes ``READY <host-pid>\\n`` to --ready-fd (then closes
 it) or to stdout; a set-up failure writes ``ERROR <message>`` there and exits 2. After
@@ -251,8 +259,9 @@ class Request:
 class ControlConn(LineConn):
     """A connection accepted by a --tcp-listen socket."""
 
-    def __init__(self, app: App, sock: socket.socket, label: str):
+    def __init__(self, app: App, sock: socket.socket, label: str, number: int = 0):
         super().__init__(app, sock)
+        self.label, self.number, self.seq = label, number, 0
         local = sock.getsockname()
         self.send_line(f"{label} {local[0]} {local[1]}")
 
@@ -289,6 +298,22 @@ class ControlConn(LineConn):
             req = Request(self, [key], time.monotonic() + 3)
             app.requests.add(req)
             cl.request(req, text or "hello")
+        elif word == "SEQ":
+            self.seq += 1
+            self.send_line(f"SEQ {self.label} conn={self.number} seq={self.seq} "
+                           f"pid={os.getpid()}")
+            self.send_line("END")
+        elif word == "ASK":
+            label, _, text = rest.partition(" ")
+            cl = app.clients.get(label)
+            key = f"ASK {label}"
+            if cl is None or not text:
+                self.send_line(f"{key} FAIL {'no-such-client' if cl is None else 'no-command'}")
+                self.send_line("END")
+                return
+            req = Request(self, [key], time.monotonic() + 3)
+            app.requests.add(req)
+            cl.ask(req, text)
         elif word == "UDPSEND":
             label, _, text = rest.partition(" ")
             u = app.udps.get(label)
@@ -312,6 +337,7 @@ class Listener:
         self.sock.bind(spec.endpoint.sockaddr)
         self.sock.listen(int(spec.opts.get("backlog", "64")))
         self.sock.setblocking(False)
+        self.accepted = 0
         app.sel.register(self.sock, selectors.EVENT_READ, self)
 
     def on_event(self, mask: int) -> None:
@@ -319,7 +345,8 @@ class Listener:
             conn, _ = self.sock.accept()
         except (BlockingIOError, ConnectionAbortedError):
             return
-        ControlConn(self.app, conn, self.label)
+        self.accepted += 1
+        ControlConn(self.app, conn, self.label, self.accepted)
 
     def status(self) -> str:
         local, _ = sock_names(self.sock)
@@ -458,9 +485,19 @@ class Client:
         self.reconnects = 0
         self.retry_at: float | None = None
         self.waiting: tuple[Request, str] | None = None
-        s = self._new_socket()
-        s.settimeout(5)
-        s.connect(spec.endpoint.sockaddr)
+        self.asking: tuple[Request, list[str]] | None = None
+        retry_end = time.monotonic() + float(spec.opts.get("retry", "0") or "0")
+        while True:
+            s = self._new_socket()
+            s.settimeout(5)
+            try:
+                s.connect(spec.endpoint.sockaddr)
+                break
+            except ConnectionRefusedError:
+                s.close()
+                if time.monotonic() >= retry_end:
+                    raise
+                time.sleep(0.05)
         self.conn = ClientConn(app, s, self)
 
     def _new_socket(self) -> socket.socket:
@@ -475,7 +512,14 @@ class Client:
         return s
 
     def on_line(self, line: str) -> None:
-        if self.waiting and line == self.waiting[1]:
+        if self.asking is not None and self.hello != "-":
+            req, got = self.asking
+            if line != "END":
+                got.append(line)
+                return
+            self.asking = None
+            req.resolve(f"ASK {self.label}", f"ASK {self.label} OK {' | '.join(got)}")
+        elif self.waiting and line == self.waiting[1]:
             req, _ = self.waiting
             self.waiting = None
             local, peer = sock_names(self.conn.sock) if self.conn else ("-", "-")
@@ -491,9 +535,24 @@ class Client:
         self.waiting = (req, text)
         self.conn.send_line(text)  # a failed send closes the conn -> lost() -> FAIL
 
+    def ask(self, req: Request, text: str) -> None:
+        key = f"ASK {self.label}"
+        if self.asking is not None and not self.asking[0].waiting:
+            self.asking = None  # that ASK timed out: its answer, if it comes, is lost
+        if self.conn is None or self.conn.closed or self.waiting or self.asking:
+            why = f"not-connected:{self.lost_reason}" if not self.conn else "busy"
+            req.resolve(key, f"{key} FAIL {why}")
+            return
+        self.asking = (req, [])
+        self.conn.send_line(text)  # a failed send closes the conn -> lost() -> FAIL
+
     def lost(self, reason: str) -> None:
         self.lost_reason = reason
         self.conn = None
+        if self.asking:
+            req, _ = self.asking
+            self.asking = None
+            req.resolve(f"ASK {self.label}", f"ASK {self.label} FAIL {reason}")
         if self.waiting:
             req, _ = self.waiting
             self.waiting = None
