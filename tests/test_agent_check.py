@@ -151,3 +151,18 @@ def test_same_pidns_tells_this_namespaces_agent_from_another(tmp_path: Path) -> 
     finally:
         own.stop()
         other.stop()
+
+
+def test_the_check_is_cheap_to_run(agent: AgentProc) -> None:
+    """A probe every 2 s: `agent --check` loads neither the planner nor pycriu nor
+    prometheus_client."""
+    cp = subprocess.run([sys.executable, "-X", "importtime", "-m", "overlayfs_inetsk.cli",
+                         "agent", "--check", "--socket", str(agent.sock)], capture_output=True,
+                        text=True, timeout=60, env=tree_env(), cwd=ROOT)
+    assert cp.returncode == 0, cp.stderr
+    loaded = {ln.rsplit("|", 1)[-1].strip() for ln in cp.stderr.splitlines() if "|" in ln}
+    assert "overlayfs_inetsk.plugin.check" in loaded
+    heavy = {m for m in loaded if m.split(".")[0] in ("pycriu", "google", "prometheus_client")
+             or m in ("overlayfs_inetsk.plugin.viewmaker", "overlayfs_inetsk.plugin.agent",
+                      "overlayfs_inetsk.core")}
+    assert heavy == set(), heavy

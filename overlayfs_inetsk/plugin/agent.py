@@ -179,6 +179,7 @@ def _serve(conn: socket.socket, view_root: str, r: _Record) -> None:
         try:
             req = parse_request(data)
         except RequestError as e:
+            r.who = f"a client (uid {uid})"
             r.kind, r.detail, text = "refused", e.reason, f"ERR {e}"
         else:
             r.who, deadline = req.who, req.deadline
