@@ -137,9 +137,10 @@ def finish(lst: Listener, stop: Stopper, slots: threading.BoundedSemaphore,
             if start(conn):
                 drained += 1
     lst.sock.close()
-    for t in list(threads):
+    running = list(threads)  # a snapshot: the threads remove themselves as they end
+    for t in running:
         t.join(max(0.0, end - time.monotonic()))
-    left = sum(t.is_alive() for t in threads)
+    left = sum(t.is_alive() for t in running)
     if left:
         log.warning("stopped with %d request(s) still running after %.0f s: they are lost",
                     left, DRAIN_S)
