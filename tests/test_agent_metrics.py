@@ -186,3 +186,11 @@ def test_stats_count_and_bucket_as_prometheus_does() -> None:
     b = dict(zip([*metrics.BUCKETS, "inf"], snap["buckets"]))
     assert b[0.005] == 2 and b[0.5] == 1 and b["inf"] == 1  # le: 0.005 counts in 0.005
     assert sum(snap["buckets"]) == 4
+
+
+def test_metrics_addresses() -> None:
+    assert metrics.parse_addr("0.0.0.0:9478") == ("0.0.0.0", 9478)
+    assert metrics.parse_addr("[::1]:9478") == ("::1", 9478)
+    for bad in ("9478", ":9478", "127.0.0.1:0", "127.0.0.1:65536", "[::1]", "::1:x"):
+        with pytest.raises(ValueError):
+            metrics.parse_addr(bad)

@@ -270,15 +270,16 @@ def serve(path: str = DEFAULT_SOCKET, view_root: str = VIEW_ROOT,
     path = os.path.abspath(path)
     os.close(viewroot.open_dir(os.path.normpath(view_root)))  # refused before listening
     stats = Stats()
-    server = None
+    server, at = None, ""
     if metrics is not None:
         from .metrics import serve_http
 
+        host = f"[{metrics[0]}]" if ":" in metrics[0] else metrics[0]
+        at = f"{host}:{metrics[1]}"
         try:
             server, _ = serve_http(stats, *metrics, __version__, PROTOCOL)
         except OSError as e:
-            raise InetskError(f"--metrics {metrics[0]}:{metrics[1]}: cannot serve there: "
-                              f"{e.strerror}") from None
+            raise InetskError(f"--metrics {at}: cannot serve there: {e.strerror}") from None
     _warm_up()
     stop = drain.Stopper()  # from here on SIGTERM drains, whenever it comes
     try:
@@ -318,7 +319,7 @@ def serve(path: str = DEFAULT_SOCKET, view_root: str = VIEW_ROOT,
         how = ("systemd's socket" if lst.activated else
                f"took it over from {lst.took_over}" if lst.took_over else "")
         log.info("agent %s listening on %s%s%s", __version__, path, f" ({how})" if how else "",
-                 f"; metrics on http://{metrics[0]}:{metrics[1]}/metrics" if metrics else "")
+                 f"; metrics on http://{at}/metrics" if at else "")
         _notify_ready()
         if on_ready is not None:
             on_ready()
