@@ -144,6 +144,7 @@ def test_a_stream_of_requests_across_the_hand_over_loses_none_and_waits_for_noth
         bad = [t for _, t in results if not t.startswith("VIEW view-")]
         assert bad == [] and len(results) > 10, (bad, len(results))
         assert max(d for d, _ in results) < 5, sorted(d for d, _ in results)[-3:]
+        assert new.stop() == 0  # every line written
         served_old = old.text().count(": VIEW view-")
         served_new = new.text().count(": VIEW view-")
         assert served_old and served_new and served_old + served_new == len(results)
