@@ -74,3 +74,11 @@ class NodeAddressError(InetskError):
 class TreeError(InetskError):
     """IMAGE_DIR cannot be used as a tree (missing, not a directory, unreadable, a bad serve
     mode or link root): exit code 1."""
+
+
+class NatError(InetskError):
+    """The peers' NAT rules (fate nat) could not be applied or removed (nft missing or
+    refusing, a peer network namespace missing): exit code 8. As an action script, a
+    non-zero exit makes CRIU abort the restore."""
+
+    exit_code = 8

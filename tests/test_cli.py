@@ -60,7 +60,7 @@ def test_inspect_json_with_map(image_dir, capsys):
     s = {x["id"]: x for x in doc["sockets"]}
     assert set(s[2]) == {"file", "offset", "id", "ino", "family", "type", "proto", "state",
                          "class", "src", "src_port", "dst", "dst_port", "new_src", "new_dst",
-                         "new_src_port", "new_dst_port", "verdict", "reason"}
+                         "new_src_port", "new_dst_port", "verdict", "reason", "peer_nat"}
     assert (s[2]["proto"], s[2]["state"], s[2]["class"]) == ("tcp", "LISTEN", "listener")
     assert (s[2]["src"], s[2]["new_src"], s[2]["verdict"]) == ("10.0.1.5", "10.9.0.7", "rewritten")
     assert (s[3]["proto"], s[3]["family"], s[3]["verdict"]) == ("udp", "ipv6", "needs-address")

@@ -72,8 +72,10 @@ def test_parse_options() -> None:
     assert parse_options("", "F")[0].tcp_outside == "close"
     with pytest.raises(MapError, match=r"^F: unknown option '--map'"):
         parse_options("--map x=y", "F")
-    with pytest.raises(MapError, match=r"^F: --tcp-outside must be close, keep or fail"):
+    with pytest.raises(MapError, match=r"^F: --tcp-outside must be close, keep, nat or fail"):
         parse_options("--tcp-outside drop", "F")
+    # fate nat through the plugin's options file (issue 22)
+    assert parse_options("--tcp-outside nat", "F")[0].tcp_outside == "nat"
     with pytest.raises(MapError, match=r"^F: --iface needs a value"):
         parse_options("--iface", "F")
 

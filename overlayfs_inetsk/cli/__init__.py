@@ -40,12 +40,14 @@ def make_parser() -> argparse.ArgumentParser:
     from .group import add_group_parsers
     from .images import add_image_parsers
     from .mount import add_mount_parsers
+    from .nat import add_nat_parsers
     from .restore import add_restore_parsers
 
     add_image_parsers(sub)
     add_mount_parsers(sub)
     add_group_parsers(sub)
     add_restore_parsers(sub)
+    add_nat_parsers(sub)
     add_doctor_parser(sub)
     from ..plugin.cli import add_plugin_parsers
 

@@ -65,7 +65,7 @@ class Option(NamedTuple):  # not a dataclass: its decorator costs every command 
         return [] if value is None else [self.flags[0], str(value)]
 
 
-TCP_FATES = ("close", "keep", "fail")  # = core.decide.TCP_FATES (tests/test_options.py)
+TCP_FATES = ("close", "keep", "nat", "fail")  # = core.decide.TCP_FATES (tests/test_options.py)
 SERVE_MODES = ("symlink", "read")  # = core.tree.SERVE_MODES
 # = node.barrier's ACTIONS, DEFAULT_ACTION, DEFAULT_TIMEOUT (tests/test_options.py): the
 # parser does not import node.barrier (subprocess, socket: every command's start-up)

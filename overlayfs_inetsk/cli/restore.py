@@ -79,6 +79,10 @@ def add_restore_parsers(subparsers: Any) -> None:
     g.add_argument("--foreground", action="store_true",
                    help="criu without -d: stay until the restored service exits, the view "
                         "mounted; SIGINT/SIGTERM/SIGHUP are passed on to its root task")
+    g.add_argument("--nat-peer-netns", action="append", default=[], metavar="PATH",
+                   help="with --tcp-outside nat: apply the peers' NAT table (nat-rules) in "
+                        "this network namespace at the moment that keeps the connections, "
+                        "remove it if the restore fails (repeatable; docs/tcp.md)")
     g.add_argument("--json", action="store_true",
                    help="print a JSON report after criu returns (docs/json.md)")
     p.set_defaults(func=cmd_restore)
@@ -93,6 +97,12 @@ def _print_summary(plan: Any, argv: list[str]) -> None:
         sys.stdout.write("map: --map local=auto (the default: no --map given)\n")
     if plan.tcp_established_added:
         sys.stdout.write("criu: --tcp-established added (the images hold tcp-stream-*.img)\n")
+    if plan.nat:
+        from ..core.natrules import table_name
+
+        sys.stdout.write(f"nat: {len(plan.nat)} connection(s) of fate nat need the peers' "
+                         f"side (table inet {table_name(plan.nat)}: "
+                         "overlayfs-inetsk nat-rules)\n")
     sys.stdout.flush()
 
 
@@ -104,7 +114,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         map_files=list(args.map_file), iface=args.iface, strict=args.strict,
         port_offset=args.port_offset,
         tcp_outside=args.tcp_outside, serve=args.serve, criu_args=list(args.criu_args),
-        work_dir=args.work_dir, foreground=args.foreground, env=dict(os.environ))
+        work_dir=args.work_dir, foreground=args.foreground,
+        nat_peer_netns=list(args.nat_peer_netns), env=dict(os.environ))
     p = plan(cfg)
     out = run(cfg, p, on_start=None if args.json else _print_summary)
     if args.json:

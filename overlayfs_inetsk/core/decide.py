@@ -48,8 +48,12 @@ if TYPE_CHECKING:  # entries.py's Protocol for pycriu's inet_sk_entry
 
 log = logging.getLogger(__name__)
 
-TCP_FATES = ("close", "keep", "fail")
+TCP_FATES = ("close", "keep", "nat", "fail")
 DEFAULT_TCP_FATE = "close"
+
+# the reason's part for a connection of fate nat (its peer's side rewrites it)
+NAT_REASON = ("peer {peer} is outside the map: kept established, the peer's side must "
+              "follow (fate nat: overlayfs-inetsk nat-rules)")
 
 # Verdicts
 REWRITTEN = "rewritten"  # addresses changed
@@ -91,6 +95,9 @@ class SocketReport:
     new_dst: IPAddress | None = None
     new_sport: int | None = None
     new_dport: int | None = None
+    # fate nat: restored established at its new local endpoint; the peer's side must
+    # rewrite the connection (core/natrules.py)
+    peer_nat: bool = False
 
     @property
     def new_local(self) -> str | None:
@@ -246,6 +253,10 @@ def _decide_addresses(r: SocketReport, bmap: BoundMap, options: RewriteOptions) 
             return
         r.new_src = src_hit[0]
         r.verdict = REWRITTEN
+        if options.tcp_outside == "nat":
+            r.peer_nat = True
+            r.reason = f"src by {src_hit[1]}; {NAT_REASON.format(peer=peer)}"
+            return
         r.reason = (f"src by {src_hit[1]}; peer {peer} is outside the map and will "
                     "reset the connection (fate keep)")
         return
@@ -567,6 +578,9 @@ def _outside_fate(r: SocketReport, options: RewriteOptions, peer: str) -> list[s
         _refuse(r, f"its local port moves and its peer {peer} is outside the map and keeps the "
                    "old 4-tuple: this connection cannot survive the move (--tcp-outside fail)")
         return None
+    if options.tcp_outside == "nat":
+        r.peer_nat = True
+        return [NAT_REASON.format(peer=peer)]
     return [f"peer {peer} is outside the map and will reset the connection (fate keep)"]
 
 

@@ -215,6 +215,7 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                     path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,
                     src, isk.src_port, dst, dport, proto.klass, verdict, proto.reason,
                     proto.new_src, proto.new_dst, proto.new_sport, proto.new_dport,
+                    proto.peer_nat,
                 )
                 if dport != proto.dport or dst != proto.dst:
                     made = makers.get(id(d))

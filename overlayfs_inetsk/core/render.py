@@ -9,6 +9,7 @@ from typing import Mapping, Protocol, Sequence
 
 from .addrmap import AddressMap
 from .decide import VERDICTS, SocketReport
+from .natrules import nat_connections, table_name
 from .plan import RewriteResult
 from .sockaddr import SOCK_STREAM, IPAddress, fmt_addr
 
@@ -72,6 +73,20 @@ def socket_dict(root: str, r: SocketReport) -> dict[str, object]:
         "new_dst_port": r.new_dport,
         "verdict": r.verdict,
         "reason": r.reason,
+        "peer_nat": r.peer_nat,
+    }
+
+
+def nat_dict(results: Mapping[str, RewriteResult]) -> dict[str, object]:
+    """The connections of fate nat (the peers' side must rewrite them) and the table that
+    `nat-rules` makes for them."""
+    conns = nat_connections(r for res in results.values() for r in res.reports)
+    return {
+        "table": table_name(conns) if conns else None,
+        "connections": [
+            {"family": f"ipv{c.version}", "peer": fmt_addr(c.peer), "peer_port": c.peer_port,
+             "old": fmt_addr(c.old), "old_port": c.old_port, "new": fmt_addr(c.new),
+             "new_port": c.new_port} for c in conns],
     }
 
 
@@ -106,6 +121,7 @@ def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteR
         "files": [_rel(image_dir, p) for p in results],
         "sockets": [socket_dict(image_dir, r) for res in results.values() for r in res.reports],
         "summary": summary(results),
+        "nat": nat_dict(results),
     }
     if ports_taken is not None:
         doc["ports_taken"] = [

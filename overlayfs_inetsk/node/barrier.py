@@ -262,10 +262,11 @@ def _restore(version: int, batch: str) -> subprocess.CompletedProcess[str]:
         raise BarrierError(f"{' '.join(argv)}: {exc}") from None
 
 
-def unlock(conns: list[Conn]) -> None:
+def unlock(conns: list[Conn], missing_ok: bool = False) -> None:
     """Remove the lock rules of each connection: the rules present are deleted in one
-    atomic `iptables-restore --noflush` batch per family. Every rule that was not there or
-    could not be deleted is reported (BarrierError, one line) after the others are gone."""
+    atomic `iptables-restore --noflush` batch per family. Every rule that was not there
+    (unless missing_ok) or could not be deleted is reported (BarrierError, one line) after
+    the others are gone."""
     problems: list[str] = []
     for version in (4, 6):
         cmd = "iptables" if version == 4 else "ip6tables"
@@ -275,7 +276,7 @@ def unlock(conns: list[Conn]) -> None:
                 cp = _iptables(version, "-C", rule)
                 if cp.returncode == 0:
                     present.append((conn, rule))
-                else:
+                elif not missing_ok:
                     why = cp.stderr.strip().splitlines()[-1:] or [f"exit {cp.returncode}"]
                     problems.append(f"{rule[2]} rule of {_fmt(conn)} not present ({why[0]})")
         if not present:

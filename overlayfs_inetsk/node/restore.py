@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InetskError, RestoreError
+from . import natrestore
 from .criu import CRIU_DEFAULT, find_criu  # noqa: F401 (find_criu: the restore API)
 from .stale import RESTORE_DIR, clear_stale
 
@@ -69,6 +70,7 @@ class RestoreConfig:
     criu_args: Sequence[str] = ()
     work_dir: str | None = None  # kept; default: a temporary dir, removed on success
     foreground: bool = False  # criu without -d: until the restored tree exits
+    nat_peer_netns: Sequence[str] = ()  # fate nat: apply the peers' table there (natrestore)
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
 
@@ -80,6 +82,7 @@ class RestoreOutcome:
     log: str | None
     tcp_established_added: bool
     signal: int = 0
+    nat_kept: bool = False  # the peers' NAT table stays (fate nat, criu resumed detached)
 
 
 def criu_subdir(image_real: str) -> str:
@@ -154,6 +157,7 @@ class Plan:
     map_defaulted: bool
     tcp_established_added: bool
     ports_taken: list[Any] = field(default_factory=list)  # portcheck.Clash, warned about
+    nat: list[Any] = field(default_factory=list)  # core.natrules.NatConn: fate nat
 
 
 def plan(cfg: RestoreConfig) -> Plan:
@@ -161,6 +165,7 @@ def plan(cfg: RestoreConfig) -> Plan:
     from ..core.addrmap import AddressMap
     from ..core.decide import RewriteOptions
     from ..core.imagedir import check_image_dir
+    from ..core.natrules import nat_connections
     from ..core.plan import merged, plan_tree, raise_problems
     from ..core.tree import ImageTree
     from .nodeaddr import check_netns, make_resolver
@@ -171,6 +176,11 @@ def plan(cfg: RestoreConfig) -> Plan:
     check_criu_args(cfg.criu_args, cfg.foreground)
     if cfg.netns:
         check_netns(cfg.netns)
+    if cfg.nat_peer_netns and cfg.tcp_outside != "nat":
+        raise RestoreError("--nat-peer-netns applies the rules of fate nat: it needs "
+                           "--tcp-outside nat")
+    for peer in cfg.nat_peer_netns:
+        check_netns(peer)
     maps, defaulted = effective_maps(cfg.maps, cfg.map_files, cfg.env)
     amap = AddressMap.from_args(maps, cfg.map_files, env=cfg.env, port_offset=cfg.port_offset)
     options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
@@ -181,7 +191,8 @@ def plan(cfg: RestoreConfig) -> Plan:
     taken = check_plan(results, cfg.netns, cfg.strict, log.warning)
     add_tcp = (has_tcp_stream(os.path.join(image_real, sub))
                and not any(a in TCP_OPTIONS for a in cfg.criu_args))
-    return Plan(image_real, sub, amap, results, maps, defaulted, add_tcp, taken)
+    nat = nat_connections(r for res in results.values() for r in res.reports)
+    return Plan(image_real, sub, amap, results, maps, defaulted, add_tcp, taken, nat)
 
 
 class _Signals:
@@ -277,6 +288,10 @@ def run(cfg: RestoreConfig, prepared: Plan | None = None,
     images = os.path.join(mountpoint, p.criu_dir) if p.criu_dir else mountpoint
     argv = criu_argv(criu, cfg.netns, images, work, cfg.criu_args, p.tcp_established_added,
                      cfg.foreground)
+    nat_dir = os.path.join(base, "nat") if p.nat and cfg.nat_peer_netns else None
+    if nat_dir is not None:
+        argv += ["--action-script", natrestore.prepare(
+            nat_dir, p.nat, list(cfg.nat_peer_netns), p.image_real, cfg.netns)]
     restore_log = os.path.join(work, "restore.log")
     outcome = RestoreOutcome(1, argv, work, restore_log, p.tcp_established_added)
     mounted = False
@@ -317,6 +332,8 @@ def run(cfg: RestoreConfig, prepared: Plan | None = None,
             if sigs.child is not None and sigs.child.poll() is None:  # an exception above
                 sigs.child.kill()
                 sigs.child.wait()
+            if nat_dir is not None:  # the table stays only with a detached service running
+                outcome.nat_kept = natrestore.finish(nat_dir, criu_ok and not cfg.foreground)
             if mounted:
                 try:
                     unmount(mountpoint)
@@ -384,5 +401,7 @@ def render_json(p: Plan, cfg: RestoreConfig, out: RestoreOutcome) -> str:
         "work_dir": out.work_dir,
         "log": out.log,
         "signal": signal.Signals(out.signal).name if out.signal else None,
+        "nat_peer_netns": list(cfg.nat_peer_netns),
+        "nat_kept": out.nat_kept,
     }
     return json.dumps(doc, indent=2) + "\n"

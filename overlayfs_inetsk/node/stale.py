@@ -66,6 +66,9 @@ def clear_stale(restore_dir: str = RESTORE_DIR) -> list[str]:
         except InetskError as e:
             log.error("cannot clear the view of killed restore %s: %s", owner, e)
             continue
+        from .natrestore import sweep
+
+        sweep(os.path.join(base, "nat"))  # its peers' NAT table, unless criu resumed
         shutil.rmtree(base, ignore_errors=True)
         log.warning("cleared %s, left by restore pid %s (killed)", view, owner)
         cleared.append(view)

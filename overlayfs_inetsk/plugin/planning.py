@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from ..core.addrmap import AddressMap, Resolver
-from ..core.decide import RewriteOptions
+from ..core.decide import TCP_FATES, RewriteOptions
 from ..core.plan import RewriteResult, plan_tree, raise_problems
 from ..core.tree import ROOT_INODE, ImageTree
 from ..errors import ImageError, InetskError, MapError
@@ -14,7 +14,7 @@ from ..node.nodeaddr import make_resolver
 from ..offline import VIEW_MARKER, write_view_dir
 
 __all__ = ["AddressMap", "ImageError", "InetskError", "MapError", "RewriteOptions", "RewriteResult",
-           "VIEW_MARKER", "ImageTree", "make_resolver", "plan", "top_level", "write_view"]
+           "TCP_FATES", "VIEW_MARKER", "ImageTree", "make_resolver", "plan", "top_level", "write_view"]
 
 
 def plan(root: str, amap: AddressMap, resolve: Resolver | None, options: RewriteOptions,

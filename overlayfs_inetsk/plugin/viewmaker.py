@@ -46,6 +46,7 @@ from .planning import (
     ImageError,
     InetskError,
     MapError,
+    TCP_FATES,
     RewriteOptions,
     make_resolver,
     plan,
@@ -197,13 +198,14 @@ def parse_options(text: str, source: str) -> tuple[RewriteOptions, str | None]:
                 val = words[i]
             if name == "--iface":
                 iface = val
-            elif val not in ("close", "keep", "fail"):
-                raise MapError(f"{source}: --tcp-outside must be close, keep or fail, not {val!r}")
+            elif val not in TCP_FATES:
+                raise MapError(f"{source}: --tcp-outside must be close, keep, nat or fail, "
+                               f"not {val!r}")
             else:
                 fate = val
         else:
             raise MapError(f"{source}: unknown option {w!r} (allowed: --strict, "
-                           "--tcp-outside close|keep|fail, --iface NAME)")
+                           "--tcp-outside close|keep|nat|fail, --iface NAME)")
         i += 1
     return RewriteOptions(strict=strict, tcp_outside=fate), iface
 

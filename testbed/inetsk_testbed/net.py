@@ -228,7 +228,8 @@ class Host:
         kw.setdefault("text", True)
         if "stdout" not in kw and "stderr" not in kw and "capture_output" not in kw:
             kw["capture_output"] = True
-        kw.setdefault("stdin", subprocess.DEVNULL)
+        if "input" not in kw:
+            kw.setdefault("stdin", subprocess.DEVNULL)
         return subprocess.run(self.cmd(argv), check=check, timeout=timeout, **kw)
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:

@@ -1,0 +1,188 @@
+"""Benchmark and experiment for fate nat (issue 22): the conntrack question, and what the
+peers' table costs. Needs root, CRIU, FUSE, nft and conntrack (scripts/setup.sh).
+
+    .venv/bin/python bench/bench_nat.py [--runs 2] [--sizes 0,100,1000,10000] [--mb 200]
+
+(1) Which way of rewriting keeps the connection. A client on host C streams with a server
+    on host A (testbed/stream.py, a number every 20 ms each way); C has a stateful
+    firewall table (`ct state established accept`), so conntrack holds the connection's
+    entry before any NAT rule. The server is dumped with --tcp-established and restored on
+    B with the map A=B, B's new 4-tuple locked from pre-restore to CRIU's network unlock,
+    the rules added in C at post-restore. Modes:
+      stateful      an `inet` nat table in C: `dnat to B` for the 4-tuple (the old entry
+                    left as it is)
+      stateful-del  the same, and the connection's conntrack entry deleted right after
+                    (`conntrack -D`), so that the next packet is NATed (tcp_loose picks a
+                    mid-stream flow up)
+      stateless     overlayfs-inetsk's own route: `restore --tcp-outside nat
+                    --nat-peer-netns C` (notrack + address rewrite, both directions)
+    Printed per mode and family: connections kept / runs, and the numbers the client got
+    in the second after the restore (50 at 20 ms when nothing is lost).
+(2) The cost of the table on traffic it does not rewrite: a bulk TCP transfer (--mb MiB)
+    from C to A over the test bridge with a table of N connections in C (0 = no table:
+    the baseline, in the same invocation), median of --runs; and the time `nft -f` takes
+    to add it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from inetsk_testbed import TestNet, criu
+from inetsk_testbed.mount import BIN
+from inetsk_testbed.net import netns_pids
+from inetsk_testbed.probe import wait_for
+from inetsk_testbed.stream import start_stream, status
+
+from overlayfs_inetsk.core.natrules import NatConn, apply_script
+
+PORT, CTL, CCTL = 7900, 7901, 7902
+FIREWALL = ("table inet oit_fw {\n chain input {\n  type filter hook input priority filter; "
+            "policy accept;\n  ct state established,related accept\n }\n}\n")
+
+
+def ep(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _stateful_script(tmp: Path, c, A: str, B: str, C: str, cport: int, v: int,
+                     delete: bool) -> Path:
+    ip = "ip" if v == 4 else "ip6"
+    to = ep(B, PORT) if v == 4 else f"[{B}]:{PORT}"
+    (tmp / "nat.nft").write_text(
+        f"table inet oit_bench_nat {{\n chain out {{\n  type nat hook output priority -100; "
+        f"policy accept;\n  {ip} saddr {C} tcp sport {cport} {ip} daddr {A} tcp dport {PORT} "
+        f"dnat {ip} to {to}\n }}\n chain in {{\n  type nat hook input priority 100; "
+        "policy accept;\n }\n}\n")
+    ipt = "iptables" if v == 4 else "ip6tables"
+    dele = (f"nsenter --net={c.netns_path} conntrack -D -f ipv{v} -p tcp --orig-src {C} "
+            f"--orig-dst {A} --sport {cport} --dport {PORT} >/dev/null 2>&1") if delete else ""
+    lock = (f"{ipt} -w -I INPUT -p tcp -m mark ! --mark 0xC114 -s {C} --sport {cport} -d {B} "
+            f"--dport {PORT} -j DROP\n  {ipt} -w -I OUTPUT -p tcp -m mark ! --mark 0xC114 "
+            f"-s {B} --sport {PORT} -d {C} --dport {cport} -j DROP")
+    script = tmp / "act.sh"
+    script.write_text(f"#!/bin/sh\ncase \"$CRTOOLS_SCRIPT_ACTION\" in\npre-restore)\n  {lock} ;;\n"
+                      f"post-restore)\n  nsenter --net={c.netns_path} nft -f {tmp}/nat.nft "
+                      f"|| exit 1\n  {dele} ;;\nesac\nexit 0\n")
+    os.chmod(script, 0o755)
+    return script
+
+
+def move_once(mode: str, v: int) -> tuple[bool, int]:
+    """One move; (kept on the same socket with nothing bad, numbers in the next second)."""
+    with TestNet() as net, tempfile.TemporaryDirectory(prefix="bench-nat-") as d:
+        tmp = Path(d)
+        a, b, c = (net.add_host(n) for n in "ABC")
+        A, B, C = (str(h.ipv4 if v == 4 else h.ipv6) for h in (a, b, c))
+        c.run(["nft", "-f", "-"], input=FIREWALL)
+        srv = start_stream(a, ["--ctl", ep(A, CTL), "--listen", ep(A, PORT)])
+        start_stream(c, ["--ctl", ep(C, CCTL), "--connect", ep(A, PORT)])
+        s = wait_for(lambda: (st := status(c, C, CCTL)) and int(st["recv"]) > 10 and st,
+                     what="the stream to flow")
+        cport = int(s["local"].rsplit(":", 1)[1])
+        criu.dump(a, srv, tmp / "img", tcp_established=True)
+        argv = [BIN, "-q", "restore", str(tmp / "img"), "--netns", b.netns_path,
+                "--map", f"{A}={B}"]
+        if mode == "stateless":
+            argv += ["--tcp-outside", "nat", "--nat-peer-netns", c.netns_path]
+        else:
+            script = _stateful_script(tmp, c, A, B, C, cport, v, mode == "stateful-del")
+            argv += ["--tcp-outside", "keep", "--", "--action-script", str(script)]
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        for pid in netns_pids(b.netns_path):
+            b.adopt(pid)
+        if cp.returncode != 0:
+            raise SystemExit(f"restore failed ({mode}): {cp.stderr.strip()}")
+        r0 = int(status(c, C, CCTL)["recv"])
+        time.sleep(1.0)
+        s1 = status(c, C, CCTL)
+        got = int(s1["recv"]) - r0
+        kept = (s1["conn"] == "open" and s1["events"] == "connected" and s1["bad"] == "0"
+                and got > 0)
+        return kept, got
+
+
+def _conns(n: int) -> list[NatConn]:
+    """n connections that the transfer never matches (peers 10.77.1.x, 10.77.2.x)."""
+    out = []
+    for i in range(n):
+        peer = ipaddress.ip_address(f"10.77.{1 + i // 60000}.{1 + i % 250}")
+        out.append(NatConn(4, peer, 20000 + i % 40000, ipaddress.ip_address("10.77.0.1"),
+                           PORT, ipaddress.ip_address("10.77.0.2"), PORT))
+    return out
+
+
+SINK = ("import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,"
+        "socket.SO_REUSEADDR,1);s.bind((sys.argv[1],int(sys.argv[2])));s.listen(1)\n"
+        "print('ready',flush=True)\nc,_=s.accept()\nn=0\nwhile True:\n b=c.recv(1<<20)\n"
+        " if not b: break\n n+=len(b)\nprint(n,flush=True)\n")
+SOURCE = ("import socket,sys,time\nc=socket.create_connection((sys.argv[1],int(sys.argv[2])))\n"
+          "buf=b'x'*(1<<20)\nt=time.monotonic()\nfor _ in range(int(sys.argv[3])): c.sendall(buf)\n"
+          "c.shutdown(socket.SHUT_WR);c.recv(1)\nprint(time.monotonic()-t)\n")
+
+
+def transfer(a, c, A: str, mb: int, port: int) -> float:
+    sink = a.popen([sys.executable, "-c", SINK, A, str(port)], stdout=subprocess.PIPE,
+                   text=True)
+    assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+    cp = c.run([sys.executable, "-c", SOURCE, A, str(port), str(mb)], timeout=120)
+    sink.wait(timeout=30)
+    return float(cp.stdout.strip())
+
+
+def cost(sizes: list[int], runs: int, mb: int) -> None:
+    with TestNet() as net:
+        a, c = net.add_host("A"), net.add_host("C")
+        A = str(a.ipv4)
+        print(f"\n(2) bulk transfer C -> A, {mb} MiB, table of N connections in C "
+              f"(median of {runs}; N=0: no table, the baseline)")
+        base = None
+        port = 8100
+        for n in sizes:
+            add = 0.0
+            if n:
+                text = apply_script(_conns(n))
+                t = time.monotonic()
+                c.run(["nft", "-f", "-"], input=text, timeout=300)
+                add = time.monotonic() - t
+            secs = []
+            for _ in range(runs):
+                port += 1
+                secs.append(transfer(a, c, A, mb, port))
+            med = statistics.median(secs)
+            base = med if base is None else base
+            print(f"  N={n:>6}: {mb / med:8.0f} MiB/s  ({med:.2f} s, x{med / base:.2f} of "
+                  f"the baseline)  nft -f took {add:.2f} s")
+            if n:
+                c.run(["nft", "flush", "ruleset"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--sizes", default="0,100,1000,10000")
+    ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--no-moves", action="store_true", help="only (2)")
+    args = ap.parse_args()
+    if not args.no_moves:
+        print(f"(1) a real CRIU move of the server, {args.runs} run(s) per mode and family")
+        for mode in ("stateful", "stateful-del", "stateless"):
+            for v in (4, 6):
+                res = [move_once(mode, v) for _ in range(args.runs)]
+                kept = sum(k for k, _ in res)
+                print(f"  {mode:<13} IPv{v}: kept {kept}/{len(res)}; numbers in the second "
+                      f"after: {', '.join(str(g) for _, g in res)}")
+    cost([int(x) for x in args.sizes.split(",")], args.runs, args.mb)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
