@@ -71,10 +71,12 @@ DEFAULT_MAP = "local=auto"
 
 @dataclass
 class Reply:
-    """What the planner answers: the line, and for VIEW the view (its fd goes with it)."""
+    """What the planner answers: the line, and for VIEW the view (its fd goes with it);
+    note: what the agent's one log line for the request adds (not sent)."""
 
     text: str
     view: viewroot.View | None = None
+    note: str = ""
 
     def close(self) -> None:
         if self.view is not None:
@@ -251,8 +253,8 @@ def make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int | 
               view_root: str = VIEW_ROOT, hook: bool = False,
               deadline: float | None = None) -> Reply:
     """pid: what criu said its pid is, for the log only. deadline: time.monotonic() by
-    which the plugin stops waiting (no view is written after it)."""
-    t0 = time.perf_counter()
+    which the plugin stops waiting (no view is written after it). The caller logs the
+    request's one line (agent.handle)."""
     try:
         reply = _make_view(images_fd, netns_fd, env, pid, view_root, hook, deadline)
     except InetskError as e:
@@ -261,8 +263,6 @@ def make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int | 
         log.exception("plugin-view for %s failed", _who(pid))
         reply = Reply("ERR internal error (a bug; please report it): " + _one_line(
             f"{type(e).__name__}: {e}"))
-    log.info("%s: %s (%.0f ms)", _who(pid), reply.text.split("\n", 1)[0],
-             (time.perf_counter() - t0) * 1000)
     return reply
 
 
@@ -274,6 +274,7 @@ def _check_deadline(deadline: float | None, what: str) -> None:
 def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int | None,
                view_root: str, hook: bool, deadline: float | None) -> Reply:
     t0 = time.perf_counter()
+    notes: list[str] = []
     root = images_root(images_fd)
     why = already_a_view(images_fd, root, view_root)
     if why:
@@ -300,15 +301,14 @@ def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int |
         hp = hook_plan(top_level(view, results), max_entries=TABLE_MAX)
         if hp.entries is not None and hp.changed:
             return Reply(hp.wire())
-        log.info("%s: a view, not the hook: %s", _who(pid),
-                 hp.why_not or "only sockets in sub-dirs change")
+        notes.append(f"a view, not the hook: {hp.why_not or 'only sockets in sub-dirs change'}")
     _check_deadline(deadline, "while planning: no view written")
     swept = viewroot.sweep(view_root)
     if swept:
-        log.info("removed %d view(s) no restore holds: %s", len(swept), " ".join(swept))
+        notes.append(f"removed {len(swept)} view(s) no restore holds: {' '.join(swept)}")
     made = viewroot.create_view(
         view_root, lambda path: write_view(root, path, cfg.amap, resolve, cfg.options, view,
                                            results), name=name, deadline=deadline)
     log.debug("%s: planned in %.1f ms (map: %s), view written in %.1f ms", root,
               (t1 - t0) * 1000, cfg.map_source, (time.perf_counter() - t1) * 1000)
-    return Reply(view_reply(made.name), made)
+    return Reply(view_reply(made.name), made, "; ".join(notes))
