@@ -29,7 +29,8 @@ APT_PKGS=(build-essential pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-
   protobuf-compiler libnl-3-dev libnl-route-3-dev libnet1-dev libcap-dev libaio-dev libbsd-dev
   libgnutls28-dev libnftables-dev uuid-dev libdrm-dev iproute2 iptables fuse3 libfuse3-dev
   python3-dev python3-venv python3-pip xz-utils ca-certificates dpkg-dev util-linux procps
-  psmisc nftables conntrack)
+  psmisc nftables conntrack
+  systemd)  # systemd: systemd-socket-activate and systemd-analyze for the agent's tests
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -125,3 +125,39 @@ def test_the_daemonset_as_pods_changes_only_what_it_is_told():
     assert spec["volumes"][0]["hostPath"]["path"] == "/usr/lib/criu"  # the manifest untouched
     with pytest.raises(ValueError, match="no hostPath volume"):
         pods_from_daemonset(ds, "x", image="i", label="k=v", host_paths={"tmp": "/x"})
+
+
+def test_probes_rollout_and_metrics_hold_together():
+    """Issue 20: the probes are `agent --check` (an answer, not a connect) within their
+    timeouts, readiness asks for this pod's own agent, the rollout surges (never a node
+    without an agent), the grace period covers the drain, the metrics port is one number."""
+    from overlayfs_inetsk.plugin import drain
+    from overlayfs_inetsk.plugin.metrics import parse_addr
+
+    ds = _daemonset()
+    strategy = ds["spec"]["updateStrategy"]
+    assert strategy == {"type": "RollingUpdate",
+                        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    tpl = ds["spec"]["template"]
+    spec = tpl["spec"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["terminationGracePeriodSeconds"] > drain.DRAIN_S
+    agent = next(c for c in spec["containers"] if c["name"] == "agent")
+    cmd = agent["command"]
+    assert "--take-over" in cmd
+    for kind in ("readinessProbe", "livenessProbe"):
+        probe = agent[kind]
+        pcmd = probe["exec"]["command"]
+        args = make_parser().parse_args(pcmd[1:])
+        assert pcmd[0] == cmd[0] and args.check and args.socket == DEFAULT_SOCKET_PATH
+        assert args.timeout_ms < probe["timeoutSeconds"] * 1000, kind
+        assert args.same_pidns is (kind == "readinessProbe"), kind
+    addr, port = parse_addr(cmd[cmd.index("--metrics") + 1])
+    assert [p["containerPort"] for p in agent["ports"] if p["name"] == "metrics"] == [port]
+    ann = tpl["metadata"]["annotations"]
+    assert ann["prometheus.io/port"] == str(port) and ann["prometheus.io/scrape"] == "true"
+    init = spec["initContainers"][0]["command"]
+    assert "--no-agent" in init  # the agent is the DaemonSet's, not a unit of the node
+
+
+DEFAULT_SOCKET_PATH = "/run/overlayfs-inetsk/agent.sock"

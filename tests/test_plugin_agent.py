@@ -273,6 +273,16 @@ class Agent:
             self.proc.terminate()
         self.proc.wait(10)
 
+    def logged(self, text: str, timeout: float = 10) -> bool:
+        """Whether text shows in the log within timeout (a request's line is written
+        once its reply is sent: the client may read the reply first)."""
+        end = time.monotonic() + timeout
+        while text not in self.log.read_text():
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.02)
+        return True
+
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
@@ -343,7 +353,7 @@ def test_agent_absurd_pids_break_nothing(tmp_path: Path, fds) -> None:
         text, got = ask(a.sock, request(pid=4242), list(fds))
         close_all(got)
         assert text.startswith("VIEW view-")
-        assert "criu pid ?: VIEW view-" in a.log.read_text()
+        assert a.logged("criu pid ?: VIEW view-"), a.log.read_text()
     finally:
         a.stop()
     assert f"view-{2**80}-aa" in names(root)  # not ours: left alone
@@ -353,7 +363,8 @@ def test_agent_drops_a_request_whose_deadline_passed(agent: Agent, fds) -> None:
     assert ask(agent.sock, request(ms=-1), list(fds)) == (
         "ERR the request's deadline passed before the planner read it", [])
     assert names(agent.root) == []
-    assert "deadline had passed before it was read: dropped" in agent.log.read_text()
+    assert agent.logged("deadline had passed before it was read: dropped"), \
+        agent.log.read_text()
 
 
 def test_agent_refuses_a_socket_path_that_is_not_a_stale_socket(tmp_path: Path) -> None:

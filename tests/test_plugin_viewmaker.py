@@ -8,7 +8,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -444,43 +443,3 @@ def test_config_file_must_be_roots_and_not_writable_by_others(tmp_path: Path) ->
     with pytest.raises(InetskError, match="a symlink is not followed"):
         inst.read_conf(str(link))
     assert inst.read_conf(str(tmp_path / "absent")) is None
-
-
-def _fake_criu_run(*_a: object, **_k: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.CompletedProcess([], 0, "", "")
-
-
-def test_doctor_says_what_answers_the_plugin(built: Path, tmp_path: Path) -> None:
-    """The agent probed (a connect and its peer's uid, no request), the CLI fallback checked
-    for this node; neither: a warning that restores fail."""
-    libdir = tmp_path / "lib"
-    sock = tmp_path / "agent.sock"
-    env = {"CRIU_LIBS_DIR": str(libdir), "PATH": os.defpath, inst.ENV_SO: str(built)}
-    inst.install(str(libdir), str(built), inst.PluginConf("none", str(sock)))
-    status, detail, _fix = inst.doctor_check("criu", env, _fake_criu_run)
-    assert status == "warn"
-    assert f"no agent at {sock}; no CLI fallback (cli none)" in detail
-    assert "nothing answers the plugin on this node" in detail
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(sock))
-    listener.listen(1)
-    try:
-        status, detail, _fix = inst.doctor_check("criu", env, _fake_criu_run)
-        uid = os.geteuid()
-        if uid == 0:
-            assert status == "ok", detail  # cli none, and the agent answers: a Kubernetes node
-            assert f"the agent answers at {sock} (pid {os.getpid()}, root)" in detail, detail
-        else:
-            assert f"answered by uid {uid}, not root" in detail
-    finally:
-        listener.close()
-    script = tmp_path / "cli"
-    script.write_text("#!/bin/sh\n")
-    script.chmod(0o755)
-    inst.install(str(libdir), str(built), inst.PluginConf(str(script), str(sock)))
-    status, detail, _fix = inst.doctor_check("criu", env, _fake_criu_run)
-    assert f"no agent at {sock} (a socket nobody listens on); CLI fallback: {script}" in detail
-    assert "restores start the CLI instead of asking an agent: slower" in detail
-    script.chmod(0o644)
-    status, detail, _fix = inst.doctor_check("criu", env, _fake_criu_run)
-    assert f"no CLI fallback: {script} is not executable here" in detail

@@ -3,12 +3,14 @@ handler (handle()) that the CLI route (`plugin-view --socket-fd 3`) runs too.
 
 Long-running, so the imports (protobuf, pycriu) and the interpreter start are paid once,
 not at every restore. One SOCK_SEQPACKET unix socket (default
-/run/overlayfs-inetsk/agent.sock, mode 0600); only root and the agent's own uid are served
-(SO_PEERCRED). The protocol (wire.py): one request with [images dir, netns] fds, one reply,
-for VIEW with the view's locked fd. Each request runs in a thread of its own (the netns
-lookup setns()es only a short-lived thread of its own), at most MAX_IN_FLIGHT at once; a
-client gets READ_MS to send its request. accept() failing for lack of fds is logged once
-and retried after a pause: the agent keeps serving.
+/run/overlayfs-inetsk/agent.sock, mode 0600), bound here or passed by systemd, and taken
+over from a live agent on --take-over (listener.py); only root and the agent's own uid are
+served (SO_PEERCRED). The protocol (wire.py): one request with [images dir, netns] fds, one
+reply, for VIEW with the view's locked fd; a check request (`agent --check`) gets OK and
+the version. Each request runs in a thread of its own (the netns lookup setns()es only a
+short-lived thread of its own), at most MAX_IN_FLIGHT at once; a client gets READ_MS to
+send its request; each is logged once, with its outcome and time, and counted
+(metrics.py). SIGTERM drains (drain.py).
 """
 
 from __future__ import annotations
@@ -18,26 +20,34 @@ import errno
 import fcntl
 import logging
 import os
-import signal
 import socket
 import stat
 import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from .. import __version__
 from ..errors import InetskError
 from ..plugin import DEFAULT_SOCKET, VIEW_ROOT, viewroot
+from ..plugin.metrics import Outcome
 from ..plugin.wire import (
-    BACKLOG,
+    DEADLINE_PASSED,
     MAX_IN_FLIGHT,
+    PROTOCOL,
     READ_MS,
     REPLY_MAX,
     REQUEST_FDS,
     REQUEST_MAX,
     RequestError,
+    check_reply,
+    is_check,
     parse_request,
 )
+
+if TYPE_CHECKING:
+    from .plugin_view import Reply
 
 log = logging.getLogger(__name__)
 
@@ -81,66 +91,118 @@ def _fd_kinds(fds: list[int]) -> str | None:
     return None
 
 
-def handle(conn: socket.socket, view_root: str = VIEW_ROOT) -> None:
-    """Serve one request on conn (the agent's connection, or the CLI's fd 3) and close it.
-    Never raises for what a client sends."""
-    from .plugin_view import Reply, make_view
+def _refusal(uid: int, flags: int, fds: list[int]) -> tuple[str, str] | None:
+    """(reason, ERR text) for a request refused before it is read, or None."""
+    if uid not in (0, os.geteuid()):
+        return "peer_uid", f"ERR the agent serves root and uid {os.geteuid()} only, not uid {uid}"
+    if flags & socket.MSG_TRUNC:
+        return "too_large", f"ERR the request is larger than {REQUEST_MAX} bytes"
+    if flags & socket.MSG_CTRUNC or len(fds) != REQUEST_FDS:
+        return "fd_count", (f"ERR the agent needs {REQUEST_FDS} fds (images dir, netns), got "
+                            f"{len(fds)}{' or more' if flags & socket.MSG_CTRUNC else ''}")
+    if (bad := _fd_kinds(fds)) is not None:
+        return "fd_kind", f"ERR {bad}"
+    return None
 
-    fds: list[int] = []
-    reply: Reply | None = None
-    who = "a client"
+
+def _kind(text: str) -> tuple[str, str]:
+    """(outcome, detail) of a reply the planner made."""
+    word = text.split(" ", 1)[0]
+    if word == "ERR":
+        if text.startswith(f"ERR {DEADLINE_PASSED}"):
+            return "timeout", "planning"
+        return "refused", "plan"
+    return {"VIEW": "view", "TABLE": "table"}.get(word, "none"), ""
+
+
+class _Record:
+    """What handle() logs and counts of one request, filled in as it goes."""
+
+    __slots__ = ("who", "kind", "detail", "line", "level", "fds", "reply")
+
+    def __init__(self) -> None:
+        self.who, self.kind, self.detail, self.line = "a client", "failed", "", ""
+        self.level = logging.INFO
+        self.fds: list[int] = []
+        self.reply: Reply | None = None
+
+    def set(self, kind: str, detail: str = "", line: str = "", level: int = logging.INFO
+            ) -> None:
+        self.kind, self.detail, self.line, self.level = kind, detail, line, level
+
+
+def handle(conn: socket.socket, view_root: str = VIEW_ROOT) -> Outcome:
+    """Serve one request on conn (the agent's connection, or the CLI's fd 3), close it, and
+    log it once: who, the outcome, the time from here to the reply. Never raises for what a
+    client sends."""
+    t0 = time.monotonic()
+    r = _Record()
     try:
-        conn.settimeout(READ_MS / 1000)
-        uid = peer_uid(conn)
-        try:
-            data, fds, flags = recv_request(conn)
-        except TimeoutError:
-            log.info("a client sent no request within %d ms: dropped", READ_MS)
-            return
-        if not data and not fds:
-            return  # connected and went away (a probe: doctor, a starting agent)
-        deadline = None
-        if uid not in (0, os.geteuid()):
-            text = f"ERR the agent serves root and uid {os.geteuid()} only, not uid {uid}"
-        elif flags & socket.MSG_TRUNC:
-            text = f"ERR the request is larger than {REQUEST_MAX} bytes"
-        elif flags & socket.MSG_CTRUNC or len(fds) != REQUEST_FDS:
-            text = (f"ERR the agent needs {REQUEST_FDS} fds (images dir, netns), got "
-                    f"{len(fds)}{' or more' if flags & socket.MSG_CTRUNC else ''}")
-        elif (bad := _fd_kinds(fds)) is not None:
-            text = f"ERR {bad}"
-        else:
-            try:
-                req = parse_request(data)
-            except RequestError as e:
-                text = f"ERR {e}"
-            else:
-                who, deadline = req.who, req.deadline
-                if time.monotonic() >= deadline:
-                    log.info("%s: the request's deadline had passed before it was read: "
-                             "dropped", who)
-                    _late(conn, "before the planner read it")
-                    return
-                reply = make_view(fds[0], fds[1], req.env, req.pid, view_root,
-                                  hook=req.hook, deadline=deadline)
-                text = reply.text
-        _send_reply(conn, text, reply.view if reply is not None else None, deadline, who)
+        _serve(conn, view_root, r)
     except OSError as e:
-        log.warning("%s: request failed: %s", who, e)
+        r.set("failed", line=f"request failed: {e}", level=logging.WARNING)
     except Exception:  # a bug: this request is lost (the plugin says so), the agent goes on
-        log.exception("%s: request failed", who)
+        log.exception("%s: request failed", r.who)
+        r.set("failed")
     finally:
-        for fd in fds:
+        for fd in r.fds:
             os.close(fd)
-        if reply is not None:
-            reply.close()
+        if r.reply is not None:
+            r.reply.close()
         conn.close()
+    took = time.monotonic() - t0
+    if r.line:
+        log.log(r.level, "%s: %s (%.0f ms)", r.who, r.line, took * 1000)
+    return Outcome(r.kind, r.detail, took)
+
+
+def _serve(conn: socket.socket, view_root: str, r: _Record) -> None:
+    from .plugin_view import make_view
+
+    conn.settimeout(READ_MS / 1000)
+    uid = peer_uid(conn)
+    try:
+        data, r.fds, flags = recv_request(conn)
+    except TimeoutError:
+        return r.set("timeout", "read", f"sent no request within {READ_MS} ms: dropped")
+    if not data and not r.fds:  # connected and went away (a probe, a starting agent)
+        return r.set("idle", line="connected and sent nothing", level=logging.DEBUG)
+    if not r.fds and is_check(data) and uid in (0, os.geteuid()):
+        _send_reply(conn, check_reply(__version__, os.getpid()), None, None)
+        return r.set("check", line="check: OK", level=logging.DEBUG)
+    deadline = None
+    refused = _refusal(uid, flags, r.fds)
+    if refused is not None:
+        r.who = f"a client (uid {uid})"
+        r.kind, r.detail, text = "refused", *refused
+    else:
+        try:
+            req = parse_request(data)
+        except RequestError as e:
+            r.who = f"a client (uid {uid})"
+            r.kind, r.detail, text = "refused", e.reason, f"ERR {e}"
+        else:
+            r.who, deadline = req.who, req.deadline
+            if time.monotonic() >= deadline:
+                _late(conn, "before the planner read it")
+                return r.set("timeout", "before_read", "the request's deadline had passed "
+                             "before it was read: dropped")
+            r.reply = make_view(r.fds[0], r.fds[1], req.env, req.pid, view_root,
+                                hook=req.hook, deadline=deadline)
+            text = r.reply.text
+            r.kind, r.detail = _kind(text)
+    first = text.split("\n", 1)[0]
+    r.line = first + (f" ({r.reply.note})" if r.reply is not None and r.reply.note else "")
+    late = _send_reply(conn, text, r.reply.view if r.reply is not None else None, deadline)
+    if late:
+        r.set("timeout", "reply", f"{late} (it was {first})")
 
 
 def _send_reply(conn: socket.socket, text: str, view: viewroot.View | None,
-                deadline: float | None, who: str) -> None:
+                deadline: float | None) -> str | None:
     """Send the reply (with the view's fd) by the deadline; a view whose reply cannot be
-    sent is removed (what stays locked in a dead client's queue, the sweeper gets)."""
+    sent is removed (what stays locked in a dead client's queue, the sweeper gets). None
+    when sent, else what went wrong."""
     data = text.encode("utf-8", "replace")
     if len(data) > REPLY_MAX:
         data = f"ERR the reply would be {len(data)} bytes, over {REPLY_MAX}".encode()
@@ -148,11 +210,9 @@ def _send_reply(conn: socket.socket, text: str, view: viewroot.View | None,
         view = None
     left = READ_MS / 1000 if deadline is None else deadline - time.monotonic()
     if left <= 0:
-        log.info("%s: the request's deadline passed before the reply%s", who,
-                 ": view removed" if view else "")
         _drop(view)
         _late(conn, "before the reply")
-        return
+        return f"{DEADLINE_PASSED} before the reply" + (": view removed" if view else "")
     try:
         conn.settimeout(left)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, REPLY_MAX + 4096)
@@ -160,17 +220,16 @@ def _send_reply(conn: socket.socket, text: str, view: viewroot.View | None,
                                         array.array("i", [view.fd]).tobytes())]
         conn.sendmsg([data], anc, socket.MSG_NOSIGNAL)
     except OSError as e:
-        log.info("%s: the reply could not be sent (%s)%s", who, e,
-                 ": view removed" if view else "")
         _drop(view)
+        return f"the reply could not be sent ({e})" + (": view removed" if view else "")
+    return None
 
 
 def _late(conn: socket.socket, when: str) -> None:
     """Tell a client whose deadline passed (it has most likely gone: then nothing)."""
     try:
         conn.settimeout(0.1)
-        conn.sendmsg([f"ERR the request's deadline passed {when}".encode()], [],
-                     socket.MSG_NOSIGNAL)
+        conn.sendmsg([f"ERR {DEADLINE_PASSED} {when}".encode()], [], socket.MSG_NOSIGNAL)
     except OSError:
         pass
 
@@ -180,70 +239,11 @@ def _drop(view: viewroot.View | None) -> None:
         view.remove()
 
 
-# -- the socket -----------------------------------------------------------------------------
+# -- serving ------------------------------------------------------------------------------
 def _warm_up() -> None:
     """Import what a request needs now, not during the first restore."""
     from ..host import rtnl  # noqa: F401
     from . import plugin_view  # noqa: F401
-
-
-def _answers(path: str) -> str | None:
-    """What listens on the socket at path ("an agent", "a full backlog"), or None."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK)
-    try:
-        probe.connect(path)
-    except BlockingIOError:
-        return "something whose backlog is full (a stopped agent?)"
-    except (ConnectionRefusedError, FileNotFoundError):
-        return None
-    except OSError as e:
-        raise InetskError(f"{path}: cannot probe it: {e.strerror}") from None
-    finally:
-        probe.close()
-    return "another agent"
-
-
-def _listen(path: str) -> tuple[socket.socket, tuple[int, int]]:
-    """Listen on path. It may exist only as a socket nobody answers on (an agent that
-    died); anything else there is refused, and left as it is."""
-    path = os.path.abspath(path)
-    dfd = viewroot.open_dir(os.path.dirname(path), mode=viewroot.PARENT_MODE,
-                            what="agent socket dir")
-    os.close(dfd)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise InetskError(f"{path}: exists and is not a socket: refusing to replace it")
-        who = _answers(path)
-        if who is not None:
-            raise InetskError(f"{path}: {who} is listening there")
-        os.unlink(path)  # a socket left by an agent that died
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    tmp = f"{path}.{os.getpid()}"
-    old = os.umask(0o177)  # the socket: 0600
-    try:
-        if os.path.lexists(tmp) and stat.S_ISSOCK(os.lstat(tmp).st_mode):
-            os.unlink(tmp)
-        s.bind(tmp)
-    finally:
-        os.umask(old)
-    s.listen(BACKLOG)
-    os.rename(tmp, path)  # the path appears only once it accepts connections
-    st = os.lstat(path)
-    return s, (st.st_dev, st.st_ino)
-
-
-def _unlink_own(path: str, ident: tuple[int, int]) -> None:
-    """Remove path if it is still the socket we bound (not one that replaced it)."""
-    try:
-        st = os.lstat(path)
-        if (st.st_dev, st.st_ino) == ident:
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 def _notify_ready() -> None:
@@ -260,65 +260,75 @@ _SHORT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def serve(path: str = DEFAULT_SOCKET, view_root: str = VIEW_ROOT,
-          on_ready: Callable[[], None] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (run it in the main thread)."""
+          on_ready: Callable[[], None] | None = None, take_over: bool = False,
+          metrics: tuple[str, int] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (run it in the main thread), then drain (drain.py)."""
+    from ..plugin import drain
+    from ..plugin.listener import open_listener
+    from ..plugin.metrics import Stats
+
     path = os.path.abspath(path)
     os.close(viewroot.open_dir(os.path.normpath(view_root)))  # refused before listening
+    stats = Stats()
+    server, at = None, ""
+    if metrics is not None:
+        from ..plugin.metrics import serve_http
+
+        host = f"[{metrics[0]}]" if ":" in metrics[0] else metrics[0]
+        at = f"{host}:{metrics[1]}"
+        try:
+            server, _ = serve_http(stats, *metrics, __version__, PROTOCOL)
+        except OSError as e:
+            raise InetskError(f"--metrics {at}: cannot serve there: {e.strerror}") from None
     _warm_up()
-    s, ident = _listen(path)
-
-    def stop(_sig: int, _frame: object) -> None:
-        raise SystemExit(0)
-
-    old_term = signal.signal(signal.SIGTERM, stop)
+    stop = drain.Stopper()  # from here on SIGTERM drains, whenever it comes
+    try:
+        lst = open_listener(path, take_over)
+    except BaseException:
+        stop.restore()
+        raise
     slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+    threads: set[threading.Thread] = set()
 
     def run(conn: socket.socket) -> None:
         try:
-            handle(conn, view_root)
+            stats.record(handle(conn, view_root))
         finally:
             slots.release()
+            threads.discard(threading.current_thread())
+
+    def start(conn: socket.socket) -> bool:
+        stats.started()
+        t = threading.Thread(target=run, args=(conn,), daemon=True,
+                             name="overlayfs-inetsk-request")
+        threads.add(t)
+        try:
+            t.start()
+        except RuntimeError:  # can't start new thread
+            threads.discard(t)
+            stats.record(Outcome("failed"))
+            slots.release()
+            conn.close()
+            return False
+        return True
 
     try:
         removed = viewroot.sweep(view_root)
         if removed:
             log.info("removed %d view(s) no restore holds", len(removed))
-        log.info("agent listening on %s", path)
+        how = ("systemd's socket" if lst.activated else
+               f"took it over from {lst.took_over}" if lst.took_over else "")
+        log.info("agent %s listening on %s%s%s", __version__, path, f" ({how})" if how else "",
+                 f"; metrics on http://{at}/metrics" if at else "")
         _notify_ready()
         if on_ready is not None:
             on_ready()
-        pause, short = 0.05, False
-        while True:
-            while not slots.acquire(timeout=1):
-                pass
-            try:
-                conn, _ = s.accept()
-            except OSError as e:
-                slots.release()
-                if e.errno in _SHORT_OF_FDS:
-                    if not short:
-                        log.warning("accept on %s: %s: pausing (raise the agent's fd limit?)",
-                                    path, e.strerror)
-                        short = True
-                    time.sleep(pause)
-                    pause = min(pause * 2, 1.0)
-                    continue
-                if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO):
-                    continue
-                raise
-            if short:
-                log.info("accepting again on %s", path)
-                short, pause = False, 0.05
-            try:
-                threading.Thread(target=run, args=(conn,), daemon=True,
-                                 name="overlayfs-inetsk-request").start()
-            except RuntimeError:  # can't start new thread
-                slots.release()
-                conn.close()
-                time.sleep(pause)
-    except (SystemExit, KeyboardInterrupt):
-        return 0
+        drain.accept_loop(lst, stop, slots, start, _SHORT_OF_FDS)
+        drain.finish(lst, stop, slots, start, threads)
     finally:
-        signal.signal(signal.SIGTERM, old_term)
-        s.close()
-        _unlink_own(path, ident)
+        stop.restore()
+        lst.sock.close()
+        lst.unlink_if_ours()
+        if server is not None:
+            server.shutdown()
+    return 0

@@ -32,6 +32,7 @@ class Check:
     status: str  # ok | warn | fail | skip
     detail: str
     fix: str = ""
+    state: str | None = None  # agent and route only (docs/json.md)
 
 
 def _run(run: Runner, argv: list[str], env: Mapping[str, str],
@@ -105,9 +106,10 @@ def run_checks(env: Mapping[str, str] | None = None, run: Runner = subprocess.ru
                         "restore", "apt-get install iptables (or pass `-- --network-lock "
                         "nftables` to restore)"))
     checks.append(_check_modules())
-    from ..plugin.install import doctor_check
+    from ..plugin.agentstate import doctor_checks
 
-    checks.append(Check("plugin", *doctor_check(criu, env, run)))
+    checks += [Check(f.name, f.status, f.detail, f.fix, f.state)
+               for f in doctor_checks(criu, env, run)]
     return checks
 
 
@@ -207,5 +209,7 @@ def render_text(checks: list[Check]) -> str:
 
 
 def render_json(checks: list[Check]) -> str:
-    doc = {"schema": SCHEMA, "ready": ready(checks), "checks": [asdict(c) for c in checks]}
+    doc = {"schema": SCHEMA, "ready": ready(checks),
+           "checks": [{k: v for k, v in asdict(c).items() if k != "state" or v is not None}
+                      for c in checks]}
     return json.dumps(doc, indent=2) + "\n"

@@ -42,10 +42,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Reply:
-    """What the planner answers: the line, and for VIEW the view (its fd goes with it)."""
+    """What the planner answers: the line, and for VIEW the view (its fd goes with it);
+    note: what the agent's one log line for the request adds (not sent)."""
 
     text: str
     view: viewroot.View | None = None
+    note: str = ""
 
     def close(self) -> None:
         if self.view is not None:
@@ -65,8 +67,8 @@ def make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int | 
               view_root: str = VIEW_ROOT, hook: bool = False,
               deadline: float | None = None) -> Reply:
     """pid: what criu said its pid is, for the log only. deadline: time.monotonic() by
-    which the plugin stops waiting (no view is written after it)."""
-    t0 = time.perf_counter()
+    which the plugin stops waiting (no view is written after it). The caller logs the
+    request's one line (agent.handle)."""
     try:
         reply = _make_view(images_fd, netns_fd, env, pid, view_root, hook, deadline)
     except InetskError as e:
@@ -75,8 +77,6 @@ def make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int | 
         log.exception("plugin-view for %s failed", _who(pid))
         reply = Reply("ERR internal error (a bug; please report it): " + _one_line(
             f"{type(e).__name__}: {e}"))
-    log.info("%s: %s (%.0f ms)", _who(pid), reply.text.split("\n", 1)[0],
-             (time.perf_counter() - t0) * 1000)
     return reply
 
 
@@ -95,6 +95,7 @@ def top_level(tree: ImageTree, results: Mapping[str, RewriteResult]
 def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int | None,
                view_root: str, hook: bool, deadline: float | None) -> Reply:
     t0 = time.perf_counter()
+    notes: list[str] = []
     root = images_root(images_fd)
     why = already_a_view(images_fd, root, view_root)
     if why:
@@ -121,16 +122,15 @@ def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int |
         hp = hook_plan(top_level(plan.tree, plan.results), max_entries=TABLE_MAX)
         if hp.entries is not None and hp.changed:
             return Reply(hp.wire())
-        log.info("%s: a view, not the hook: %s", _who(pid),
-                 hp.why_not or "only sockets in sub-dirs change")
+        notes.append(f"a view, not the hook: {hp.why_not or 'only sockets in sub-dirs change'}")
     check_parents(plan.tree)  # a view cannot show a `parent` link out of the images dir
     _check_deadline(deadline, "while planning: no view written")
     swept = viewroot.sweep(view_root)
     if swept:
-        log.info("removed %d view(s) no restore holds: %s", len(swept), " ".join(swept))
+        notes.append(f"removed {len(swept)} view(s) no restore holds: {' '.join(swept)}")
     made = viewroot.create_view(
         view_root, lambda path: write_view_dir(root, path, plan.tree, plan.results),
         name=name, deadline=deadline)
     log.debug("%s: planned in %.1f ms (map: %s), view written in %.1f ms", root,
               (t1 - t0) * 1000, cfg.map_source, (time.perf_counter() - t1) * 1000)
-    return Reply(view_reply(made.name), made)
+    return Reply(view_reply(made.name), made, "; ".join(notes))

@@ -14,6 +14,8 @@ socketpair the plugin hands the CLI as fd 3):
            `VIEW view-<32 hex>`: one entry of VIEW_ROOT, with exactly one fd, that
            directory, on which the planner holds flock(LOCK_SH): the view lives while any
            copy of that open file is open (viewroot.py).
+  check    `OVERLAYFS-INETSK-CHECK 2`, no fds (`agent --check`, doctor: not the C plugin)
+  reply    `OK overlayfs-inetsk <version> protocol 2 pid <the agent's pid, as it sees it>`
 Pure: no I/O; cheap to import (the CLI's parser reads
 AGENT_SOCKET and VIEW_ROOT from here).
 """
@@ -26,6 +28,9 @@ from collections.abc import Mapping
 
 PROTOCOL = 2
 MAGIC = "OVERLAYFS-INETSK-VIEW"
+CHECK_MAGIC = "OVERLAYFS-INETSK-CHECK"  # the liveness request: the agent answers OK ...
+CHECK_MS = 2000  # `agent --check`'s default deadline (connect + send + reply)
+DEADLINE_PASSED = "the request's deadline passed"  # how every late ERR begins
 REQUEST_MAX = 65536  # bytes of one request (header + environment)
 REPLY_MAX = 131072  # bytes of one reply (a full hook table fits: checked below)
 TABLE_MAX = 512  # rows of a hook table (app/plugin_view passes it to core.hooktable.hook_plan)
@@ -59,7 +64,12 @@ assert len(f"TABLE {TABLE_MAX}") + TABLE_MAX * (_TABLE_ROW + 1) < REPLY_MAX
 
 
 class RequestError(Exception):
-    """A request that cannot be served; the message is the ERR line's text."""
+    """A request that cannot be served; the message is the ERR line's text, reason a word
+    for the agent's counters: "malformed" or "protocol" (another version)."""
+
+    def __init__(self, message: str, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class Request:
@@ -107,7 +117,7 @@ def parse_request(data: bytes, now_ms: int | None = None) -> Request:
         version = head[1][:16].decode("ascii", "replace") if len(head) > 1 else "?"
         raise RequestError(f"the plugin speaks protocol {version}, this planner {PROTOCOL}: "
                            "install the plugin and the agent of one release "
-                           "(overlayfs-inetsk plugin install; restart the agent)")
+                           "(overlayfs-inetsk plugin install; restart the agent)", "protocol")
     fields: dict[bytes, bytes] = {}
     for word in head[2:]:
         name, sep, val = word.partition(b"=")
@@ -127,6 +137,21 @@ def parse_request(data: bytes, now_ms: int | None = None) -> Request:
     return Request(pid=_pid(fields.get(b"pid", b"")),
                    deadline=time.monotonic() + (deadline_ms - now) / 1000,
                    hook=fields.get(b"hook") == b"1", env=env)
+
+
+def is_check(data: bytes) -> bool:
+    return data.split(b"\0", 1)[0].split(b" ")[0] == CHECK_MAGIC.encode()
+
+
+def encode_check() -> bytes:
+    return f"{CHECK_MAGIC} {PROTOCOL}".encode()
+
+
+def check_reply(version: str, pid: int) -> str:
+    return f"OK overlayfs-inetsk {version} protocol {PROTOCOL} pid {pid}"
+
+
+CHECK_REPLY = re.compile(r"OK overlayfs-inetsk (\S+) protocol (\d+) pid (\d+)")
 
 
 def view_reply(name: str) -> str:

@@ -52,11 +52,14 @@ def write_containers_conf(path: Path) -> Path:
     return path
 
 
-def _rewrite_containers(containers: Iterable[dict[str, Any]], image: str) -> list[dict[str, Any]]:
+def _rewrite_containers(containers: Iterable[dict[str, Any]], image: str,
+                        drop: Sequence[str] = ()) -> list[dict[str, Any]]:
     out = []
     for c in containers:
         c = copy.deepcopy(c)
         c["image"] = image
+        for key in drop:
+            c.pop(key, None)
         out.append(c)
     return out
 
@@ -80,11 +83,13 @@ def _volumes_for(spec_volumes: Sequence[dict[str, Any]], containers: Sequence[di
 
 def pods_from_daemonset(ds: Mapping[str, Any], name: str, *, image: str,
                         host_paths: Mapping[str, str], label: str,
-                        init_args: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+                        init_args: Sequence[str] = (), drop: Sequence[str] = ()
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(init pod, main pod) from a DaemonSet: ``name-init`` runs the init containers once,
     ``name`` the containers. ``image`` replaces every container's image, ``host_paths``
     (volume name -> path) the hostPath of those volumes; ``init_args`` is appended to each
-    init container's command. ``label`` is ``KEY=VALUE``, added to both pods."""
+    init container's command; ``drop`` names container fields left out (e.g. ``ports``).
+    ``label`` is ``KEY=VALUE``, added to both pods."""
     if ds.get("kind") != "DaemonSet":
         raise ValueError(f"not a DaemonSet: {ds.get('kind')!r}")
     template = ds["spec"]["template"]
@@ -104,7 +109,7 @@ def pods_from_daemonset(ds: Mapping[str, Any], name: str, *, image: str,
     inits = _rewrite_containers(spec.get("initContainers", []), image)
     for c in inits:
         c["command"] = [*c["command"], *init_args]
-    mains = _rewrite_containers(spec["containers"], image)
+    mains = _rewrite_containers(spec["containers"], image, drop)
     return (pod(f"{name}-init", inits, restartPolicy="Never"), pod(name, mains))
 
 

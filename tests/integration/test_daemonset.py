@@ -72,8 +72,13 @@ def here(tmp: Path) -> dict[str, Any]:
             "containerd-lib": str(tmp / "var-lib-containerd"),
         },
         # the agent needs no network (a unix socket and the fds it is sent): loopback only,
-        # instead of an address on podman's default bridge outside the test ranges
+        # instead of an address on podman's default bridge outside the test ranges; its
+        # metrics are scraped on the pod's loopback (test_daemonset_rollout.py)
         "network": "none",
+        # Podman 4.3 makes a port mapping of every containerPort, and refuses one with
+        # --network none; the agent listens on its metrics port all the same (the field
+        # only declares it, for a PodMonitor)
+        "drop": ("ports",),
     }
 
 
@@ -95,7 +100,7 @@ class Node:
             os.makedirs(p, exist_ok=True)
         return pods_from_daemonset(self.daemonset, f"oitds{self.run_id}{suffix}",
                                    image=self.image, host_paths=paths, label=self.label,
-                                   init_args=init_args)
+                                   init_args=init_args, drop=h["drop"])
 
     def install(self, suffix: str = "", init_args: tuple[str, ...] = (),
                 host_paths: dict[str, str] | None = None) -> str:
@@ -190,8 +195,10 @@ def checkpoint(node: Node, plugin_dir: Path, base_image: str) -> Iterator[Checkp
     archive = node.tmp / "ck.tar.gz"
     try:
         with PodmanNet(criu_lib=plugin_dir, workdir=node.tmp, image=base_image) as net:
-            a4, a6 = net.ipv4(10), net.ipv6(10)
-            orig = net.run("srv", 10, bound_service(a4, a6))
+            # high: IPAM gives the restores the lowest free addresses, and one on the
+            # original's (freed when it stopped) would need no change
+            a4, a6 = net.ipv4(200), net.ipv6(200)
+            orig = net.run("srv", 200, bound_service(a4, a6))
             net.checkpoint(orig, archive)  # the original stops
             yield Checkpoint(net, archive)
     finally:

@@ -447,9 +447,13 @@ def test_install_and_remove_in_criu_default_dir(built_so, tmp_path):
                               "--agent-socket", str(sock))
         assert cp.stdout == f"already installed in {libdir}\n"
         cp = overlayfs_inetsk("doctor", check=False)
-        line = next(ln for ln in cp.stdout.splitlines() if " plugin " in ln)
+        lines = {ln.split()[1]: ln for ln in cp.stdout.splitlines()
+                 if ln[:4].strip() and len(ln.split()) > 2}
+        line = lines["plugin"]
         assert f"{libdir}/overlayfs_inetsk_plugin.so, loaded by /usr/local/sbin/criu" in line
-        assert f"no agent at {sock}; CLI fallback: {cli}" in line, line
+        assert line.endswith(f"; CLI fallback: {cli}"), line
+        assert lines["agent"].endswith(f"no agent at {sock}"), lines["agent"]
+        assert "restores run the CLI, one per restore" in lines["route"], lines["route"]
         cp = overlayfs_inetsk("plugin", "remove")
         assert cp.stdout.splitlines() == [f"removed {libdir}/overlayfs_inetsk_plugin.so",
                                           f"removed {libdir}/overlayfs-inetsk-plugin.conf"]
