@@ -25,9 +25,8 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..core.hooktable import hook_plan
-from ..core.plan import RewriteResult
 from ..core.tree import ROOT_INODE, ImageTree
 from ..errors import ImageError, InetskError
 from ..offline import write_view_dir
@@ -36,6 +35,9 @@ from ..planner.sources import plugin_config
 from ..plugin import viewroot
 from ..plugin.imagesdir import already_a_view, images_root
 from ..plugin.wire import TABLE_MAX, VIEW_ROOT, view_reply
+
+if TYPE_CHECKING:
+    from ..core.plan import RewriteResult
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,9 @@ def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int |
     changed = sum(r.changed for r in plan.results.values())
     if not changed:
         return Reply(f"NONE no socket to change (map: {cfg.map_source})")
-    if hook:
+    if hook:  # only a CRIU with the UPDATE_INETSK hook asks: hooktable is loaded then only
+        from ..core.hooktable import hook_plan
+
         hp = hook_plan(top_level(plan.tree, plan.results), max_entries=TABLE_MAX)
         if hp.entries is not None and hp.changed:
             return Reply(hp.wire())
