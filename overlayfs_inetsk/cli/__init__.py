@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         reconfigure(errors="surrogateescape")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plugin-view"]:  # the CRIU plugin's call: no parser of every command
+        import gc
+
+        gc.disable()  # while it imports (plugin_view_main turns it on again)
         from .plugin_view import plugin_view_main
 
         return plugin_view_main(argv[1:])

@@ -4,7 +4,8 @@ no agent answers, one process per restore (docs/plugin.md).
 Its start-up is paid by every such restore, so it is lean: cli/__init__.py hands it argv
 before any parser is built, and the command line the plugin passes (`--socket-fd N`, and
 `--view-root DIR` in tests, each `--name value` or `--name=value`) is read without argparse
-(which loads re, gettext, locale and shutil: about 5 ms). Anything else (an abbreviation,
+(which loads re, gettext, locale and shutil: about 5 ms), with the cyclic GC paused while
+it imports. Anything else (an abbreviation,
 a repeated option, -h, a bad value) goes to the argparse parser, which gives the same
 result, usage and exit code 2 as before. tests/test_startup.py pins what this route
 imports.
@@ -71,9 +72,17 @@ def plugin_view_main(argv: Sequence[str]) -> int:
         args = parser().parse_args(argv)
         quick = args.socket_fd, args.view_root
     fd, view_root = quick
+    import gc
     import socket
 
+    from ..app import plugin_view  # noqa: F401  (handle() would import it: here, GC paused)
     from ..app.agent import handle
+
+    # the cyclic GC was paused by cli.main for the imports (their objects hold no garbage,
+    # and its collections walked them again and again: 2.5 % of the route's instructions);
+    # frozen out of its reach, it runs again for the request
+    gc.freeze()
+    gc.enable()
 
     try:
         conn = socket.socket(fileno=fd)
