@@ -24,9 +24,9 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..record import Record
 from ..core.tree import ROOT_INODE, ImageTree
 from ..errors import ImageError, InetskError
 from ..offline import write_view_dir
@@ -42,14 +42,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Reply:
+class Reply(Record):
     """What the planner answers: the line, and for VIEW the view (its fd goes with it);
-    note: what the agent's one log line for the request adds (not sent)."""
+    note: what the agent's one log line for the request adds (not sent). (A Record, not a
+    dataclass: record.py.)"""
 
+    __slots__ = ("text", "view", "note")
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq is
     text: str
-    view: viewroot.View | None = None
-    note: str = ""
+    view: viewroot.View | None
+    note: str
+
+    def __init__(self, text: str, view: viewroot.View | None = None, note: str = "") -> None:
+        self.text, self.view, self.note = text, view, note
 
     def close(self) -> None:
         if self.view is not None:

@@ -17,9 +17,9 @@ import ctypes
 import errno
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..record import Record
 from ..errors import MountError
 
 if TYPE_CHECKING:  # hashlib and subprocess are imported where used: the plugin's CLI route
@@ -32,12 +32,15 @@ RO_DIR = os.path.join(RUN_DIR, "ro")  # read-only binds of image dirs, one per m
 
 
 # -- /proc/self/mountinfo -----------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Mount:
+class Mount(Record):  # a Record, not a dataclass: record.py
+    __slots__ = ("id", "point", "fstype", "source")
     id: int
     point: str  # unescaped
     fstype: str
     source: str  # unescaped
+
+    def __init__(self, id: int, point: str, fstype: str, source: str) -> None:
+        self.id, self.point, self.fstype, self.source = id, point, fstype, source
 
 
 def _unescape(field_: str) -> str:
