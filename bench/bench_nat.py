@@ -20,14 +20,14 @@ peers' table costs. Needs root, CRIU, FUSE, nft and conntrack (scripts/setup.sh)
     in the second after the restore (50 at 20 ms when nothing is lost).
 (2) The cost of the table on traffic it does not rewrite: a bulk TCP transfer (--mb MiB)
     from C to A over the test bridge with a table of N connections in C, median of
-    --runs, against the same transfer with no table (the baseline, measured before and
-    after each N in the same invocation), for two layouts of the same table:
+    --runs, against the same transfer with no table (the baseline), in turn in the same
+    invocation, for two layouts of the same table:
       rules  one rule per connection and direction (the layout before the maps: every
              packet walks them all; rendered here, by rules_table)
       maps   overlayfs-inetsk's own (core/natrules.py): the connections are elements of
              maps keyed by the 4-tuple, one lookup per packet and rule
-    and the time `nft -f` takes to add each (on a restore's critical path: post-restore,
-    the network locked). The load average is printed before and after.
+    and the time `nft -f` takes to add each (median; on a restore's critical path:
+    post-restore, the network locked). The load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -180,32 +180,38 @@ def cost(sizes: list[int], runs: int, mb: int) -> None:
         A = str(a.ipv4)
         port = 8100
 
-        def median(n: int) -> float:
+        def once() -> float:
             nonlocal port
-            secs = []
-            for _ in range(n):
-                port += 1
-                secs.append(transfer(a, c, A, mb, port))
-            return statistics.median(secs)
+            port += 1
+            return transfer(a, c, A, mb, port)
 
         print(f"\n(2) bulk transfer C -> A, {mb} MiB, table of N connections in C (median of "
-              f"{runs}; base: no table, before and after each N); load average "
+              f"{runs}, in turn: no table (base), rules, maps); load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        median(1)  # warm up
+        once()  # warm up
         for n in (s for s in sizes if s):
             conns = _conns(n)
-            base0 = median(runs)
-            got = {}
+            texts, rendered = {}, {}
             for layout, render in LAYOUTS.items():
-                text = render(conns)
-                add = load(c, text)
-                got[layout] = (median(runs), add)
-                c.run(["nft", "flush", "ruleset"])
-            base = (base0 + median(runs)) / 2
-            print(f"  N={n:>6}: base {mb / base:6.0f} MiB/s ({base:.2f} s)")
-            for layout, (med, add) in got.items():
+                t = time.monotonic()
+                texts[layout] = render(conns)
+                rendered[layout] = time.monotonic() - t
+            secs: dict[str, list[float]] = {"base": [], **{k: [] for k in LAYOUTS}}
+            adds: dict[str, list[float]] = {k: [] for k in LAYOUTS}
+            for _ in range(runs):
+                secs["base"].append(once())
+                for layout, text in texts.items():
+                    adds[layout].append(load(c, text))
+                    secs[layout].append(once())
+                    c.run(["nft", "flush", "ruleset"])
+            base, base_min = statistics.median(secs["base"]), min(secs["base"])
+            print(f"  N={n:>6}: base  {mb / base:6.0f} MiB/s ({base:.2f} s; fastest "
+                  f"{base_min:.2f} s)")
+            for layout in LAYOUTS:
+                med, fast = statistics.median(secs[layout]), min(secs[layout])
                 print(f"           {layout:<5} {mb / med:6.0f} MiB/s ({med:.2f} s, x{med / base:.2f} "
-                      f"of the base)  nft -f took {add:.2f} s")
+                      f"of the base; fastest {fast:.2f} s, x{fast / base_min:.2f})  nft -f took "
+                      f"{statistics.median(adds[layout]):.2f} s (rendered in {rendered[layout]:.2f} s)")
         print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -106,9 +106,9 @@ def test_the_ruleset_rewrites_both_directions_where_the_client_traffic_passes():
     name = table_name([V4])
     assert ruleset([V4], "/srv/ckpt") == (
         "# overlayfs-inetsk nat-rules: /srv/ckpt\n"
-        "# 1 connection(s) of fate nat, keyed by the packet's 4-tuple: to_new: the client's "
-        "packets to the old address go to the new one; from_old: the replies come from the "
-        "old one\n"
+        "# 1 connection(s) of fate nat, keyed by the packet's saddr . sport . daddr . dport:\n"
+        "# to_new: the client's packets to the old address go to the new one; from_old: the "
+        "replies come from the old one\n"
         f"table inet {name} {{\n"
         "\tmap to_new4 {\n"
         f"\t\ttype {MAPTYPE4} : ipv4_addr\n"

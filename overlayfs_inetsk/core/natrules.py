@@ -74,6 +74,13 @@ class NatConn:
 _text = functools.lru_cache(maxsize=1 << 16)(str)
 
 
+def _sorted(conns: Iterable[NatConn]) -> list[NatConn]:
+    """NatConn's own order (its fields in turn), with a cheaper key: the dataclass's
+    comparisons took half the rendering of 10,000 connections."""
+    return sorted(conns, key=lambda c: (c.version, int(c.peer), c.peer_port, int(c.old),
+                                        c.old_port, int(c.new), c.new_port))
+
+
 def _plain(addr: IPAddress) -> IPAddress:
     mapped = getattr(addr, "ipv4_mapped", None)
     return addr if mapped is None else mapped
@@ -96,7 +103,7 @@ def nat_connections(reports: Iterable[SocketReport]) -> list[NatConn]:
             raise ValueError(f"{r.file}: socket id {r.id}: mixed IPv4 and IPv6 endpoints "
                              f"({r.local} -> {r.remote}, new {fmt_endpoint(new, new_port)})")
         out.add(NatConn(old.version, peer, r.dport, old, r.sport, new, new_port))
-    conns = sorted(out)
+    conns = _sorted(out)
     check_table(conns)  # refused when planned, not when the table is applied
     return conns
 
@@ -105,7 +112,7 @@ def table_name(conns: Iterable[NatConn]) -> str:
     """`overlayfs_inetsk_nat_` + 12 hex digits of the connections' digest: the same plan
     gives the same name on every node and every run (nat-rules --remove finds it), two
     plans with other connections get other tables."""
-    text = "\n".join(c.key() for c in sorted(conns))
+    text = "\n".join(c.key() for c in _sorted(conns))
     return TABLE_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -163,7 +170,7 @@ def _maps(conns: list[NatConn], v: int) -> _Maps:
 def check_table(conns: Iterable[NatConn]) -> None:
     """RewriteError when one table cannot rewrite all of `conns` (two connections that
     need other answers from one lookup: only with port moves, see _Maps)."""
-    conns = sorted(conns)
+    conns = _sorted(conns)
     for v in _TYPES:
         _maps(conns, v)
 
@@ -196,13 +203,13 @@ def _rules(v: int, m: _Maps, out: bool) -> list[str]:
 def ruleset(conns: Iterable[NatConn], source: str = "") -> str:
     """`nft -f` input for the connections: the table alone (nat-rules prints it). Empty
     text but a comment when there is none: nothing to apply. RewriteError: check_table."""
-    conns = sorted(conns)
+    conns = _sorted(conns)
     head = f"# overlayfs-inetsk nat-rules{': ' + source if source else ''}\n"
     if not conns:
         return head + "# no connection of fate nat: nothing to rewrite\n"
-    head += (f"# {len(conns)} connection(s) of fate nat, keyed by the packet's 4-tuple: "
-             "to_new: the client's packets to the old address go to the new one; "
-             "from_old: the replies come from the old one\n")
+    head += (f"# {len(conns)} connection(s) of fate nat, keyed by the packet's "
+             "saddr . sport . daddr . dport:\n# to_new: the client's packets to the old "
+             "address go to the new one; from_old: the replies come from the old one\n")
     lines = [f"table {FAMILY} {table_name(conns)} {{"]
     pre: list[str] = []
     out: list[str] = []
@@ -227,7 +234,7 @@ def ruleset(conns: Iterable[NatConn], source: str = "") -> str:
 def apply_script(conns: Iterable[NatConn], source: str = "") -> str:
     """The ruleset as one atomic `nft -f` transaction that replaces our table if it is
     there already (applying twice leaves one copy)."""
-    conns = sorted(conns)
+    conns = _sorted(conns)
     if not conns:
         return ""
     name = table_name(conns)
