@@ -219,3 +219,12 @@ def test_the_plan_of_such_connections_is_refused_where_it_is_made():
         ("10.77.0.9", 8001, True), ("10.77.0.9", 8002, True)]
     with pytest.raises(RewriteError, match="one nftables table cannot rewrite both"):
         nat_connections(reports)  # inspect, nat-rules and restore refuse it (exit 5)
+
+
+def test_the_table_docs_tcp_md_shows_is_the_one_nat_rules_prints():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "tcp.md").read_text()
+    start = page.index("```text\n# overlayfs-inetsk nat-rules: /srv/ckpt/web\n") + len("```text\n")
+    shown = page[start:page.index("```\n", start)]
+    assert shown == ruleset([V4], "/srv/ckpt/web")
