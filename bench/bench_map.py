@@ -39,6 +39,8 @@ from types import ModuleType
 
 from inetsk_testbed import bigmap
 from overlayfs_inetsk.core import addrmap as new_mod
+from overlayfs_inetsk.core.rules import parse_rule
+from overlayfs_inetsk.planner.sources import load_map
 from overlayfs_inetsk.core.sockaddr import addr_to_words
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,8 +136,8 @@ def main() -> int:
                     (lambda: old_mod.AddressMap.from_args(specs)) if in_base else None)
                 wall = statistics.median(WALL)
                 parse_new, _ = median_pair(
-                    args.runs, lambda: [new_mod.parse_rule(s, "x") for s in specs], None)
-                parsed = [new_mod.parse_rule(s, "x") for s in specs]
+                    args.runs, lambda: [parse_rule(s, "x") for s in specs], None)
+                parsed = [parse_rule(s, "x") for s in specs]
 
                 def check_only() -> None:
                     m = new_mod.AddressMap()
@@ -177,8 +179,7 @@ def main() -> int:
             else:
                 import tomllib
                 parser = tomllib.loads
-            whole, parse = median_pair(args.runs, lambda: new_mod.AddressMap.from_args(
-                files=[path]), lambda: parser(text))
+            whole, parse = median_pair(args.runs, lambda: load_map(files=[path]), lambda: parser(text))
             assert parse is not None
             print(f"  {fmt:10} {len(text) / 1e6:5.1f} MB  load {ms(whole)}  of which "
                   f"{fmt.split('-')[0]} parsing {ms(parse)} ({parse / whole:.0%}); "

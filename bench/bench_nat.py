@@ -38,7 +38,7 @@ from pathlib import Path
 
 from inetsk_testbed import TestNet, criu
 from inetsk_testbed.mount import BIN
-from inetsk_testbed.net import netns_pids
+from inetsk_testbed.procs import netns_pids
 from inetsk_testbed.probe import wait_for
 from inetsk_testbed.stream import start_stream, status
 

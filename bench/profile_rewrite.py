@@ -29,7 +29,7 @@ import time
 BIN = os.path.join(os.path.dirname(sys.executable), "overlayfs-inetsk")
 MAP = ["local=10.77.0.99", "local=fd77::99"]
 MAP_ARGS = ["--map", MAP[0], "--map", MAP[1], "--tcp-outside", "keep"]
-FORBIDDEN = ("pyfuse3", "trio", "pyroute2", "overlayfs_inetsk.node.rtnl")
+FORBIDDEN = ("pyfuse3", "trio", "pyroute2", "overlayfs_inetsk.host.rtnl")
 
 
 def med(f, n: int = 7) -> float:
@@ -102,7 +102,7 @@ def main() -> int:
     from overlayfs_inetsk.core.decide import RewriteOptions
     from overlayfs_inetsk.core.entries import inet_entries
     from overlayfs_inetsk.core.plan import plan_checkpoint
-    from overlayfs_inetsk.core.render import render_table
+    from overlayfs_inetsk.cli.render import render_table
 
     amap = AddressMap.from_args(MAP)
     opts = RewriteOptions(tcp_outside="keep")

@@ -41,7 +41,13 @@ class RewriteError(InetskError):
 
 class PortRangeError(RewriteError):
     """A port offset pushes a socket's port out of 1..65535: exit code 5. The planner turns
-    it into a refused socket, named."""
+    it into a refused socket, named (`fields`: the port, the offset, the port it would
+    get, where the offset came from)."""
+
+    def __init__(self, port: int, offset: int, new: int, source: str) -> None:
+        self.fields = (port, offset, new, source)
+        super().__init__(f"port {port} {offset:+d} = {new} is out of range (1-65535) "
+                         f"({source})")
 
 
 class PortTakenError(RewriteError):

@@ -1,14 +1,17 @@
-"""The view written to disk as a directory: `rewrite` (offline, no FUSE).
+"""The view written to disk as a directory: `rewrite` (offline, no FUSE), and the plugin's
+views.
 
-The same tree a mount serves (core.tree.ImageTree decides what is shown), written to disk: socket
+The same tree a mount serves (core.tree.ImageTree decides what is shown; the planner plans
+it, planner/planner.py: this module only writes what it made), written to disk: socket
 images rewritten, every other file a symlink to the original (no bulk data is copied; CRIU
 follows symlinks in its images dir), directories as directories. The view is built in a
 temporary directory beside OUT_DIR and renamed into place, so OUT_DIR is whole or absent.
 IMAGE_DIR is never opened for writing. The view holds a marker file (VIEW_MARKER), so that
 the runtime plugin does not rewrite a view again.
 
-relative_links=True (the runtime plugin): the symlinks are relative to their own directory,
-so they resolve inside a restored container's mount namespace too (FACTS.md).
+A tree made with link_from=view_location(OUT_DIR) (the runtime plugin): the symlinks are
+relative to their own directory, so they resolve inside a restored container's mount
+namespace too, where the host's absolute paths do not exist (docs/podman.md).
 
 Modes, whatever the caller's umask: a rewritten socket image has its original's (CRIU
 writes 0600); a directory has its original's, without group or world write, plus the
@@ -21,13 +24,12 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Mapping
 
-from .core.addrmap import AddressMap, Resolver
-from .core.decide import RewriteOptions
-from .core.imagedir import check_image_dir
-from .core.plan import RewriteResult, plan_tree, raise_problems
+from .core.plan import RewriteResult
 from .core.tree import ROOT_INODE, ImageTree, Kind
 from .errors import InetskError
+from .host.files import check_image_dir
 
 VIEW_MARKER = ".overlayfs-inetsk-view"
 
@@ -36,23 +38,9 @@ def inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def write_view_dir(
-    image_dir: str,
-    out_dir: str,
-    amap: AddressMap,
-    resolve: Resolver | None,
-    options: RewriteOptions,
-    *,
-    relative_links: bool = False,
-    tree: ImageTree | None = None,
-    results: dict[str, RewriteResult] | None = None,
-    reports: bool = True,
-) -> dict[str, RewriteResult]:
-    """`tree` and `results`: an ImageTree of image_dir and its plan, made by the caller
-    (they are made here when absent; a caller's tree decides the links itself, e.g.
-    ImageTree.build(link_from=OUT_DIR's real path) for relative ones). reports=False:
-    the plan made here keeps a SocketReport only for the sockets that need attention
-    (RewriteResult.problems), not for every socket: the view needs none (faster)."""
+def check_out_dir(image_dir: str, out_dir: str) -> str:
+    """IMAGE_DIR's real path, once OUT_DIR is known to be writable as a view of it (new or
+    empty, not inside IMAGE_DIR, its parent there): checked before anything is planned."""
     root = check_image_dir(image_dir)
     out_abs = os.path.abspath(out_dir)
     if inside(os.path.realpath(out_abs), root):
@@ -65,19 +53,18 @@ def write_view_dir(
     parent = os.path.dirname(out_abs)
     if not os.path.isdir(parent):
         raise InetskError(f"{out_dir}: parent directory {parent} does not exist")
+    return root
 
-    # All rewriting happens before anything is written, so errors leave nothing behind.
-    if tree is None:
-        # relative links are made relative to where the view will be (its real path)
-        links_from = os.path.join(os.path.realpath(parent), os.path.basename(out_abs))
-        tree = ImageTree.build(root, link_from=links_from if relative_links else None)
-    tree.refuse_outside_parent()
-    if results is None:
-        results = {}
-        for cp in plan_tree(tree, amap, resolve, options, reports=reports):
-            raise_problems(cp.results, options)
-            results.update(cp.results)
 
+def write_view_dir(image_dir: str, out_dir: str, tree: ImageTree,
+                   results: Mapping[str, RewriteResult]) -> None:
+    """Write the planned view of IMAGE_DIR (its tree and every socket image's plan, made
+    by the planner before anything is written, so errors leave nothing behind) as OUT_DIR.
+    The tree decides the links: made with link_from=OUT_DIR's real path, they are
+    relative."""
+    check_out_dir(image_dir, out_dir)
+    out_abs = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_abs)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_abs)}.", dir=parent)
     try:
         root_mode = dir_mode(tree.root.st.st_mode)
@@ -88,7 +75,13 @@ def write_view_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return results
+
+
+def view_location(out_dir: str) -> str:
+    """Where OUT_DIR will be, by its parent's real path (what a tree's link_from is for
+    relative links)."""
+    out_abs = os.path.abspath(out_dir)
+    return os.path.join(os.path.realpath(os.path.dirname(out_abs)), os.path.basename(out_abs))
 
 
 def dir_mode(original: int) -> int:
@@ -108,7 +101,7 @@ def _write_marker(path: str, mode: int) -> None:
         os.fchmod(f.fileno(), mode | 0o400)
 
 
-def _populate(tree: ImageTree, tmp: bytes, results: dict[str, RewriteResult]) -> None:
+def _populate(tree: ImageTree, tmp: bytes, results: Mapping[str, RewriteResult]) -> None:
     # parents come before their children in the inode table
     for node in tree.nodes.values():
         if node.inode == ROOT_INODE:

@@ -35,7 +35,7 @@ from inetsk_testbed.imagefactory import files_img, inet_file_entry, inetsk_img, 
 from overlayfs_inetsk.core import imagefile
 from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.errors import ImageError, InetskError
-from overlayfs_inetsk.core.render import render_table
+from overlayfs_inetsk.cli.render import render_table
 from overlayfs_inetsk.core.decide import RewriteOptions
 from overlayfs_inetsk.core.plan import plan_checkpoint, problems
 

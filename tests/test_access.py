@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
-from overlayfs_inetsk.fuse.robind import RO_DIR, find_mount, ro_bind_path
+from overlayfs_inetsk.host.mounts import RO_DIR, find_mount, ro_bind_path
 from inetsk_testbed.mount import BIN, mounted
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
@@ -190,7 +190,7 @@ def test_nothing_created_world_writable_even_with_umask_0(image: Path, tmp_path:
 def test_bind_falls_back_to_bind_and_remount(image: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Kernels without the new mount API (< 5.12): mount --bind, then remount read-only."""
-    from overlayfs_inetsk.fuse import robind as daemon
+    from overlayfs_inetsk.host import mounts as daemon
 
     def no_new_api(*_a: object) -> None:
         raise OSError(errno.ENOSYS, "open_tree: Function not implemented")
@@ -208,6 +208,38 @@ def test_bind_falls_back_to_bind_and_remount(image: Path, tmp_path: Path,
     finally:
         assert daemon.clear_ro_bind(target, mount_id)
     assert find_mount(target) is None and not os.path.exists(target)
+
+
+def test_the_new_mount_api_is_called_only_where_its_numbers_are_known(
+        image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Syscall 428 is open_tree on x86_64 and arm64, not on mips (4428, 5428, 6428) or
+    alpha (538): on a machine not known to share the generic table the numbers are never
+    called (they would be another system call), and the old API binds."""
+    from overlayfs_inetsk.host import mounts as daemon
+
+    calls: list[tuple[object, ...]] = []
+    real_libc = daemon._libc()
+
+    class Libc:
+        real = real_libc
+
+        def syscall(self, *args: object) -> int:
+            calls.append(args)
+            return -1
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(daemon, "_libc", lambda: Libc())
+    real_uname = os.uname()
+    monkeypatch.setattr(daemon.os, "uname", lambda: os.uname_result(
+        (*real_uname[:4], "mips64")))
+    target = daemon.ro_bind_path(str(tmp_path / "mips-mnt"))
+    mount_id = daemon.make_ro_bind(str(image), target)
+    try:
+        assert calls == [] and set(_mount_opts(target)) >= {"ro", "nosuid", "nodev", "noexec"}
+    finally:
+        assert daemon.clear_ro_bind(target, mount_id)
 
 
 def test_mount_point_inside_image_dir_is_left_out(image: Path, tmp_path: Path) -> None:

@@ -163,6 +163,6 @@ def test_the_check_is_cheap_to_run(agent: AgentProc) -> None:
     loaded = {ln.rsplit("|", 1)[-1].strip() for ln in cp.stderr.splitlines() if "|" in ln}
     assert "overlayfs_inetsk.plugin.check" in loaded
     heavy = {m for m in loaded if m.split(".")[0] in ("pycriu", "google", "prometheus_client")
-             or m in ("overlayfs_inetsk.plugin.viewmaker", "overlayfs_inetsk.plugin.agent",
+             or m in ("overlayfs_inetsk.app.plugin_view", "overlayfs_inetsk.app.agent",
                       "overlayfs_inetsk.core")}
     assert heavy == set(), heavy

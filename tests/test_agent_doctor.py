@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 from inetsk_testbed.agentproc import AgentProc, tree_env
-from overlayfs_inetsk.node.doctor import render_json, render_text, run_checks
+from overlayfs_inetsk.app.doctor import render_json, render_text, run_checks
 from overlayfs_inetsk.plugin import agentstate
 from overlayfs_inetsk.plugin import install as inst
 from overlayfs_inetsk.plugin.check import check

@@ -129,7 +129,7 @@ def test_metrics_are_off_by_default_and_prometheus_client_is_not_loaded(tmp_path
     finally:
         a.stop()
     log = a.text()
-    assert "| overlayfs_inetsk.plugin.viewmaker" in log  # the import trace is there
+    assert "| overlayfs_inetsk.app.plugin_view" in log  # the import trace is there
     assert "prometheus_client" not in log and "metrics on" not in log
 
 
@@ -147,7 +147,7 @@ def test_plugin_view_never_imports_prometheus_client(tmp_path: Path, fds) -> Non
     a.close()
     _out, err = p.communicate(timeout=60)
     assert msg.startswith(b"VIEW view-")
-    assert "| overlayfs_inetsk.plugin.viewmaker" in err
+    assert "| overlayfs_inetsk.app.plugin_view" in err
     assert "prometheus_client" not in err
 
 

@@ -3,6 +3,7 @@ a tmp dir as the barrier dir. The lock rules are checked as text (no netfilter h
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import threading
 import pytest
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
-from overlayfs_inetsk.node import barrier
+from overlayfs_inetsk.app import barrier as group
+from overlayfs_inetsk.node import barrier, tcplock
 from overlayfs_inetsk.errors import BarrierError
 from overlayfs_inetsk.cli import main
-from inetsk_testbed.net import scratch_netns
+from inetsk_testbed.netns import scratch_netns
 
 
 def run_members(d, names, members, timeout=5.0):
@@ -95,12 +97,12 @@ def test_missing_dir(tmp_path):
 
 def test_action_filter(tmp_path):
     env = {"CRTOOLS_SCRIPT_ACTION": "post-resume"}
-    assert barrier.run_action(str(tmp_path), "C", 2, 0.1, env=env) is None
+    assert group.run_action(str(tmp_path), "C", 2, 0.1, env=env) is None
     env = {"CRTOOLS_SCRIPT_ACTION": "pre-restore"}
-    assert barrier.run_action(str(tmp_path), "C", 2, 0.1, env=env,
+    assert group.run_action(str(tmp_path), "C", 2, 0.1, env=env,
                               lock_connections=False) is None
     assert list(tmp_path.iterdir()) == []
-    got = barrier.run_action(str(tmp_path), "C", 1, 1,
+    got = group.run_action(str(tmp_path), "C", 1, 1,
                              env={"CRTOOLS_SCRIPT_ACTION": "post-restore"})
     assert isinstance(got, barrier.Passed)
 
@@ -109,7 +111,7 @@ def test_lock_rules_are_criu_s_own():
     """netfilter.c: "%s %s -t filter %s %s --protocol tcp -m mark ! --mark 0xC114 --source %s
     --sport %d --destination %s --dport %d -j DROP", INPUT with (dst, dport, src, sport)
     and OUTPUT with (src, sport, dst, dport): CRIU's unlock deletes exactly these."""
-    inp, out = barrier.lock_rules((4, "10.77.0.3", 40000, "10.77.0.4", 7400))
+    inp, out = tcplock.lock_rules((4, "10.77.0.3", 40000, "10.77.0.4", 7400))
     assert " ".join(inp) == ("-t filter INPUT --protocol tcp -m mark ! --mark 0xC114 "
                              "--source 10.77.0.4 --sport 7400 --destination 10.77.0.3 "
                              "--dport 40000 -j DROP")
@@ -129,12 +131,26 @@ def test_image_connections(tmp_path):
         inet_file_entry(isk(7, "fd77::3", 7403, "fd77::4", 9)),
         inet_file_entry(isk(8, "10.77.0.3", 5353, "10.77.0.4", 53, proto="udp")),
     ))
-    assert barrier.image_connections(str(tmp_path)) == [
+    assert group.image_connections(str(tmp_path)) == [
         (4, "10.77.0.3", 7400, "10.77.0.4", 40000),
         (4, "10.77.0.3", 7401, "10.77.0.4", 40001),
         (4, "10.77.0.3", 7402, "10.77.0.4", 9),
         (6, "fd77::3", 7403, "fd77::4", 9),
     ]
+
+
+def test_image_connections_warn_of_a_parent_link_outside(tmp_path, expect_log):
+    """The barrier reads the view CRIU restores from, as the planner's purpose "barrier":
+    a `parent` link out of it is named in one warning (it was not looked at), and the
+    connections are listed all the same."""
+    img = tmp_path / "img"
+    img.mkdir()
+    (tmp_path / "prev").mkdir()
+    os.symlink(tmp_path / "prev", img / "parent")
+    (img / "files.img").write_bytes(files_img(
+        inet_file_entry(isk(3, "10.77.0.3", 7400, "10.77.0.4", 40000))))
+    expect_log(logging.WARNING, r"img/parent: the link to the previous dump")
+    assert group.image_connections(str(img)) == [(4, "10.77.0.3", 7400, "10.77.0.4", 40000)]
 
 
 def test_barrier_script_runs_without_arguments(tmp_path):
@@ -170,7 +186,7 @@ def _in_ns(ns: str, *argv: str) -> subprocess.CompletedProcess[str]:
 
 _LOCK_SNIPPET = """
 import sys
-from overlayfs_inetsk.node import barrier
+from overlayfs_inetsk.node import tcplock as barrier
 conns = [(4, "10.77.0.3", 40000, "10.77.0.4", 7400), (4, "10.77.0.3", 40001, "10.77.0.4", 7400),
          (6, "fd77::3", 40002, "fd77::4", 7400)]
 if sys.argv[1] == "lock":
@@ -197,7 +213,7 @@ def test_unlock_removes_every_rule_left_and_reports_a_missing_one(bare_netns):
     cp = _in_ns(bare_netns, *py, "lock")
     assert cp.returncode == 0 and cp.stdout == "3\n", cp.stderr
     assert len(_drops(bare_netns)) == 6
-    gone = barrier.lock_rules((4, "10.77.0.3", 40000, "10.77.0.4", 7400))[1]  # OUTPUT
+    gone = tcplock.lock_rules((4, "10.77.0.3", 40000, "10.77.0.4", 7400))[1]  # OUTPUT
     assert _in_ns(bare_netns, "iptables", "-w", *gone[:2], "-D", *gone[2:]).returncode == 0
     cp = _in_ns(bare_netns, *py, "unlock")
     assert _drops(bare_netns) == []
@@ -212,7 +228,7 @@ def test_unlock_is_one_restore_batch_per_family(bare_netns):
     """Every rule of a family goes in one atomic `iptables-restore --noflush` run."""
     conns = [(4, "10.77.0.3", 1, "10.77.0.4", 2), (4, "10.77.0.3", 3, "10.77.0.4", 4),
              (6, "fd77::3", 5, "fd77::4", 6)]
-    script = ("import sys, subprocess\nfrom overlayfs_inetsk.node import barrier\n"
+    script = ("import sys, subprocess\nfrom overlayfs_inetsk.node import tcplock as barrier\n"
               f"conns = {conns!r}\nbarrier.lock(conns)\nlog = []\nreal = subprocess.run\n"
               "def spy(argv, *a, **kw):\n    log.append(argv[0])\n    return real(argv, *a, **kw)\n"
               "subprocess.run = spy\nbarrier.unlock(conns)\nprint(' '.join(log))\n")

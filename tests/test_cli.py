@@ -121,9 +121,9 @@ def test_rewrite_shows_the_sockets_needing_attention(image_dir, tmp_path, capsys
 
     planned, write = [], offline.write_view_dir
 
-    def spy(*a, **kw):
-        planned.append(write(*a, **kw))
-        return planned[-1]
+    def spy(image_dir, out, tree, results):  # type: ignore[no-untyped-def]
+        planned.append(results)  # what the planner made for the writer
+        return write(image_dir, out, tree, results)
 
     monkeypatch.setattr(offline, "write_view_dir", spy)
     out = tmp_path / "view"
@@ -253,7 +253,7 @@ def test_missing_pycriu_is_one_line_naming_the_fix(image_dir, tmp_path, cmd):
 
 
 def test_a_missing_module_of_our_own_is_still_a_bug(image_dir):
-    p = subprocess.run([sys.executable, "-c", _HIDE, "overlayfs_inetsk.core.render", "inspect",
+    p = subprocess.run([sys.executable, "-c", _HIDE, "overlayfs_inetsk.cli.render", "inspect",
                         str(image_dir)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 70 and "Traceback" in p.stderr
 

@@ -50,7 +50,7 @@ def _daemonset() -> dict:
 
 def test_commands_parse_and_use_the_codes_defaults():
     pytest.importorskip("overlayfs_inetsk.plugin", reason="the plugin package is not here yet")
-    from overlayfs_inetsk.plugin.agent import DEFAULT_SOCKET
+    from overlayfs_inetsk.app.agent import DEFAULT_SOCKET
     from overlayfs_inetsk.plugin.install import DEFAULT_LIBDIR
 
     spec = _daemonset()["spec"]["template"]["spec"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayfs_inetsk.node.doctor import parse_criu_version, ready, render_text, run_checks
+from overlayfs_inetsk.app.doctor import parse_criu_version, ready, render_text, run_checks
 
 CLI = [sys.executable, "-m", "overlayfs_inetsk.cli"]
 DEBIAN12_CRIU = """#!/bin/sh

@@ -23,7 +23,8 @@ from overlayfs_inetsk.errors import RewriteError
 from overlayfs_inetsk.fuse.ops import ViewOperations
 from overlayfs_inetsk.core.decide import RewriteOptions
 from overlayfs_inetsk.core.plan import rewrite_checkpoint
-from overlayfs_inetsk.core.tree import ROOT_INODE, ImageTree
+from overlayfs_inetsk.core.tree import ROOT_INODE
+from overlayfs_inetsk.host.listing import build_tree
 
 
 @dataclass
@@ -62,7 +63,7 @@ def tree(tmp_path: Path) -> Path:
 
 
 def ops_for(root: Path, gen: Callable[..., Any], serve: str = "symlink") -> ViewOperations:
-    return ViewOperations(ImageTree.build(root, serve=serve), gen)  # type: ignore[arg-type]
+    return ViewOperations(build_tree(root, serve=serve), gen)  # type: ignore[arg-type]
 
 
 def run(fn: Callable[..., Any], *args: Any) -> Any:

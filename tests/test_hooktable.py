@@ -8,6 +8,7 @@ import pytest
 
 from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.core.hooktable import hook_plan
+from overlayfs_inetsk.planner.sources import load_map
 from overlayfs_inetsk.core.decide import RewriteOptions
 from overlayfs_inetsk.core.plan import plan_checkpoint as plan_group
 from overlayfs_inetsk.core.sockaddr import addr_to_words
@@ -18,7 +19,7 @@ A, B, P = "10.77.0.1", "10.77.0.2", "10.77.0.3"
 
 def plan(*sks, specs=("10.77.0.1=10.77.0.2",), env=None, fate="close"):
     images = {"files.img": files_img(*(inet_file_entry(s) for s in sks))}
-    amap = AddressMap.from_args(list(specs), env=env)
+    amap = load_map(list(specs), env=env)
     return plan_group(images, amap, None, RewriteOptions(tcp_outside=fate), reports=True)
 
 
@@ -75,9 +76,28 @@ def test_sockets_the_hook_cannot_tell_apart_but_the_plan_does_need_the_view():
     results = plan(isk(1, A, 7002, proto="udp"), isk(2, A, 7003, proto="tcp", state=7))
     reports = [r for res in results.values() for r in res.reports]
     assert hook_plan(reports).entries is not None  # the map decides them alike
-    reports[1].new_src = ipaddress.ip_address(P)
+    d = reports[1].decision._replace(verdict="rewritten", action="set",
+                                     new_src=ipaddress.ip_address(P), hook="set")
+    reports[1] = reports[1]._replace(decision=d)
     hp = hook_plan(reports)
     assert hp.entries is None and "cannot tell" in hp.why_not
+
+
+def test_a_socket_whose_peer_alone_moves_is_set_by_the_hook_as_in_the_view():
+    """A connected UDP socket on an address no rule covers (needs-address) whose peer a port
+    rule moves to another address, on the same port: the view changes its dst, and so does
+    the hook's table (it used to leave the socket alone, restoring another plan than the
+    view's)."""
+    results = plan(isk(1, "10.77.5.5", 4000, B, 53, proto="udp"),
+                   specs=("10.77.0.2:53=10.77.0.9:53",))
+    [r] = results["files.img"].reports
+    assert (r.verdict, str(r.new_dst), r.new_sport, r.new_dport) == (
+        "needs-address", "10.77.0.9", None, None)
+    hp = hook_plan(results)
+    assert hp.entries is not None, hp.why_not
+    [e] = hp.entries
+    assert (e.src, e.dst, e.new_src, e.new_dst) == (w("10.77.5.5"), w(B), w("10.77.5.5"),
+                                                    w("10.77.0.9"))
 
 
 @pytest.mark.parametrize("limit, ok", [(4, True), (3, False)])

@@ -25,10 +25,10 @@ from overlayfs_inetsk.core import imagefile
 from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.cli import main
 from overlayfs_inetsk.errors import ImageError
-from overlayfs_inetsk.core.imagedir import read_socket_image
+from overlayfs_inetsk.host.files import read_socket_image
 from overlayfs_inetsk.core.plan import plan_checkpoint
 from inetsk_testbed.mount import BIN, mounted
-from overlayfs_inetsk.core.tree import ImageTree
+from overlayfs_inetsk.host.listing import build_tree
 
 U32 = struct.Struct("=I")
 MAP = AddressMap.from_args(["10.0.1.0/24=10.77.1.0/24", "fd00::/64=fd77::/64"])
@@ -221,7 +221,7 @@ def test_socket_image_that_is_a_symlink(tmp_path: Path,
     for target in ("real.img", "/etc/shadow"):
         os.unlink(d / "files.img")
         os.symlink(target, d / "files.img")
-        node = ImageTree.build(d).lookup(1, b"files.img")
+        node = build_tree(d).lookup(1, b"files.img")
         assert node is not None and node.real_path == os.fsencode(str(d / "files.img"))
         with pytest.raises(ImageError, match="socket image is a symlink; refusing to follow"):
             read_socket_image(os.fsdecode(node.real_path))
@@ -262,7 +262,7 @@ def test_symlink_loops_escapes_and_odd_names(
     names = set(os.listdir(os.fsencode(out_dir)))
     assert {b"files.img", b"odd\xff\n name\x01", b"dir\xfe"} <= names
     assert not names & {b"loop-a", b"loop-b", b"self", b"up", b"escape", b"escape-rel"}
-    view = ImageTree.build(d)
+    view = build_tree(d)
     shown = {n.name for n in view.children(1)}
     assert shown == {b"files.img", b"odd\xff\n name\x01", b"dir\xfe"}
     reasons = dict(view.left_out)

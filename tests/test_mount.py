@@ -20,7 +20,7 @@ import pytest
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
 from pycriu.images import fdinfo_pb2
 from inetsk_testbed.mount import mount_daemons
-from inetsk_testbed.net import scratch_netns, veth_with_route
+from inetsk_testbed.netns import scratch_netns, veth_with_route
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -343,9 +343,25 @@ def test_foreground_sigterm_and_systemd_notify(mounts: Mounts, image: Path,
     p.send_signal(signal.SIGINT)
     assert p.wait(20) == 0 and not os.path.ismount(mp)
     p = mounts.foreground(image, mp, *MAP)
-    _wait_mounted(mp)
+    _wait_ready(p)  # unmounted before it served, it would say it never became ready
     subprocess.run(["fusermount3", "-u", str(mp)], check=True)
     assert p.wait(20) == 0 and not os.path.ismount(mp)
+
+
+def _wait_ready(p: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Until the foreground daemon's log says it serves ("ready")."""
+    import select
+
+    assert p.stderr is not None
+    end = time.monotonic() + timeout
+    while True:
+        left = end - time.monotonic()
+        assert left > 0, "the daemon did not become ready"
+        if select.select([p.stderr], [], [], left)[0]:
+            line = p.stderr.readline()
+            assert line, "the daemon exited before it was ready"
+            if line.rstrip().endswith(b": ready"):
+                return
 
 
 def _wait_mounted(mp: Path, timeout: float = 20) -> None:
@@ -556,7 +572,7 @@ def test_port_taken_in_netns_warns_and_strict_refuses(mounts: Mounts, image: Pat
     """The image's UDP socket 10.0.1.5:53 moves to 10.77.31.7:5353 (local address of the
     namespace); a socket there already holds udp 5353: `mount` names it on stderr (the
     background parent) and mounts; with --strict it refuses before mounting (exit 5)."""
-    from overlayfs_inetsk.node.nodeaddr import in_netns
+    from overlayfs_inetsk.host.netns import in_netns
 
     def hold() -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -1,4 +1,4 @@
-"""cli/options.py is the one description of the shared options: every `mount` option
+"""options.py is the one description of the shared options: every `mount` option
 survives the round trip to the background daemon's command line (fuse/spawn.py derives it),
 so an option added to the description reaches the daemon without a change to the spawn."""
 
@@ -10,8 +10,8 @@ import sys
 
 from overlayfs_inetsk.cli import make_parser
 from overlayfs_inetsk.cli.mount import config_from_args
-from overlayfs_inetsk.cli import options
-from overlayfs_inetsk.cli.options import MOUNT_OPTIONS, SERVE_MODES, TCP_FATES, Option
+from overlayfs_inetsk import options
+from overlayfs_inetsk.options import MOUNT_OPTIONS, SERVE_MODES, TCP_FATES, Option
 from overlayfs_inetsk.core.decide import TCP_FATES as CORE_TCP_FATES
 from overlayfs_inetsk.core.tree import SERVE_MODES as CORE_SERVE_MODES
 from overlayfs_inetsk.fuse.daemon import MountConfig
@@ -79,8 +79,9 @@ def test_choices_agree_with_the_core() -> None:
 
 
 def test_barrier_defaults_agree_with_the_barrier() -> None:
-    from overlayfs_inetsk.node import barrier
+    from overlayfs_inetsk.node import barrier, criu
 
     assert options.BARRIER_ACTIONS == barrier.ACTIONS
+    assert options.RESTORE_STOP_TIMEOUT == criu.STOP_TIMEOUT
     assert options.BARRIER_DEFAULT_ACTION == barrier.DEFAULT_ACTION
     assert options.BARRIER_DEFAULT_TIMEOUT == barrier.DEFAULT_TIMEOUT

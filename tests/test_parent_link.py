@@ -18,7 +18,9 @@ from inetsk_testbed.mount import ismount, mounted, overlayfs_inetsk
 from overlayfs_inetsk.cli import main
 from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.core.plan import plan_checkpoint
-from overlayfs_inetsk.core.tree import ImageTree, Kind
+from overlayfs_inetsk.core.tree import Kind
+from overlayfs_inetsk.host.listing import build_tree
+from overlayfs_inetsk.planner.planner import check_parents
 from overlayfs_inetsk.errors import TreeError
 
 MAP = ["--map", "10.0.1.5=10.77.1.5"]
@@ -38,20 +40,20 @@ def _chain(tmp: Path) -> Path:
 
 
 def test_tree_of_the_whole_chain_shows_parent_as_a_relative_link(tmp_path, caplog):
-    tree = ImageTree.build(_chain(tmp_path))
+    tree = build_tree(_chain(tmp_path))
     d2 = tree.lookup(1, b"2")
     node = tree.lookup(d2.inode, b"parent")
     assert (node.kind, node.link_target) == (Kind.LINK, b"../1")
     assert tree.left_out == [] and not caplog.records
-    tree.refuse_outside_parent()  # nothing to refuse
+    check_parents(tree)  # nothing to refuse
 
 
 def test_tree_of_one_dump_names_its_parent_link(tmp_path, caplog):
-    tree = ImageTree.build(_chain(tmp_path) / "2")
+    tree = build_tree(_chain(tmp_path) / "2")
     assert [p for p, _ in tree.left_out] == [b"parent"]
     assert not caplog.records  # reported once, by what uses the tree (below)
     with pytest.raises(TreeError) as ei:
-        tree.refuse_outside_parent()
+        check_parents(tree)
     msg = str(ei.value)
     assert "\n" not in msg
     assert msg.startswith(f"{tmp_path}/ckpt/2/parent: the link to the previous dump "

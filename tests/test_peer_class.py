@@ -1,7 +1,7 @@
-"""plan.py decides once per kind of socket (decide.peer_class) and derives each socket's
-reason from its class's first one (decide.reason_maker). Whatever it derives must be what
-decide() says of that socket on its own: compared here report by report, over a matrix of
-sockets that share classes (many peers per class) and maps, fates and families that
+"""plan.py decides once per kind of socket (decide.peer_class) and gives every socket of
+the class that one Decision (its reasons rendered with each socket's own peer). That must be
+what decide() says of each socket on its own: compared here report by report, over a matrix
+of sockets that share classes (many peers per class) and maps, fates and families that
 exercise every branch of decide()."""
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import pytest
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
 from overlayfs_inetsk.core.addrmap import AddressMap
-from overlayfs_inetsk.core.decide import RewriteOptions, SocketReport, decide
+from overlayfs_inetsk.core.decide import RewriteOptions, decide
 from overlayfs_inetsk.core.entries import inet_entries
 from overlayfs_inetsk.core.plan import plan_checkpoint
+from overlayfs_inetsk.core.report import SocketReport
 from overlayfs_inetsk.core.sockaddr import AF_INET6, fmt_addr, words_to_addr
+from overlayfs_inetsk.core.sockets import Socket
 
 MAPS = {
     "group": ["10.77.0.1=10.77.0.3", "10.77.0.2=10.77.0.4", "fd77::1=fd77::3"],
@@ -56,10 +58,9 @@ def reference(data: bytes, amap: AddressMap, options: RewriteOptions) -> list[tu
     bmap = amap.bind(srcs, None)
     out = []
     for (off, *_rest, s), src in zip(inet_entries(data, "files.img"), srcs):
-        r = SocketReport("files.img", off, s.id, s.ino, s.family, s.type, s.proto, s.state, src,
-                         s.src_port, words_to_addr(tuple(s.dst_addr), s.family), s.dst_port)
-        decide(r, bmap, options)
-        out.append(row(r))
+        sk = Socket("files.img", off, s.id, s.ino, s.family, s.type, s.proto, s.state, src,
+                    s.src_port, words_to_addr(tuple(s.dst_addr), s.family), s.dst_port)
+        out.append(row(SocketReport(sk, decide(sk, bmap, options))))
     return out
 
 
@@ -97,6 +98,7 @@ def test_a_class_shares_one_decision_among_distinct_peers():
     res = plan_checkpoint({"files.img": data}, amap, None, options)["files.img"]
     assert [row(r) for r in res.reports] == reference(data, amap, options)
     assert len({r.reason for r in res.reports}) == 300  # each names its own peer
+    assert len({id(r.decision) for r in res.reports}) == 1  # from one decision
     assert res.counts["rewritten"] == 300
 
 

@@ -22,8 +22,9 @@ import pytest
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk, reg_file_entry
 from overlayfs_inetsk.errors import InetskError
-from overlayfs_inetsk.plugin import agent as agent_mod
-from overlayfs_inetsk.plugin import viewmaker, viewroot, wire
+from overlayfs_inetsk.app import agent as agent_mod
+from overlayfs_inetsk.app import plugin_view as viewmaker
+from overlayfs_inetsk.plugin import viewroot, wire
 from overlayfs_inetsk.plugin.wire import RequestError, encode_request, parse_request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,13 +229,13 @@ def test_a_view_finished_after_the_deadline_is_removed(tmp_path: Path, images: P
                                                       monkeypatch) -> None:
     """The plugin's timeout passed while the view was written: no reply, no view."""
     root = tmp_path / "views"
-    real = viewmaker.write_view
+    real = viewmaker.write_view_dir
 
     def slow(*a, **k):  # type: ignore[no-untyped-def]
         real(*a, **k)
         time.sleep(0.5)
 
-    monkeypatch.setattr(viewmaker, "write_view", slow)
+    monkeypatch.setattr(viewmaker, "write_view_dir", slow)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     t = threading.Thread(target=agent_mod.handle, args=(b, str(root)))
     t.start()

@@ -8,10 +8,12 @@ from contextlib import ExitStack
 
 import pytest
 
-from overlayfs_inetsk.node.nodeaddr import NodeAddressError, in_netns
-from overlayfs_inetsk.node.portcheck import Holder, Want, clashes, parse_table, read_tables, taken
+from overlayfs_inetsk.host.netns import NodeAddressError, in_netns
+from overlayfs_inetsk.core.portcheck import Holder, Want, clashes, parse_table
+from overlayfs_inetsk.host.proctables import read_tables
+from overlayfs_inetsk.planner.ports import taken
 from overlayfs_inetsk.core.sockaddr import AF_INET, AF_INET6
-from inetsk_testbed.net import scratch_netns
+from inetsk_testbed.netns import scratch_netns
 
 A = ip.ip_address
 
@@ -168,7 +170,7 @@ def test_wants_of_a_plan_are_the_new_endpoints_the_restore_binds():
 
     from overlayfs_inetsk.core.addrmap import AddressMap
     from overlayfs_inetsk.core.plan import plan_checkpoint
-    from overlayfs_inetsk.node.portcheck import wants_of
+    from overlayfs_inetsk.core.portcheck import wants_of
 
     data = files_img(*(inet_file_entry(e) for e in (
         isk(1, "10.0.0.1", 80),                                 # listener: moves
@@ -190,7 +192,7 @@ def test_ping_sockets_want_no_port_and_udplite_its_own():
 
     from overlayfs_inetsk.core.addrmap import AddressMap
     from overlayfs_inetsk.core.plan import plan_checkpoint
-    from overlayfs_inetsk.node.portcheck import wants_of
+    from overlayfs_inetsk.core.portcheck import wants_of
 
     def dgram(id_, src, port, proto):
         e = isk(id_, src, port, proto="udp")

@@ -11,8 +11,8 @@ import struct
 
 import pytest
 
-from overlayfs_inetsk.node import rtnl
-from overlayfs_inetsk.node.rtnl import (
+from overlayfs_inetsk.host import rtnl
+from overlayfs_inetsk.host.rtnl import (
     IFA_ADDRESS, IFA_FLAGS, IFA_LOCAL, NLM_F_DUMP_INTR, NLM_F_MULTI, NLMSG_DONE, NLMSG_ERROR,
     RTA_MULTIPATH, RTA_OIF, RTA_PRIORITY, RTM_NEWADDR, RTM_NEWROUTE, Address, Route, collect,
     parse_address, parse_route, split,
@@ -200,7 +200,7 @@ class FakeRtnl:
 
 
 def lookup(family: int, *addrs: Address):
-    from overlayfs_inetsk.node.nodeaddr import _lookup_with
+    from overlayfs_inetsk.host.nodeaddr import _lookup_with
 
     return _lookup_with(FakeRtnl(list(addrs)), family, None, "here")
 

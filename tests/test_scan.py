@@ -32,7 +32,8 @@ import pytest
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, inetsk_img, isk, reg_file_entry
 from overlayfs_inetsk.cli import main
 from overlayfs_inetsk.core import entries, imagefile
-from overlayfs_inetsk.core.imagedir import SOCKET_IMAGE_MAX, read_socket_image
+from overlayfs_inetsk.core.imagedir import SOCKET_IMAGE_MAX
+from overlayfs_inetsk.host.files import read_socket_image
 from overlayfs_inetsk.errors import ImageError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
 from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.core.decide import RewriteOptions
 from overlayfs_inetsk.core.plan import plan_checkpoint
-from overlayfs_inetsk.core.render import render_json, render_table
+from overlayfs_inetsk.cli.render import render_json, render_table
 
 MAP = ["10.0.1.0/24=10.77.1.0/24", "fd00::/64=fd77::/64"]
 

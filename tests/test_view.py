@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from overlayfs_inetsk.errors import ImageError
-from overlayfs_inetsk.core.imagedir import read_socket_image
+from overlayfs_inetsk.host.files import read_socket_image
 
 from overlayfs_inetsk.core.tree import ROOT_INODE, ImageTree, Kind
+from overlayfs_inetsk.host.listing import build_tree
 from overlayfs_inetsk.errors import TreeError
 
 ODD = b"odd \xff\x01name"
@@ -56,7 +57,7 @@ def by_path(view: ImageTree) -> dict[bytes, int]:
 @pytest.mark.expect_log(logging.WARNING, TREE_LEFT_OUT)
 def test_tree_kinds_and_groups(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        view = ImageTree.build(str(tree))
+        view = build_tree(str(tree))
     real = os.fsencode(os.path.realpath(tree))
     assert view.image_dir == real
     paths = by_path(view)
@@ -101,7 +102,7 @@ def test_tree_kinds_and_groups(tree: Path, caplog: pytest.LogCaptureFixture) -> 
 
 @pytest.mark.expect_log(logging.WARNING, TREE_LEFT_OUT)
 def test_lookup_children_and_modes(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
-    view = ImageTree.build(os.fsencode(tree))
+    view = build_tree(os.fsencode(tree))
     ck = view.lookup(ROOT_INODE, b"checkpoint")
     assert ck is not None and ck.kind is Kind.DIR
     assert view.lookup(ck.inode, b".") is ck
@@ -132,7 +133,7 @@ def test_lookup_children_and_modes(tree: Path, caplog: pytest.LogCaptureFixture)
 
 @pytest.mark.expect_log(logging.WARNING, TREE_LEFT_OUT)
 def test_serve_read_mode(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
-    view = ImageTree.build(str(tree), serve="read")
+    view = build_tree(str(tree), serve="read")
     paths = by_path(view)
     real = os.fsencode(os.path.realpath(tree))
     pages = view.node(paths[b"checkpoint/pages-1.img"])
@@ -151,7 +152,7 @@ def test_socket_image_symlink_in_tree(tmp_path: Path) -> None:
     (root / "ck").mkdir()
     (root / "store" / "orig").write_bytes(b"x")
     os.symlink("../store/orig", root / "ck" / "files.img")
-    view = ImageTree.build(root)
+    view = build_tree(root)
     ck = view.lookup(ROOT_INODE, b"ck")
     assert ck is not None
     f = view.lookup(ck.inode, b"files.img")
@@ -164,18 +165,18 @@ def test_socket_image_symlink_in_tree(tmp_path: Path) -> None:
 
 def test_image_dir_errors(tmp_path: Path) -> None:
     with pytest.raises(TreeError, match="No such file"):
-        ImageTree.build(tmp_path / "missing")
+        build_tree(tmp_path / "missing")
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(TreeError, match="not a directory"):
-        ImageTree.build(tmp_path / "file")
+        build_tree(tmp_path / "file")
     with pytest.raises(TreeError, match="serve mode"):
-        ImageTree.build(tmp_path, serve="copy")  # type: ignore[arg-type]
+        build_tree(tmp_path, serve="copy")  # type: ignore[arg-type]
 
 
 @pytest.mark.expect_log(logging.WARNING, TREE_LEFT_OUT)
 def test_root_through_symlink_and_inodes_stable(tree: Path, tmp_path: Path) -> None:
     os.symlink(tree, tmp_path / "alias")
-    a = ImageTree.build(tmp_path / "alias")
-    b = ImageTree.build(tree)
+    a = build_tree(tmp_path / "alias")
+    b = build_tree(tree)
     assert a.image_dir == b.image_dir
     assert by_path(a) == by_path(b)  # same walk, same inode numbers

@@ -49,7 +49,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_restore_parsers(sub)
     add_nat_parsers(sub)
     add_doctor_parser(sub)
-    from ..plugin.cli import add_plugin_parsers
+    from .plugin import add_plugin_parsers
 
     add_plugin_parsers(sub)
     from ..logsetup import add_log_options
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reconfigure(errors="surrogateescape")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plugin-view"]:  # the CRIU plugin's call: no parser of every command
-        from ..plugin.cli import plugin_view_main
+        from .plugin import plugin_view_main
 
         return plugin_view_main(argv[1:])
     parser = make_parser()

@@ -1,4 +1,4 @@
-"""`overlayfs-inetsk doctor`: argument parsing and output (the checks are node/doctor.py)."""
+"""`overlayfs-inetsk doctor`: argument parsing and output (the checks are app/doctor.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def add_doctor_parser(subparsers: Any) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from ..node.doctor import render_json, render_text, run_checks
+    from ..app.doctor import render_json, render_text, run_checks
 
     checks = run_checks()
     sys.stdout.write(render_json(checks) if args.json else render_text(checks))

@@ -1,6 +1,7 @@
 """`overlayfs-inetsk barrier` and `barrier-script`: the group-restore barrier (docs/tcp.md).
 
-cli/__init__.py calls add_group_parsers(subparsers). The work is in node/barrier.py.
+cli/__init__.py calls add_group_parsers(subparsers). The work is in app/barrier.py
+(the action script) and node/barrier.py (the protocol, the script it writes).
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ import argparse
 import sys
 from typing import Any
 
-from .options import BARRIER_ACTIONS as ACTIONS
-from .options import BARRIER_DEFAULT_ACTION as DEFAULT_ACTION
-from .options import BARRIER_DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
+from ..options import BARRIER_ACTIONS as ACTIONS
+from ..options import BARRIER_DEFAULT_ACTION as DEFAULT_ACTION
+from ..options import BARRIER_DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
 
 
 def _barrier_options(p: argparse.ArgumentParser) -> None:
@@ -56,7 +57,8 @@ def add_group_parsers(subparsers: Any) -> None:
 
 
 def cmd_barrier(args: argparse.Namespace) -> int:
-    from ..node.barrier import Passed, run_action
+    from ..app.barrier import run_action
+    from ..node.barrier import Passed
 
     got = run_action(args.dir, args.name, args.members, args.timeout, args.action,
                      lock_connections=args.lock)

@@ -7,11 +7,10 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from .options import REWRITE_OPTIONS, add_map_options, add_options
+from ..options import REWRITE_OPTIONS, add_map_options, add_options
 
 if TYPE_CHECKING:  # imported where used: inspect's start-up stays small
-    from ..core.addrmap import AddressMap, Resolver
-    from ..core.decide import RewriteOptions
+    from ..planner.planner import Planner
 
 
 def add_image_parsers(subparsers: Any) -> None:
@@ -31,46 +30,27 @@ def add_image_parsers(subparsers: Any) -> None:
     p.set_defaults(func=cmd_rewrite)
 
 
-def build_map(args: argparse.Namespace) -> AddressMap:
-    from ..core.addrmap import AddressMap
+def planner_of(args: argparse.Namespace) -> Planner:
+    from ..planner.planner import Planner
 
-    return AddressMap.from_args(args.map, args.map_file, env=os.environ,
-                                port_offset=args.port_offset)
-
-
-def build_options(args: argparse.Namespace) -> RewriteOptions:
-    from ..core.decide import RewriteOptions
-
-    return RewriteOptions(strict=args.strict, tcp_outside=args.tcp_outside)
-
-
-def build_resolver(args: argparse.Namespace) -> Resolver | None:
-    from ..node.nodeaddr import make_resolver
-
-    return make_resolver(netns=args.netns, iface=args.iface)
+    return Planner.from_cli(args.map, args.map_file, os.environ, args.port_offset, args.strict,
+                            args.tcp_outside, args.netns, args.iface)[0]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..core.imagedir import check_image_dir
-    from ..core.plan import merged, plan_tree
-    from ..core.render import render_json, render_table
-    from ..core.tree import ImageTree
+    from ..host.files import check_image_dir
+    from .render import render_json, render_table
 
-    amap = build_map(args)
-    resolver = build_resolver(args) if amap.auto_families() else None
-    # inspect reads socket images only: files the tree leaves out change nothing it shows
-    tree = ImageTree.build(check_image_dir(args.image_dir), sockets_only=True)
-    tree.refuse_outside_parent(warn_only=True)  # inspect serves nothing: a warning
-    results = merged(plan_tree(tree, amap, resolver, build_options(args)))
-    taken = []
-    if args.netns:  # which ports the restore would bind are taken there (warnings)
-        from ..node.portcheck import check_plan
-
-        taken = check_plan(results, args.netns, False, _warn)
+    planner = planner_of(args)
+    # inspect reads socket images only, and serves nothing: an outside `parent` link is a
+    # warning; the ports the restore would bind are checked when --netns names a namespace
+    plan = planner.plan(check_image_dir(args.image_dir), "inspect", warn=_warn)
     if args.json:
-        sys.stdout.write(render_json(args.image_dir, amap, results, taken))
+        sys.stdout.write(render_json(args.image_dir, planner.amap, plan.results,
+                                     plan.ports_taken or []))
     else:
-        sys.stdout.write(render_table(args.image_dir, results, with_map=not amap.is_empty()))
+        sys.stdout.write(render_table(args.image_dir, plan.results,
+                                      with_map=not planner.amap.is_empty()))
     return 0
 
 
@@ -83,14 +63,14 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     that changes), the summary line, and where the view is. Without --table the plan keeps
     no per-socket reports (for 10,000 sockets, reports and table took about 35 ms of a
     155 ms run: docs/design.md)."""
-    from ..core.render import render_table
-    from ..offline import write_view_dir
+    from ..offline import check_out_dir, write_view_dir
+    from .render import render_table
 
-    amap = build_map(args)
-    resolver = build_resolver(args) if amap.auto_families() else None
-    results = write_view_dir(args.image_dir, args.out_dir, amap, resolver, build_options(args),
-                             reports=args.table)
-    sys.stdout.write(render_table(args.image_dir, results, with_map=True,
+    planner = planner_of(args)
+    root = check_out_dir(args.image_dir, args.out_dir)  # before anything is planned
+    plan = planner.plan(root, "rewrite", reports=args.table)
+    write_view_dir(args.image_dir, args.out_dir, plan.tree, plan.results)
+    sys.stdout.write(render_table(args.image_dir, plan.results, with_map=True,
                                   only_changes=args.table, only_problems=not args.table))
     sys.stdout.write(f"view written to {os.path.abspath(args.out_dir)}\n")
     return 0

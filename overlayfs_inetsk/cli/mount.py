@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import InetskError
-from .options import (
+from ..options import (
     DAEMON_OPTIONS,
     MAP_OPTIONS,
     MOUNT_OPTIONS,
@@ -51,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from ..fuse.daemon import serve_foreground
+    from ..app.mount import serve_foreground
     from ..fuse.spawn import spawn_background
 
     cfg = config_from_args(args)
@@ -64,11 +64,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from ..fuse.robind import unmount
-    from ..node.stale import clear_stale
+    from ..host.mounts import unmount
+    from ..app.stale import clear_restores
 
-    # views of restores killed with SIGKILL (their owner pid gone) go too
-    cleared = clear_stale()
+    # views of restores killed with SIGKILL (held by nobody any more) go too
+    cleared = clear_restores()
     if os.path.realpath(args.mountpoint) in {os.path.realpath(v) for v in cleared}:
         return 0
     unmount(args.mountpoint)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-from .options import MAP_OPTIONS, add_options
+from ..options import MAP_OPTIONS, add_options
 
 # every map option but --tcp-outside: nat-rules plans with fate nat
 NAT_MAP_OPTIONS = tuple(o for o in MAP_OPTIONS if o.attr != "tcp_outside")
@@ -54,27 +54,21 @@ def add_nat_parsers(subparsers: Any) -> None:
 def cmd_nat_rules(args: argparse.Namespace) -> int:
     import os
 
-    from ..core.addrmap import AddressMap
-    from ..core.decide import RewriteOptions
-    from ..core.imagedir import check_image_dir
     from ..core.natrules import nat_connections, ruleset, table_name
-    from ..core.plan import merged, plan_tree, raise_problems
-    from ..core.tree import ImageTree
     from ..errors import InetskError
-    from ..node.nodeaddr import check_netns, make_resolver
+    from ..host.files import check_image_dir
+    from ..host.netns import check_netns
+    from ..planner.planner import Planner
 
     if args.peer_netns and not (args.apply or args.remove):
         raise InetskError("--peer-netns names where to --apply or --remove the table")
     for peer in args.peer_netns:
         check_netns(peer)
-    amap = AddressMap.from_args(args.map, args.map_file, env=os.environ,
-                                port_offset=args.port_offset)
-    resolver = make_resolver(args.netns, args.iface) if amap.auto_families() else None
-    options = RewriteOptions(strict=args.strict, tcp_outside="nat")
+    planner = Planner.from_cli(args.map, args.map_file, os.environ, args.port_offset,
+                               args.strict, "nat", args.netns, args.iface)[0]
     image_dir = check_image_dir(args.image_dir)
-    tree = ImageTree.build(image_dir, sockets_only=True)
-    results = merged(plan_tree(tree, amap, resolver, options))
-    raise_problems(results, options)  # what the restore would refuse, refused here too
+    # what the restore would refuse, refused here too
+    results = planner.plan(image_dir, "nat-rules").results
     conns = nat_connections(r for res in results.values() for r in res.reports)
     if not (args.apply or args.remove):
         sys.stdout.write(ruleset(conns, image_dir))

@@ -1,6 +1,6 @@
 """`overlayfs-inetsk restore`: argument parsing and output.
 
-cli/__init__.py calls add_restore_parsers(subparsers). The work is in node/restore.py.
+cli/__init__.py calls add_restore_parsers(subparsers). The work is in app/restore.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import os
 import sys
 from typing import Any
 
-from .options import SERVE_MODES, add_map_options
+from ..options import RESTORE_STOP_TIMEOUT as STOP_TIMEOUT
+from ..options import SERVE_MODES, add_map_options
 
 RESTORE_EPILOG = """\
 Without --map or --map-file (and without $INETSK_LOCAL_IPV4/6), the map is
@@ -35,6 +36,16 @@ The exit status is criu's once criu ran (128+N if signal N killed it); before th
 3 map, 4 image, 5 rewrite refused, 6 mount (docs/cli.md). On failure the work dir (criu's
 restore.log, the view's mount.log) is kept and its path printed.
 """
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= v <= 3600:
+        raise argparse.ArgumentTypeError(f"must be 0 to 3600 seconds, not {text}")
+    return v
 
 
 class _SplitAtDashDash(argparse.ArgumentParser):
@@ -79,6 +90,10 @@ def add_restore_parsers(subparsers: Any) -> None:
     g.add_argument("--foreground", action="store_true",
                    help="criu without -d: stay until the restored service exits, the view "
                         "mounted; SIGINT/SIGTERM/SIGHUP are passed on to its root task")
+    g.add_argument("--stop-timeout", type=_seconds, default=STOP_TIMEOUT, metavar="SECONDS",
+                   help="--foreground: SIGKILL the restored root task this long after a "
+                        f"stop signal passed on to it, if it is still there (default "
+                        f"{STOP_TIMEOUT:g})")
     g.add_argument("--nat-peer-netns", action="append", default=[], metavar="PATH",
                    help="with --tcp-outside nat: apply the peers' NAT table (nat-rules) in "
                         "this network namespace at the moment that keeps the connections, "
@@ -89,7 +104,7 @@ def add_restore_parsers(subparsers: Any) -> None:
 
 
 def _print_summary(plan: Any, argv: list[str]) -> None:
-    from ..core.render import render_table
+    from .render import render_table
 
     table = render_table(plan.image_real, plan.results, with_map=True, only_changes=True)
     sys.stdout.write(table)
@@ -107,17 +122,40 @@ def _print_summary(plan: Any, argv: list[str]) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from ..node.restore import RestoreConfig, plan, render_json, run
+    from ..app.restore import RestoreConfig, plan, run
 
     cfg = RestoreConfig(
         image_dir=args.image_dir, netns=args.netns, maps=list(args.map),
         map_files=list(args.map_file), iface=args.iface, strict=args.strict,
         port_offset=args.port_offset,
         tcp_outside=args.tcp_outside, serve=args.serve, criu_args=list(args.criu_args),
-        work_dir=args.work_dir, foreground=args.foreground,
+        work_dir=args.work_dir, foreground=args.foreground, stop_timeout=args.stop_timeout,
         nat_peer_netns=list(args.nat_peer_netns), env=dict(os.environ))
     p = plan(cfg)
     out = run(cfg, p, on_start=None if args.json else _print_summary)
     if args.json:
         sys.stdout.write(render_json(p, cfg, out))
     return out.exit_code
+
+
+def render_json(p: Any, cfg: Any, out: Any) -> str:
+    """`restore --json`: inspect's document (docs/json.md) plus what restore did."""
+    import json
+    import signal
+
+    from .render import render_json as inspect_json
+
+    doc = json.loads(inspect_json(p.image_real, p.amap, p.results, p.ports_taken))
+    doc["netns"] = cfg.netns
+    doc["map_defaulted"] = p.map_defaulted
+    doc["restore"] = {
+        "exit_code": out.exit_code,
+        "criu_argv": out.argv,
+        "tcp_established_added": out.tcp_established_added,
+        "work_dir": out.work_dir,
+        "log": out.log,
+        "signal": signal.Signals(out.signal).name if out.signal else None,
+        "nat_peer_netns": list(cfg.nat_peer_netns),
+        "nat_kept": out.nat_kept,
+    }
+    return json.dumps(doc, indent=2) + "\n"

@@ -4,10 +4,10 @@ Pure. CRIU (from the release after 4.2.1; docs/upstream-hook.md) calls the hook 
 inet socket entry with (family, state, src words, dst words) and lets it change the address
 words only. It sees no ports, no protocol, no socket id. So the plan made by the one
 decision logic (core/plan.py, core/decide.py) can go through the hook only when:
-  - every decision is address-only: `rewritten` (new src and/or dst) or a socket left alone
-    (`kept`, `needs-address`). A `closed` connection (--tcp-outside close) rewrites state,
-    ports and shutdown, and a port rule or --port-offset rewrites ports: only the view can
-    do that;
+  - every decision is address-only (the Decision's `hook`, set by decide.py): new src
+    and/or dst, or a socket left alone. A `closed` connection (--tcp-outside close)
+    rewrites state, ports and shutdown, and a port rule or --port-offset rewrites ports:
+    only the view can do that;
   - sockets the hook cannot tell apart (same family, state, src and dst words) all get the
     same change;
   - the table stays small (MAX_ENTRIES distinct keys; the answer is one message).
@@ -30,8 +30,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .decide import CLOSED, KEPT, NEEDS_ADDRESS, REWRITTEN, SocketReport
+from .decide import HOOK_LEAVE, HOOK_NO_CLOSED, HOOK_NO_PORTS, HOOK_SET
 from .plan import RewriteResult
+from .report import SocketReport
 from .sockaddr import AF_INET, IPAddress, addr_to_words
 
 MAX_ENTRIES = 512
@@ -82,22 +83,23 @@ def _words(addr: IPAddress, family: int) -> Words:
 
 
 def _entry(r: SocketReport) -> HookEntry | str:
-    """The socket's entry, or why the hook cannot do what the plan says."""
-    src, dst = _words(r.src, r.family), _words(r.dst, r.family)
-    if r.new_sport is not None or r.new_dport is not None:
-        return (f"socket id {r.id} ({r.local} -> {r.remote}) moves to another port, which "
+    """The socket's entry, or why the hook cannot do what its decision says."""
+    d, sk = r.decision, r.sock
+    src, dst = _words(sk.src, sk.family), _words(sk.dst, sk.family)
+    if d.hook == HOOK_SET:
+        new_src = _words(sk.src if d.new_src is None else d.new_src, sk.family)
+        new_dst = _words(sk.dst if d.new_dst is None else d.new_dst, sk.family)
+        return HookEntry(sk.family, sk.state, src, dst, new_src, new_dst)
+    if d.hook == HOOK_LEAVE:
+        return HookEntry(sk.family, sk.state, src, dst)
+    if d.hook == HOOK_NO_PORTS:
+        return (f"socket id {sk.id} ({sk.local} -> {sk.remote}) moves to another port, which "
                 "the hook cannot change")
-    if r.verdict == REWRITTEN:
-        new_src = _words(r.new_src if r.new_src is not None else r.src, r.family)
-        new_dst = _words(r.new_dst if r.new_dst is not None else r.dst, r.family)
-        return HookEntry(r.family, r.state, src, dst, new_src, new_dst)
-    if r.verdict in (KEPT, NEEDS_ADDRESS):
-        return HookEntry(r.family, r.state, src, dst)
-    if r.verdict == CLOSED:
-        return (f"socket id {r.id} ({r.local} -> {r.remote}) is restored closed "
+    if d.hook == HOOK_NO_CLOSED:
+        return (f"socket id {sk.id} ({sk.local} -> {sk.remote}) is restored closed "
                 "(--tcp-outside close): that changes its state and ports, which the hook "
                 "cannot")
-    return f"socket id {r.id} is {r.verdict}"
+    return f"socket id {sk.id} is {d.verdict}"
 
 
 def hook_plan(results: Mapping[str, RewriteResult] | Iterable[SocketReport],

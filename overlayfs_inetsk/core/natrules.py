@@ -29,7 +29,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .decide import SocketReport
+from .report import SocketReport
 from .sockaddr import IPAddress, fmt_endpoint
 
 TABLE_PREFIX = "overlayfs_inetsk_nat_"

@@ -1,48 +1,41 @@
-"""The one entry point from an image tree and an address map to what happens to its sockets.
-Long: the one pass over a checkpoint's entries and what keeps it fast (a decision per kind
-of socket, not per socket; one pass for `local` maps) belong together.
+"""One checkpoint's socket images and an address map to what happens to every socket, and
+the bytes to serve: the one pass over the entries.
 
-    plan_tree(tree, amap, resolve, options)   one CheckpointPlan per checkpoint dir
-    plan_checkpoint(images, amap, ...)        one checkpoint dir, its images already read
+    plan_checkpoint(images, amap, resolve, options)   the images of one checkpoint dir
+                                                      (path -> bytes), planned together
+    rewrite_checkpoint(...)                           the same, RewriteError for a refusal
 
-Every adapter goes through here: `inspect` (cli/images.py), the offline `rewrite`
-(offline.py), `restore` and `barrier` (node/), mount validation (fuse/daemon.py) and the
-FUSE view's generation on first open (fuse/ops.py). No other module loops over checkpoint
-dirs or socket entries. Per entry, in ONE decoding pass: entries.py decodes it, decide.py
-decides its fate (once per distinct key), entries.py splices a changed entry back when the
-bytes are asked for.
+The planner (planner/planner.py) calls it for every adapter; no other module loops over
+socket entries. Per entry, in ONE decoding pass: entries.py decodes it, decide.py decides
+its fate (once per kind of socket: see _plan_image), entries.py splices a changed entry
+back. The `local` protocol that keeps it one pass is boundmap.one_pass.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 from ..errors import RewriteError
-from .addrmap import AddressMap, BoundMap, Resolver
+from .addrmap import AddressMap
+from .boundmap import BoundMap, Resolver, Sources, one_pass
 from .decide import (
+    CLOSE,
     CLOSED,
     KEPT,
     NEEDS_ADDRESS,
     REFUSED,
     REWRITTEN,
+    SET,
     VERDICTS,
     Decision,
-    PortContext,
     RewriteOptions,
-    Sock,
-    SocketReport,
-    decision,
-    log_decision,
+    decide,
+    fails,
     peer_class,
-    reason_maker,
 )
-from .decide import decide as decide_one
-from .decide import log as decide_log
 from .entries import (
     Interner,
     Splicer,
@@ -51,9 +44,11 @@ from .entries import (
     inet_entries,
     set_endpoints,
 )
-from .imagedir import read_group
+from .ports import PortContext
+from .report import SocketReport, log_decision
+from .report import log as decide_log
 from .sockaddr import AF_INET, AF_INET6, IPAddress
-from .tree import ImageTree
+from .sockets import Socket
 
 # What a pass does: "check" decodes only (mount validation: the map is applied on first
 # open, when an `auto` address is looked up); "rewrite" decides every socket and splices
@@ -106,15 +101,15 @@ def _port_context(images: Mapping[str, bytes], interner: Interner,
     """The checkpoint's sockets as the port decisions need them (one more decoding pass,
     made only when the map moves ports)."""
 
-    def socks() -> Iterator[Sock]:
+    def socks() -> Iterator[Socket]:
         for path, data in images.items():
             for off, _s, _e, _m, isk in inet_entries(data, path):
                 fam = isk.family
-                yield Sock(path, isk.id, isk.type, isk.state, fam,
-                           interner.get(fam, tuple(isk.src_addr), path, off, isk, "src_addr"),
-                           isk.src_port,
-                           interner.get(fam, tuple(isk.dst_addr), path, off, isk, "dst_addr"),
-                           isk.dst_port, isk.proto)
+                yield Socket(path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,
+                             interner.get(fam, tuple(isk.src_addr), path, off, isk, "src_addr"),
+                             isk.src_port,
+                             interner.get(fam, tuple(isk.dst_addr), path, off, isk, "dst_addr"),
+                             isk.dst_port)
 
     return PortContext.build(socks(), bmap)
 
@@ -132,7 +127,7 @@ _SAME_MAX = 1024  # decisions kept by _plan_image (memory for 10,000 peers with 
 
 def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 options: RewriteOptions, want_reports: bool,
-                ports: PortContext | None = None, seen: _Seen | None = None) -> RewriteResult:
+                ports: PortContext | None = None, seen: Sources | None = None) -> RewriteResult:
     counts = dict.fromkeys(VERDICTS, 0)
     reports: list[SocketReport] = []
     problems_: list[SocketReport] = []
@@ -145,17 +140,17 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     # words alone (BoundMap.might_move), with no address object. With port moves, decide()
     # reads much more: the key is the socket's whole 4-tuple. What repeats from one entry to
     # the next (a service's source address, an unconnected socket's empty peer) is looked
-    # at once. A socket's own report is made only when asked for (reports, a problem, -v),
-    # its reason derived from its class's first one (decide.reason_maker).
-    classes: dict[tuple[object, ...], Decision] = {}
-    # id(Decision) -> (it, its reason maker): checked by identity, since `classes` may let
-    # a Decision go and a new one take its id
-    makers: dict[int, tuple[Decision, Callable[[IPAddress, int], str] | None]] = {}
+    # at once. A socket's own report is made only when asked for (reports, a problem, -v):
+    # its class's Decision beside its own facts (reasons are rendered with them).
+    classes: dict[tuple[object, ...], tuple[Decision, str, str, tuple[int, ...] | None,
+                                            tuple[int, ...] | None, int | None, int | None,
+                                            Socket]] = {}
     changed = 0
     splicer = Splicer(data, path)
     replace, keep = splicer.replace, splicer.keep
     debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
     might_move, lookup = bmap.might_move, bmap.lookup
+    new_tuple = tuple.__new__
     srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # (family, words) -> address
     last_dst: tuple[int, tuple[int, ...]] | None = None
     dst: IPAddress | None = None
@@ -192,51 +187,39 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         else:  # the local port matters too
             dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
             key = (isk.type, isk.proto, isk.state, fam, src_w, dst_w, dport, sport)
-        d = classes.get(key)
-        if d is None:
+        got = classes.get(key)
+        if got is None:
             if dst is None:
                 dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
-            first = SocketReport(path, off, isk.id, isk.ino, fam, isk.type, isk.proto,
-                                 isk.state, src, sport, dst, dport)
-            d = classes[key] = decision(first, bmap, options, ports)
+            first = Socket(path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,
+                           src, sport, dst, dport)
+            d = decide(first, bmap, options, ports)
+            # what the pass reads of it, at hand for every socket of the class
+            got = classes[key] = (d, d.verdict, d.action, d.src_words, d.dst_words,
+                                  d.new_sport, d.new_dport, first)
             if len(classes) > _SAME_MAX:
                 classes.clear()  # keyed per socket (port moves): a key seldom comes back
-                classes[key] = d
-        proto = d.report
-        verdict = proto.verdict
+                classes[key] = got
+        d, verdict, action, src_words, dst_words, new_sport, new_dport, first = got
         counts[verdict] += 1
         if want_reports or verdict in (REFUSED, NEEDS_ADDRESS) or debug:
-            if dst is None:
-                dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
-            if proto.offset == off and proto.file == path:
-                report = proto  # the class's first socket, decided as itself
-            else:
-                report = SocketReport(
-                    path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state,
-                    src, isk.src_port, dst, dport, proto.klass, verdict, proto.reason,
-                    proto.new_src, proto.new_dst, proto.new_sport, proto.new_dport,
-                    proto.peer_nat,
-                )
-                if dport != proto.dport or dst != proto.dst:
-                    made = makers.get(id(d))
-                    if made is not None and made[0] is d:
-                        mk = made[1]
-                    else:
-                        mk = reason_maker(proto)
-                        makers[id(d)] = (d, mk)
-                    if mk is None:
-                        decide_one(report, bmap, options, ports)
-                    else:
-                        report.reason = mk(dst, dport)
+            if first.offset != off:  # not the class's first socket
+                if dst is None:
+                    dst = interner.get(fam, dst_w, path, off, isk, "dst_addr")
+                # = Socket(...) and SocketReport(first, d), without their __new__ (10,000
+                # sockets: 2 ms of inspect's plan)
+                first = new_tuple(Socket, (path, off, isk.id, isk.ino, fam, isk.type,
+                                           isk.proto, isk.state, src, sport, dst, dport))
+            report = new_tuple(SocketReport, (first, d))
             if debug:
-                log_decision(path, off, isk, report)
+                log_decision(report)
             if want_reports:
                 reports.append(report)
             if verdict != REWRITTEN and verdict != CLOSED and verdict != KEPT:
                 problems_.append(report)
-        if verdict == REWRITTEN or (verdict == NEEDS_ADDRESS and d.changes):
-            set_endpoints(isk, d.src_words, d.dst_words, proto.new_sport, proto.new_dport)
-        elif verdict == CLOSED:
+        if action == SET:
+            set_endpoints(isk, src_words, dst_words, new_sport, new_dport)
+        elif action == CLOSE:
             close_connection(isk)
         else:
             keep(off, msg, isk)
@@ -261,59 +244,23 @@ def plan_checkpoint(
     interner = Interner()
     if mode == "check":
         return {path: _check_image(path, data, interner) for path, data in images.items()}
-    if amap.moves_ports():
-        # With a `local` rule, a destination equal to any source address of the checkpoint
-        # follows it; the port decisions ask the map about every socket up front: the
-        # source addresses are collected first (one more decoding pass).
-        bmap = amap.bind(lambda: _local_addresses(images, interner), resolve)
-        ports = _port_context(images, interner, bmap)
-        return {path: _plan_image(path, data, interner, bmap, options, reports, ports)
+
+    def plan(bmap: BoundMap, sources: Sources | None) -> dict[str, RewriteResult]:
+        ports = None if sources is not None or not bmap.moves_ports else _port_context(
+            images, interner, bmap)
+        return {path: _plan_image(path, data, interner, bmap, options, reports, ports, sources)
                 for path, data in images.items()}
-    # Without port moves, the map asks for the source addresses when a destination first
-    # needs them, and gets those met so far (one pass instead of two). The pass notes the
-    # source addresses it meets after that (`seen.late`); the map notes the addresses it
-    # said were not the image's own (BoundMap.said_not_local): if it may have said so of a
-    # late one, that answer may be wrong, and the checkpoint is planned again knowing every
-    # source address. A server's listeners usually come before its connections.
-    seen = _Seen()
-    bmap = amap.bind(seen.asked, resolve)
-    results = {path: _plan_image(path, data, interner, bmap, options, reports, None, seen)
-               for path, data in images.items()}
-    if seen.late and any(bmap.said_not_local(*key) for key in seen.late):
-        decide_log.debug("%s: a source address came after the peers judged against it: "
-                         "planning again", ", ".join(images))
-        bmap = amap.bind(list(seen.srcs.values()), resolve)
-        results = {path: _plan_image(path, data, Interner(), bmap, options, reports)
-                   for path, data in images.items()}
-    return results
 
-
-class _Seen:
-    """What one planning pass met: for plan_checkpoint's `local` check."""
-
-    __slots__ = ("srcs", "asking", "late")
-
-    def __init__(self) -> None:
-        self.srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # every source
-        self.asking = False  # the map has asked for the source addresses
-        self.late: list[tuple[int, tuple[int, ...]]] = []  # sources first met after it asked
-
-    def asked(self) -> list[IPAddress]:
-        self.asking = True
-        return list(self.srcs.values())
-
-    def src(self, key: tuple[int, tuple[int, ...]], addr: IPAddress) -> None:
-        if key not in self.srcs:
-            self.srcs[key] = addr
-            if self.asking:
-                self.late.append(key)
+    # the source addresses, collected by a pass of their own when the map needs them first
+    # (boundmap.one_pass: the map moves ports)
+    return one_pass(amap, resolve, plan, lambda: _local_addresses(images, interner),
+                    ", ".join(images))
 
 
 def problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> list[SocketReport]:
-    """The sockets that make the rewrite fail: refused ones, and with --strict the ones left
-    on an uncovered specific address."""
-    bad = {REFUSED} | ({NEEDS_ADDRESS} if options.strict else set())
-    return [r for res in results.values() for r in res.problems if r.verdict in bad]
+    """The sockets that make the rewrite fail (decide.fails: refused ones, and with
+    --strict the ones left on an uncovered specific address)."""
+    return [r for res in results.values() for r in res.problems if fails(r.decision, options)]
 
 
 def raise_problems(results: Mapping[str, RewriteResult], options: RewriteOptions) -> None:
@@ -322,10 +269,7 @@ def raise_problems(results: Mapping[str, RewriteResult], options: RewriteOptions
     if bad:
         first = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise RewriteError(
-            f"{first.file}: socket id {first.id} {first.kind} {first.local} -> "
-            f"{first.remote}: {first.verdict}: {first.reason}{more}"
-        )
+        raise RewriteError(f"{first.line()}{more}")
 
 
 def rewrite_checkpoint(
@@ -340,53 +284,3 @@ def rewrite_checkpoint(
     results = plan_checkpoint(images, amap, resolve, options, reports)
     raise_problems(results, options)
     return results
-
-
-def generator(amap: AddressMap, resolve: Resolver | None, options: RewriteOptions
-              ) -> Callable[[Mapping[str, bytes]], dict[str, RewriteResult]]:
-    """What the FUSE view calls on first open of a checkpoint's socket image."""
-    return partial(rewrite_checkpoint, amap=amap, resolve=resolve, options=options)
-
-
-def served_bytes(paths: Mapping[str, bytes | str],
-                 generate: Callable[[Mapping[str, bytes]], Mapping[str, RewriteResult]]
-                 ) -> dict[str, bytes]:
-    """Read one checkpoint's originals (image name -> real path) and run `generate` over
-    them: image name -> the bytes to serve (the original where the generator left one
-    out). The generator sees each image under its real path, so messages name the file."""
-    by_path = {os.fsdecode(real): name for name, real in paths.items()}
-    images = read_group(by_path)
-    results = generate(images)
-    out: dict[str, bytes] = {}
-    for path, name in by_path.items():
-        r = results.get(path)
-        out[name] = images[path] if r is None else bytes(r.data)
-    return out
-
-
-def plan_tree(
-    tree: ImageTree,
-    amap: AddressMap,
-    resolve: Resolver | None = None,
-    options: RewriteOptions = RewriteOptions(),
-    *,
-    mode: Mode = "rewrite",
-    reports: bool = True,
-) -> Iterator[CheckpointPlan]:
-    """One CheckpointPlan per checkpoint dir of `tree` (every dir holding a socket image),
-    in the tree's order. Raises ImageError for a malformed image; never for a refused
-    socket (see problems())."""
-    for dino, group in tree.iter_socket_groups():
-        paths = {name: os.fsdecode(real) for name, real in group.items()}
-        results = plan_checkpoint(read_group(paths.values()), amap, resolve, options, reports,
-                                  mode)
-        yield CheckpointPlan(dino, tree.display(dino), paths, results)
-
-
-def merged(plans: Iterator[CheckpointPlan]) -> dict[str, RewriteResult]:
-    """Every image's result of every checkpoint, by real path (inspect's, rewrite's and
-    restore's view of a whole tree)."""
-    out: dict[str, RewriteResult] = {}
-    for cp in plans:
-        out.update(cp.results)
-    return out

@@ -1,10 +1,14 @@
-"""ImageTree: the model of what a view of IMAGE_DIR shows, built once from IMAGE_DIR.
+"""ImageTree: the model of what a view of IMAGE_DIR shows, built once from a listing of it.
 
 Which dirs are checkpoints (every dir holding files.img or inetsk.img), which entries are
 shown and how (the symlink policy) is decided here, for the FUSE view, the offline
-`rewrite` and `inspect` alike. Pure model, no FUSE: an inode table of directories, socket images (generated on open by
-the FUSE layer), symlinks (to originals or, for in-tree directory symlinks, to the view's
-own entry) and files served through read(). Names and paths are bytes throughout.
+`rewrite` and `inspect` alike. An inode table of directories, socket images (generated on
+open by the FUSE layer), symlinks (to originals or, for in-tree directory symlinks, to the
+view's own entry) and files served through read(). Names and paths are bytes throughout.
+
+Pure: the file system is walked by host/listing.py, which hands over a Listing (every
+directory's entries with their lstat, every symlink's target and its stat); nothing here
+touches the file system.
 
 The table is a snapshot taken at mount time: a CRIU image directory does not change after
 the dump, and a static table keeps inode numbers stable for the mount's whole life.
@@ -19,7 +23,7 @@ import os
 import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from ..errors import TreeError
 from .imagedir import SOCKET_IMAGE_NAMES
@@ -31,6 +35,28 @@ ServeMode = Literal["symlink", "read"]
 SERVE_MODES: tuple[ServeMode, ...] = ("symlink", "read")
 _SOCKET_NAMES_B = {os.fsencode(n): n for n in SOCKET_IMAGE_NAMES}
 CRIU_PARENT_LINK = b"parent"  # CRIU's CR_PARENT_LINK: a dump's link to the previous one
+
+
+class Entry(NamedTuple):
+    """One directory entry of a Listing."""
+
+    name: bytes
+    path: bytes  # the directory's path joined with name
+    lst: os.stat_result | None  # its lstat; None: it could not be stat'ed (error says why)
+    error: str | None = None
+    target: bytes | None = None  # a symlink: its real path (None: unresolved)
+    tst: os.stat_result | None = None  # ... and that path's stat
+    target_error: tuple[int, str] | None = None  # (errno, strerror) of resolving it
+
+
+@dataclass
+class Listing:
+    """IMAGE_DIR as host/listing.py saw it: its real path and stat, and for each directory
+    it listed (by path), its entries sorted by name, or why it could not be listed."""
+
+    root: bytes
+    root_st: os.stat_result
+    dirs: dict[bytes, list[Entry] | str]
 
 
 class Kind(enum.Enum):
@@ -86,7 +112,7 @@ class ImageTree:
     socket_groups: dict[int, dict[str, bytes]] = field(default_factory=dict)
     left_out: list[tuple[bytes, str]] = field(default_factory=list)  # (view path, reason)
     # CRIU's `parent` links (--prev-images-dir) that point outside image_dir:
-    # (real path of the link, its resolved target); see refuse_outside_parent()
+    # (real path of the link, its resolved target); the planner refuses them (planner.check_parents)
     outside_parents: list[tuple[bytes, bytes]] = field(default_factory=list)
     # the caller reads socket images only (inspect): a plain file left out is no news
     sockets_only: bool = False
@@ -143,30 +169,13 @@ class ImageTree:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    def refuse_outside_parent(self, warn_only: bool = False) -> None:
-        """TreeError naming the first `parent` link (CRIU's link to the previous dump of an
-        incremental chain, --prev-images-dir) that points outside image_dir. A view (mount,
-        rewrite) cannot show it, and CRIU cannot restore such a dump without it: its
-        restorer fails late ("No parent for snapshot pagemap"). Refused at once instead,
-        naming the dir to use. warn_only (inspect, which serves nothing): one WARNING line
-        per such link instead."""
-        for link_b, target_b in self.outside_parents:
-            link, target = os.fsdecode(link_b), os.fsdecode(target_b)
-            chain = os.path.commonpath([os.path.dirname(link), target])
-            msg = (f"{link}: the link to the previous dump (--prev-images-dir) points outside "
-                   f"IMAGE_DIR ({target}): a view of this dir cannot show it and CRIU cannot "
-                   "restore the dump without it; use the directory holding the whole chain "
-                   f"({chain}) and restore from its subdirectory")
-            if not warn_only:
-                raise TreeError(msg)
-            log.warning("%s", msg)
-
     # -- construction --------------------------------------------------------------------
     @classmethod
-    def build(cls, image_dir: str | bytes, serve: ServeMode = "symlink",
+    def build(cls, listing: Listing, serve: ServeMode = "symlink",
               link_root: str | bytes | None = None,
               link_from: str | bytes | None = None, sockets_only: bool = False) -> ImageTree:
-        """Walk IMAGE_DIR (without following symlinks) and build the inode table.
+        """The inode table of a listing of IMAGE_DIR (host/listing.py: build_tree lists the
+        file system and calls this).
 
         Symlinks to files point at their original's real path, re-rooted under `link_root`
         when given (a path where IMAGE_DIR is bind-mounted read-only; it need not exist yet).
@@ -177,7 +186,7 @@ class ImageTree:
         does not exist and CRIU fails with "No pagemap-1.img image").
         real_path stays the original's (socket images are read, and named in messages, there).
 
-        Raises TreeError when IMAGE_DIR itself is unusable. Entries that cannot be shown
+        Raises TreeError for a bad serve mode or link path. Entries that cannot be shown
         (escaping, dangling or looping symlinks, special files, unreadable directories)
         are left out with one WARNING line each and listed in `left_out`. With
         `sockets_only` (the caller reads socket images and nothing else, as `inspect`), a
@@ -186,18 +195,7 @@ class ImageTree:
         """
         if serve not in SERVE_MODES:
             raise TreeError(f"unknown serve mode {serve!r}")
-        raw = os.fsencode(image_dir)
-        try:
-            real = os.path.realpath(raw, strict=True)
-            st = os.stat(real)
-        except OSError as e:
-            raise TreeError(f"{os.fsdecode(raw)}: {e.strerror}") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise TreeError(f"{os.fsdecode(raw)}: not a directory")
-        try:
-            os.listdir(real)
-        except OSError as e:
-            raise TreeError(f"{os.fsdecode(raw)}: {e.strerror}") from None
+        real = listing.root
         root = real if link_root is None else os.fsencode(link_root)
         if not os.path.isabs(root):
             raise TreeError(f"link root {os.fsdecode(root)!r} is not an absolute path")
@@ -208,7 +206,7 @@ class ImageTree:
             if not os.path.isabs(tree.link_from):
                 raise TreeError(f"view location {os.fsdecode(tree.link_from)!r} "
                                 "is not an absolute path")
-        tree._walk(st)
+        tree._walk(listing)
         return tree
 
     def _add(self, node: Node) -> Node:
@@ -248,9 +246,9 @@ class ImageTree:
         here = os.path.normpath(os.path.join(self.link_from, self.path(dino)))
         return os.path.relpath(target, here)
 
-    def _walk(self, root_st: os.stat_result) -> None:
+    def _walk(self, listing: Listing) -> None:
         next_ino = ROOT_INODE
-        self._add(Node(ROOT_INODE, Kind.DIR, b"", ROOT_INODE, self.image_dir, root_st,
+        self._add(Node(ROOT_INODE, Kind.DIR, b"", ROOT_INODE, self.image_dir, listing.root_st,
                        children={}))
         dir_by_real: dict[bytes, int] = {self.image_dir: ROOT_INODE}
         pending_dir_links: list[tuple[int, bytes, bytes, os.stat_result]] = []
@@ -258,21 +256,18 @@ class ImageTree:
         while stack:
             dino = stack.pop()
             dnode = self.nodes[dino]
-            try:
-                with os.scandir(dnode.real_path) as it:
-                    entries = sorted(it, key=lambda e: e.name)
-            except OSError as err:
+            entries = listing.dirs.get(dnode.real_path, [])
+            if isinstance(entries, str):
                 # the root was checked readable; a subdirectory is shown empty
-                log.warning("cannot list %s: %s", self.display(dino), err.strerror)
+                log.warning("cannot list %s: %s", self.display(dino), entries)
                 continue
             subdirs: list[int] = []
             for e in entries:
                 name = e.name
                 path = e.path
-                try:
-                    lst = e.stat(follow_symlinks=False)
-                except OSError as exc:
-                    self._leave_out(dino, name, f"cannot stat: {exc.strerror}")
+                lst = e.lst
+                if lst is None:
+                    self._leave_out(dino, name, f"cannot stat: {e.error}")
                     continue
                 if name in _SOCKET_NAMES_B and not stat.S_ISREG(lst.st_mode):
                     # a socket image must be a regular file: a symlink, FIFO, device or
@@ -283,17 +278,16 @@ class ImageTree:
                     self.socket_groups.setdefault(dino, {})[_SOCKET_NAMES_B[name]] = path
                     continue
                 if stat.S_ISLNK(lst.st_mode):
-                    try:
-                        target = os.path.realpath(path, strict=True)
-                        tst = os.stat(target)
-                    except OSError as exc:
-                        reason = ("symlink loops" if exc.errno == errno.ELOOP
-                                  else f"dangling symlink ({exc.strerror})")
+                    target, tst = e.target, e.tst
+                    if target is None or tst is None:
+                        err, why = e.target_error or (0, "unresolved")
+                        reason = ("symlink loops" if err == errno.ELOOP
+                                  else f"dangling symlink ({why})")
                         self._leave_out(dino, name, reason)
                         continue
                     if not self._inside(target):
                         parent_link = name == CRIU_PARENT_LINK
-                        # a `parent` link is reported by refuse_outside_parent(): an
+                        # a `parent` link is reported by planner.check_parents(): an
                         # error for a view, one warning for inspect
                         self._leave_out(dino, name, "symlink points outside the image dir "
                                         f"({os.fsdecode(target)})", warn=not parent_link,

@@ -1,2 +1,2 @@
-"""The FUSE view of a checkpoint: pyfuse3 handlers (ops), the foreground daemon, its
-background start (spawn) and the read-only bind of IMAGE_DIR with umount (robind)."""
+"""The FUSE view of a checkpoint: pyfuse3 handlers (ops), the foreground daemon and its
+background start (spawn). The read-only bind of IMAGE_DIR and umount: host/mounts.py."""

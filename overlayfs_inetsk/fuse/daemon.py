@@ -1,12 +1,12 @@
-"""The mount daemon's foreground lifecycle: validate, mount, serve, unmount.
-Long: validate() (what `mount` refuses or warns about before mounting) and the lifecycle it
-guards are read together.
+"""The mount daemon's foreground lifecycle: mount, serve, unmount.
 
-    validate()          everything that can fail for a user reason, BEFORE mounting
-    serve_foreground()  pyfuse3.init -> trio.run(main loop + signals + readiness) -> close
+    start()   umask, logging, the ready fd (app/mount.py then validates: the planner)
+    serve()   the read-only bind, pyfuse3.init -> trio.run(main loop + signals +
+              readiness) -> close
+    fail()    a failure before serving, as one line (stderr, log, ready fd)
 
-The background start is spawn.py; the read-only bind of IMAGE_DIR and `umount` are
-robind.py (docs/security.md).
+app/mount.py strings them together (serve_foreground). The background start is spawn.py;
+the read-only bind of IMAGE_DIR and `umount` are host/mounts.py (docs/security.md).
 
 Readiness means "serving": after pyfuse3.init a worker thread stat()s the mountpoint, which
 only returns once our main loop answered; then READY=1 goes to $NOTIFY_SOCKET (--systemd)
@@ -19,29 +19,17 @@ import logging
 import os
 import signal
 import socket
-import stat
 import sys
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import InetskError, MountError
-from .robind import (
-    FSNAME,
-    FSTYPE,
-    RUN_DIR,
-    clear_ro_bind,
-    find_mount,
-    make_ro_bind,
-    ro_bind_path,
-)
+from ..host.mounts import FSNAME, RUN_DIR, clear_ro_bind, make_ro_bind
 
 if TYPE_CHECKING:  # imported where used: `umount` and the parent of a spawn stay small
-    from ..core.addrmap import Resolver
-    from ..core.sockaddr import IPAddress
-    from ..core.plan import RewriteResult
     from ..core.tree import ImageTree
-    from .ops import CurrentFn, GenerateFn
+    from .images import CurrentFn, GenerateFn
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +40,7 @@ EXIT_SIGNAL_OK = 0
 
 @dataclass
 class MountConfig:
-    """What `mount` was asked to do; the attribute names are cli/options.py's (`attr`)."""
+    """What `mount` was asked to do; the attribute names are options.py's (`attr`)."""
 
     image_dir: str
     mountpoint: str
@@ -64,6 +52,7 @@ class MountConfig:
     tcp_outside: str = "close"
     port_offset: int | None = None
     no_port_check: bool = False  # the caller checked the ports to bind (restore, spawn)
+    plan_fd: int | None = None  # restore's plan, handed over (planner/view.py): serve it
     serve: str = "symlink"
     allow_other: bool = False
     systemd: bool = False
@@ -76,6 +65,9 @@ class MountConfig:
 
 @dataclass
 class Prepared:
+    """What the daemon serves: app/mount.py's validate() makes it (the planner's view of
+    IMAGE_DIR, planner/view.py, with where it is mounted)."""
+
     tree: ImageTree
     generate: GenerateFn
     mountpoint: str
@@ -85,135 +77,12 @@ class Prepared:
     # ops.py calls it at every open of a socket image (fuse/ops.py CurrentFn)
     current: CurrentFn | None = None
     warnings: list[str] = field(default_factory=list)  # one line each, shown by `mount`
-    # dir inode -> (imagedir.stamp of the originals, what the bytes depend on (None, or the
+    # dir inode -> (host.files.stamp of the originals, what the bytes depend on (None, or the
     # `auto` addresses as `current` describes them), image name -> bytes): the socket images
     # validation already rewrote, what the first open would generate from the same files
     # and addresses, so it need not
     generated: dict[int, tuple[Hashable, Hashable, dict[str, bytes]]] = field(
         default_factory=dict)
-
-
-# -- validation --------------------------------------------------------------------------
-def _overlaps(a: str, b: str) -> bool:
-    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
-    return a.startswith(b) or b.startswith(a)
-
-
-def check_mountpoint(mountpoint: str, image_dir_real: str) -> str:
-    mp = os.path.abspath(mountpoint)
-    try:
-        st = os.stat(mp)
-    except OSError as e:
-        raise MountError(f"{mountpoint}: mountpoint: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise MountError(f"{mountpoint}: mountpoint is not a directory")
-    if os.path.ismount(mp):
-        m = find_mount(mp)
-        if m is not None and (m[1] == FSTYPE or m[2] == FSNAME):
-            raise MountError(f"{mountpoint}: an overlayfs-inetsk view is already mounted there "
-                             "(a stale one is cleared by `overlayfs-inetsk umount`)")
-        raise MountError(f"{mountpoint}: something is already mounted there")
-    real = os.path.realpath(mp)
-    if _overlaps(real, image_dir_real):
-        raise MountError(f"{mountpoint}: mountpoint and image dir {image_dir_real} overlap")
-    return real
-
-
-class _NoAutoYet(Exception):
-    """An `auto` target with no address at mount (the plan falls back to checking only)."""
-
-
-def validate(cfg: MountConfig) -> Prepared:
-    """Everything that can fail for a user reason, before anything is mounted. Raises
-    InetskError subclasses with one-line messages.
-
-    Where the outcome is already known (no `auto` in the map, or `auto` resolves now), every
-    socket is planned here, so a refusal (--strict, --tcp-outside fail) stops the mount with
-    the socket named instead of an EIO inside CRIU later. Where a socket needs an `auto`
-    address the node does not have yet, the images are only checked, and a warning naming
-    the family and the namespace goes into Prepared.warnings (the node may get its address
-    before CRIU opens files.img; the open fails with EIO until then)."""
-    from ..core.addrmap import AddressMap
-    from ..core.decide import RewriteOptions
-    from ..core.imagedir import check_image_dir, stamp
-    from ..core.plan import generator, plan_tree, raise_problems
-    from ..core.tree import SERVE_MODES, ImageTree
-    from ..node.nodeaddr import check_netns, describe, snapshot
-
-    if cfg.serve not in SERVE_MODES:
-        raise MountError(f"--serve must be one of {', '.join(SERVE_MODES)}")
-    image_real = check_image_dir(cfg.image_dir)
-    mp = check_mountpoint(cfg.mountpoint, image_real)
-    amap = AddressMap.from_args(cfg.maps, cfg.map_files, env=cfg.env,
-                                port_offset=cfg.port_offset)
-    try:
-        options = RewriteOptions(strict=cfg.strict, tcp_outside=cfg.tcp_outside)
-    except ValueError as e:
-        raise MountError(str(e)) from None
-    if cfg.netns:
-        check_netns(cfg.netns)
-    ro_bind = ro_bind_path(mp) if cfg.serve == "symlink" else None
-    # relative links: they resolve in a container's mount namespace too (runc restore)
-    tree = ImageTree.build(image_real, cfg.serve, ro_bind, link_from=mp)
-    tree.refuse_outside_parent()
-    families = amap.auto_families()
-    warnings: list[str] = []
-    resolve: Resolver | None = None
-    depends: Hashable = None  # what the planned bytes depend on, as `current` describes it
-    if families:
-        snap, found = snapshot(families, cfg.netns, cfg.iface)
-        depends = describe(snap)
-        where = f"netns {cfg.netns}" if cfg.netns else "our network namespace"
-        on = f" on {cfg.iface}" if cfg.iface else ""
-        missing = {fam: v for fam, v in snap if v == "none" or v.startswith("error: ")}
-
-        def resolve_or_wait(family: int) -> IPAddress | None:
-            if family in missing:
-                raise _NoAutoYet(family)
-            return found(family)
-        resolve = resolve_or_wait
-
-    groups = 0
-    port_check = not cfg.no_port_check
-    results: dict[str, RewriteResult] = {}
-    generated: dict[int, tuple[Hashable, Hashable, dict[str, bytes]]] = {}
-    # taken before the files are read: a file changed since shows at the first open
-    stamps = {d: stamp(g) for d, g in tree.iter_socket_groups()}
-    try:
-        # the port check needs every socket's report; a refusal known now stops the mount
-        for cp in plan_tree(tree, amap, resolve, options, reports=port_check):
-            raise_problems(cp.results, options)
-            results.update(cp.results)
-            groups += 1
-            # the bytes the first open would generate (same files, same addresses): kept
-            generated[cp.dir_inode] = (stamps.get(cp.dir_inode), depends,
-                                       {name: bytes(d) for name, d in cp.data().items()})
-    except _NoAutoYet as e:
-        fam = e.args[0]
-        why = missing[fam]
-        why = (f"no IPv{fam} address in {where}{on} yet" if why == "none"
-               else f"IPv{fam}: {why[len('error: '):]}")
-        warnings.append(f"auto: {why}; the view mounts, and files.img fails to open (EIO) "
-                        "until there is one")
-        groups = sum(1 for _ in plan_tree(tree, amap, mode="check"))  # every image parses
-        generated.clear()
-    if groups == 0:
-        log.warning("%s holds no files.img or inetsk.img: the view is a plain mirror",
-                    cfg.image_dir)
-    elif not warnings and port_check:
-        from ..node.portcheck import check_plan
-
-        check_plan(results, cfg.netns, cfg.strict, warnings.append)
-    if not families:
-        return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind,
-                        warnings=warnings, generated=generated)
-
-    def current() -> tuple[Hashable, GenerateFn]:
-        snap, resolve = snapshot(families, cfg.netns, cfg.iface)
-        return describe(snap), generator(amap, resolve, options)
-
-    return Prepared(tree, generator(amap, None, options), mp, groups, ro_bind, current,
-                    warnings, generated)
 
 
 # -- the foreground daemon ---------------------------------------------------------------
@@ -321,23 +190,26 @@ def _write_ready(fd: int | None, payload: bytes) -> None:
         pass
 
 
-def serve_foreground(cfg: MountConfig) -> int:
-    """Validate, mount, serve until unmounted or SIGTERM/SIGINT, unmount. Returns the exit
-    code; a failure before serving is reported as one line (stderr, log, ready fd)."""
-    import pyfuse3
-    import trio
-
-    from .ops import ViewOperations
-
+def start(cfg: MountConfig) -> tuple[_LogState, int | None]:
+    """The daemon's process set up before anything can fail: umask, logging, the ready fd
+    (not inherited). Returns the log state and the ready fd."""
     os.umask(0o022)  # nothing the daemon creates is group- or world-writable
     log_state = _setup_logging(cfg)
     ready_fd = cfg.ready_fd
     if ready_fd is not None:
         os.set_inheritable(ready_fd, False)
-    try:
-        prep = validate(cfg)
-    except InetskError as e:
-        return _fail(cfg, ready_fd, e)
+    return log_state, ready_fd
+
+
+def serve(cfg: MountConfig, prep: Prepared, log_state: _LogState, ready_fd: int | None) -> int:
+    """Mount the validated view, serve until unmounted or SIGTERM/SIGINT, unmount. Returns
+    the exit code; a failure before serving is reported as one line (stderr, log, ready
+    fd)."""
+    import pyfuse3
+    import trio
+
+    from .ops import ViewOperations
+
     for w in prep.warnings:
         log.warning("%s", w)
         _send_warning(ready_fd, w)
@@ -358,7 +230,7 @@ def serve_foreground(cfg: MountConfig) -> int:
         try:
             bind_id = make_ro_bind(prep.tree.image_dir, prep.ro_bind)
         except OSError as e:
-            return _fail(cfg, ready_fd, MountError(
+            return fail(cfg, ready_fd, MountError(
                 f"{cfg.image_dir}: cannot bind it read-only on {prep.ro_bind}: "
                 f"{e.strerror} (needs root; --serve read needs no bind)"))
         log.info("%s bound read-only on %s", cfg.image_dir, prep.ro_bind)
@@ -366,7 +238,7 @@ def serve_foreground(cfg: MountConfig) -> int:
         pyfuse3.init(ops, prep.mountpoint, options)
     except Exception as e:  # RuntimeError('fuse_session_mount failed'), bad option, ...
         _drop_ro_bind(prep.ro_bind, bind_id)
-        return _fail(cfg, ready_fd, MountError(f"{cfg.mountpoint}: cannot mount: {e}"))
+        return fail(cfg, ready_fd, MountError(f"{cfg.mountpoint}: cannot mount: {e}"))
     log.info("mounted %s on %s (%d inodes, %d checkpoint dir(s), serve=%s)",
              cfg.image_dir, prep.mountpoint, len(prep.tree), prep.groups, cfg.serve)
     state = {"ready": False, "signal": 0}
@@ -387,7 +259,7 @@ def serve_foreground(cfg: MountConfig) -> int:
         log.info("unmounted %s%s", prep.mountpoint, "" if clean else " after an error")
         _drop_ro_bind(prep.ro_bind, bind_id)
     if not state["ready"] and not state["signal"]:  # a stop asked for is not a failure
-        return _fail(cfg, ready_fd, MountError(f"{cfg.mountpoint}: the mount never became ready"))
+        return fail(cfg, ready_fd, MountError(f"{cfg.mountpoint}: the mount never became ready"))
     log_state.remove_if_clean()
     return 0
 
@@ -402,7 +274,7 @@ def _drop_ro_bind(path: str | None, mount_id: int | None) -> None:
         log.error("cannot remove the read-only bind %s: %s", path, e.strerror)
 
 
-def _fail(cfg: MountConfig, ready_fd: int | None, err: InetskError) -> int:
+def fail(cfg: MountConfig, ready_fd: int | None, err: InetskError) -> int:
     """Report a failure before serving: to the background parent through the ready fd, or
     (foreground) by raising it for the CLI to print as one line; also to the log file."""
     if cfg.log_file or ready_fd is not None:

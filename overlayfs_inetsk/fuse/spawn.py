@@ -1,6 +1,6 @@
 """The background mount: re-execute `mount --foreground --ready-fd N` detached and wait for
 its ready byte or its one-line failure (forking after pyfuse3.init is not safe, so the child
-is a fresh interpreter). Its command line is derived from cli/options.py's description of
+is a fresh interpreter). Its command line is derived from options.py's description of
 the `mount` options, never copied by hand.
 """
 
@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from ..cli.options import MOUNT_OPTIONS, to_argv
+from ..options import MOUNT_OPTIONS, to_argv
 from ..errors import InetskError, MountError
 from .daemon import READY_TIMEOUT, MountConfig, default_log_file  # noqa: F401 (the API)
 
@@ -31,7 +31,8 @@ def child_argv(cfg: MountConfig, ready_fd: int, log_file: str) -> list[str]:
 
 def spawn_background(cfg: MountConfig) -> tuple[int, str]:
     """Start the detached daemon and wait until it serves. Returns (pid, log file); raises
-    InetskError carrying the daemon's own one-line message when it fails."""
+    InetskError carrying the daemon's own one-line message when it fails. cfg.plan_fd (a
+    restore's plan) is passed on to the daemon, which reads it at its start."""
     log_file = os.path.abspath(cfg.log_file or default_log_file(cfg.mountpoint))
     try:
         os.makedirs(os.path.dirname(log_file), mode=0o755, exist_ok=True)
@@ -44,7 +45,8 @@ def spawn_background(cfg: MountConfig) -> tuple[int, str]:
         with out:
             proc = subprocess.Popen(
                 child_argv(cfg, w, log_file), stdin=subprocess.DEVNULL, stdout=out,
-                stderr=out, pass_fds=(w,), start_new_session=True, close_fds=True,
+                stderr=out, pass_fds=(w,) if cfg.plan_fd is None else (w, cfg.plan_fd),
+                start_new_session=True, close_fds=True,
                 env=dict(cfg.env), umask=0o022)
         os.close(w)
         w = -1

@@ -1,2 +1,3 @@
-"""Adapters to this node: namespace address lookups, restore, the group barrier, doctor,
-finding CRIU."""
+"""Adapters to this node's tools: CRIU's command line and the signals passed on to it, the
+group barrier's protocol, CRIU's iptables lock of the connections, the NAT table of fate
+nat (nft) and restore's NAT action script."""

@@ -1,7 +1,5 @@
 """A barrier for restoring a group of checkpoints whose members hold TCP connections to each
 other: no member's sockets go live before every member's sockets exist (docs/tcp.md).
-Long: the barrier protocol (arrive, release, abort) and the TCP lock around it are one
-state machine on one directory; split, neither half could be read alone.
 
 Run as a CRIU action script. CRIU 4.2.1 runs `post-restore` once every task of the restore
 has its files (sockets in TCP repair mode, bound and connected, sending nothing) and
@@ -10,21 +8,6 @@ window probe to the peer) and resume (the app sends). A member waiting there can
 reset by a host whose member is not back yet, and when it goes on, the peer's socket
 already exists. `network-unlock` runs at almost the same point but only when the restore
 includes a network namespace, so it is not the default.
-
-Waiting at post-restore is not enough on its own: CRIU restores a socket's not-yet-sent data
-by turning repair off and sending it for real, while the socket is being restored, long
-before post-restore (soccr.c, "not-sent send queue data"). A member restored first that
-holds such data sends it to a host whose member is not back: that host answers with a
-reset (seen: the second restore then failed with "Can't restore not-sent send queue data
-... Connection reset by peer"). So at `pre-restore` (files.img is read by then; the script
-reads the view CRIU restores from, CRTOOLS_IMAGE_DIR) the barrier script also LOCKS every
-connection of the image with the very iptables rules CRIU's own dump-time lock uses
-(DROP in INPUT and OUTPUT for the 4-tuple, except packets marked 0xC114, which CRIU's
-own FIN injection uses). Nothing leaves or enters the connection during the restore.
-CRIU 4.2.1 removes exactly these rules itself at network unlock ("Unlock network before
-disabling repair mode on sockets"), which comes right after post-restore: after every
-member has arrived. Whatever the rules dropped is retransmitted by TCP. When the barrier
-fails, the script removes the rules it added before CRIU aborts the restore.
 
 The barrier is a directory every member can reach (local, or a shared filesystem with
 atomic exclusive create and link: NFSv3+, CephFS, ...):
@@ -40,7 +23,8 @@ go on, or every member that has not gone on yet fails (its restore is aborted by
 its tasks killed). A directory serves one group restore; a name that already arrived is
 an error (a stale directory).
 
-Pure but for the filesystem and the clock; the CLI adapter is in cli/group.py.
+Pure but for the filesystem and the clock. The action script that waits here and locks
+the connections around it (node/tcplock.py) is app/barrier.py; the CLI, cli/group.py.
 """
 
 from __future__ import annotations
@@ -49,7 +33,6 @@ import contextlib
 import errno
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -170,192 +153,6 @@ def wait(directory: str, name: str, members: int, timeout: float = DEFAULT_TIMEO
     with contextlib.suppress(OSError), open(os.path.join(directory, f"{name}.passed"), "w") as f:
         f.write(f"time={time.time():.6f} waited={waited:.3f}\n")
     return Passed(name, members, waited)
-
-
-# ------------------------------------------------------------------ connection lock
-SOCCR_MARK = "0xC114"  # CRIU's mark for its own packets (soccr.h), let through the lock
-LOCK_ACTION = "pre-restore"
-ENV_IMAGE_DIR = "CRTOOLS_IMAGE_DIR"
-
-Conn = tuple[int, str, int, str, int]  # (4 or 6, src, sport, dst, dport)
-
-
-def image_connections(image_dir: str) -> list[Conn]:
-    """The 4-tuples of every TCP socket with a peer in the checkpoint(s) under image_dir, as
-    the images say (for a view: after the rewrite). Sockets the rewrite closed are in state
-    CLOSE and not listed."""
-    from ..core.addrmap import AddressMap
-    from ..core.imagedir import check_image_dir
-    from ..core.plan import merged, plan_tree
-    from ..core.sockaddr import SOCK_STREAM, TCP_CONNECTED_STATES, TCP_TIME_WAIT
-    from ..core.tree import ImageTree
-
-    out: list[Conn] = []
-    tree = ImageTree.build(check_image_dir(image_dir))
-    results = merged(plan_tree(tree, AddressMap.from_args([])))
-    for res in results.values():
-        for r in res.reports:
-            if (r.type != SOCK_STREAM or r.state not in TCP_CONNECTED_STATES
-                    or r.state == TCP_TIME_WAIT):
-                continue
-            src, dst = r.src, r.dst
-            v4src, v4dst = getattr(src, "ipv4_mapped", None), getattr(dst, "ipv4_mapped", None)
-            if v4src is not None and v4dst is not None:  # CRIU locks these with iptables
-                src, dst = v4src, v4dst
-            conn = (src.version, str(src), r.sport, str(dst), r.dport)
-            if conn not in out:
-                out.append(conn)
-    return out
-
-
-def lock_rules(conn: Conn) -> list[list[str]]:
-    """CRIU's per-connection lock (netfilter.c IPTABLES_CONN_CMD), without the command
-    and the -I/-D/-C: INPUT drops what comes from the peer, OUTPUT what goes to it."""
-    version, src, sport, dst, dport = conn
-    common = ["-t", "filter"]
-    mark = ["--protocol", "tcp", "-m", "mark", "!", "--mark", SOCCR_MARK]
-    return [
-        [*common, "INPUT", *mark, "--source", dst, "--sport", str(dport),
-         "--destination", src, "--dport", str(sport), "-j", "DROP"],
-        [*common, "OUTPUT", *mark, "--source", src, "--sport", str(sport),
-         "--destination", dst, "--dport", str(dport), "-j", "DROP"],
-    ]
-
-
-def _iptables(version: int, op: str, rule: list[str]) -> subprocess.CompletedProcess[str]:
-    cmd = "iptables" if version == 4 else "ip6tables"
-    chain_at = rule.index("filter") + 1
-    argv = [cmd, "-w", *rule[:chain_at], op, *rule[chain_at:]]
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BarrierError(f"{' '.join(argv)}: {exc}") from None
-
-
-def lock(conns: list[Conn]) -> list[Conn]:
-    """Add CRIU's lock rules for each connection (in this process's network namespace)
-    unless present; returns the connections whose rules were added."""
-    added: list[Conn] = []
-    try:
-        for conn in conns:
-            fresh = False
-            for rule in lock_rules(conn):
-                if _iptables(conn[0], "-C", rule).returncode == 0:
-                    continue
-                cp = _iptables(conn[0], "-I", rule)
-                if cp.returncode != 0:
-                    raise BarrierError(f"cannot lock {_fmt(conn)}: {cp.stderr.strip()}")
-                fresh = True
-            if fresh:
-                added.append(conn)
-    except BarrierError as exc:
-        _unlock_after(added, exc)
-        raise
-    return added
-
-
-def _restore(version: int, batch: str) -> subprocess.CompletedProcess[str]:
-    argv = ["iptables-restore" if version == 4 else "ip6tables-restore", "-w", "--noflush"]
-    try:
-        return subprocess.run(argv, input=batch, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BarrierError(f"{' '.join(argv)}: {exc}") from None
-
-
-def unlock(conns: list[Conn], missing_ok: bool = False) -> None:
-    """Remove the lock rules of each connection: the rules present are deleted in one
-    atomic `iptables-restore --noflush` batch per family. Every rule that was not there
-    (unless missing_ok) or could not be deleted is reported (BarrierError, one line) after
-    the others are gone."""
-    problems: list[str] = []
-    for version in (4, 6):
-        cmd = "iptables" if version == 4 else "ip6tables"
-        present: list[tuple[Conn, list[str]]] = []
-        for conn in (c for c in conns if c[0] == version):
-            for rule in lock_rules(conn):
-                cp = _iptables(version, "-C", rule)
-                if cp.returncode == 0:
-                    present.append((conn, rule))
-                elif not missing_ok:
-                    why = cp.stderr.strip().splitlines()[-1:] or [f"exit {cp.returncode}"]
-                    problems.append(f"{rule[2]} rule of {_fmt(conn)} not present ({why[0]})")
-        if not present:
-            continue
-        batch = "*filter\n" + "".join(
-            "-D " + " ".join(rule[2:]) + "\n" for _, rule in present) + "COMMIT\n"
-        cp = _restore(version, batch)
-        if cp.returncode != 0:
-            left = [f"{rule[2]} of {_fmt(conn)}" for conn, rule in present
-                    if _iptables(version, "-C", rule).returncode == 0]
-            problems.append(f"{cmd}-restore failed ({' '.join(cp.stderr.split())}); rules "
-                            f"left: {', '.join(left) or 'none'}")
-    if problems:
-        raise BarrierError("unlock: " + "; ".join(problems))
-
-
-def _unlock_after(conns: list[Conn], exc: BarrierError) -> None:
-    """Unlock on a failure path: a failure of the unlock is added to the error raised."""
-    try:
-        unlock(conns)
-    except BarrierError as more:
-        exc.args = (f"{exc}; and {more}",)
-
-
-def _fmt(conn: Conn) -> str:
-    v, src, sport, dst, dport = conn
-
-    def f(a: str, p: int) -> str:
-        return f"[{a}]:{p}" if v == 6 else f"{a}:{p}"
-    return f"{f(src, sport)} -> {f(dst, dport)}"
-
-
-def _locked_path(directory: str, name: str) -> str:
-    return os.path.join(directory, f"{name}.locked")
-
-
-def _save_locked(directory: str, name: str, conns: list[Conn]) -> None:
-    with open(_locked_path(directory, name), "w") as f:
-        for c in conns:
-            f.write(" ".join(str(x) for x in c) + "\n")
-
-
-def _load_locked(directory: str, name: str) -> list[Conn]:
-    try:
-        with open(_locked_path(directory, name)) as f:
-            rows = [line.split() for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
-    return [(int(r[0]), r[1], int(r[2]), r[3], int(r[4])) for r in rows]
-
-
-def run_action(directory: str, name: str, members: int, timeout: float = DEFAULT_TIMEOUT,
-               action: str = DEFAULT_ACTION, env: dict[str, str] | None = None,
-               lock_connections: bool = True) -> Passed | list[Conn] | None:
-    """The action-script entry. At `pre-restore` (with lock_connections) lock the image's
-    connections (returns them); at `action` wait at the barrier (returns Passed; on failure
-    remove our lock rules, then raise); do nothing (None) for every other action. With
-    CRTOOLS_SCRIPT_ACTION unset (run by hand) just wait."""
-    if action not in ACTIONS:
-        raise BarrierError(f"--action {action!r}: one of {', '.join(ACTIONS)}")
-    environ = os.environ if env is None else env
-    current = environ.get(ENV_ACTION)
-    if lock_connections and current == LOCK_ACTION and action != LOCK_ACTION:
-        image_dir = environ.get(ENV_IMAGE_DIR)
-        if not image_dir:
-            raise BarrierError(f"{ENV_ACTION}={current} but {ENV_IMAGE_DIR} is not set")
-        if not os.path.isdir(directory):
-            raise BarrierError(f"barrier dir {directory} does not exist")
-        added = lock(image_connections(image_dir))
-        _save_locked(directory, name, added)
-        return added
-    if current is not None and current != action:
-        return None
-    try:
-        return wait(directory, name, members, timeout)
-    except BarrierError as exc:
-        if current is not None:
-            _unlock_after(_load_locked(directory, name), exc)
-        raise
 
 
 SCRIPT_TEMPLATE = """#!/bin/sh

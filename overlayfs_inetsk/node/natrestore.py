@@ -9,7 +9,7 @@ module as a CRIU action script (`nat-action DIR`):
 
     pre-restore    CRIU has read files.img, no socket exists yet: LOCK the connections'
                    new 4-tuples here, with the very iptables rules CRIU's own lock uses
-                   (node/barrier.py). Nothing of them enters or leaves this namespace.
+                   (node/tcplock.py). Nothing of them enters or leaves this namespace.
     post-restore   every socket exists, in repair mode, sending nothing: APPLY the table
                    in every peer namespace. A failure removes what was applied and the
                    lock, and exits 8: CRIU aborts the restore (repair-mode sockets close
@@ -21,7 +21,8 @@ module as a CRIU action script (`nat-action DIR`):
 The state lives in DIR (the restore's own temporary dir): `state.json` (the table, the
 peers, the connections), `locked.json`, `applied`, `resumed`. The restore removes the table
 and the lock when criu fails or is killed (clean), and after a --foreground service exits;
-node/stale.py does the same for a restore killed with SIGKILL whose criu did not resume.
+app/restore.clear_restores (the one sweeper, host/stale.py) does the same for a restore killed
+with SIGKILL whose criu did not resume.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from collections.abc import Mapping, Sequence
 
 from ..core.natrules import NatConn, table_name
 from ..errors import BarrierError, InetskError, NatError
-from . import barrier, nat
-from .nodeaddr import in_netns
+from ..host.netns import in_netns
+from . import barrier, nat, tcplock
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ def _conn(row: Sequence[object]) -> NatConn:
                    a(str(new)), int(str(nport)))
 
 
-def _lock_conn(c: NatConn) -> barrier.Conn:
-    """The restored socket's 4-tuple as node/barrier.py (CRIU's lock) names it."""
+def _lock_conn(c: NatConn) -> tcplock.Conn:
+    """The restored socket's 4-tuple as node/tcplock.py (CRIU's lock) names it."""
     return (c.version, str(c.new), c.new_port, str(c.peer), c.peer_port)
 
 
@@ -103,7 +104,7 @@ def _state(directory: str) -> tuple[str, list[str], list[NatConn], str, str | No
         raise NatError(f"{path}: not a nat-action state ({exc})") from None
 
 
-def _locked(directory: str) -> list[barrier.Conn]:
+def _locked(directory: str) -> list[tcplock.Conn]:
     try:
         with open(os.path.join(directory, LOCKED), encoding="utf-8") as f:
             rows = json.load(f)
@@ -114,11 +115,11 @@ def _locked(directory: str) -> list[barrier.Conn]:
     return [(int(r[0]), str(r[1]), int(r[2]), str(r[3]), int(r[4])) for r in rows]
 
 
-def _unlock(locked: list[barrier.Conn]) -> None:
+def _unlock(locked: list[tcplock.Conn]) -> None:
     """Delete the lock rules we added that are still there (CRIU's network unlock may have
     deleted them already)."""
     try:
-        barrier.unlock(locked, missing_ok=True)
+        tcplock.unlock(locked, missing_ok=True)
     except BarrierError as exc:
         raise NatError(str(exc)) from None
 
@@ -130,7 +131,7 @@ def run_action(directory: str, env: Mapping[str, str] | None = None) -> str:
     name, peers, conns, source, _netns = _state(directory)  # we run in criu's netns
     if action == "pre-restore":
         try:
-            added = barrier.lock([_lock_conn(c) for c in conns])
+            added = tcplock.lock([_lock_conn(c) for c in conns])
         except BarrierError as exc:
             raise NatError(str(exc)) from None
         _write(os.path.join(directory, LOCKED), json.dumps([list(c) for c in added]) + "\n")
@@ -198,7 +199,7 @@ def resumed(directory: str) -> bool:
 
 
 def sweep(directory: str) -> None:
-    """For node/stale.py: a restore killed with SIGKILL. Its table stays only if criu
+    """For app/restore.clear_restores: a restore killed with SIGKILL. Its table stays only if criu
     resumed the tasks (the connections live on); otherwise clean(). Never raises."""
     if not os.path.exists(os.path.join(directory, STATE)) or resumed(directory):
         return

@@ -1,10 +1,13 @@
-"""The runtime plugin's Python side (docs/plugin.md).
+"""The runtime plugin's Python side (docs/plugin.md): what the planner's answer to the CRIU
+plugin is made of.
 
 The CRIU plugin (plugin/overlayfs_inetsk_plugin.c) asks, at restore init, for a per-node view
-of the images dir: the node agent (`overlayfs-inetsk agent`, agent.py) or, when none runs and
-one is configured, the hidden command `overlayfs-inetsk plugin-view --socket-fd 3` (cli.py),
-which serves the one request with the agent's own handler. The protocol and its limits:
-wire.py; the view dirs and their lifetime (flock): viewroot.py; the answer: viewmaker.py.
+of the images dir: the node agent (`overlayfs-inetsk agent`, app/agent.py) or, when none
+runs and one is configured, the hidden command `overlayfs-inetsk plugin-view --socket-fd 3`
+(cli/plugin.py), which serves the one request with the agent's own handler; the answer is
+app/plugin_view.py's. Here: the protocol and its limits (wire.py), the view dirs and their
+lifetime (flock: viewroot.py), the images dir CRIU hands over (imagesdir.py) and `plugin
+install` (install.py).
 """
 
 from .wire import AGENT_SOCKET, VIEW_ROOT

@@ -1,18 +1,12 @@
 """The view root (/run/overlayfs-inetsk/plugin) and the lifetime of the views in it.
 
 No pid numbers: a view lives while someone holds flock(LOCK_SH) on an open file of its
-directory. The planner takes that lock when it makes the view and sends that very fd with
-its reply; the C plugin dup2()s it onto CRIU's images dir fd, so the restore holds the lock
-until criu exits (its restored tasks close the fd). Whatever pid or mount namespace the
-planner runs in, flock works on the shared inode.
-
-  - creators hold LOCK_SH on the view root dir from before the view's temporary dir is
-    made until the finished view is locked; the sweeper takes LOCK_EX on it (non-blocking:
-    a busy root is swept by a later request), so it never sees a fresh view unlocked;
-  - the sweeper removes an entry named like a view (or its temporary dir) only when
-    flock(LOCK_EX|LOCK_NB) on it succeeds: nobody can read it any more (a killed criu, a
-    request that timed out, a reply that was never received);
-  - every open is relative to the root fd, O_NOFOLLOW; removal never follows a link.
+directory (host/stale.py: the one sweeper, for views and restores). The planner takes that
+lock when it makes the view and sends that very fd with its reply; the C plugin dup2()s it
+onto CRIU's images dir fd, so the restore holds the lock until criu exits (its restored
+tasks close the fd). The sweeper removes an entry named like a view (or its temporary dir)
+nobody holds; every open is relative to the root fd, O_NOFOLLOW; removal never follows a
+link.
 
 The root and its parents are made root-owned (the planner's uid), 0755 and 0711 whatever
 the umask; an existing one that is owned by another user or writable by group or others
@@ -22,20 +16,20 @@ is refused (a sticky, root-owned dir such as /tmp is accepted as a parent).
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import secrets
 import shutil
 import stat
-import time
 from collections.abc import Callable
 
 from ..errors import InetskError
+from ..host.stale import DIR_FLAGS as _DIR_FLAGS
+from ..host.stale import hold_new
+from ..host.stale import sweep as sweep_unheld
 from .wire import TEMP_NAME, VIEW_HEX, VIEW_NAME, VIEW_PREFIX
 
 PARENT_MODE = 0o755
 ROOT_MODE = 0o711
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ViewRootError(InetskError):
@@ -106,17 +100,6 @@ def open_dir(path: str, create: bool = True, mode: int = ROOT_MODE, what: str = 
         raise ViewRootError(f"{what}: {e.strerror}") from None
 
 
-def _flock_until(fd: int, op: int, deadline: float | None, what: str) -> None:
-    while True:
-        try:
-            fcntl.flock(fd, op | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise InetskError(f"{what}: still locked at the request's deadline") from None
-            time.sleep(0.002)
-
-
 class View:
     """A view made for one request: its name in the view root, and an fd of it on which
     this process holds LOCK_SH (send it with the reply, then close()). remove() deletes
@@ -144,55 +127,42 @@ def new_name() -> str:
 def create_view(view_root: str, write: Callable[[str], None], name: str | None = None,
                 deadline: float | None = None) -> View:
     """Call write(path) to fill a new view at `path` (whole or absent: offline's writer
-    renames a finished temporary dir into place) and return it, locked."""
+    renames a finished temporary dir into place) and return it, locked (host/stale.py)."""
     root = os.path.normpath(view_root)
     root_fd = open_dir(root)
     try:
-        name = name or new_name()
-        _flock_until(root_fd, fcntl.LOCK_SH, deadline, f"view root {root}")
-        try:
-            write(os.path.join(root, name))
-            fd = os.open(name, _DIR_FLAGS, dir_fd=root_fd)
-            fcntl.flock(fd, fcntl.LOCK_SH)  # never blocks: only the sweeper takes LOCK_EX
-        finally:
-            fcntl.flock(root_fd, fcntl.LOCK_UN)
+        view = name or new_name()
+
+        def make() -> str:
+            write(os.path.join(root, view))
+            return view
+
+        got, fd = hold_new(root_fd, make, deadline, f"view root {root}")
     except BaseException:
         os.close(root_fd)
         raise
-    return View(root_fd, name, fd, os.path.join(root, name))
+    return View(root_fd, got, fd, os.path.join(root, got))
 
 
 def sweep(view_root: str) -> list[str]:
-    """Remove every view (and temporary view dir) nobody holds a lock on; the names
-    removed. A root that is missing gives []; one that is busy (a view being made) too:
-    a later request sweeps it."""
+    """Remove every view (and temporary view dir) nobody holds a lock on (host/stale.py's
+    sweeper); the names removed. A root that is missing gives []; one that is busy (a view
+    being made) too: a later request sweeps it."""
     try:
         root_fd = open_dir(os.path.normpath(view_root), create=False)
     except ViewRootError as e:
         if e.missing:
             return []
         raise
-    gone: list[str] = []
+
+    def ours(name: str) -> bool:  # not an older release's view-<pid>-<hex>: left alone
+        return bool(VIEW_NAME.fullmatch(name) or TEMP_NAME.fullmatch(name))
+
+    def clear(name: str) -> bool:
+        shutil.rmtree(name, dir_fd=root_fd, ignore_errors=True)
+        return True
+
     try:
-        try:
-            fcntl.flock(root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return gone
-        for name in os.listdir(root_fd):
-            if not (VIEW_NAME.fullmatch(name) or TEMP_NAME.fullmatch(name)):
-                continue  # not ours (e.g. an older release's view-<pid>-<hex>): left alone
-            try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=root_fd)
-            except OSError:
-                continue  # gone, or not a directory: not a view
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue  # in use by a restore (or being handed to one)
-            shutil.rmtree(name, dir_fd=root_fd, ignore_errors=True)
-            os.close(fd)
-            gone.append(name)
+        return sweep_unheld(root_fd, ours, clear)
     finally:
-        os.close(root_fd)  # releases the root's lock
-    return gone
+        os.close(root_fd)

@@ -10,6 +10,7 @@ Everything here needs root, ``ip`` (iproute2), ``nsenter``/``unshare``/``setsid`
 Only addresses inside 10.77.0.0/16, fd77::/64 and loopback are ever used.
 """
 
-from .net import Host, TestNet, TestNetError, cleanup_stale
+from .net import Host, TestNet
+from .netns import TestNetError, cleanup_stale
 
 __all__ = ["Host", "TestNet", "TestNetError", "cleanup_stale"]

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .net import Host, become_subreaper, try_reap
+from .net import Host
+from .procs import become_subreaper, try_reap
 
 CRIU = "/usr/local/sbin/criu"
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where inetsk_testbed is

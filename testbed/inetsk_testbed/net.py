@@ -1,5 +1,5 @@
 """Test networks: network namespaces as "hosts" on a bridge in its own "switch" namespace.
-Long: creating and always cleaning up namespaces, bridge, veths and addresses go together.
+(Scratch namespaces and the stale sweep: netns.py; their processes: procs.py.)
 
 Nothing is created or changed in the root network namespace: the bridge and the switch end
 of every veth pair live in the switch namespace, the other end (``eth0``) in the host
@@ -30,104 +30,21 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
+
+from .netns import NETNS_DIR, PREFIX, REGISTRY_DIR, TestNetError, _sh
+from .procs import _proc_starttime, become_subreaper, netns_pids, try_reap
 
 IpInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ALLOWED_V4 = ipaddress.IPv4Network("10.77.0.0/16")
 ALLOWED_V6 = ipaddress.IPv6Network("fd77::/64")
-PREFIX = "oit"  # overlayfs-inetsk testbed
-NETNS_DIR = "/run/netns"
-REGISTRY_DIR = "/run/overlayfs-inetsk-testbed"
 HOST_IF = "eth0"
 BRIDGE = "br0"
 _HOST_NAME_RE = re.compile(r"^[A-Za-z0-9]{1,6}$")
 AUTO: Any = "auto"
-
-
-class TestNetError(RuntimeError):
-    """A command building or tearing down the test network failed."""
-
-    __test__ = False  # not a pytest test class
-
-
-def _sh(argv: Sequence[str], *, check: bool = True, timeout: float = 20,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:
-    try:
-        cp = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                            input=input, stdin=None if input is not None else subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as e:
-        raise TestNetError(f"timeout after {timeout}s: {' '.join(argv)}") from e
-    if check and cp.returncode != 0:
-        raise TestNetError(f"{' '.join(argv)} -> exit {cp.returncode}: {cp.stderr.strip()}")
-    return cp
-
-
-def _ns_key(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def netns_pids(netns_path: str) -> list[int]:
-    """Pids of live (non-zombie) processes whose network namespace is ``netns_path``.
-
-    The same test as ``ip netns pids``, without the subprocess.
-    """
-    key = _ns_key(netns_path)
-    if key is None:
-        return []
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        if _ns_key(f"/proc/{entry}/ns/net") == key:
-            pids.append(int(entry))
-    return pids
-
-
-def _proc_starttime(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data.rsplit(")", 1)[1].split()[19]
-
-
-def try_reap(pid: int) -> bool:
-    """waitpid() ``pid`` without blocking if it is our child; True when it is gone."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return True  # not (or no longer) our child: nothing we can reap
-    return done == pid
-
-
-def _is_zombie(pid: int) -> bool | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return None
-
-
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> None:
-    """Make this process a child subreaper: orphans of processes we start (a workload whose
-    ``unshare`` parent died first, a tree detached by ``criu restore -d``) become our
-    children and are reaped by us, not left as zombies under a pid 1 that does not reap."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 def _check_allowed(iface: IpInterface) -> None:
@@ -417,69 +334,3 @@ class TestNet:
 
     def namespaces(self) -> list[str]:
         return list(self._made)
-
-
-def list_netns() -> list[str]:
-    try:
-        return sorted(os.listdir(NETNS_DIR))
-    except FileNotFoundError:
-        return []
-
-
-def cleanup_stale(names: Iterable[str] | None = None) -> list[str]:
-    """Delete namespaces left by testbed runs whose owner process is gone (crashed).
-
-    Namespaces of live runs (even in other processes) are left alone. Returns the names
-    deleted.
-    """
-    removed: list[str] = []
-    try:
-        runs = os.listdir(REGISTRY_DIR)
-    except FileNotFoundError:
-        return removed
-    all_ns = list_netns() if names is None else list(names)
-    for run_id in runs:
-        try:
-            with open(f"{REGISTRY_DIR}/{run_id}") as f:
-                pid_s, start = f.read().split()
-        except (OSError, ValueError):
-            continue
-        if _proc_starttime(int(pid_s)) == start:
-            continue  # owner alive
-        for ns in all_ns:
-            if ns.startswith(f"{PREFIX}{run_id}"):
-                for pid in netns_pids(f"{NETNS_DIR}/{ns}"):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                if _sh(["ip", "netns", "del", ns], check=False).returncode == 0:
-                    removed.append(ns)
-        with contextlib.suppress(OSError):
-            os.unlink(f"{REGISTRY_DIR}/{run_id}")
-    return removed
-
-
-@contextlib.contextmanager
-def scratch_netns(*setup: Sequence[str], prefix: str = "oit") -> Iterator[str]:
-    """A fresh, uniquely named network namespace for one test: each `setup` item is the
-    arguments of one `ip -n NAME ...` command run in it (e.g. ("link", "set", "lo", "up"));
-    yields its path (/run/netns/NAME) and always deletes it."""
-    name = f"{prefix}{secrets.token_hex(3)}"
-    _sh(["ip", "netns", "add", name])
-    try:
-        for args in setup:
-            _sh(["ip", "-n", name, *args])
-        yield f"/run/netns/{name}"
-    finally:
-        _sh(["ip", "netns", "del", name], check=False)
-
-
-def veth_with_route(v4: str, gateway4: str, v6: str | None = None) -> list[Sequence[str]]:
-    """scratch_netns set-up: a veth pair (v0, v1) up, `v4` (and `v6`, no DAD) on v0, the
-    default route via `gateway4`: `auto` finds v4 (and v6) there."""
-    cmds: list[Sequence[str]] = [("link", "add", "v0", "type", "veth", "peer", "name", "v1")]
-    cmds += [("link", "set", dev, "up") for dev in ("lo", "v0", "v1")]
-    cmds.append(("addr", "add", v4, "dev", "v0"))
-    if v6 is not None:
-        cmds.append(("-6", "addr", "add", v6, "dev", "v0", "nodad"))
-    cmds.append(("route", "add", "default", "via", gateway4, "dev", "v0"))
-    return cmds

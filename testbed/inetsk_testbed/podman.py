@@ -1,7 +1,8 @@
 """Podman (with runc and CRIU 4.2.1) as a test bed: a private podman network, containers
 with fixed addresses running the sample workload, checkpoint --export / restore --import,
 probes from a client container's network namespace, and cleanup of everything made.
-Long: making and always cleaning up the network, containers and archives go together.
+(Podman's commands, containers and restores: podmanrun.py; archives, checkpoint images,
+the group script and the stale sweep: podmanfiles.py.)
 
     with PodmanNet() as net:                       # 10.77.X.0/24 + fd77::X:0/112
         c = net.run("srv", 10, workload_args)      # --ip 10.77.X.10 --ip6 fd77::X:10
@@ -40,149 +41,26 @@ Conventions (docs/podman.md, ../shared/FACTS.md "Container runtimes"):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
-import json
 import os
-import re
 import secrets
-import shlex
-import shutil
-import stat
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BASE_IMAGE = "localhost/overlayfs-inetsk-base:bookworm"
-PREFIX = "oitrt"
-LABEL = "overlayfs-inetsk.testrun"
-RUNTIME = ["--runtime", "runc"]
-ULIMITS = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"]
-WORKLOAD = Path(__file__).with_name("workload.py")  # stdlib only: runs in the image's python3
-WORKLOAD_IN = "/srv/workload.py"
-ALLOWED_V4 = ipaddress.IPv4Network("10.77.0.0/16")
-ALLOWED_V6 = ipaddress.IPv6Network("fd77::/64")
-_LOGFILE_RE = re.compile(r"log file: (\S+)")
-TESTBED_IN = "/srv/inetsk_testbed"  # run_stream mounts the testbed package here
-_IMAGE_RE = re.compile(rf"^localhost/{PREFIX}([0-9a-f]{{6}})p(\d+)-")
+from .podmanfiles import (GROUP_SCRIPT, _sh, _taken_subnets, cleanup_stale, image_state,
+                          repack_archive, write_group_script)
+from .podmanrun import (ALLOWED_V4, ALLOWED_V6, BASE_IMAGE, LABEL, PREFIX, RUNTIME, TESTBED,
+                        TESTBED_CWD, TESTBED_IN, ULIMITS, WORKLOAD_ARGV, _LOGFILE_RE, Container,
+                        NetnsOf, PodmanError, RestoreResult, ensure_base_image, missing, podman,
+                        sha256)
 
-
-class PodmanError(RuntimeError):
-    """A podman command the harness needed failed (its stderr is in the message)."""
-
-
-def missing() -> str | None:
-    """Why Podman tests cannot run here, or None."""
-    for prog, pkg in (("podman", "podman"), ("runc", "runc")):
-        if not shutil.which(prog):
-            return f"needs {prog} (package {pkg}; scripts/setup-containers.sh installs it)"
-    return None
-
-
-def podman(args: Sequence[str], *, check: bool = True, timeout: float = 120,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``podman --runtime runc ARGS``; text output captured."""
-    argv = ["podman", *RUNTIME, *args]
-    cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                        stdin=subprocess.DEVNULL, env=env)
-    if check and cp.returncode != 0:
-        raise PodmanError(f"{' '.join(argv)}: exit {cp.returncode}: {cp.stderr.strip()[-2000:]}")
-    return cp
-
-
-def ensure_base_image(setup_script: Path) -> str:
-    """The base image, made by the project's own set-up script when it is missing."""
-    if podman(["image", "exists", BASE_IMAGE], check=False).returncode != 0:
-        cp = subprocess.run(["bash", str(setup_script)], capture_output=True, text=True,
-                            timeout=900, stdin=subprocess.DEVNULL)
-        if cp.returncode != 0:
-            raise PodmanError(f"{setup_script}: exit {cp.returncode}: {cp.stderr[-2000:]}")
-    return BASE_IMAGE
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class NetnsOf:
-    """A probe "host" (see :mod:`.probe`): runs commands in the network namespace of a
-    process (only the network namespace changes)."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-
-    def cmd(self, argv: Sequence[str]) -> list[str]:
-        return ["nsenter", f"--net=/proc/{self.pid}/ns/net", "--", *argv]
-
-    def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 30,
-            **kw: Any) -> subprocess.CompletedProcess[str]:
-        kw.setdefault("text", True)
-        if "stdout" not in kw and "stderr" not in kw and "capture_output" not in kw:
-            kw["capture_output"] = True
-        kw.setdefault("stdin", subprocess.DEVNULL)
-        return subprocess.run(self.cmd(argv), check=check, timeout=timeout, **kw)
-
-
-@dataclass
-class Container:
-    name: str
-    net: PodmanNet
-    ipv4: str = ""
-    ipv6: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def inspect(self) -> dict[str, Any]:
-        out: dict[str, Any] = json.loads(podman(["container", "inspect", self.name]).stdout)[0]
-        self.info = out
-        nets = (out.get("NetworkSettings", {}).get("Networks") or {}).get(self.net.name) or {}
-        self.ipv4 = nets.get("IPAddress", "")
-        self.ipv6 = nets.get("GlobalIPv6Address", "")
-        return out
-
-    @property
-    def state(self) -> str:
-        return str(self.inspect()["State"]["Status"])
-
-    @property
-    def pid(self) -> int:
-        return int(self.inspect()["State"]["Pid"])
-
-    @property
-    def userdata(self) -> Path:
-        """Podman's per-container dir (restore.log, checkpoint/ with --keep)."""
-        return Path(self.inspect()["StaticDir"])
-
-    def logs(self) -> str:
-        return podman(["logs", self.name], check=False).stdout
-
-    def wait_ready(self, timeout: float = 20, count: int = 1) -> None:
-        """Wait for the workload's READY line (``count`` of them: one per workload
-        process in the container), or its ERROR, or the container's end."""
-        end = time.monotonic() + timeout
-        while True:
-            out = self.logs()
-            if out.count("READY") >= count:
-                return
-            if "ERROR" in out or self.state not in ("running", "created", "configured"):
-                raise PodmanError(f"{self.name}: workload did not start: {out.strip()[-500:]}")
-            if time.monotonic() > end:
-                raise PodmanError(f"{self.name}: no READY within {timeout} s: {out!r}")
-            time.sleep(0.1)
-
-
-@dataclass
-class RestoreResult:
-    returncode: int
-    stderr: str
-    log: str  # CRIU's restore.log (a failed restore keeps it; a good one with keep=True)
-    container: Container
+__all__ = ["BASE_IMAGE", "GROUP_SCRIPT", "LABEL", "PREFIX", "TESTBED", "TESTBED_CWD",
+           "TESTBED_IN", "WORKLOAD_ARGV", "Container", "NetnsOf", "PodmanError", "PodmanNet",
+           "RestoreResult", "cleanup_stale", "ensure_base_image", "image_state", "missing",
+           "podman", "repack_archive", "sha256", "write_group_script"]
 
 
 class PodmanNet:
@@ -288,8 +166,8 @@ class PodmanNet:
             extra: Sequence[str] = (), wait: bool = True, criu_conf: Path | None = None,
             ready: int | None = None) -> Container:
         """Start a container (``--ip``/``--ip6`` of host number ``host``, or IPAM's when
-        None) running ``python3 /srv/workload.py ARGV`` (or ARGV itself, workload=False:
-        the testbed's workload.py is mounted at /srv/workload.py either way). Its CRIU
+        None) running the workload with ARGV (or ARGV itself, workload=False: the testbed
+        package is mounted at TESTBED_IN, the cwd its parent, either way). Its CRIU
         config is ``criu_conf`` or the network's. With wait, returns once ``ready``
         processes said READY (default: 1 for the workload, none for another command)."""
         full = f"{self.name}-{name}"
@@ -300,9 +178,9 @@ class PodmanNet:
         conf = criu_conf or self.criu_conf
         if conf is not None:
             args += ["--annotation", f"org.criu.config={conf}"]
-        args += ["-v", f"{WORKLOAD}:{WORKLOAD_IN}:ro"]
+        args += ["-v", f"{TESTBED}:{TESTBED_IN}:ro", "-w", TESTBED_CWD]
         args += [*extra, self.image]
-        args += ["python3", WORKLOAD_IN, *argv] if workload else list(argv)
+        args += [*WORKLOAD_ARGV, *argv] if workload else list(argv)
         self.containers.append(full)
         podman(args)
         c = Container(full, self)
@@ -315,18 +193,17 @@ class PodmanNet:
     def run_stream(self, name: str, host: int, argv: Sequence[str], **kw: Any) -> Container:
         """A container running the testbed's numbered TCP stream (:mod:`.stream`, stdlib
         only: the package is mounted read-only) with ARGV; waits for its READY."""
-        pkg = Path(__file__).parent
-        extra = ["-v", f"{pkg}:{TESTBED_IN}:ro", "-w", str(Path(TESTBED_IN).parent)]
         return self.run(name, host, ["python3", "-m", "inetsk_testbed.stream", *argv],
-                        workload=False, ready=1, extra=[*extra, *kw.pop("extra", ())], **kw)
+                        workload=False, ready=1, **kw)
 
     def run_service(self, name: str, host: int, front: Sequence[str],
                     worker: Sequence[str], **kw: Any) -> Container:
         """A container holding two workload processes: ``worker`` (started first, in the
         background) and ``front`` (the container's main process, pid 1; give its
         --tcp-connect to the worker ``retry=S``). Waits for both READY lines."""
-        sh = (f"python3 {WORKLOAD_IN} {' '.join(_sh(a) for a in worker)} & "
-              f"exec python3 {WORKLOAD_IN} {' '.join(_sh(a) for a in front)}")
+        wl = " ".join(WORKLOAD_ARGV)
+        sh = (f"{wl} {' '.join(_sh(a) for a in worker)} & "
+              f"exec {wl} {' '.join(_sh(a) for a in front)}")
         return self.run(name, host, ["/bin/sh", "-c", sh], workload=False, ready=2, **kw)
 
     @property
@@ -450,161 +327,3 @@ class PodmanNet:
                     p.wait(10)
         return [self._restore_result(cp, None, str(archive), keep, check)
                 for archive, cp in done]
-
-
-GROUP_SCRIPT = """\
-#!/bin/sh
-# CRIU action script of one member of a group restored through Podman (runc):
-# docs/tcp.md, "Groups through Podman". The member's CRIU config file (the container's
-# org.criu.config annotation, or /etc/criu/runc.conf) names it: action-script THIS_FILE.
-case "$CRTOOLS_SCRIPT_ACTION" in
-setup-namespaces)
-    # The restored root task is in the container's new network namespace and no socket
-    # exists yet: lock that namespace the way CRIU locks one it restores itself (its
-    # CRIU chain, which CRIU deletes at network-unlock, right after post-restore).
-    for cmd in iptables-restore ip6tables-restore; do
-        nsenter --net="/proc/$CRTOOLS_INIT_PID/ns/net" "$cmd" -w --noflush <<'EOF' || exit 1
-*filter
-:CRIU - [0:0]
--I INPUT -j CRIU
--I OUTPUT -j CRIU
--A CRIU -m mark --mark 0xC114 -j ACCEPT
--A CRIU -j DROP
-COMMIT
-EOF
-    done ;;
-post-restore)
-    # Wait until every member's sockets exist. --no-lock: the barrier's own lock would
-    # go into criu's network namespace, which under runc is the host's.
-    exec {cli} barrier --dir {dir} --members {members} --name {name} --timeout {timeout} \\
-        --no-lock ;;
-esac
-"""
-
-
-def write_group_script(path: Path, *, cli: str, directory: Path, members: int, name: str,
-                       timeout: float = 60) -> Path:
-    """GROUP_SCRIPT for one member, executable, at ``path``."""
-    path.write_text(GROUP_SCRIPT.format(cli=_sh(cli), dir=_sh(str(directory)),
-                                        members=members, name=_sh(name), timeout=f"{timeout:g}"))
-    path.chmod(0o755)
-    return path
-
-
-def _sh(arg: str) -> str:
-    return shlex.quote(arg)
-
-
-def image_state(image: str) -> dict[str, Any]:
-    """What a checkpoint image is, to show it unchanged: podman's image id and digest,
-    and a sha256 over its one layer's whole tree (every path with its type and mode, each
-    file's bytes, each link's target), read from the layer's dir in podman's storage."""
-    out: dict[str, Any] = json.loads(podman(["image", "inspect", image]).stdout)[0]
-    layers = out["RootFS"]["Layers"]
-    diff = Path(out["GraphDriver"]["Data"]["UpperDir"])
-    h = hashlib.sha256()
-    files: list[str] = []
-    for root, dirs, names in os.walk(diff):
-        dirs.sort()
-        for n in sorted([*dirs, *names]):
-            path = Path(root) / n
-            rel = str(path.relative_to(diff))
-            st = path.lstat()
-            h.update(f"{rel}\0{st.st_mode:o}\0".encode())
-            if stat.S_ISREG(st.st_mode):
-                files.append(rel)
-                h.update(sha256(path).encode())
-            elif stat.S_ISLNK(st.st_mode):
-                h.update(os.readlink(path).encode())
-    return {"id": out["Id"], "digest": out["Digest"], "layers": layers,
-            "tree": h.hexdigest(), "files": files}
-
-
-def repack_archive(src: Path, dest: Path, *, add: dict[str, str] | None = None,
-                   addresses: Sequence[str] = ()) -> Path:
-    """A copy of a Podman checkpoint archive (a zstd tar) with files added (``add``:
-    path in the archive -> text, e.g. ``checkpoint/overlayfs-inetsk.map``) and, given
-    ``addresses`` (the new IPv4 and/or IPv6 address), the container's fixed addresses
-    changed to them: in ``network.status`` (each interface's subnets), which is where
-    Podman 4.3 takes a restored container's address from unless --ignore-static-ip
-    (measured: an edit of config.dump alone changed nothing), and in ``config.dump`` (its
-    networks' ``static_ips``), so that the two agree. Podman has no restore option that
-    names an address; a group's map needs the members' new addresses before the restore."""
-    tree = dest.with_name(dest.name + ".d")
-    tree.mkdir()
-    subprocess.run(["tar", "-C", str(tree), "-xf", str(src)], check=True, timeout=60)
-    for rel, text in (add or {}).items():
-        (tree / rel).write_text(text)
-    if addresses:
-        new = {ipaddress.ip_address(a).version: a for a in addresses}
-        status = json.loads((tree / "network.status").read_text())
-        for net in status.values():
-            for iface in net["interfaces"].values():
-                for sub in iface["subnets"]:
-                    addr, _, plen = sub["ipnet"].partition("/")
-                    v = ipaddress.ip_address(addr).version
-                    if v in new:
-                        sub["ipnet"] = f"{new[v]}/{plen}"
-        (tree / "network.status").write_text(json.dumps(status))
-        config = json.loads((tree / "config.dump").read_text())
-        for opts in (config.get("newNetworks") or {}).values():
-            opts["static_ips"] = [new.get(ipaddress.ip_address(a).version, a)
-                                  for a in opts.get("static_ips") or []]
-        (tree / "config.dump").write_text(json.dumps(config))
-    subprocess.run(["tar", "--zstd", "-C", str(tree), "-cf", str(dest), "."], check=True,
-                   timeout=60)
-    shutil.rmtree(tree)
-    return dest
-
-
-def _taken_subnets() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """Subnets of the existing podman networks and of the root namespace's routes."""
-    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    cp = podman(["network", "ls", "--format", "{{.Name}}"], check=False)
-    names = cp.stdout.split()
-    if names:
-        cp = podman(["network", "inspect", *names], check=False)
-        with contextlib.suppress(ValueError):
-            for n in json.loads(cp.stdout or "[]"):
-                for s in n.get("subnets") or []:
-                    out.append(ipaddress.ip_network(s["subnet"], strict=False))
-    cp2 = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
-                         text=True)
-    for line in cp2.stdout.splitlines():
-        word = line.split()[0] if line.split() else ""
-        with contextlib.suppress(ValueError):
-            if "/" in word:
-                out.append(ipaddress.ip_network(word, strict=False))
-    return out
-
-
-def cleanup_stale() -> list[str]:
-    """Remove containers and networks of earlier runs whose owner process is gone."""
-    removed = []
-    cp = podman(["ps", "-a", "--filter", f"label={LABEL}",
-                 "--format", "{{.Names}} {{index .Labels \"" + LABEL + "\"}}"], check=False)
-    dead_runs = set()
-    for line in cp.stdout.splitlines():
-        name, _, val = line.partition(" ")
-        _, _, pid = val.partition(":")
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            podman(["rm", "-f", "-t", "0", name], check=False)
-            removed.append(name)
-            dead_runs.add(val.partition(":")[0])
-    cp = podman(["images", "--format", "{{.Repository}}:{{.Tag}}"], check=False)
-    for image in cp.stdout.split():
-        m = _IMAGE_RE.match(image)
-        if m and not os.path.exists(f"/proc/{m.group(2)}"):
-            podman(["rmi", "-f", image], check=False)
-            removed.append(image)
-    cp = podman(["network", "ls", "--filter", f"label={LABEL}", "--format", "{{.Name}}"],
-                check=False)
-    for name in cp.stdout.split():
-        ins = podman(["network", "inspect", name], check=False)
-        with contextlib.suppress(ValueError, IndexError, KeyError):
-            val = json.loads(ins.stdout)[0]["labels"][LABEL]
-            pid = val.partition(":")[2]
-            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-                podman(["network", "rm", "-f", name], check=False)
-                removed.append(name)
-    return removed

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .podman import WORKLOAD, WORKLOAD_IN
+from .podman import TESTBED, TESTBED_CWD, TESTBED_IN, WORKLOAD_ARGV
 
 BASE_ROOTFS = Path(os.environ.get("OVERLAYFS_INETSK_CACHE", "/var/cache/overlayfs-inetsk")
                    ) / "podman-base" / "rootfs"
@@ -52,8 +52,9 @@ def bundle_config(rootfs: Path, netns: str, argv: Sequence[str],
     for ns in cfg["linux"]["namespaces"]:
         if ns["type"] == "network":
             ns["path"] = netns
-    cfg["mounts"].append({"destination": WORKLOAD_IN, "type": "bind",
-                          "source": str(WORKLOAD), "options": ["rbind", "ro"]})
+    cfg["process"]["cwd"] = TESTBED_CWD
+    cfg["mounts"].append({"destination": TESTBED_IN, "type": "bind",
+                          "source": str(TESTBED), "options": ["rbind", "ro"]})
     if criu_conf is not None:
         cfg.setdefault("annotations", {})["org.criu.config"] = str(criu_conf)
     return cfg
@@ -77,7 +78,7 @@ class RuncContainer:
         self.bundle = bundle
         self.host = host
         bundle.mkdir(parents=True, exist_ok=True)
-        cfg = bundle_config(rootfs, host.netns_path, ["python3", WORKLOAD_IN, *workload_args],
+        cfg = bundle_config(rootfs, host.netns_path, [*WORKLOAD_ARGV, *workload_args],
                             criu_conf)
         (bundle / "config.json").write_text(json.dumps(cfg, indent=1))
 

@@ -92,7 +92,7 @@ def rss_kb(pid: int) -> int:
 
 def leftovers(tmp: Path) -> dict[str, int]:
     """What is left of our mounts (other views on this machine are not counted)."""
-    from overlayfs_inetsk.fuse.robind import ro_bind_path
+    from overlayfs_inetsk.host.mounts import ro_bind_path
 
     key = str(tmp)
     with open("/proc/self/mountinfo") as f:  # the view, and the bind (its root is our image)

@@ -168,7 +168,7 @@ def main() -> int:
         threading.Thread(target=serve_once, args=(served, "valid" if case == "root-0777"
                                                   else case, dirs, got), daemon=True).start()
     from inetsk_testbed.criu import kill_tree
-    from inetsk_testbed.net import become_subreaper
+    from inetsk_testbed.procs import become_subreaper
 
     become_subreaper()
     work = spec["work"]

@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from inetsk_testbed import TestNet, criu, probe
-from inetsk_testbed.net import list_netns
+from inetsk_testbed.netns import list_netns
 from inetsk_testbed.probe import ProbeError
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]

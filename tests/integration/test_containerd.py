@@ -18,7 +18,7 @@ import pytest
 
 from inetsk_testbed import probe
 from inetsk_testbed.containerd import Containerd
-from inetsk_testbed.podman import WORKLOAD, WORKLOAD_IN
+from inetsk_testbed.podman import TESTBED, TESTBED_CWD, TESTBED_IN, WORKLOAD_ARGV
 
 from .runtimes import base_image, plugin_lib  # noqa: F401  (fixtures)
 
@@ -52,8 +52,8 @@ def test_ctr_restore_onto_a_new_address(containerd: Containerd, plugin_lib: Path
     containerd.ctr(
         "run", "-d", "--null-io", "--with-ns", f"network:{a.netns_path}",
         "--annotation", f"org.criu.config={conf}",
-        "--mount", f"type=bind,src={WORKLOAD},dst={WORKLOAD_IN},options=rbind:ro",
-        base_image, name, "python3", WORKLOAD_IN,
+        "--mount", f"type=bind,src={TESTBED},dst={TESTBED_IN},options=rbind:ro",
+        "--cwd", TESTBED_CWD, base_image, name, *WORKLOAD_ARGV,
         "--tcp-listen", f"t4@{old4}:7001", "--udp-bind", f"u4@{old4}:7002",
         "--tcp-listen", f"t6@[{old6}]:7004")
     assert probe.wait_for(lambda: _hello(p, old4), 15, "the server") == f"t4 {old4} 7001"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from inetsk_testbed.net import NETNS_DIR, PREFIX
+from inetsk_testbed.netns import NETNS_DIR, PREFIX
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
 

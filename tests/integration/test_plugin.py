@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayfs_inetsk.node.portcheck import read_tables
+from overlayfs_inetsk.host.proctables import read_tables
 from overlayfs_inetsk.plugin.wire import TEMP_NAME, VIEW_NAME, VIEW_ROOT
 from inetsk_testbed import criu, probe
 from inetsk_testbed.mount import mounted, overlayfs_inetsk

@@ -20,7 +20,7 @@ import pytest
 from inetsk_testbed import criu, probe
 from inetsk_testbed.mount import ismount, mounted, overlayfs_inetsk
 from inetsk_testbed.probe import ProbeError
-from overlayfs_inetsk.node.portcheck import read_tables
+from overlayfs_inetsk.host.proctables import read_tables
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
 

@@ -14,7 +14,7 @@ import pytest
 
 from inetsk_testbed import criu
 from overlayfs_inetsk.cli import main
-from overlayfs_inetsk.node.nodeaddr import in_netns
+from overlayfs_inetsk.host.netns import in_netns
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 

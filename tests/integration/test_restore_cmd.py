@@ -26,7 +26,7 @@ import pytest
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
 from inetsk_testbed import criu, probe
 from inetsk_testbed.mount import mount_daemons
-from overlayfs_inetsk.node.restore import RESTORE_DIR
+from overlayfs_inetsk.host.stale import RESTORE_DIR
 
 CLI = [sys.executable, "-m", "overlayfs_inetsk.cli"]
 A4, A6 = "10.77.0.1", "fd77::1"
@@ -62,6 +62,7 @@ def restore_cmd(*args: str, tmp: Path, env: dict[str, str] | None = None,
     return Ran(p.args, p.returncode, out, err, p.pid)
 
 
+STOP_TIMEOUT = 2.0  # restore --stop-timeout here (the default, 10 s, cost 10 s a test)
 RAN: list[int] = []  # pids of the restores run here (their kept work dirs are removed)
 
 
@@ -151,9 +152,13 @@ prev=""
 for a in "$@"; do [ "$prev" = "-D" ] && dir="$a"; prev="$a"; done
 cat "$dir/files.img" > "$out/files.img" 2>"$out/cat.err"
 if [ -n "$FAKE_SLEEP" ]; then
-  trap 'echo TERM > "$out/signal"; exit 7' TERM
+  # the sleep holds none of our stdio (restore's caller would wait for its end to read
+  # restore's output to EOF) and goes with us on TERM
+  sleep "$FAKE_SLEEP" </dev/null >/dev/null 2>&1 &
+  pid=$!
+  trap 'echo TERM > "$out/signal"; kill $pid 2>/dev/null; exit 7' TERM
   echo started > "$out/started"
-  sleep "$FAKE_SLEEP" & wait $!
+  wait $pid
 fi
 exit "${FAKE_RC:-0}"
 """
@@ -230,6 +235,42 @@ def test_tcp_established_added_only_for_tcp_stream_images(fake, tmp_path):
                      env=fake["env"])  # type: ignore[arg-type]
     argv = (out / "argv").read_text().splitlines()
     assert cp.returncode == 0 and "--tcp-established" not in argv and "--tcp-close" in argv
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_the_checkpoint_is_planned_once(fake, tmp_path):
+    """restore plans (its summary, its refusals) and hands the plan to the view's daemon,
+    which plans nothing: criu reads those bytes (issue 19: the daemon planned the same
+    again). -v: the daemon's log would show a decision line per socket if it planned."""
+    work = tmp_path / "keep"
+    cp = restore_cmd("-v", str(fake["img"]), "--map", f"{A4}={B4}", "--work-dir", str(work),
+                     tmp=tmp_path, env=fake["env"])  # type: ignore[arg-type]
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stderr.count(": socket id ") == 2  # restore's own plan, one line a socket
+    daemon = (work / "mount.log").read_text()
+    assert "the plan of 1 checkpoint dir(s) handed over" in daemon, daemon
+    assert ": socket id " not in daemon, daemon  # no decision made there
+    assert "socket images as the mount planned them" in daemon and "generated " not in daemon
+    out: Path = fake["out"]  # type: ignore[assignment]
+    assert src_addrs((out / "files.img").read_bytes()) == [B4, B4]
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_a_parent_link_outside_is_refused_before_mounting(fake, tmp_path):
+    """A dump whose `parent` link (--prev-images-dir) points outside IMAGE_DIR: restore
+    refuses it at once, as mount does, in one line, having made nothing (it mounted a view
+    first, whose daemon refused it, and left its work dir)."""
+    img: Path = fake["img"]  # type: ignore[assignment]
+    (tmp_path / "prev").mkdir()
+    os.symlink(tmp_path / "prev", img / "parent")
+    cp = restore_cmd(str(img), "--map", f"{A4}={B4}", tmp=tmp_path, env=fake["env"])  # type: ignore[arg-type]
+    assert cp.returncode == 1, cp.stderr
+    assert cp.stderr.count("\n") == 1 and "the link to the previous dump" in cp.stderr
+    out: Path = fake["out"]  # type: ignore[assignment]
+    assert not (out / "argv").exists(), "criu must not run"
+    assert leftovers(cp.pid) == [] and our_mounts(f"{RESTORE_DIR}/{cp.pid}-") == []
 
 
 @pytest.mark.root
@@ -314,7 +355,8 @@ def _cwd(pid: str) -> str:
 
 def _start_foreground(image_dirs, b, pidfile: Path) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
     p = subprocess.Popen([*CLI, "restore", str(image_dirs.images), "--netns", b.netns_path,
-                          "--foreground", "--", "--pidfile", str(pidfile)],
+                          "--foreground", "--stop-timeout", str(STOP_TIMEOUT), "--",
+                          "--pidfile", str(pidfile)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          stdin=subprocess.DEVNULL)
     RAN.append(p.pid)
@@ -359,13 +401,22 @@ def test_foreground_restore_stops_the_service_on_a_signal_and_leaves_nothing(
         time.sleep(0.5)
         assert p.poll() is None, p.communicate()
         assert len(our_mounts(f"{RESTORE_DIR}/{p.pid}-")) == 1  # mounted while it runs
+        t0 = time.monotonic()
         p.send_signal(signum)
         out, err = p.communicate(timeout=40)
+        took = time.monotonic() - t0
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
     assert p.returncode == 0, out + err  # criu's status: the service ran and ended
+    # the workload, init of its pid namespace, has no SIGTERM handler: it ignores SIGTERM
+    # and is SIGKILLed after --stop-timeout; SIGINT ends it at once
+    if signum == signal.SIGTERM:
+        assert STOP_TIMEOUT <= took < STOP_TIMEOUT + 5, (took, err)
+        assert f"did not stop within {STOP_TIMEOUT:.0f} s: SIGKILL" in err, err
+    else:
+        assert took < STOP_TIMEOUT, (took, err)
     assert not criu.is_alive(rpid)
     assert b.pids() == []
     assert our_mounts(f"{RESTORE_DIR}/{p.pid}-") == [] and leftovers(p.pid) == []

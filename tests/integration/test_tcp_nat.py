@@ -23,7 +23,7 @@ import pytest
 
 from inetsk_testbed import criu
 from inetsk_testbed.mount import BIN, overlayfs_inetsk
-from inetsk_testbed.net import netns_pids
+from inetsk_testbed.procs import netns_pids
 from inetsk_testbed.probe import wait_for
 from inetsk_testbed.stream import start_stream, status
 

@@ -7,8 +7,8 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from . import DEFAULT_LIBDIR, DEFAULT_SOCKET, VIEW_ROOT
-from .wire import CHECK_MS, CLI_FD, TIMEOUT_MAX_MS, TIMEOUT_MS
+from ..plugin import DEFAULT_LIBDIR, DEFAULT_SOCKET, VIEW_ROOT
+from ..plugin.wire import CHECK_MS, CLI_FD, TIMEOUT_MAX_MS, TIMEOUT_MS
 
 
 def _timeout_ms(text: str) -> int:
@@ -22,7 +22,7 @@ def _timeout_ms(text: str) -> int:
 
 
 def _metrics_addr(text: str) -> tuple[str, int]:
-    from .metrics import parse_addr
+    from ..plugin.metrics import parse_addr
 
     try:
         return parse_addr(text)
@@ -85,13 +85,13 @@ def add_plugin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
-    from .install import PluginConf, install
+    from ..plugin.install import PluginConf, install
 
     conf = PluginConf(cli="none" if args.no_cli else args.cli,
                       agent_socket=args.agent_socket, timeout_ms=args.timeout_ms)
     done = install(args.libdir, args.so, conf)
     if not args.no_agent:
-        from .units import install_units
+        from ..plugin.units import install_units
 
         done += install_units(conf)
     for line in done or [f"already installed in {args.libdir}"]:
@@ -100,11 +100,11 @@ def _cmd_install(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    from .install import remove
+    from ..plugin.install import remove
 
     done = remove(args.libdir)
     if not args.no_agent:
-        from .units import remove_units
+        from ..plugin.units import remove_units
 
         done += remove_units()
     for line in done or [f"not installed in {args.libdir}"]:
@@ -115,14 +115,14 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 def _cmd_agent(args: argparse.Namespace) -> int:
     if args.check:
         from ..errors import InetskError
-        from .check import check
+        from ..plugin.check import check
 
         r = check(args.socket, args.timeout_ms, args.same_pidns)
         if not r.ok:
             raise InetskError(r.detail)
         print(r.detail)
         return 0
-    from .agent import serve
+    from ..app.agent import serve
 
     return serve(args.socket, args.view_root, take_over=args.take_over, metrics=args.metrics)
 
@@ -138,7 +138,7 @@ def plugin_view_main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     import socket
 
-    from .agent import handle
+    from ..app.agent import handle
 
     try:
         conn = socket.socket(fileno=args.socket_fd)

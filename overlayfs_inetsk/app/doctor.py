@@ -66,7 +66,7 @@ def _tool(name: str, env: Mapping[str, str], why: str, fix: str) -> Check:
 
 def run_checks(env: Mapping[str, str] | None = None, run: Runner = subprocess.run,
                euid: int | None = None, dev_fuse: str = "/dev/fuse") -> list[Check]:
-    from .criu import find_criu
+    from ..node.criu import find_criu
 
     env = dict(os.environ) if env is None else dict(env)
     euid = os.geteuid() if euid is None else euid

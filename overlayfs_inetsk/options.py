@@ -3,7 +3,11 @@
 The parsers are built from it (add_options), and so is the command line of the background
 mount daemon (to_argv, used by fuse/spawn.py): a `mount` option added here reaches the
 detached daemon without any change to the spawn code (tests/test_options.py checks that
-every option survives the round trip).
+every option survives the round trip), and so is the parser of the plugin's options files
+and $OVERLAYFS_INETSK_OPTIONS (parse_words: the same options as on the command line).
+
+A leaf module (no import of the rest of the package but errors): the CLI, the background
+spawn (fuse/) and the planner's map sources (planner/sources.py) all read it.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ BARRIER_ACTIONS = ("pre-restore", "post-setup-namespaces", "post-restore", "netw
                    "pre-resume", "post-resume")
 BARRIER_DEFAULT_ACTION = "post-restore"
 BARRIER_DEFAULT_TIMEOUT = 60.0
+RESTORE_STOP_TIMEOUT = 10.0  # = node.criu.STOP_TIMEOUT (tests/test_options.py)
 
 MAP_OPTIONS: tuple[Option, ...] = (
     Option(("--map",), "map", "append", metavar="OLD=NEW", field="maps",
@@ -121,6 +126,8 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
            child=False),
     # set by `restore` and the background `mount`, which made the port check themselves
     Option(("--no-port-check",), "no_port_check", "flag", help=argparse.SUPPRESS),
+    # set by `restore`: its plan, handed over (planner/view.py), so the daemon plans nothing
+    Option(("--plan-fd",), "plan_fd", "value", type=int, help=argparse.SUPPRESS),
 )
 
 # every option of `mount`, in command-line order
@@ -161,3 +168,49 @@ def from_args(options: Iterable[Option], args: argparse.Namespace) -> dict[str, 
     """Parsed values by attribute name (MountConfig's keyword arguments)."""
     return {o.attr: (list(getattr(args, o.dest)) if o.kind == "append"
                      else getattr(args, o.dest)) for o in options}
+
+
+# the options the CRIU plugin takes from its options files and $OVERLAYFS_INETSK_OPTIONS
+PLUGIN_OPTIONS: tuple[Option, ...] = tuple(
+    o for o in MAP_OPTIONS if o.dest in ("strict", "tcp_outside", "iface"))
+
+
+def _usage(o: Option) -> str:
+    if o.kind == "flag":
+        return o.flags[0]
+    return f"{o.flags[0]} {'|'.join(o.choices) if o.choices else o.metavar}"
+
+
+def parse_words(options: Sequence[Option], words: Sequence[str], source: str
+                ) -> dict[str, Any]:
+    """The values (by dest; the defaults for those not given) of `words` read as these
+    flag and value options on a command line (`--name value` or `--name=value`). MapError
+    naming `source` for an unknown option, a missing value or a value not among the
+    choices."""
+    from .errors import MapError
+
+    by_flag = {f: o for o in options for f in o.flags}
+    values: dict[str, Any] = {o.dest: (False if o.kind == "flag" else o.default)
+                              for o in options}
+    i = 0
+    while i < len(words):
+        w = words[i]
+        name, eq, val = w.partition("=")
+        o = by_flag.get(w if w in by_flag else name)
+        if o is None or (o.kind == "flag" and w not in by_flag):
+            allowed = ", ".join(_usage(o) for o in options)
+            raise MapError(f"{source}: unknown option {w!r} (allowed: {allowed})")
+        if o.kind == "flag":
+            values[o.dest] = True
+        else:
+            if not eq:
+                i += 1
+                if i == len(words):
+                    raise MapError(f"{source}: {name} needs a value")
+                val = words[i]
+            if o.choices is not None and val not in o.choices:
+                raise MapError(f"{source}: {name} must be {', '.join(o.choices[:-1])} or "
+                               f"{o.choices[-1]}, not {val!r}")
+            values[o.dest] = val
+        i += 1
+    return values

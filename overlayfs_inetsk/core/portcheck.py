@@ -4,12 +4,13 @@ CRIU binds every listener and bound socket in the middle of the restore; a port 
 taken fails there with EADDRINUSE and the whole restore aborts after the processes were
 half made. This module names such ports before anything is restored.
 
-How: it reads the namespace's socket tables (/proc/thread-self/net/{tcp,udp,udplite}{,6})
-from a short-lived thread that setns()es into the namespace (nodeaddr.in_netns, the same
-way `auto` looks addresses up; no fork, so it is safe inside the FUSE daemon), and compares
-each wanted endpoint with every socket holding its port, with the kernel's overlap rules
-(same address, or either side a wildcard; an IPv6 `::` socket covers IPv4 too unless it is
-v6only; `::ffff:a.b.c.d` is a.b.c.d).
+How: the planner (planner/ports.py) reads the namespace's socket tables
+(/proc/thread-self/net/{tcp,udp,udplite}{,6}, host/proctables.py: from a short-lived thread
+that setns()es into the namespace, the same way `auto` looks addresses up; no fork, so it is
+safe inside the FUSE daemon), and this module compares each wanted endpoint with every
+socket holding its port, with the kernel's overlap rules (same address, or either side a
+wildcard; an IPv6 `::` socket covers IPv4 too unless it is v6only; `::ffff:a.b.c.d` is
+a.b.c.d). Pure: the tables' text and the planned sockets in, the clashes out.
 
 Why reading rather than a bind probe: a probe is not passive (it holds the port for a moment,
 so a real bind at that moment fails), and it only answers like CRIU's own bind if it is made
@@ -36,24 +37,18 @@ so the answer is a warning (`--strict` refuses); the rules below lean to naming 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
-from ..errors import PortTakenError
-from .nodeaddr import in_netns
-from ..core.sockaddr import AF_INET, AF_INET6, TCP_STATES, IPAddress, fmt_endpoint, words_to_addr
+from .report import SocketReport
+from .sockaddr import AF_INET, AF_INET6, TCP_STATES, IPAddress, fmt_endpoint, words_to_addr
 
-if TYPE_CHECKING:
-    from ..core.decide import SocketReport
-    from ..core.plan import RewriteResult
-
-UDPLITE = 136  # IPPROTO_UDPLITE (the socket module has no name for it)
 TCP_LISTEN_HEX = 0x0A
 TCP_CLOSE_HEX = 0x07
 TCP_TIME_WAIT_HEX = 0x06
-_TABLES = (("tcp", AF_INET), ("tcp6", AF_INET6), ("udp", AF_INET), ("udp6", AF_INET6),
-           ("udplite", AF_INET), ("udplite6", AF_INET6))
+# the /proc/net tables (name, family) that hold the sockets a restore can meet
+TABLES = (("tcp", AF_INET), ("tcp6", AF_INET6), ("udp", AF_INET), ("udp6", AF_INET6),
+          ("udplite", AF_INET), ("udplite6", AF_INET6))
 _DATAGRAM = ("udp", "udplite")  # protocols whose every socket with the port holds it
 
 
@@ -123,23 +118,6 @@ def parse_table(text: str, proto: str, family: int) -> list[Holder]:
     return out
 
 
-def read_tables(netns: str | None = None) -> list[Holder]:
-    """Every TCP and UDP socket of the namespace at path `netns` (None: ours)."""
-
-    def read() -> list[Holder]:
-        out: list[Holder] = []
-        for name, family in _TABLES:
-            try:
-                with open(f"/proc/thread-self/net/{name}") as f:
-                    text = f.read()
-            except FileNotFoundError:  # IPv6 (or UDP-Lite) not there: no such table
-                continue
-            out.extend(parse_table(text, name.removesuffix("6"), family))
-        return out
-
-    return in_netns(netns, read)
-
-
 def _v4(addr: IPAddress) -> ipaddress.IPv4Address | None:
     """The IPv4 address a socket address stands for (an IPv4 one, or ::ffff:a.b.c.d)."""
     if isinstance(addr, ipaddress.IPv4Address):
@@ -199,57 +177,17 @@ def clashes(wants: Iterable[Want], holders: Sequence[Holder], where: str) -> lis
     return out
 
 
-def taken(wants: Iterable[Want], netns: str | None = None) -> list[Clash]:
-    """The wanted endpoints already taken in the namespace at path `netns` (None: ours).
-    Raises NodeAddressError when the namespace cannot be entered."""
-    where = f"netns {netns}" if netns else "this network namespace"
-    return clashes(list(wants), read_tables(netns), where)
-
-
 def wants_of(reports: Iterable[SocketReport]) -> list[Want]:
-    """The endpoints a restore of these planned sockets (core.decide.SocketReport) binds on
-    its own: listeners, bound TCP sockets, UDP (and UDP-Lite) sockets with a port, at their
-    NEW address and port. Connections share their listener's port; closed ones bind
-    nothing; ping sockets bind nothing either (their "port" is the echo id, and CRIU 4.2.1
-    binds no ICMP socket)."""
-    from ..core.decide import CLOSED, REFUSED
-    from ..core.sockaddr import ICMP_PROTOS, SOCK_DGRAM, SOCK_STREAM, TCP_CONNECTED_STATES
-
+    """The endpoints a restore of these planned sockets binds on its own (each decision's
+    `binds`, at the socket's new local endpoint), each once."""
     out: list[Want] = []
     seen: set[tuple[str, int, IPAddress, int]] = set()
     for r in reports:
-        verdict = r.verdict
-        if verdict in (CLOSED, REFUSED):
-            continue
-        kind = r.type
-        if kind == SOCK_STREAM and r.state in TCP_CONNECTED_STATES:
-            continue
-        if kind not in (SOCK_STREAM, SOCK_DGRAM) or r.proto in ICMP_PROTOS:
-            continue
-        port = r.new_sport if r.new_sport is not None else r.sport
-        if not port:
-            continue
-        addr = r.new_src if r.new_src is not None else r.src
-        proto = "tcp" if kind == SOCK_STREAM else "udplite" if r.proto == UDPLITE else "udp"
-        key = (proto, r.family, addr, port)
-        if key in seen:
+        key = r.binds
+        if key is None or key in seen:
             continue
         seen.add(key)
-        label = f"{r.file}: socket id {r.id}"
-        out.append(Want(proto, r.family, addr, port, label,
+        proto, family, addr, port = key
+        out.append(Want(proto, family, addr, port, f"{r.file}: socket id {r.id}",
                         file=r.file, id=r.id))
     return out
-
-
-def check_plan(results: Mapping[str, RewriteResult], netns: str | None, strict: bool,
-               warn: Callable[[str], None]) -> list[Clash]:
-    """The port check of a planned restore (core.plan results by path): each taken port is
-    passed to `warn` as one line; with `strict`, PortTakenError names the first instead."""
-    reports = [r for res in results.values() for r in res.reports]
-    found = taken(wants_of(reports), netns)
-    if found and strict:  # one line: the error alone
-        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-        raise PortTakenError(f"{found[0]}{more} (--strict)")
-    for c in found:
-        warn(f"{c}: the restore would fail there (EADDRINUSE)")
-    return found

@@ -90,8 +90,13 @@ def find_mount(mountpoint: str) -> tuple[str, str, str] | None:
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_PRIVATE = 0x20, 0x1000, 0x40000
 MNT_DETACH, UMOUNT_NOFOLLOW = 0x2, 0x8
-# the new mount API (Linux >= 5.12); syscall numbers >= 424 are the same on every arch
+# the new mount API (Linux >= 5.12). Since 5.1 new system calls get one number on the
+# architectures that share the generic table (x86_64, arm64, riscv, ...), but not on all:
+# alpha, ia64 and mips add offsets of their own. The numbers are used only on machines
+# known to share it; elsewhere the old API serves (as on a kernel without the new one).
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
+SHARED_SYSCALL_TABLE = ("x86_64", "i386", "i686", "aarch64", "armv7l", "armv8l", "riscv64",
+                        "ppc64le", "ppc64", "s390x", "loongarch64")
 AT_FDCWD, AT_EMPTY_PATH = -100, 0x1000
 OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH = 0x1, 0x4
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 0x1, 0x2, 0x4, 0x8
@@ -156,6 +161,8 @@ def make_ro_bind(image_dir: str | bytes, target: str) -> int:
 
 
 def _bind_new_api(libc: ctypes.CDLL, src: bytes, target: str) -> None:
+    if os.uname().machine not in SHARED_SYSCALL_TABLE:  # other syscall numbers there
+        raise OSError(errno.ENOSYS, "the new mount API's numbers are unknown here", target)
     syscall = libc.syscall
     syscall.restype = ctypes.c_long
     fd = _check(syscall(SYS_OPEN_TREE, AT_FDCWD, ctypes.c_char_p(src),

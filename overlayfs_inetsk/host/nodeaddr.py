@@ -5,25 +5,20 @@ on an interface (--iface; default: the one holding the default route of the fami
 of the other family), the first global address of the family (scope universe, not
 tentative, not DAD-failed, not an IPv6 temporary address).
 
-The lookup reads the namespace's routes and addresses over rtnetlink (node/rtnl.py, stdlib
-only). A netlink socket belongs to the namespace of the thread that makes it, and
-setns(CLONE_NEWNET) only moves the calling thread: so the lookup runs in a short-lived thread
-that setns()es into the namespace, makes its socket there, reads, and exits; no pooled
-thread ever changes namespace, and nothing forks (forking is not safe in the FUSE daemon:
-threads, the /dev/fuse session).
+The lookup reads the namespace's routes and addresses over rtnetlink (host/rtnl.py, stdlib
+only): a netlink socket belongs to the namespace of the thread that makes it, so the lookup
+makes its socket in a thread of its own in the namespace (host/netns.py: no fork).
 """
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
-import os
 import socket
-import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-from ..errors import InetskError, NodeAddressError
+from ..errors import NodeAddressError
+from .netns import in_netns
 
 if TYPE_CHECKING:
     from .rtnl import Rtnl
@@ -31,75 +26,12 @@ if TYPE_CHECKING:
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[int], IPAddress | None]
 
-CLONE_NEWNET = 0x40000000
 RT_SCOPE_UNIVERSE = 0
 RTN_UNICAST = 1
 IFA_F_SECONDARY = 0x01  # IPv6: IFA_F_TEMPORARY
 IFA_F_DADFAILED = 0x08
 IFA_F_TENTATIVE = 0x40
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
-
-T = TypeVar("T")
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _setns(fd: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """Run fn() with the network namespace at path `netns` (in a thread of its own)."""
-    if netns is None:
-        return fn()
-    value: list[T] = []  # fn()'s result, or
-    error: list[BaseException] = []  # what it raised: handed to the caller
-
-    def run() -> None:
-        try:
-            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _setns(fd)
-                finally:
-                    os.close(fd)
-                try:
-                    value.append(fn())
-                finally:
-                    _setns(own)
-            finally:
-                os.close(own)
-        except BaseException as e:  # handed to the caller
-            error.append(e)
-
-    t = threading.Thread(target=run, name="overlayfs-inetsk-netns", daemon=True)
-    t.start()
-    t.join()
-    if error:
-        e = error[0]
-        if isinstance(e, OSError) and not isinstance(e, InetskError):
-            raise NodeAddressError(f"netns {netns}: {e.strerror or e}") from None
-        raise e
-    return value[0]
-
-
-def check_netns(netns: str) -> None:
-    """NodeAddressError unless `netns` names a network namespace we can enter."""
-    if not os.path.exists(netns):
-        raise NodeAddressError(f"netns {netns}: no such file")
-    try:
-        in_netns(netns, lambda: None)
-    except NodeAddressError as e:
-        if "Invalid argument" in str(e):
-            raise NodeAddressError(f"netns {netns}: not a network namespace") from None
-        raise
 
 
 def _default_oif(rtnl: Rtnl, af: int) -> int | None:

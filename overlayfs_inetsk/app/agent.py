@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import InetskError
-from . import DEFAULT_SOCKET, VIEW_ROOT, viewroot
-from .metrics import Outcome
-from .wire import (
+from ..plugin import DEFAULT_SOCKET, VIEW_ROOT, viewroot
+from ..plugin.metrics import Outcome
+from ..plugin.wire import (
     DEADLINE_PASSED,
     MAX_IN_FLIGHT,
     PROTOCOL,
@@ -47,7 +47,7 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
-    from .viewmaker import Reply
+    from .plugin_view import Reply
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def handle(conn: socket.socket, view_root: str = VIEW_ROOT) -> Outcome:
 
 
 def _serve(conn: socket.socket, view_root: str, r: _Record) -> None:
-    from .viewmaker import make_view
+    from .plugin_view import make_view
 
     conn.settimeout(READ_MS / 1000)
     uid = peer_uid(conn)
@@ -242,8 +242,8 @@ def _drop(view: viewroot.View | None) -> None:
 # -- serving ------------------------------------------------------------------------------
 def _warm_up() -> None:
     """Import what a request needs now, not during the first restore."""
-    from ..node import rtnl  # noqa: F401
-    from . import planning, viewmaker  # noqa: F401
+    from ..host import rtnl  # noqa: F401
+    from . import plugin_view  # noqa: F401
 
 
 def _notify_ready() -> None:
@@ -263,16 +263,16 @@ def serve(path: str = DEFAULT_SOCKET, view_root: str = VIEW_ROOT,
           on_ready: Callable[[], None] | None = None, take_over: bool = False,
           metrics: tuple[str, int] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (run it in the main thread), then drain (drain.py)."""
-    from . import drain
-    from .listener import open_listener
-    from .metrics import Stats
+    from ..plugin import drain
+    from ..plugin.listener import open_listener
+    from ..plugin.metrics import Stats
 
     path = os.path.abspath(path)
     os.close(viewroot.open_dir(os.path.normpath(view_root)))  # refused before listening
     stats = Stats()
     server, at = None, ""
     if metrics is not None:
-        from .metrics import serve_http
+        from ..plugin.metrics import serve_http
 
         host = f"[{metrics[0]}]" if ":" in metrics[0] else metrics[0]
         at = f"{host}:{metrics[1]}"

@@ -6,7 +6,7 @@ and RTM_GETLINK by name. It replaced pyroute2, whose import alone took about 105
 `mount`, `restore` and CRIU plugin run (issue 12); this module loads `socket` and `struct`.
 
 A netlink socket belongs to the network namespace of the thread that made it: make an Rtnl
-inside nodeaddr.in_netns's thread, after its setns(). The parsing functions (split, collect,
+inside netns.in_netns's thread, after its setns(). The parsing functions (split, collect,
 parse_route, parse_address) are pure, so tests feed them hand-built bytes; malformed input
 raises OSError(EBADMSG), a NLMSG_ERROR raises OSError(its errno), and a reply that never
 ends is cut short by the socket's timeout (TimeoutError, an OSError too).

@@ -1,46 +1,22 @@
 """inspect's report: the plans of a tree rendered as a table or as JSON (schema in
-docs/json.md). Display only: the planning is plan.py's."""
+docs/json.md). Display only: what is shown of each socket is its decision
+(core/report.py's SocketReport: the socket and its core/decide.py Decision)."""
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping, Sequence
 
-from .addrmap import AddressMap
-from .decide import VERDICTS, SocketReport
-from .natrules import nat_connections, table_name
-from .plan import RewriteResult
-from .sockaddr import SOCK_STREAM, IPAddress, fmt_addr
+from ..core.addrmap import AddressMap
+from ..core.decide import VERDICTS
+from ..core.natrules import nat_connections, table_name
+from ..core.plan import RewriteResult
+from ..core.portcheck import Clash
+from ..core.report import SocketReport
+from ..core.sockaddr import SOCK_STREAM, IPAddress, fmt_addr
 
 JSON_SCHEMA_VERSION = 1
-
-
-class WantedPort(Protocol):
-    """What the JSON shows of an endpoint a restore binds (node.portcheck.Want)."""
-
-    @property
-    def file(self) -> str: ...
-    @property
-    def id(self) -> int: ...
-    @property
-    def proto(self) -> str: ...
-    @property
-    def addr(self) -> IPAddress: ...
-    @property
-    def port(self) -> int: ...
-
-
-class TakenPort(Protocol):
-    """A port a restore would find taken (node.portcheck.Clash: the core does not import
-    node/)."""
-
-    @property
-    def want(self) -> WantedPort: ...
-    @property
-    def holder(self) -> object: ...
-    @property
-    def where(self) -> str: ...
 
 
 @functools.lru_cache(maxsize=8)
@@ -53,25 +29,26 @@ def _rel(root: str, path: str) -> str:
 
 
 def socket_dict(root: str, r: SocketReport) -> dict[str, object]:
+    s, d = r.sock, r.decision
     return {
-        "file": _rel(root, r.file),
-        "offset": r.offset,
-        "id": r.id,
-        "ino": r.ino,
-        "family": r.family_name,
-        "type": r.type_name,
-        "proto": r.proto_name,
-        "state": r.state_name,
-        "class": r.klass,
-        "src": fmt_addr(r.src),
-        "src_port": r.sport,
-        "dst": fmt_addr(r.dst),
-        "dst_port": r.dport,
-        "new_src": None if r.new_src is None else fmt_addr(r.new_src),
-        "new_dst": None if r.new_dst is None else fmt_addr(r.new_dst),
-        "new_src_port": r.new_sport,
-        "new_dst_port": r.new_dport,
-        "verdict": r.verdict,
+        "file": _rel(root, s.file),
+        "offset": s.offset,
+        "id": s.id,
+        "ino": s.ino,
+        "family": s.family_name,
+        "type": s.type_name,
+        "proto": s.proto_name,
+        "state": s.state_name,
+        "class": d.klass,
+        "src": fmt_addr(s.src),
+        "src_port": s.sport,
+        "dst": fmt_addr(s.dst),
+        "dst_port": s.dport,
+        "new_src": None if d.new_src is None else fmt_addr(d.new_src),
+        "new_dst": None if d.new_dst is None else fmt_addr(d.new_dst),
+        "new_src_port": d.new_sport,
+        "new_dst_port": d.new_dport,
+        "verdict": d.verdict,
         "reason": r.reason,
         "peer_nat": r.peer_nat,
     }
@@ -109,8 +86,8 @@ def map_sources(amap: AddressMap) -> list[str]:
 
 
 def render_json(image_dir: str, amap: AddressMap, results: Mapping[str, RewriteResult],
-                ports_taken: Sequence[TakenPort] | None = None) -> str:
-    """`ports_taken`: node.portcheck's Clash list when the check ran (inspect --netns);
+                ports_taken: Sequence[Clash] | None = None) -> str:
+    """`ports_taken`: the port check's Clash list when it ran (inspect --netns);
     the key is left out when it did not."""
     import json  # here: `rewrite` and the table need no json (start-up time)
 
@@ -162,31 +139,32 @@ def render_table(
         shown = res.problems if only_problems else res.reports
         file = _rel(image_dir, res.path) if shown else ""
         for r in shown:
-            if only_changes and r.verdict == "kept":
+            s, d = r.sock, r.decision
+            if only_changes and d.verdict == "kept":
                 continue
-            lkey = (r.type, r.proto, r.family)
+            lkey = (s.type, s.proto, s.family)
             label = labels.get(lkey)
             if label is None:
-                label = labels[lkey] = (r.type_name, r.proto_label)
-            row = [file if r.file == res.path else _rel(image_dir, r.file), str(r.id), *label,
-                   r.state_name if r.type == SOCK_STREAM else "-", endpoint(r.src, r.sport),
-                   endpoint(r.dst, r.dport), r.klass]
+                label = labels[lkey] = (s.type_name, s.proto_label)
+            row = [file if s.file == res.path else _rel(image_dir, s.file), str(s.id), *label,
+                   s.state_name if s.type == SOCK_STREAM else "-", endpoint(s.src, s.sport),
+                   endpoint(s.dst, s.dport), d.klass]
             if with_map:  # = r.new_local, r.new_remote
-                new, port = r.new_src, r.new_sport
+                new, port = d.new_src, d.new_sport
                 new_l = "-" if new is None and port is None else endpoint(
-                    r.src if new is None else new, r.sport if port is None else port)
-                new, port = r.new_dst, r.new_dport
+                    s.src if new is None else new, s.sport if port is None else port)
+                new, port = d.new_dst, d.new_dport
                 new_r = "-" if new is None and port is None else endpoint(
-                    r.dst if new is None else new, r.dport if port is None else port)
-                row += [new_l, new_r, r.verdict, r.reason]
+                    s.dst if new is None else new, s.dport if port is None else port)
+                row += [new_l, new_r, d.verdict, r.reason]
             rows.append(row)
     widths = [max(map(len, col)) for col in list(zip(*rows))[:-1]]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"  # = c.ljust(w) for each column
     lines = [fmt.format(*row) for row in rows]
-    s = summary(results)
-    tail = f"{s['sockets']} inet socket(s)"
+    n = summary(results)
+    tail = f"{n['sockets']} inet socket(s)"
     if with_map:
-        tail += ": " + ", ".join(f"{s[v]} {v}" for v in VERDICTS if s[v])
+        tail += ": " + ", ".join(f"{n[v]} {v}" for v in VERDICTS if n[v])
     if len(rows) == 1:
         lines = []
     return "\n".join(line.rstrip() for line in lines) + ("\n" if lines else "") + tail + "\n"
