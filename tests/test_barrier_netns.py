@@ -174,3 +174,21 @@ def test_tasks_in_criu_s_namespace_are_locked_at_pre_restore(spaces, tmp_path):
     cp = act(path, criu_ns, "post-restore", img, pid)
     assert cp.returncode == 7, cp.stderr
     assert drops(criu_ns) == [] and drops(task_ns) == []
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("own", [False, True])
+def test_a_lock_that_cannot_be_recorded_is_removed(spaces, tmp_path, own):
+    """NAME.locked cannot be written (here: a directory is in its way): the rules just
+    added are removed and the action fails with one line naming the file (before, at
+    pre-restore: a traceback, and the rules stayed)."""
+    criu_ns, task_ns, pid = spaces
+    img = images(tmp_path, own=own)
+    path, bdir = script(tmp_path, members=1, timeout=1)
+    (bdir / "C.locked").mkdir()
+    action = "post-setup-namespaces" if own else "pre-restore"
+    cp = act(path, criu_ns, action, img, pid)
+    assert cp.returncode == 7, cp.stderr
+    assert cp.stderr.strip().splitlines() == [
+        f"overlayfs-inetsk: error: {bdir}/C.locked: Is a directory"], cp.stderr
+    assert drops(criu_ns) == [] and drops(task_ns) == []

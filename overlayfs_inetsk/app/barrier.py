@@ -20,6 +20,7 @@ Where the sockets live is what CRIU decides from the images (core/netnsmask.py):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -130,7 +131,8 @@ def _unlock_recorded(directory: str, name: str,
     conns, recorded = _load_locked(directory, name)
     if conns:
         unlock(conns, netns=_where(environ, recorded))
-    with open(os.path.join(directory, f"{name}.unlocked"), "w") as f:
+    with contextlib.suppress(OSError), \
+            open(os.path.join(directory, f"{name}.unlocked"), "w") as f:
         f.write(f"time={time.time():.6f} conns={len(conns)}\n")
     return Locked(conns, None if recorded is None else recorded[1], unlocked=True)
 
@@ -147,20 +149,24 @@ def _lock(directory: str, name: str, environ: Mapping[str, str],
     if current == LOCK_ACTION:
         if own:
             return Deferred()
-        added = lock(image_connections(image_dir))
-        _save_locked(directory, name, added)
-        return Locked(added, None)
+        return _locked(directory, name, lock(image_connections(image_dir)), None, None)
     if not own:
         return None
     pid, path, ident = _task_netns(environ)
-    added = lock(image_connections(image_dir), netns=path)
+    return _locked(directory, name, lock(image_connections(image_dir), netns=path), path,
+                   (pid, ident))
+
+
+def _locked(directory: str, name: str, added: list[Conn], path: str | None,
+            where: tuple[int, str] | None) -> Locked:
+    """Record the rules added (NAME.locked); if that fails, remove them and raise."""
     try:
-        _save_locked(directory, name, added, (pid, ident))
+        _save_locked(directory, name, added, where)
     except OSError as exc:
         err = BarrierError(f"{directory}/{name}.locked: {exc.strerror}")
         _unlock_after(added, err, path)
         raise err from None
-    return Locked(added, ident)
+    return Locked(added, None if where is None else where[1])
 
 
 def run_action(directory: str, name: str, members: int, timeout: float = DEFAULT_TIMEOUT,
