@@ -205,3 +205,17 @@ def test_options_suppress_is_argparses():
     from overlayfs_inetsk.options import SUPPRESS
 
     assert SUPPRESS == argparse.SUPPRESS
+
+
+def test_plugin_view_turns_the_gc_on_again_whatever_happens(capsys):
+    """cli.main pauses the cyclic GC for plugin-view's imports: a caller in process whose
+    command line is refused gets it back (before: left off)."""
+    import gc
+
+    from overlayfs_inetsk.cli import main
+
+    assert gc.isenabled()
+    with pytest.raises(SystemExit) as exc:
+        main(["plugin-view", "--socket-fd", "x"])
+    assert exc.value.code == 2 and "invalid int value" in capsys.readouterr().err
+    assert gc.isenabled()

@@ -67,22 +67,25 @@ def plugin_view_main(argv: Sequence[str]) -> int:
     """Serve the one request the plugin sends on --socket-fd (its end of a socketpair)
     with the agent's handler, then exit at once (the plugin waits for this process, and
     kills its process group at its deadline)."""
-    quick = quick_args(argv)
-    if quick is None:
-        args = parser().parse_args(argv)
-        quick = args.socket_fd, args.view_root
-    fd, view_root = quick
     import gc
-    import socket
-
-    from ..app import plugin_view  # noqa: F401  (handle() would import it: here, GC paused)
-    from ..app.agent import handle
 
     # the cyclic GC was paused by cli.main for the imports (their objects hold no garbage,
-    # and its collections walked them again and again: 2.5 % of the route's instructions);
-    # frozen out of its reach, it runs again for the request
-    gc.freeze()
-    gc.enable()
+    # and its collections walked them again and again: 1.5 % of the route's instructions);
+    # it runs again for the request (and for a caller in process, whatever happens)
+    try:
+        quick = quick_args(argv)
+        if quick is None:
+            args = parser().parse_args(argv)
+            quick = args.socket_fd, args.view_root
+        fd, view_root = quick
+        import socket
+
+        from ..app import plugin_view  # noqa: F401  (handle() would import it: GC paused)
+        from ..app.agent import handle
+
+        gc.freeze()  # what was imported, out of the collector's reach (before it runs again)
+    finally:
+        gc.enable()
 
     try:
         conn = socket.socket(fileno=fd)
