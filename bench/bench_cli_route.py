@@ -9,7 +9,10 @@ plugin sends (no map in it: the default `local=auto`, resolved in this network n
 package of another checkout, alternating, `--runs` rounds:
   - wall time from the spawn to the reply (what the plugin waits for) and the process's CPU
     time (user + system), medians;
-  - the modules the process loaded (-X importtime, once);
+  - the modules the process loaded, and (--importtime N) where its import time goes:
+    -X importtime of N more requests, the median of each module's own time, summed by
+    who brought it in (protobuf and pycriu's generated modules, this package, the
+    standard library) and the largest modules;
   - --callgrind: the instructions the process executes (valgrind --tool=callgrind, once
     each: repeatable to about 1 %, where wall time on this shared machine is not), and
     those of `python -c pass`.
@@ -96,6 +99,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=21)
     ap.add_argument("--against", metavar="DIR", help="also the package of another checkout")
     ap.add_argument("--callgrind", action="store_true", help="count instructions (valgrind)")
+    ap.add_argument("--importtime", type=int, default=0, metavar="N",
+                    help="import-time breakdown over N requests of this tree")
     ap.add_argument("--env-map", action="store_true",
                     help="the request maps to 10.77.0.2 (no `auto`, no netlink)")
     opts = ap.parse_args()
@@ -117,6 +122,8 @@ def main() -> int:
         for k, tree in trees.items():
             err = route.run(tree, flags=("-X", "importtime"))[2]
             mods[k] = len(re.findall(r"^import time:\s+\d+ \|", err, re.M))
+        breakdown = [route.run(ROOT, flags=("-X", "importtime"))[2]
+                     for _ in range(opts.importtime)]
         counts = {k: instructions(route.run(tree, CALLGRIND)[2]) for k, tree in trees.items()
                   } if opts.callgrind else {}
         bare = 0
@@ -137,8 +144,46 @@ def main() -> int:
         print(line)
     if opts.callgrind:
         print(f"  python -c pass: {bare / 1e6:.1f} M instructions")
+    if breakdown:
+        print_breakdown(breakdown)
     print("load average at the end: %.2f %.2f %.2f" % os.getloadavg())
     return 0
+
+
+def owner(module: str) -> str | None:
+    if module.startswith("google.") or module.endswith("_pb2"):
+        return "protobuf + pycriu"
+    return "overlayfs_inetsk" if module.startswith("overlayfs_inetsk") else None
+
+
+def print_breakdown(traces: list[str]) -> None:
+    """Each module's own import time (median over the traces), summed by the nearest
+    importer that is protobuf/pycriu or this package (a standard module imported by one
+    counts for it; the rest: the interpreter's start and the route's own code)."""
+    own: dict[str, list[float]] = {}
+    groups: dict[str, list[float]] = {}
+    for trace in traces:
+        rows = [(int(m.group(1)), len(m.group(2)) // 2, m.group(3)) for m in re.finditer(
+            r"^import time:\s+(\d+) \|\s+\d+ \|( *)(\S+)$", trace, re.M)]
+        stack: list[tuple[int, str]] = []
+        sums: dict[str, float] = {}
+        for us, depth, mod in reversed(rows):  # a module's importers come after it
+            while stack and stack[-1][0] >= depth:
+                stack.pop()
+            who = owner(mod) or next((owner(m) for _, m in reversed(stack) if owner(m)),
+                                     None) or "start-up and the route's own imports"
+            sums[who] = sums.get(who, 0.0) + us / 1000
+            own.setdefault(mod, []).append(us / 1000)
+            stack.append((depth, mod))
+        for k, v in sums.items():
+            groups.setdefault(k, []).append(v)
+    total = sum(statistics.median(v) for v in groups.values())
+    print(f"  import time by who brings a module in (-X importtime, median of {len(traces)}):")
+    for k, v in sorted(groups.items(), key=lambda kv: -statistics.median(kv[1])):
+        print(f"    {k:<40} {statistics.median(v):6.1f} ms  {statistics.median(v) / total:5.1%}")
+    top = sorted(own.items(), key=lambda kv: -statistics.median(kv[1]))[:12]
+    print("  the largest modules (own time): " + ", ".join(
+        f"{m} {statistics.median(v):.1f}" for m, v in top))
 
 
 if __name__ == "__main__":
