@@ -17,7 +17,8 @@ Prints every median and the ratios / differences against the baseline of the sam
 The CLI is run as an installed one is: a console script as pip writes it (`from
 overlayfs_inetsk.cli import main`, no runpy, no shell), the package's bytecode kept (in
 WORK/pycache: this machine sets PYTHONDONTWRITEBYTECODE=1, under which every restore
-compiled the package again, about 60 ms of the CLI route; an install has its .pyc files).
+compiled the package again: the route took 160 to 210 ms so, 90 to 100 ms with its
+bytecode, at the same load; an install has its .pyc files).
 Needs root and CRIU (scripts/setup.sh) and a built plugin (make -C plugin).
 """
 
