@@ -271,6 +271,11 @@ def _run(cfg: RestoreConfig, p: Plan, criu: str, base: str, held: int,
         log.error("restore stopped by %s (criu exit %d)",
                   signal.Signals(sigs.signum).name if sigs.signum else "a signal",
                   outcome.exit_code)
+    elif sigs.child is not None and not criu_ok and not os.path.exists(restore_log):
+        # criu (or nsenter) stopped before opening its log: a bad option, a missing netns
+        outcome.log = None
+        log.error("criu restore failed (exit %d) before it wrote its log (its message is "
+                  "above); work dir kept: %s", outcome.exit_code, work)
     elif sigs.child is not None and not criu_ok:
         log.error("criu restore failed (exit %d); log: %s; work dir kept: %s",
                   outcome.exit_code, restore_log, work)
