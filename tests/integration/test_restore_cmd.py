@@ -515,3 +515,20 @@ def test_a_criu_that_fails_before_its_log_names_no_log(fake, tmp_path):
     assert not os.path.exists(os.path.join(work, "restore.log"))
     assert os.path.exists(os.path.join(work, "mount.log"))  # what the work dir holds
     assert our_mounts(f"{RESTORE_DIR}/{cp.pid}-") == []
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.criu
+def test_json_stdout_is_the_report_alone_whatever_criu_prints(fake, tmp_path):
+    """restore --json's stdout is one JSON document even when criu writes on its stdout (real
+    criu given an option it does not know prints its usage there): criu's output goes to
+    stderr. Before, the usage text came first and `json.loads(stdout)` failed."""
+    env = {k: v for k, v in os.environ.items() if k != "CRIU"}
+    cp = restore_cmd(str(fake["img"]), "--map", f"{A4}={B4}", "--json",
+                     "--", "--tcp-establised", tmp=tmp_path, env=env)
+    assert cp.returncode == 1, cp
+    r = json.loads(cp.stdout)["restore"]
+    assert r["exit_code"] == 1 and r["log"] is None and r["work_dir"], r
+    assert "Usage:" in cp.stderr and "unrecognized option" in cp.stderr
+    assert our_mounts(f"{RESTORE_DIR}/{cp.pid}-") == []
