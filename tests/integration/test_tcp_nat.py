@@ -250,8 +250,14 @@ def test_a_restore_killed_with_sigkill_is_swept(moved):
     view = err.split(" on ", 1)[1].split(" (daemon", 1)[0]
     assert "overlayfs_inetsk_nat_" in ruleset(m["C"])  # left behind, for now
     cp = overlayfs_inetsk("umount", view, check=False)
-    assert cp.returncode == 0, cp.stderr
-    assert "removed the NAT table of a killed restore" in cp.stderr, cp.stderr
+    if cp.returncode == 6 and "not mounted" in cp.stderr:
+        # another restore on this machine (any run's: the sweep is machine-wide, by design)
+        # cleared it first: then that sweep removed the table, as ours would have
+        wait_for(lambda: ruleset(m["C"]) == m["before"], timeout=10,
+                 what="the concurrent sweep to remove the table")
+    else:
+        assert cp.returncode == 0, cp.stderr
+        assert "removed the NAT table of a killed restore" in cp.stderr, cp.stderr
     assert ruleset(m["C"]) == m["before"]
     assert lock_rules(m["B"]) == []
 
