@@ -26,8 +26,9 @@ def taken(wants: Iterable[Want], netns: str | None = None) -> list[Clash]:
 
 def check_plan(results: Mapping[str, RewriteResult], netns: str | None, strict: bool,
                warn: Callable[[str], None]) -> list[Clash]:
-    """The port check of a planned restore (core.plan results by path): each taken port is
-    passed to `warn` as one line; with `strict`, PortTakenError names the first instead."""
+    """The port check of a planned restore (core.plan results by path): each taken port,
+    then each bound address the namespace does not have, is passed to `warn` as one line;
+    with `strict`, PortTakenError (RewriteError) names the first instead."""
     reports = [r for res in results.values() for r in res.reports]
     wants = wants_of(reports)
     found = taken(wants, netns)
