@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -77,6 +78,7 @@ class RestoreConfig:
     stop_timeout: float = STOP_TIMEOUT  # --foreground: a stop signal's SIGKILL after this
     nat_peer_netns: Sequence[str] = ()  # fate nat: apply the peers' table there (natrestore)
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    stdout_is_ours: bool = False  # `--json`: criu's stdout goes to our stderr
 
 
 @dataclass
@@ -229,9 +231,12 @@ def _run(cfg: RestoreConfig, p: Plan, criu: str, base: str, held: int,
                 # except for a shell job, which criu restores into our terminal's session
                 shell_job = any(a in ("-j", "--shell-job") for a in cfg.criu_args)
                 # criu holds our dir too: a criu that outlives us keeps its view
+                # (a shell job keeps our stdio: criu restores the terminal from it)
+                to_err = cfg.stdout_is_ours and not shell_job
                 sigs.child = subprocess.Popen(argv, cwd=work, env=dict(cfg.env),
                                               process_group=None if shell_job else 0,
-                                              pass_fds=(held,))
+                                              pass_fds=(held,),
+                                              stdout=sys.stderr.fileno() if to_err else None)
                 rc = sigs.wait()
                 outcome.exit_code = 128 - rc if rc < 0 else rc
                 ok = criu_ok = rc == 0
@@ -271,6 +276,11 @@ def _run(cfg: RestoreConfig, p: Plan, criu: str, base: str, held: int,
         log.error("restore stopped by %s (criu exit %d)",
                   signal.Signals(sigs.signum).name if sigs.signum else "a signal",
                   outcome.exit_code)
+    elif sigs.child is not None and not criu_ok and not os.path.exists(restore_log):
+        # criu (or nsenter) stopped before opening its log: a bad option, a missing netns
+        outcome.log = None
+        log.error("criu restore failed (exit %d) before it wrote its log (its message is "
+                  "above); work dir kept: %s", outcome.exit_code, work)
     elif sigs.child is not None and not criu_ok:
         log.error("criu restore failed (exit %d); log: %s; work dir kept: %s",
                   outcome.exit_code, restore_log, work)

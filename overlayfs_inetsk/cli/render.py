@@ -163,7 +163,7 @@ def render_table(
     lines = [fmt.format(*row) for row in rows]
     n = summary(results)
     tail = f"{n['sockets']} inet socket(s)"
-    if with_map:
+    if with_map and n["sockets"]:
         tail += ": " + ", ".join(f"{n[v]} {v}" for v in VERDICTS if n[v])
     if len(rows) == 1:
         lines = []

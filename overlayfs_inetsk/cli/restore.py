@@ -130,7 +130,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         port_offset=args.port_offset,
         tcp_outside=args.tcp_outside, serve=args.serve, criu_args=list(args.criu_args),
         work_dir=args.work_dir, foreground=args.foreground, stop_timeout=args.stop_timeout,
-        nat_peer_netns=list(args.nat_peer_netns), env=dict(os.environ))
+        nat_peer_netns=list(args.nat_peer_netns), env=dict(os.environ),
+        stdout_is_ours=args.json)
     p = plan(cfg)
     out = run(cfg, p, on_start=None if args.json else _print_summary)
     if args.json:

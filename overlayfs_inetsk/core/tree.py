@@ -172,6 +172,12 @@ class ImageTree:
     def iter_socket_groups(self) -> Iterator[tuple[int, Mapping[str, bytes]]]:
         yield from self.socket_groups.items()
 
+    def holds_images(self) -> bool:
+        """Whether this is a CRIU image dir (or a tree of them): a socket image or an
+        inventory.img anywhere in it. A server's config dir or an empty dir is none."""
+        return bool(self.socket_groups) or any(
+            n.name == b"inventory.img" for n in self.nodes.values())
+
     def __len__(self) -> int:
         return len(self.nodes)
 

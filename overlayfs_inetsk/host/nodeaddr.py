@@ -157,3 +157,25 @@ def snapshot(families: Iterable[int], netns: str | None = None,
 def describe(snap: Snapshot) -> str:
     """'IPv4 10.77.0.2, IPv6 none' (for log lines)."""
     return ", ".join(f"IPv{fam} {v}" for fam, v in snap) or "no auto"
+
+
+def local_addresses(netns: str | None = None) -> set[IPAddress]:
+    """Every address of every interface of the namespace at path `netns` (None: ours), both
+    families, in any state: what the restore's binds are checked against (core/addrcheck.py).
+    Raises NodeAddressError when the namespace cannot be entered or read."""
+    where = f"netns {netns}" if netns else "our network namespace"
+
+    def read() -> set[IPAddress]:
+        from .rtnl import Rtnl
+
+        out: set[IPAddress] = set()
+        with Rtnl() as rtnl:
+            for af in _FAMILIES.values():
+                for a in rtnl.addresses(af):
+                    out.update(x for x in (a.local, a.address) if x is not None)
+        return out
+
+    try:
+        return in_netns(netns, read)
+    except OSError as e:
+        raise NodeAddressError(f"{where}: cannot read addresses: {e}") from None

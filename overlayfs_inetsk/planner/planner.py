@@ -157,6 +157,9 @@ class Planner:
         """IMAGE_DIR as a view of it shows it, its `parent` links checked."""
         steps = STEPS[purpose]
         tree = build_tree(image_dir, serve, link_root, link_from, steps.sockets_only)
+        if purpose != "plugin" and not tree.holds_images():  # the plugin's is CRIU's own
+            raise TreeError(f"{image_dir}: not a CRIU image dir (no inventory.img, files.img "
+                            "or inetsk.img in it or below it)")
         if steps.parents != "view":
             check_parents(tree, warn_only=steps.parents == "warn")
         return tree

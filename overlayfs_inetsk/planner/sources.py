@@ -138,7 +138,13 @@ def plugin_config(root: str, env: Mapping[str, str]) -> PluginConfig:
     specs = [s for s in re.split(r"[,\s]+", env.get(ENV_MAP, "")) if s]
     env_local = [n for n in ENV_LOCAL.values() if env.get(n, "").strip()]
     if specs or env_local:
-        amap = load_map(specs, env=env)
+        try:
+            amap = load_map(specs, env=env)
+        except MapError as e:  # a rule of $OVERLAYFS_INETSK_MAP: nobody gave a --map
+            msg = str(e)
+            if msg.startswith("--map "):
+                raise MapError(f"${ENV_MAP}: {msg.removeprefix('--map ')}") from None
+            raise
         what = [f"{ENV_MAP}={env[ENV_MAP]}"] if specs else []
         map_source = "CRIU's environment (" + ", ".join(what + env_local) + ")"
     elif (path := _file(os.path.join(root, CHECKPOINT_MAP))) is not None:

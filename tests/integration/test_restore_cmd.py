@@ -144,12 +144,19 @@ def test_failed_restore_exits_with_criu_status_and_keeps_its_log(testnet, image_
 
 # ------------------------------------------------------------- a stand-in criu ($CRIU)
 FAKE_CRIU = r"""#!/bin/sh
-# records its argv (one per line) and the files.img it reads from -D, then exits $FAKE_RC
+# records its argv (one per line) and the files.img it reads from -D, writes its -o log,
+# then exits $FAKE_RC
 out="$FAKE_OUT"
 printf '%s\n' "$@" > "$out/argv"
 dir=""
+log=""
 prev=""
-for a in "$@"; do [ "$prev" = "-D" ] && dir="$a"; prev="$a"; done
+for a in "$@"; do
+  [ "$prev" = "-D" ] && dir="$a"
+  [ "$prev" = "-o" ] && log="$a"
+  prev="$a"
+done
+[ -n "$log" ] && echo "fake criu: $*" > "$log"  # as criu, which opens its log first
 cat "$dir/files.img" > "$out/files.img" 2>"$out/cat.err"
 if [ -n "$FAKE_SLEEP" ]; then
   # the sleep holds none of our stdio (restore's caller would wait for its end to read
@@ -247,7 +254,9 @@ def test_the_checkpoint_is_planned_once(fake, tmp_path):
     cp = restore_cmd("-v", str(fake["img"]), "--map", f"{A4}={B4}", "--work-dir", str(work),
                      tmp=tmp_path, env=fake["env"])  # type: ignore[arg-type]
     assert cp.returncode == 0, cp.stderr
-    assert cp.stderr.count(": socket id ") == 2  # restore's own plan, one line a socket
+    decisions = [ln for ln in cp.stderr.splitlines() if ln.startswith("DEBUG")
+                 and ": socket id " in ln]
+    assert len(decisions) == 2, cp.stderr  # restore's own plan, one line a socket
     daemon = (work / "mount.log").read_text()
     assert "the plan of 1 checkpoint dir(s) handed over" in daemon, daemon
     assert ": socket id " not in daemon, daemon  # no decision made there
@@ -485,3 +494,41 @@ def test_sigkilled_restore_is_cleared_by_umount(fake, tmp_path):
     assert cp.returncode == 0, cp.stderr
     assert our_mounts(prefix) == [] and leftovers(p.pid) == []
     _wait(lambda: daemons_under(prefix) == [], timeout=10, what="daemon gone")
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.criu
+def test_a_criu_that_fails_before_its_log_names_no_log(fake, tmp_path):
+    """A typo in a criu option after `--` (real criu: it prints its usage and exits 1 before
+    it opens its log): restore says so instead of naming a restore.log that is not there
+    (before: `criu restore failed (exit 1); log: .../restore.log; ...`, no such file)."""
+    env = {k: v for k, v in os.environ.items() if k != "CRIU"}
+    cp = restore_cmd(str(fake["img"]), "--map", f"{A4}={B4}", "--", "--tcp-establised",
+                     tmp=tmp_path, env=env)
+    assert cp.returncode == 1, cp
+    assert "unrecognized option '--tcp-establised'" in cp.stderr, cp.stderr
+    [line] = [ln for ln in cp.stderr.splitlines() if "criu restore failed" in ln]
+    work = line.rsplit("work dir kept: ", 1)[1]
+    assert line == (f"ERROR criu restore failed (exit 1) before it wrote its log (its "
+                    f"message is above); work dir kept: {work}"), line
+    assert not os.path.exists(os.path.join(work, "restore.log"))
+    assert os.path.exists(os.path.join(work, "mount.log"))  # what the work dir holds
+    assert our_mounts(f"{RESTORE_DIR}/{cp.pid}-") == []
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.criu
+def test_json_stdout_is_the_report_alone_whatever_criu_prints(fake, tmp_path):
+    """restore --json's stdout is one JSON document even when criu writes on its stdout (real
+    criu given an option it does not know prints its usage there): criu's output goes to
+    stderr. Before, the usage text came first and `json.loads(stdout)` failed."""
+    env = {k: v for k, v in os.environ.items() if k != "CRIU"}
+    cp = restore_cmd(str(fake["img"]), "--map", f"{A4}={B4}", "--json",
+                     "--", "--tcp-establised", tmp=tmp_path, env=env)
+    assert cp.returncode == 1, cp
+    r = json.loads(cp.stdout)["restore"]
+    assert r["exit_code"] == 1 and r["log"] is None and r["work_dir"], r
+    assert "Usage:" in cp.stderr and "unrecognized option" in cp.stderr
+    assert our_mounts(f"{RESTORE_DIR}/{cp.pid}-") == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -26,6 +27,7 @@ from inetsk_testbed.mount import BIN, overlayfs_inetsk
 from inetsk_testbed.procs import netns_pids
 from inetsk_testbed.probe import wait_for
 from inetsk_testbed.stream import start_stream, status
+from overlayfs_inetsk.host.stale import RESTORE_DIR
 
 from .test_plugin import Plugin, build_plugin
 
@@ -70,12 +72,30 @@ def moved(request, testnet, image_dirs):
            "dirs": image_dirs, "before": before}
 
 
+RAN: list[int] = []  # pids of the restores run here
+
+
+@pytest.fixture(autouse=True)
+def _remove_kept_work_dirs():
+    """A restore whose criu failed or was killed keeps its work dir (docs/cli.md); these
+    tests read none of them: removed, so that runs do not pile them up in RESTORE_DIR."""
+    yield
+    while RAN:
+        pid = RAN.pop()
+        for name in os.listdir(RESTORE_DIR):
+            path = os.path.join(RESTORE_DIR, name)
+            if name.startswith(f"{pid}-") and not os.path.ismount(os.path.join(path, "view")):
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def restore(m, *extra: str, timeout: float = 60, **kw) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    p = subprocess.Popen(
         [BIN, "restore", str(m["dirs"].images), "--netns", m["B"].netns_path,
          "--map", f"{m['a']}={m['b']}", "--tcp-outside", "nat",
          "--nat-peer-netns", m["C"].netns_path, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    RAN.append(p.pid)
+    return p
 
 
 def adopt_all(host) -> None:
@@ -230,8 +250,14 @@ def test_a_restore_killed_with_sigkill_is_swept(moved):
     view = err.split(" on ", 1)[1].split(" (daemon", 1)[0]
     assert "overlayfs_inetsk_nat_" in ruleset(m["C"])  # left behind, for now
     cp = overlayfs_inetsk("umount", view, check=False)
-    assert cp.returncode == 0, cp.stderr
-    assert "removed the NAT table of a killed restore" in cp.stderr, cp.stderr
+    if cp.returncode == 6 and "not mounted" in cp.stderr:
+        # another restore on this machine (any run's: the sweep is machine-wide, by design)
+        # cleared it first: then that sweep removed the table, as ours would have
+        wait_for(lambda: ruleset(m["C"]) == m["before"], timeout=10,
+                 what="the concurrent sweep to remove the table")
+    else:
+        assert cp.returncode == 0, cp.stderr
+        assert "removed the NAT table of a killed restore" in cp.stderr, cp.stderr
     assert ruleset(m["C"]) == m["before"]
     assert lock_rules(m["B"]) == []
 
