@@ -1,0 +1,235 @@
+"""plan.py's pass over files.img in the entries' bytes (core/patch.py), with no upb decode.
+
+    plan_bytes(path, data, interner, bmap, options, seen) -> (data, counts, problems,
+                                                               changed) or None
+
+The same pass as plan._plan_image (the same keys, one decide() per kind of socket, the
+same `local` protocol), for what a mount's first open and `rewrite` need: no report per
+socket, no port moves. Every inet entry must be in protobuf-c's layout (patch.HEAD, its
+tail checked by patch.TailCheck): at the first that is not, or one to be closed, it
+answers None and plan.py makes its upb pass over the image, so every entry is exactly
+what that pass gives (tests/test_bytepass.py compares the two).
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from ..errors import RewriteError
+from .boundmap import BoundMap, Sources
+from .decide import KEEP, NEEDS_ADDRESS, REFUSED, SET, VERDICTS, RewriteOptions, decide
+from .entries import FD_INETSK, Interner, fdinfo_pb2, not_inet
+from .imagefile import FILES_MAGIC, HEADER_SIZE, LENGTH, MAGIC_BY_NAME, read_header
+from .patch import (
+    DST_TAG,
+    HEAD,
+    SRC_TAG,
+    TailCheck,
+    field_words,
+    patched,
+    uvarint,
+    varint,
+    words_field,
+)
+from .report import SocketReport
+from .sockaddr import AF_INET, IPAddress
+from .sockets import Socket
+
+_MAX = 1024  # classes, sources, lengths kept (as plan._SAME_MAX)
+_TAILS = TailCheck(fdinfo_pb2.file_entry)
+_ZERO_SPORT, _ZERO_DPORT = b"\x38\x00", b"\x40\x00"
+_VARINTS = [varint(n) for n in range(2048)]  # isk's length: entries are a few hundred bytes
+
+Result = tuple[bytes, dict[str, int], list[SocketReport], int]
+# a class: verdict, action, new src field, new dst field (None: as it is), new ports, report
+_Class = tuple[str, str, bytes | None, bytes | None, int | None, int | None, SocketReport]
+
+
+def _socket(path: str, off: int, data: bytes, start: int, end: int, interner: Interner,
+            src: IPAddress, fam: int, dst_raw: bytes) -> Socket:
+    """The facts of the entry data[start:end] (decoded with upb: once per class)."""
+    isk = fdinfo_pb2.file_entry.FromString(data[start:end]).isk
+    return Socket(path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state, src,
+                  isk.src_port, interner.valid(fam, field_words(dst_raw)), isk.dst_port)
+
+
+def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
+               options: RewriteOptions, seen: Sources | None) -> Result | None:
+    """The plan of one files.img (see the module's docstring), or None: plan it with upb."""
+    if read_header(data, path, MAGIC_BY_NAME.get(posixpath.basename(path))) != FILES_MAGIC:
+        return None  # (read_header raises what inet_entries would)
+    counts = dict.fromkeys(VERDICTS, 0)
+    problems: list[SocketReport] = []
+    # the key is plan._plan_image's (decide.peer_class), the bytes standing for the words
+    # (canonical varints): family..state, whether each port is 0, src, dst is src, where
+    # the map moves dst
+    classes: dict[tuple[object, ...], _Class] = {}
+    srcs: dict[bytes, tuple[IPAddress, bytes]] = {}  # src field -> (address, as a dst field)
+    out: list[bytes] = []
+    copied = 0
+    changed = 0
+    mv = memoryview(data)
+    match, tails, varints = HEAD.match, _TAILS, _VARINTS
+    unpack, pack = LENGTH.unpack_from, LENGTH.pack
+    # the image's own addresses, asked for when a first peer is judged, as might_move()
+    # asks (boundmap.one_pass: the sources met before are not late)
+    local: tuple[set[bytes] | None, set[bytes] | None, bytes] | None = None
+    asked = False
+    l4 = l6 = None
+    mapped = b""
+    bits, mask = bytearray(), 0
+    might_move, lookup = bmap.might_move, bmap.lookup
+    good_tails: set[bytes] = set()
+    inet, z7, z8, v4, set_ = FD_INETSK, _ZERO_SPORT, _ZERO_DPORT, AF_INET, SET
+    last_dst = last_tail = last_src = b""
+    src: IPAddress | None = None
+    src_as_dst = b""
+    moved: tuple[IPAddress, str] | None = None
+    pos, size = HEADER_SIZE, len(data)
+    while pos < size:
+        if size - pos < 4:
+            return None  # upb's route names what is wrong
+        start = pos + 4
+        end = start + unpack(data, pos)[0]
+        if end > size:
+            return None
+        off, pos = pos, end
+        if end - start < 5 or data[start + 1] != inet or data[start] != 0x08:
+            if not_inet(data, mv, start, end, path, off):
+                continue
+            return None  # an inet socket in another layout
+        m = match(data, start, end)
+        if m is None:
+            return None
+        fid, ilen, kind, famb, sportf, dportf, src_raw, dst_raw, src6, dst6 = m.groups()
+        if src_raw is None:
+            if famb != b"\x0a":
+                return None
+            src_raw, dst_raw, fam = src6, dst6, 10
+        elif famb != b"\x02":
+            return None
+        else:
+            fam = v4
+        isk0 = start + 4 + len(fid) + len(ilen)  # 08 04 10 id 22 len
+        n = len(ilen)
+        if isk0 + (ilen[0] if n == 1 else ilen[0] & 0x7F | ilen[1] << 7 if n == 2
+                   else uvarint(ilen)[0]) != end:
+            return None  # isk must be the entry's last field
+        tail0 = m.end()
+        tail = data[tail0:end]
+        if tail != last_tail and tail not in good_tails:
+            if not tails(tail, data, start, end):
+                return None
+            if len(good_tails) >= _MAX:
+                good_tails.clear()
+            good_tails.add(tail)
+        last_tail = tail
+        if src_raw != last_src:
+            got_src = srcs.get(src_raw)
+            if got_src is None:
+                words = field_words(src_raw)
+                got_src = (interner.valid(fam, words), words_field(DST_TAG, words))
+                if len(srcs) >= _MAX:
+                    srcs.clear()
+                srcs[src_raw] = got_src
+                if seen is not None:
+                    seen.src((fam, words), got_src[0])
+            src, src_as_dst = got_src
+            last_src = src_raw
+        if dst_raw != last_dst:  # decide.peer_class's dst_moved, as plan._plan_image finds it
+            last_dst = dst_raw
+            if not asked:
+                asked = True
+                local = bmap.raw_locals()  # None: the map has address rules: the words
+                if local is not None:
+                    l4, l6, mapped = local
+                    bits, mask = bmap.not_local_bits()
+            if local is None:
+                may = might_move(fam, field_words(dst_raw))
+            else:  # BoundMap.might_move, inline and on the bytes: 10,000 distinct peers
+                key = dst_raw
+                if fam == v4:
+                    lset = l4
+                elif dst_raw[1] or dst_raw[3] or not dst_raw.startswith(mapped):
+                    lset = l6
+                else:  # ::ffff:a.b.c.d: as the IPv4 address
+                    lset, key = l4, b"\x60" + dst_raw[len(mapped):]
+                if lset is None:
+                    may = False
+                else:
+                    may = key in lset
+                    if not may:  # BoundMap.note_not_local, inline
+                        b = hash(key) & mask
+                        bits[b >> 3] |= 1 << (b & 7)
+            if may:
+                try:
+                    moved = lookup(interner.valid(fam, field_words(dst_raw)))
+                except RewriteError:  # an `auto` target that cannot be resolved: upb's
+                    return None  # route names it
+            else:
+                moved = None
+        key = (kind, sportf == z7, dportf == z8, src_raw,
+               dst_raw[1:] == src_raw[1:] if fam == v4 else dst_raw == src_as_dst, moved)
+        got = classes.get(key)
+        if got is None:
+            assert src is not None
+            first = _socket(path, off, data, start, end, interner, src, fam, dst_raw)
+            d = decide(first, bmap, options, None)
+            n_words = 1 if fam == AF_INET else 4
+            new_src = new_dst = None
+            if d.action == SET:
+                if d.src_words is not None:
+                    if len(d.src_words) != n_words:
+                        return None  # not a word for a word: upb's route
+                    new_src = words_field(SRC_TAG, d.src_words)
+                if d.dst_words is not None:
+                    if len(d.dst_words) != n_words:
+                        return None
+                    new_dst = words_field(DST_TAG, d.dst_words)
+            elif d.action != KEEP:
+                return None  # closed: state, ports, addresses and shutdown (upb's route)
+            got = (d.verdict, d.action, new_src, new_dst, d.new_sport, d.new_dport,
+                   SocketReport(first, d))
+            if len(classes) >= _MAX:
+                classes.clear()
+            classes[key] = got
+        verdict, action, new_src, new_dst, new_sport, new_dport, report = got
+        counts[verdict] += 1
+        if verdict == REFUSED or verdict == NEEDS_ADDRESS:
+            if report.sock.offset != off:
+                assert src is not None
+                report = SocketReport(_socket(path, off, data, start, end, interner, src, fam,
+                                              dst_raw), report.decision)
+            problems.append(report)
+        if action != set_:
+            continue
+        if copied != off:
+            out.append(data[copied:off])
+        copied = end
+        changed += 1
+        src0 = tail0 - len(dst_raw) - len(src_raw)
+        if new_sport is None and new_dport is None:  # the addresses alone: one splice
+            a_src = new_src or src_raw
+            a_dst = new_dst or dst_raw
+            n = end - isk0 + len(a_src) + len(a_dst) - (tail0 - src0)
+            nlen = varints[n] if n < 2048 else varint(n)
+            ilen0 = isk0 - len(ilen)
+            out += (pack(ilen0 - start + len(nlen) + n), data[start:ilen0], nlen,
+                    data[isk0:src0], a_src, a_dst, tail)
+            continue
+        repl = []
+        p7 = m.start(5)
+        if new_sport is not None:
+            repl.append((p7 + 1, p7 + len(sportf), varint(new_sport)))
+        if new_dport is not None:
+            p8 = p7 + len(sportf)
+            repl.append((p8 + 1, p8 + len(dportf), varint(new_dport)))
+        if new_src is not None:
+            repl.append((src0, src0 + len(src_raw), new_src))
+        if new_dst is not None:
+            repl.append((tail0 - len(dst_raw), tail0, new_dst))
+        patched(data, start, isk0, end, repl, out)
+    if not out:
+        return data, counts, problems, changed
+    out.append(data[copied:])
+    return b"".join(out), counts, problems, changed
