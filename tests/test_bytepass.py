@@ -138,6 +138,23 @@ def test_the_bytes_route_is_taken_where_it_should_be_and_not_elsewhere() -> None
     assert {n for n, t in took.items() if t} == inside, took
 
 
+def test_closed_connections_take_the_bytes_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fate close (the default) on the bytes: state, ports, both addresses and shutdown, in
+    v4 and v6 entries, with shutdown already in the tail or not."""
+    amap = AddressMap.from_args(["local=10.77.0.7", "local=fd77::7"])
+    half = isk(3, "fd00::5", 5001, "fd00:1::9", 80, state=1)
+    half.shutdown = 1
+    data = files_img(inet_file_entry(isk(1, "10.0.1.5", 80)),
+                     inet_file_entry(isk(2, "10.0.1.5", 5000, "192.0.2.1", 80, state=1)),
+                     inet_file_entry(half),
+                     inet_file_entry(isk(4, "fd00::5", 5002, "fd00:1::a", 80, state=1)))
+    assert took_bytes(data, amap, RewriteOptions())
+    res = plan_checkpoint({"files.img": data}, amap, None, RewriteOptions(),
+                          reports=False)["files.img"]
+    assert res.counts["closed"] == 3 and res.changed == 4
+    same_both_ways(monkeypatch, "files.img", data)
+
+
 def test_the_real_dump_takes_the_bytes_route(monkeypatch: pytest.MonkeyPatch) -> None:
     path = os.path.join(os.path.dirname(__file__), "fuzz_corpus", "seeds", "service-files.img")
     data = open(path, "rb").read()

@@ -6,8 +6,7 @@
 The same pass as plan._plan_image (the same keys, one decide() per kind of socket, the
 same `local` protocol), for what a mount's first open and `rewrite` need: no report per
 socket, no port moves. Every inet entry must be in protobuf-c's layout (patch.HEAD, its
-tail checked by patch.TailCheck): at the first that is not, or one to be closed, it
-answers None and plan.py makes its upb pass over the image, so every entry is exactly
+tail checked by patch.TailCheck): at the first that is not, it answers None and plan.py makes its upb pass over the image, so every entry is exactly
 what that pass gives (tests/test_bytepass.py compares the two).
 """
 
@@ -17,8 +16,8 @@ import posixpath
 
 from ..errors import RewriteError
 from .boundmap import BoundMap, Sources
-from .decide import KEEP, NEEDS_ADDRESS, REFUSED, SET, VERDICTS, RewriteOptions, decide
-from .entries import FD_INETSK, Interner, fdinfo_pb2, not_inet
+from .decide import CLOSE, KEEP, NEEDS_ADDRESS, REFUSED, SET, VERDICTS, RewriteOptions, decide
+from .entries import SHUT_BOTH, FD_INETSK, Interner, fdinfo_pb2, not_inet, sk_inet_pb2
 from .imagefile import FILES_MAGIC, HEADER_SIZE, LENGTH, MAGIC_BY_NAME, read_header
 from .patch import (
     DST_TAG,
@@ -32,15 +31,19 @@ from .patch import (
     words_field,
 )
 from .report import SocketReport
-from .sockaddr import AF_INET, IPAddress
+from .sockaddr import AF_INET, TCP_CLOSE, IPAddress
 from .sockets import Socket
 
 _MAX = 1024  # classes, sources, lengths kept (as plan._SAME_MAX)
 _TAILS = TailCheck(fdinfo_pb2.file_entry)
 _ZERO_SPORT, _ZERO_DPORT = b"\x38\x00", b"\x40\x00"
-_VARINTS = [varint(n) for n in range(2048)]  # isk's length: entries are a few hundred bytes
+_VARINTS = [varint(n) for n in range(2048)]
+_STATE_CLOSE = bytes((TCP_CLOSE,))
+# both address fields of a closed connection: every word 0 (as many as the entry has)
+_ZERO_WORDS = {n: words_field(SRC_TAG, (0,) * n) + words_field(DST_TAG, (0,) * n)
+               for n in (1, 4)}  # isk's length: entries are a few hundred bytes
 
-Result = tuple[bytes, dict[str, int], list[SocketReport], int]
+Result = tuple[bytes | bytearray, dict[str, int], list[SocketReport], int]
 # a class: verdict, action, new src field, new dst field (None: as it is), new ports, report
 _Class = tuple[str, str, bytes | None, bytes | None, int | None, int | None, SocketReport]
 
@@ -65,12 +68,12 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     # the map moves dst
     classes: dict[tuple[object, ...], _Class] = {}
     srcs: dict[bytes, tuple[IPAddress, bytes]] = {}  # src field -> (address, as a dst field)
-    out: list[bytes] = []
+    out = bytearray()  # the new image, from the first changed entry on (copied: done)
     copied = 0
     changed = 0
     mv = memoryview(data)
     match, tails, varints = HEAD.match, _TAILS, _VARINTS
-    unpack, pack = LENGTH.unpack_from, LENGTH.pack
+    unpack, pack, join = LENGTH.unpack_from, LENGTH.pack, b"".join
     # the image's own addresses, asked for when a first peer is judged, as might_move()
     # asks (boundmap.one_pass: the sources met before are not late)
     local: tuple[set[bytes] | None, set[bytes] | None, bytes] | None = None
@@ -80,7 +83,7 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     bits, mask = bytearray(), 0
     might_move, lookup = bmap.might_move, bmap.lookup
     good_tails: set[bytes] = set()
-    inet, z7, z8, v4, set_ = FD_INETSK, _ZERO_SPORT, _ZERO_DPORT, AF_INET, SET
+    inet, z7, z8, v4, set_, close = FD_INETSK, _ZERO_SPORT, _ZERO_DPORT, AF_INET, SET, CLOSE
     last_dst = last_tail = last_src = b""
     src: IPAddress | None = None
     src_as_dst = b""
@@ -186,8 +189,8 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                     if len(d.dst_words) != n_words:
                         return None
                     new_dst = words_field(DST_TAG, d.dst_words)
-            elif d.action != KEEP:
-                return None  # closed: state, ports, addresses and shutdown (upb's route)
+            elif d.action != KEEP and d.action != CLOSE:
+                return None  # an action this pass does not know: upb's route
             got = (d.verdict, d.action, new_src, new_dst, d.new_sport, d.new_dport,
                    SocketReport(first, d))
             if len(classes) >= _MAX:
@@ -202,9 +205,23 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                                               dst_raw), report.decision)
             problems.append(report)
         if action != set_:
+            if action == close:  # entries.close_connection, on the bytes
+                if copied != off:
+                    out += mv[copied:off]
+                copied = end
+                changed += 1
+                p3, p7 = m.start(3), m.start(5)
+                p8 = p7 + len(sportf)
+                src0 = tail0 - len(dst_raw) - len(src_raw)
+                n_words = 1 if fam == v4 else 4
+                patched(data, start, isk0, end, [
+                    (p3 + 7, p3 + 8, _STATE_CLOSE), (p7 + 1, p8, b"\x00"),
+                    (p8 + 1, p8 + len(dportf), b"\x00"),
+                    (src0, end, _ZERO_WORDS[n_words] + tails.closed(
+                        tail, sk_inet_pb2.inet_sk_entry, SHUT_BOTH))], out)
             continue
         if copied != off:
-            out.append(data[copied:off])
+            out += mv[copied:off]
         copied = end
         changed += 1
         src0 = tail0 - len(dst_raw) - len(src_raw)
@@ -214,8 +231,8 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             n = end - isk0 + len(a_src) + len(a_dst) - (tail0 - src0)
             nlen = varints[n] if n < 2048 else varint(n)
             ilen0 = isk0 - len(ilen)
-            out += (pack(ilen0 - start + len(nlen) + n), data[start:ilen0], nlen,
-                    data[isk0:src0], a_src, a_dst, tail)
+            out += join((pack(ilen0 - start + len(nlen) + n), data[start:ilen0], nlen,
+                         data[isk0:src0], a_src, a_dst, tail))
             continue
         repl = []
         p7 = m.start(5)
@@ -229,7 +246,7 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         if new_dst is not None:
             repl.append((tail0 - len(dst_raw), tail0, new_dst))
         patched(data, start, isk0, end, repl, out)
-    if not out:
+    if not changed:
         return data, counts, problems, changed
-    out.append(data[copied:])
-    return b"".join(out), counts, problems, changed
+    out += mv[copied:]
+    return out, counts, problems, changed

@@ -96,6 +96,7 @@ class TailCheck:
     def __init__(self, entry_class: Any) -> None:
         self._from_string = entry_class.FromString
         self._ok: dict[bytes, bool] = {}
+        self._closed: dict[bytes, bytes] = {}
 
     def __call__(self, tail: bytes, data: bytes, start: int, end: int) -> bool:
         """Whether `tail` (the end of the entry data[start:end]) is one upb gives back."""
@@ -107,6 +108,19 @@ class TailCheck:
             self._ok[tail] = ok
         return ok
 
+    def closed(self, tail: bytes, isk_class: Any, shutdown: int) -> bytes:
+        """A checked tail with `shutdown` set (entries.close_connection's one field there):
+        what upb writes from field 13 on, since fields are written in number order."""
+        got = self._closed.get(tail)
+        if got is None:
+            part = isk_class.FromString(tail)  # fields 13 and up: the head's are not there
+            part.shutdown = shutdown
+            got = part.SerializePartialToString()
+            if len(self._closed) >= self.MAX:
+                self._closed.clear()
+            self._closed[tail] = got
+        return got
+
     def _check(self, entry: bytes) -> bool:
         try:
             msg = self._from_string(entry)
@@ -116,7 +130,7 @@ class TailCheck:
 
 
 def patched(data: bytes, start: int, isk0: int, end: int, repl: list[tuple[int, int, bytes]],
-            out: list[bytes]) -> None:
+            out: bytearray) -> None:
     """Append to `out` the entry data[start:end] (isk's length varint ends at isk0) with the
     spans `repl` (start, end, bytes; in entry order, inside isk) replaced: its new u32
     length, then the entry, isk's length rewritten."""
@@ -131,7 +145,7 @@ def patched(data: bytes, start: int, isk0: int, end: int, repl: list[tuple[int, 
     n = len(isk)
     ilen0 = uvarint(data, start + 3)[1] + 1  # after 08 04 10, `id` and 0x22
     ilen = varint(n)
-    out.append(imagefile.pack_length(ilen0 - start + len(ilen) + n))
-    out.append(data[start:ilen0])
-    out.append(ilen)
-    out.append(isk)
+    out += imagefile.pack_length(ilen0 - start + len(ilen) + n)
+    out += data[start:ilen0]
+    out += ilen
+    out += isk
