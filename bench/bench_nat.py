@@ -1,7 +1,7 @@
 """Benchmark and experiment for fate nat (issue 22): the conntrack question, and what the
 peers' table costs. Needs root, CRIU, FUSE, nft and conntrack (scripts/setup.sh).
 
-    .venv/bin/python bench/bench_nat.py [--runs 2] [--sizes 0,100,1000,10000] [--mb 200]
+    .venv/bin/python bench/bench_nat.py [--runs 2] [--sizes 100,1000,10000] [--mb 200]
 
 (1) Which way of rewriting keeps the connection. A client on host C streams with a server
     on host A (testbed/stream.py, a number every 20 ms each way); C has a stateful
@@ -19,9 +19,15 @@ peers' table costs. Needs root, CRIU, FUSE, nft and conntrack (scripts/setup.sh)
     Printed per mode and family: connections kept / runs, and the numbers the client got
     in the second after the restore (50 at 20 ms when nothing is lost).
 (2) The cost of the table on traffic it does not rewrite: a bulk TCP transfer (--mb MiB)
-    from C to A over the test bridge with a table of N connections in C (0 = no table:
-    the baseline, in the same invocation), median of --runs; and the time `nft -f` takes
-    to add it.
+    from C to A over the test bridge with a table of N connections in C, median of
+    --runs, against the same transfer with no table (the baseline), in turn in the same
+    invocation, for two layouts of the same table:
+      rules  one rule per connection and direction (the layout before the maps: every
+             packet walks them all; rendered here, by rules_table)
+      maps   overlayfs-inetsk's own (core/natrules.py): the connections are elements of
+             maps keyed by the 4-tuple, one lookup per packet and rule
+    and the time `nft -f` takes to add each (median; on a restore's critical path:
+    post-restore, the network locked). The load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from inetsk_testbed.procs import netns_pids
 from inetsk_testbed.probe import wait_for
 from inetsk_testbed.stream import start_stream, status
 
-from overlayfs_inetsk.core.natrules import NatConn, apply_script
+from overlayfs_inetsk.core.natrules import FAMILY, NatConn, apply_script, table_name
 
 PORT, CTL, CCTL = 7900, 7901, 7902
 FIREWALL = ("table inet oit_fw {\n chain input {\n  type filter hook input priority filter; "
@@ -138,37 +144,81 @@ def transfer(a, c, A: str, mb: int, port: int) -> float:
     return float(cp.stdout.strip())
 
 
+def rules_table(conns: list[NatConn]) -> str:
+    """The same table in the layout before the maps: one rule per connection and
+    direction, each naming the whole 4-tuple (the baseline layout of (2))."""
+    name = table_name(conns)
+    pre, out = [], []
+    for c in conns:
+        ip = "ip" if c.version == 4 else "ip6"
+        to_new = (f"{ip} saddr {c.peer} tcp sport {c.peer_port} {ip} daddr {c.old} tcp dport "
+                  f"{c.old_port} notrack {ip} daddr set {c.new}")
+        from_old = (f"{ip} saddr {c.new} tcp sport {c.new_port} {ip} daddr {c.peer} tcp "
+                    f"dport {c.peer_port} notrack {ip} saddr set {c.old}")
+        pre += [to_new, from_old]
+        out.append(to_new)
+    return (f"table {FAMILY} {name}\ndelete table {FAMILY} {name}\n"
+            f"table {FAMILY} {name} {{\n\tchain prerouting {{\n"
+            "\t\ttype filter hook prerouting priority raw; policy accept;\n\t\t"
+            + "\n\t\t".join(pre) + "\n\t}\n\tchain output {\n"
+            "\t\ttype route hook output priority raw; policy accept;\n\t\t"
+            + "\n\t\t".join(out) + "\n\t}\n}\n")
+
+
+LAYOUTS = {"rules": rules_table, "maps": apply_script}
+
+
+def load(c, text: str) -> float:
+    t = time.monotonic()
+    c.run(["nft", "-f", "-"], input=text, timeout=300)
+    return time.monotonic() - t
+
+
 def cost(sizes: list[int], runs: int, mb: int) -> None:
     with TestNet() as net:
         a, c = net.add_host("A"), net.add_host("C")
         A = str(a.ipv4)
-        print(f"\n(2) bulk transfer C -> A, {mb} MiB, table of N connections in C "
-              f"(median of {runs}; N=0: no table, the baseline)")
-        base = None
         port = 8100
-        for n in sizes:
-            add = 0.0
-            if n:
-                text = apply_script(_conns(n))
+
+        def once() -> float:
+            nonlocal port
+            port += 1
+            return transfer(a, c, A, mb, port)
+
+        print(f"\n(2) bulk transfer C -> A, {mb} MiB, table of N connections in C (median of "
+              f"{runs}, in turn: no table (base), rules, maps); load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        once()  # warm up
+        for n in (s for s in sizes if s):
+            conns = _conns(n)
+            texts, rendered = {}, {}
+            for layout, render in LAYOUTS.items():
                 t = time.monotonic()
-                c.run(["nft", "-f", "-"], input=text, timeout=300)
-                add = time.monotonic() - t
-            secs = []
+                texts[layout] = render(conns)
+                rendered[layout] = time.monotonic() - t
+            secs: dict[str, list[float]] = {"base": [], **{k: [] for k in LAYOUTS}}
+            adds: dict[str, list[float]] = {k: [] for k in LAYOUTS}
             for _ in range(runs):
-                port += 1
-                secs.append(transfer(a, c, A, mb, port))
-            med = statistics.median(secs)
-            base = med if base is None else base
-            print(f"  N={n:>6}: {mb / med:8.0f} MiB/s  ({med:.2f} s, x{med / base:.2f} of "
-                  f"the baseline)  nft -f took {add:.2f} s")
-            if n:
-                c.run(["nft", "flush", "ruleset"])
+                secs["base"].append(once())
+                for layout, text in texts.items():
+                    adds[layout].append(load(c, text))
+                    secs[layout].append(once())
+                    c.run(["nft", "flush", "ruleset"])
+            base, base_min = statistics.median(secs["base"]), min(secs["base"])
+            print(f"  N={n:>6}: base  {mb / base:6.0f} MiB/s ({base:.2f} s; fastest "
+                  f"{base_min:.2f} s)")
+            for layout in LAYOUTS:
+                med, fast = statistics.median(secs[layout]), min(secs[layout])
+                print(f"           {layout:<5} {mb / med:6.0f} MiB/s ({med:.2f} s, x{med / base:.2f} "
+                      f"of the base; fastest {fast:.2f} s, x{fast / base_min:.2f})  nft -f took "
+                      f"{statistics.median(adds[layout]):.2f} s (rendered in {rendered[layout]:.2f} s)")
+        print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--sizes", default="0,100,1000,10000")
+    ap.add_argument("--sizes", default="100,1000,10000")
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--no-moves", action="store_true", help="only (2)")
     args = ap.parse_args()

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from inetsk_testbed.agentproc import AgentProc, ask, close_all, request
-from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
+from inetsk_testbed.agentproc import AgentProc, ask, close_all, request, request_fds
 from overlayfs_inetsk.errors import InetskError
 from overlayfs_inetsk.plugin import activation
 from overlayfs_inetsk.plugin.check import check
@@ -110,14 +109,8 @@ def test_only_a_listening_unix_seqpacket_socket_on_our_path_is_taken(sockdir: Pa
 # -- the agent under systemd-socket-activate ------------------------------------------------
 @pytest.fixture
 def fds(tmp_path: Path) -> Iterator[tuple[int, int]]:
-    d = tmp_path / "images"
-    d.mkdir()
-    (d / "files.img").write_bytes(files_img(inet_file_entry(isk(2, "10.0.0.1", 7001))))
-    img = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    ns = os.open("/proc/self/ns/net", os.O_RDONLY)
-    yield img, ns
-    os.close(img)
-    os.close(ns)
+    with request_fds(tmp_path) as f:
+        yield f
 
 
 def _comm(pid: int) -> str:

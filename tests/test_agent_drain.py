@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from inetsk_testbed.agentproc import AgentProc, ask, close_all, connect, exchange, request
-from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
+from inetsk_testbed.agentproc import AgentProc, ask, close_all, connect, exchange, request, request_fds
 from overlayfs_inetsk.plugin.check import check
 
 ENV = {"INETSK_LOCAL_IPV4": "10.0.0.2"}
@@ -27,14 +26,8 @@ ENV = {"INETSK_LOCAL_IPV4": "10.0.0.2"}
 
 @pytest.fixture
 def fds(tmp_path: Path) -> Iterator[tuple[int, int]]:
-    d = tmp_path / "images"
-    d.mkdir()
-    (d / "files.img").write_bytes(files_img(inet_file_entry(isk(2, "10.0.0.1", 7001))))
-    img = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    ns = os.open("/proc/self/ns/net", os.O_RDONLY)
-    yield img, ns
-    os.close(img)
-    os.close(ns)
+    with request_fds(tmp_path) as f:
+        yield f
 
 
 def agent(tmp: Path, name: str, *extra: str) -> AgentProc:

@@ -97,14 +97,15 @@ def test_missing_dir(tmp_path):
 
 def test_action_filter(tmp_path):
     env = {"CRTOOLS_SCRIPT_ACTION": "post-resume"}
-    assert group.run_action(str(tmp_path), "C", 2, 0.1, env=env) is None
-    env = {"CRTOOLS_SCRIPT_ACTION": "pre-restore"}
-    assert group.run_action(str(tmp_path), "C", 2, 0.1, env=env,
-                              lock_connections=False) is None
+    assert group.run_action(str(tmp_path), "C", 2, 0.1, env=env) == []
+    for action in ("pre-restore", "post-setup-namespaces", "network-unlock"):
+        env = {"CRTOOLS_SCRIPT_ACTION": action}
+        assert group.run_action(str(tmp_path), "C", 2, 0.1, env=env,
+                                lock_connections=False) == []
     assert list(tmp_path.iterdir()) == []
     got = group.run_action(str(tmp_path), "C", 1, 1,
-                             env={"CRTOOLS_SCRIPT_ACTION": "post-restore"})
-    assert isinstance(got, barrier.Passed)
+                           env={"CRTOOLS_SCRIPT_ACTION": "post-restore"})
+    assert len(got) == 1 and isinstance(got[0], barrier.Passed)
 
 
 def test_lock_rules_are_criu_s_own():

@@ -13,6 +13,7 @@ from overlayfs_inetsk.core.decide import TCP_FATES, RewriteOptions
 from overlayfs_inetsk.core.natrules import (
     NatConn,
     apply_script,
+    check_table,
     check_table_name,
     nat_connections,
     remove_script,
@@ -20,6 +21,7 @@ from overlayfs_inetsk.core.natrules import (
     table_name,
 )
 from overlayfs_inetsk.core.plan import plan_checkpoint
+from overlayfs_inetsk.errors import RewriteError
 
 MAP = ["10.77.0.1=10.77.0.2", "fd77::1=fd77::2"]
 a = ipaddress.ip_address
@@ -72,10 +74,16 @@ def test_a_port_move_is_in_the_connection_and_the_rules():
     [c] = nat_connections([r])
     assert c == NatConn(6, a("fd77::3"), 40000, a("fd77::1"), 7800, a("fd77::2"), 8800)
     text = ruleset([c])
-    assert ("ip6 saddr fd77::3 tcp sport 40000 ip6 daddr fd77::1 tcp dport 7800 notrack "
-            "ip6 daddr set fd77::2 tcp dport set 8800") in text
-    assert ("ip6 saddr fd77::2 tcp sport 8800 ip6 daddr fd77::3 tcp dport 40000 notrack "
-            "ip6 saddr set fd77::1 tcp sport set 7800") in text
+    key = "ip6 saddr . tcp sport . ip6 daddr . tcp dport"
+    # the address first, then the port, looked up by the packet as the address left it
+    assert ("\t\tip6 daddr set " + key + " map @to_new6 notrack tcp dport set " + key
+            + " map @to_new6_port\n") in text
+    assert ("\t\tip6 saddr set " + key + " map @from_old6 notrack tcp sport set " + key
+            + " map @from_old6_port\n") in text
+    assert "\t\t\tfd77::3 . 40000 . fd77::1 . 7800 : fd77::2,\n" in text
+    assert "\t\t\tfd77::3 . 40000 . fd77::2 . 7800 : 8800,\n" in text
+    assert "\t\t\tfd77::2 . 8800 . fd77::3 . 40000 : fd77::1,\n" in text
+    assert "\t\t\tfd77::1 . 8800 . fd77::3 . 40000 : 7800,\n" in text
 
 
 def test_ipv4_mapped_connections_get_ipv4_rules():
@@ -90,31 +98,94 @@ V4 = NatConn(4, a("10.77.0.3"), 40000, a("10.77.0.1"), 7800, a("10.77.0.2"), 780
 V6 = NatConn(6, a("fd77::3"), 40001, a("fd77::1"), 7800, a("fd77::2"), 7800)
 
 
+KEY4 = "ip saddr . tcp sport . ip daddr . tcp dport"
+MAPTYPE4 = "ipv4_addr . inet_service . ipv4_addr . inet_service"
+
+
 def test_the_ruleset_rewrites_both_directions_where_the_client_traffic_passes():
     name = table_name([V4])
     assert ruleset([V4], "/srv/ckpt") == (
         "# overlayfs-inetsk nat-rules: /srv/ckpt\n"
+        "# 1 connection(s) of fate nat, keyed by the packet's saddr . sport . daddr . dport:\n"
+        "# to_new: the client's packets to the old address go to the new one; from_old: the "
+        "replies come from the old one\n"
         f"table inet {name} {{\n"
+        "\tmap to_new4 {\n"
+        f"\t\ttype {MAPTYPE4} : ipv4_addr\n"
+        "\t\telements = {\n"
+        "\t\t\t10.77.0.3 . 40000 . 10.77.0.1 . 7800 : 10.77.0.2,\n"
+        "\t\t}\n"
+        "\t}\n"
+        "\tmap from_old4 {\n"
+        f"\t\ttype {MAPTYPE4} : ipv4_addr\n"
+        "\t\telements = {\n"
+        "\t\t\t10.77.0.2 . 7800 . 10.77.0.3 . 40000 : 10.77.0.1,\n"
+        "\t\t}\n"
+        "\t}\n"
         "\tchain prerouting {\n"
         "\t\ttype filter hook prerouting priority raw; policy accept;\n"
-        "\t\t# 10.77.0.3:40000 -> 10.77.0.1:7800 now at 10.77.0.2:7800\n"
-        "\t\tip saddr 10.77.0.3 tcp sport 40000 ip daddr 10.77.0.1 tcp dport 7800 notrack "
-        "ip daddr set 10.77.0.2\n"
-        "\t\tip saddr 10.77.0.2 tcp sport 7800 ip daddr 10.77.0.3 tcp dport 40000 notrack "
-        "ip saddr set 10.77.0.1\n"
+        f"\t\tip daddr set {KEY4} map @to_new4 notrack\n"
+        f"\t\tip saddr set {KEY4} map @from_old4 notrack\n"
         "\t}\n"
         "\tchain output {\n"
         "\t\ttype route hook output priority raw; policy accept;\n"
-        "\t\t# 10.77.0.3:40000 -> 10.77.0.1:7800 now at 10.77.0.2:7800\n"
-        "\t\tip saddr 10.77.0.3 tcp sport 40000 ip daddr 10.77.0.1 tcp dport 7800 notrack "
-        "ip daddr set 10.77.0.2\n"
+        f"\t\tip daddr set {KEY4} map @to_new4 notrack\n"
         "\t}\n"
         "}\n")
 
 
+def test_a_thousand_connections_are_a_thousand_elements_not_rules():
+    conns = [NatConn(4, a(f"10.77.1.{1 + i % 200}"), 20000 + i, a("10.77.0.1"), 7800,
+                     a("10.77.0.2"), 7800) for i in range(1000)]
+    text = ruleset(conns)
+    chains = text[text.index("\tchain prerouting"):]
+    assert chains.count("\n\t\tip ") == 3  # two rules in prerouting, one in output
+    assert text.count(" : 10.77.0.2,\n") == 1000 and text.count(" : 10.77.0.1,\n") == 1000
+    assert "\t\t\t10.77.1.200 . 20199 . 10.77.0.1 . 7800 : 10.77.0.2,\n" in text
+    assert "_port" not in text  # no port moves: no port maps
+
+
+def test_with_one_port_move_every_connection_of_its_family_is_in_the_port_maps():
+    """A miss in a port map would keep the port, so an unmoved connection has its element
+    too (its own port): were another's key the same, the table would be refused."""
+    moved = NatConn(4, a("10.77.0.3"), 40000, a("10.77.0.1"), 7800, a("10.77.0.2"), 8800)
+    kept = NatConn(4, a("10.77.0.4"), 40000, a("10.77.0.1"), 7800, a("10.77.0.2"), 7800)
+    text = ruleset([moved, kept, V6])
+    assert "\t\t\t10.77.0.3 . 40000 . 10.77.0.2 . 7800 : 8800,\n" in text
+    assert "\t\t\t10.77.0.4 . 40000 . 10.77.0.2 . 7800 : 7800,\n" in text
+    assert "\t\t\t10.77.0.1 . 7800 . 10.77.0.4 . 40000 : 7800,\n" in text
+    assert "map to_new4_port" in text and "map to_new6_port" not in text  # V6: no move
+    # the same client endpoint to another old server, kept at the port the moved one's
+    # packets have after the address rewrite: one lookup, two answers
+    clash = NatConn(4, a("10.77.0.3"), 40000, a("10.77.0.5"), 7800, a("10.77.0.2"), 7800)
+    with pytest.raises(RewriteError, match="would give 8800 and 7800"):
+        ruleset([moved, clash])
+
+
+def test_two_connections_one_lookup_cannot_tell_apart_are_refused():
+    # one client endpoint to two old servers on one port, moved to one new address with
+    # two ports: after the address rewrite both packets look alike
+    x = NatConn(4, a("10.77.0.3"), 40000, a("10.77.0.1"), 80, a("10.77.0.9"), 8001)
+    y = NatConn(4, a("10.77.0.3"), 40000, a("10.77.0.5"), 80, a("10.77.0.9"), 8002)
+    for call in (lambda: ruleset([x, y]), lambda: check_table([y, x])):
+        with pytest.raises(RewriteError, match=r"^connections 10\.77\.0\.3:40000 -> "
+                           r"10\.77\.0\.1:80 now at 10\.77\.0\.9:8001 and .*: one "
+                           r"nftables table cannot rewrite both"):
+            call()
+    check_table([x])
+    # two connections restored at one 4-tuple: the replies cannot be told apart
+    z = NatConn(4, a("10.77.0.3"), 40000, a("10.77.0.5"), 80, a("10.77.0.9"), 8001)
+    with pytest.raises(RewriteError, match="cannot rewrite both"):
+        check_table([x, z])
+
+
 def test_one_table_for_both_families_named_by_its_connections():
     both = ruleset([V6, V4])
-    assert both.count("table inet ") == 1 and "ip6 daddr set fd77::2" in both
+    assert both.count("table inet ") == 1
+    assert "\t\t\tfd77::3 . 40001 . fd77::1 . 7800 : fd77::2,\n" in both
+    assert "\t\ttype ipv6_addr . inet_service . ipv6_addr . inet_service : ipv6_addr\n" in both
+    assert "\t\tip6 daddr set ip6 saddr . tcp sport . ip6 daddr . tcp dport map @to_new6 " \
+        "notrack\n" in both
     assert table_name([V4, V6]) == table_name([V6, V4])  # the plan's order does not matter
     assert table_name([V4]) != table_name([V4, V6]) != table_name([V6])
     check_table_name(table_name([V4]))
@@ -138,3 +209,22 @@ def test_no_connection_no_table():
     assert "no connection of fate nat" in ruleset([])
     assert "table" not in ruleset([]).replace("# ", "").split("\n", 1)[1]
     assert apply_script([]) == ""
+
+
+def test_the_plan_of_such_connections_is_refused_where_it_is_made():
+    reports = plan(isk(2, "10.77.0.1", 80, "10.77.0.3", 40000),
+                   isk(3, "10.77.0.5", 80, "10.77.0.3", 40000),
+                   specs=["10.77.0.1:80=10.77.0.9:8001", "10.77.0.5:80=10.77.0.9:8002"])
+    assert [(str(r.new_src), r.new_sport, r.peer_nat) for r in reports] == [
+        ("10.77.0.9", 8001, True), ("10.77.0.9", 8002, True)]
+    with pytest.raises(RewriteError, match="one nftables table cannot rewrite both"):
+        nat_connections(reports)  # inspect, nat-rules and restore refuse it (exit 5)
+
+
+def test_the_table_docs_tcp_md_shows_is_the_one_nat_rules_prints():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "tcp.md").read_text()
+    start = page.index("```text\n# overlayfs-inetsk nat-rules: /srv/ckpt/web\n") + len("```text\n")
+    shown = page[start:page.index("```\n", start)]
+    assert shown == ruleset([V4], "/srv/ckpt/web")

@@ -31,7 +31,7 @@ def _barrier_options(p: argparse.ArgumentParser) -> None:
                         "network-unlock runs only when the restore includes a network "
                         "namespace)")
     p.add_argument("--no-lock", dest="lock", action="store_false",
-                   help="do not lock the image's TCP connections at pre-restore (see "
+                   help="do not lock the image's TCP connections (see "
                         "docs/tcp.md: without the lock, a member restored first may send "
                         "its unsent data to a host whose member is not back, and be reset)")
 
@@ -40,9 +40,13 @@ def add_group_parsers(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "barrier", help="wait until every member of a group restore got here (CRIU action "
                         "script)",
-        description="As a CRIU action script: at the chosen action (default post-restore: "
-                    "every socket exists, none sends yet) wait until all --members members "
-                    "arrived; exit 0 at once for any other action. Exit 7 on a timeout or "
+        description="As a CRIU action script: lock the image's TCP connections where the "
+                    "restored sockets will live (at pre-restore in criu's own network "
+                    "namespace, or at post-setup-namespaces in the restored tasks' own, "
+                    "unlocked at network-unlock: runc, Podman); at the chosen action "
+                    "(default post-restore: every socket exists, none sends yet) wait until "
+                    "all --members members arrived; exit 0 at once for any other action. "
+                    "Exit 7 on a timeout or "
                     "an aborted group: CRIU then aborts the restore. CRIU runs action "
                     "scripts without arguments: use barrier-script to write one.")
     _barrier_options(p)
@@ -57,17 +61,23 @@ def add_group_parsers(subparsers: Any) -> None:
 
 
 def cmd_barrier(args: argparse.Namespace) -> int:
-    from ..app.barrier import run_action
+    from ..app.barrier import Deferred, Locked, run_action
     from ..node.barrier import Passed
 
-    got = run_action(args.dir, args.name, args.members, args.timeout, args.action,
-                     lock_connections=args.lock)
-    if isinstance(got, Passed):
-        print(f"overlayfs-inetsk barrier: {got.name}: all {got.members} members "
-              f"arrived; released after {got.waited:.3f} s", file=sys.stderr)
-    elif got is not None:
-        print(f"overlayfs-inetsk barrier: {args.name}: locked {len(got)} TCP "
-              "connection(s) until the network unlock", file=sys.stderr)
+    for got in run_action(args.dir, args.name, args.members, args.timeout, args.action,
+                          lock_connections=args.lock):
+        where = "" if not isinstance(got, Locked) or got.netns is None else (
+            f" in the restored tasks' network namespace {got.netns}")
+        if isinstance(got, Passed):
+            say = f"all {got.members} members arrived; released after {got.waited:.3f} s"
+        elif isinstance(got, Deferred):
+            say = ("the tasks get a network namespace of their own: their connections are "
+                   "locked in it at post-setup-namespaces")
+        elif got.unlocked:
+            say = f"unlocked {len(got.conns)} TCP connection(s){where}"
+        else:
+            say = f"locked {len(got.conns)} TCP connection(s){where} until the network unlock"
+        print(f"overlayfs-inetsk barrier: {args.name}: {say}", file=sys.stderr)
     return 0
 
 

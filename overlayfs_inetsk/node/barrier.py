@@ -157,11 +157,19 @@ def wait(directory: str, name: str, members: int, timeout: float = DEFAULT_TIMEO
 
 SCRIPT_TEMPLATE = """#!/bin/sh
 # CRIU action script made by `overlayfs-inetsk barrier-script`: group restore barrier.
-# CRIU runs it (with no arguments) at every action; it locks the image's TCP connections
-# at pre-restore and waits at {action}.
-exec {python} -m overlayfs_inetsk.cli barrier --dir {dir} --members {members} \\
-    --name {name} --timeout {timeout:g} --action {action}{lock}
+# CRIU runs it (with no arguments) at every action; it waits at {action}{lock_doc}.
+# Python starts only for those actions (and when run by hand: it just waits).
+case "$CRTOOLS_SCRIPT_ACTION" in
+""|{actions})
+    exec {python} -m overlayfs_inetsk.cli barrier --dir {dir} --members {members} \\
+        --name {name} --timeout {timeout:g} --action {action}{lock} ;;
+esac
 """
+LOCK_DOC = """, and locks the
+# image's TCP connections where the restored sockets live: at pre-restore in criu's network
+# namespace, or at post-setup-namespaces in the restored tasks' own (runc), removed at
+# network-unlock"""
+LOCK_ACTIONS = ("pre-restore", "post-setup-namespaces", "network-unlock")
 
 
 def _sh_quote(s: str) -> str:
@@ -178,9 +186,12 @@ def write_script(path: str, directory: str, name: str, members: int,
         raise BarrierError(f"--action {action!r}: one of {', '.join(ACTIONS)}")
     if members < 1:
         raise BarrierError(f"--members must be at least 1, got {members}")
+    actions = sorted({action, *(LOCK_ACTIONS if lock_connections else ())},
+                     key=ACTIONS.index)
     text = SCRIPT_TEMPLATE.format(
         python=_sh_quote(python or sys.executable), dir=_sh_quote(os.path.abspath(directory)),
         members=members, name=_sh_quote(name), timeout=timeout, action=action,
+        actions="|".join(actions), lock_doc=LOCK_DOC if lock_connections else "",
         lock="" if lock_connections else " --no-lock")
     tmp = f"{path}.tmp{os.getpid()}"
     try:

@@ -60,7 +60,7 @@ STEPS: dict[str, Steps] = {
     # the runtime's netns: its own restore fails on a taken port; `parent` links matter only
     # to a view (app/plugin_view.py checks them before writing one; the hook needs none)
     "plugin": Steps("view", True, "no"),
-    "barrier": Steps("warn", False, "no"),  # reads the view CRIU restores from
+    "barrier": Steps("warn", False, "no", True),  # the view CRIU restores from: its sockets
     "nat-rules": Steps("warn", True, "no", True),  # the peers' side of a restore's plan
 }
 

@@ -17,7 +17,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from overlayfs_inetsk.plugin import wire
@@ -126,3 +127,23 @@ def ask(sock: Path, data: bytes, fds: Sequence[int], timeout: float = 20
 def close_all(fds: Sequence[int]) -> None:
     for fd in fds:
         os.close(fd)
+
+
+@contextmanager
+def request_fds(tmp: Path) -> Iterator[tuple[int, int]]:
+    """The two fds of a request (an images dir holding one bound UDP socket, this netns),
+    closed again at the end."""
+    from .imagefactory import files_img, inet_file_entry, isk
+
+    d = tmp / "images"
+    d.mkdir()
+    (d / "files.img").write_bytes(files_img(inet_file_entry(isk(2, "10.0.0.1", 7001))))
+    img = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ns = os.open("/proc/self/ns/net", os.O_RDONLY)
+        try:
+            yield img, ns
+        finally:
+            os.close(ns)
+    finally:
+        os.close(img)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 from pycriu.images import fdinfo_pb2, fown_pb2, regfile_pb2, sk_inet_pb2, sk_opts_pb2
 
@@ -64,3 +65,33 @@ def files_img(*payloads: bytes) -> bytes:
 
 def inetsk_img(*sks: sk_inet_pb2.inet_sk_entry) -> bytes:
     return imagefile.encode(imagefile.INETSK_MAGIC, [s.SerializeToString() for s in sks])
+
+
+def _ids(net_ns_id: int | None) -> bytes:
+    from pycriu.images import pb
+
+    ids = pb.task_kobj_ids_entry(vm_id=1, files_id=1, fs_id=1, sighand_id=1, pid_ns_id=1,
+                                 mnt_ns_id=5)
+    if net_ns_id is not None:
+        ids.net_ns_id = net_ns_id
+    data: bytes = ids.SerializeToString()
+    return data
+
+
+def ns_images(directory: Path, *, dumper_net: int | None, task_net: int | None,
+              pid: int = 1) -> None:
+    """inventory.img (root_ids: the dumping criu's namespace ids), pstree.img (one task,
+    `pid`) and ids-<pid>.img (its ids) in `directory`: CRIU restores the task in a
+    network namespace of its own when the two net_ns_id differ."""
+    from pycriu.images import magic, pb
+
+    inv = pb.inventory_entry(img_version=2, fdinfo_per_id=True)
+    inv.root_ids.ParseFromString(_ids(dumper_net))
+    u32 = imagefile.pack_length
+    body = inv.SerializeToString()
+    (directory / "inventory.img").write_bytes(
+        u32(magic.by_name["INVENTORY"]) + u32(len(body)) + body)
+    tree = pb.pstree_entry(pid=pid, ppid=0, pgid=pid, sid=0).SerializeToString()
+    (directory / "pstree.img").write_bytes(imagefile.encode(magic.by_name["PSTREE"], [tree]))
+    (directory / f"ids-{pid}.img").write_bytes(
+        imagefile.encode(magic.by_name["IDS"], [_ids(task_net)]))

@@ -2,7 +2,7 @@
 with fixed addresses running the sample workload, checkpoint --export / restore --import,
 probes from a client container's network namespace, and cleanup of everything made.
 (Podman's commands, containers and restores: podmanrun.py; archives, checkpoint images,
-the group script and the stale sweep: podmanfiles.py.)
+and the stale sweep: podmanfiles.py.)
 
     with PodmanNet() as net:                       # 10.77.X.0/24 + fd77::X:0/112
         c = net.run("srv", 10, workload_args)      # --ip 10.77.X.10 --ip6 fd77::X:10
@@ -46,21 +46,21 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .podmanfiles import (GROUP_SCRIPT, _sh, _taken_subnets, cleanup_stale, image_state,
-                          repack_archive, write_group_script)
+from .podmanfiles import (_sh, _taken_subnets, cleanup_stale, image_state,
+                          repack_archive)
 from .podmanrun import (ALLOWED_V4, ALLOWED_V6, BASE_IMAGE, LABEL, PREFIX, RUNTIME, TESTBED,
                         TESTBED_CWD, TESTBED_IN, ULIMITS, WORKLOAD_ARGV, _LOGFILE_RE, Container,
                         NetnsOf, PodmanError, RestoreResult, ensure_base_image, missing, podman,
                         sha256)
 
-__all__ = ["BASE_IMAGE", "GROUP_SCRIPT", "LABEL", "PREFIX", "TESTBED", "TESTBED_CWD",
+__all__ = ["BASE_IMAGE", "LABEL", "PREFIX", "TESTBED", "TESTBED_CWD",
            "TESTBED_IN", "WORKLOAD_ARGV", "Container", "NetnsOf", "PodmanError", "PodmanNet",
            "RestoreResult", "cleanup_stale", "ensure_base_image", "image_state", "missing",
-           "podman", "repack_archive", "sha256", "write_group_script"]
+           "podman", "repack_archive", "sha256"]
 
 
 class PodmanNet:
@@ -294,17 +294,22 @@ class PodmanNet:
 
     def restore_group(self, archives: Sequence[Path], *, gap: float = 1.0,
                       extra: Sequence[str] = ("--tcp-established",), keep: bool = True,
-                      timeout: float = 90, check: bool = True) -> list[RestoreResult]:
+                      timeout: float = 90, check: bool = True,
+                      between: Callable[[int], None] | None = None) -> list[RestoreResult]:
         """Restore several archives at once, the way a group is restored on several nodes:
         ``podman container restore --import A`` for each (no --name: each container takes
         the name in its archive), each started ``gap`` seconds after the one before and
         running concurrently with it (a barrier in the restores' action scripts may hold
-        the first until the last arrives). Every restore has the deadline ``timeout``."""
+        the first until the last arrives). ``between(i)`` runs after the gap, before the
+        i-th restore (i >= 1) starts: to look at the ones already running. Every restore
+        has the deadline ``timeout``."""
         procs: list[tuple[Path, subprocess.Popen[str]]] = []
         try:
             for i, archive in enumerate(archives):
                 if i:
                     time.sleep(gap)
+                    if between is not None:
+                        between(i)
                 argv = ["podman", *RUNTIME, "container", "restore", "--import", str(archive),
                         *(["--keep"] if keep else []), *extra]
                 procs.append((archive, subprocess.Popen(

@@ -1,6 +1,5 @@
-"""Podman's archives and checkpoint images as the tests handle them (podman.py): the group
-restore's action script, an image's state, an archive repacked with new addresses, and the
-sweep of what a crashed run left."""
+"""Podman's archives and checkpoint images as the tests handle them (podman.py): an image's
+state, an archive repacked with new addresses, and the sweep of what a crashed run left."""
 
 from __future__ import annotations
 
@@ -18,45 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from .podmanrun import LABEL, _IMAGE_RE, podman, sha256
-
-
-GROUP_SCRIPT = """\
-#!/bin/sh
-# CRIU action script of one member of a group restored through Podman (runc):
-# docs/tcp.md, "Groups through Podman". The member's CRIU config file (the container's
-# org.criu.config annotation, or /etc/criu/runc.conf) names it: action-script THIS_FILE.
-case "$CRTOOLS_SCRIPT_ACTION" in
-setup-namespaces)
-    # The restored root task is in the container's new network namespace and no socket
-    # exists yet: lock that namespace the way CRIU locks one it restores itself (its
-    # CRIU chain, which CRIU deletes at network-unlock, right after post-restore).
-    for cmd in iptables-restore ip6tables-restore; do
-        nsenter --net="/proc/$CRTOOLS_INIT_PID/ns/net" "$cmd" -w --noflush <<'EOF' || exit 1
-*filter
-:CRIU - [0:0]
--I INPUT -j CRIU
--I OUTPUT -j CRIU
--A CRIU -m mark --mark 0xC114 -j ACCEPT
--A CRIU -j DROP
-COMMIT
-EOF
-    done ;;
-post-restore)
-    # Wait until every member's sockets exist. --no-lock: the barrier's own lock would
-    # go into criu's network namespace, which under runc is the host's.
-    exec {cli} barrier --dir {dir} --members {members} --name {name} --timeout {timeout} \\
-        --no-lock ;;
-esac
-"""
-
-
-def write_group_script(path: Path, *, cli: str, directory: Path, members: int, name: str,
-                       timeout: float = 60) -> Path:
-    """GROUP_SCRIPT for one member, executable, at ``path``."""
-    path.write_text(GROUP_SCRIPT.format(cli=_sh(cli), dir=_sh(str(directory)),
-                                        members=members, name=_sh(name), timeout=f"{timeout:g}"))
-    path.chmod(0o755)
-    return path
 
 
 def _sh(arg: str) -> str:

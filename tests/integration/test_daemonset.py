@@ -211,6 +211,48 @@ def restore(ck: Checkpoint, name: str) -> tuple[RestoreResult, float, float]:
     return r, t0, time.monotonic()
 
 
+class Lanes:
+    """Restores of one checkpoint one after another in n_lanes threads, named
+    PREFIX<lane><i>: `with Lanes(...) as lanes:` starts them, lanes.wait_started(n) returns
+    once n restores have begun, leaving the block waits for all (up to `timeout` each).
+    runs: (result, start, end) of each, in the order they ended."""
+
+    def __init__(self, ck: Checkpoint, prefix: str, n_lanes: int, per_lane: int,
+                 timeout: float) -> None:
+        self.ck, self.prefix, self.n_lanes, self.per_lane = ck, prefix, n_lanes, per_lane
+        self.timeout = timeout
+        self.runs: list[tuple[RestoreResult, float, float]] = []
+        self._lock = threading.Lock()
+        self._started = threading.Semaphore(0)
+        self._ex = ThreadPoolExecutor(n_lanes)
+
+    def _lane(self, k: int) -> None:
+        for i in range(self.per_lane):
+            self._started.release()
+            out = restore(self.ck, f"{self.prefix}{k}{i}")
+            with self._lock:
+                self.runs.append(out)
+
+    def __enter__(self) -> Lanes:
+        self._futs = [self._ex.submit(self._lane, k) for k in range(self.n_lanes)]
+        return self
+
+    def wait_started(self, n: int) -> None:
+        for _ in range(n):
+            assert self._started.acquire(timeout=self.timeout), "a restore did not begin"
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for f in self._futs:
+                f.result(timeout=self.timeout * self.per_lane)
+        finally:
+            self._ex.shutdown(wait=True)
+
+    @property
+    def results(self) -> list[RestoreResult]:
+        return [r for r, _, _ in self.runs]
+
+
 def why_failed(r: RestoreResult) -> str:
     errs = [ln for ln in r.log.splitlines() if "Error (" in ln or "Warn (" in ln
             and "overlayfs" in ln]
@@ -291,34 +333,16 @@ def test_the_agents_pod_restarted_in_a_stream_of_restores(agent: Agent,
     """Restores one after another in two lanes; after the first few, the agent's pod is
     stopped (SIGTERM) and started again. No restore is lost: those that came while no agent
     listened waited for the new one."""
-    n_lanes, per_lane = 2, 4
-    runs: list[tuple[RestoreResult, float, float]] = []
-    lock = threading.Lock()
-    started = threading.Semaphore(0)
-
-    def lane(k: int) -> None:
-        for i in range(per_lane):
-            started.release()
-            out = restore(checkpoint, f"s{k}{i}")
-            with lock:
-                runs.append(out)
-
     old_pid = agent.pid
-    with ThreadPoolExecutor(n_lanes) as ex:
-        futs = [ex.submit(lane, k) for k in range(n_lanes)]
-        try:
-            for _ in range(n_lanes + 1):  # the first restores of each lane are under way
-                assert started.acquire(timeout=120)
-            t_stop = time.monotonic()
-            agent.pod.stop(timeout=10)
-            assert not _answers(AGENT_SOCK)
-            time.sleep(1.5)  # restores come while nothing listens
-            agent.pod.start()
-            t_back = agent.wait_listening()
-        finally:
-            for f in futs:
-                f.result(timeout=600)
-    results = [r for r, _, _ in runs]
+    with Lanes(checkpoint, "s", n_lanes=2, per_lane=4, timeout=150) as lanes:
+        lanes.wait_started(3)  # the first restores of each lane are under way
+        t_stop = time.monotonic()
+        agent.pod.stop(timeout=10)
+        assert not _answers(AGENT_SOCK)
+        time.sleep(1.5)  # restores come while nothing listens
+        agent.pod.start()
+        t_back = agent.wait_listening()
+    runs, results = lanes.runs, lanes.results
     try:
         check_up(checkpoint, results)
         assert agent.pid != old_pid

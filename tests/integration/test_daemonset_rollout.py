@@ -23,22 +23,20 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from inetsk_testbed.kube import KubePod
-from inetsk_testbed.podman import RestoreResult
 
 from .runtimes import base_image  # noqa: F401  (fixture)
 from .test_daemonset import (  # noqa: F401  (fixtures)
     AGENT_SOCK,
     Checkpoint,
+    Lanes,
     Node,
     _answers,
     check_up,
@@ -123,37 +121,19 @@ def test_a_rolling_update_hands_the_socket_over_and_loses_no_restore(
     old = play(node, pods, "old")
     wait_ready(old, node)
     assert probe(old, node, "livenessProbe")[0] == 0
-    n_lanes, per_lane = 2, 5
-    runs: list[tuple[RestoreResult, float, float]] = []
-    lock = threading.Lock()
-    started = threading.Semaphore(0)
-
-    def lane(k: int) -> None:
-        for i in range(per_lane):
-            started.release()
-            out = restore(checkpoint, f"r{k}{i}")
-            with lock:
-                runs.append(out)
-
-    with ThreadPoolExecutor(n_lanes) as ex:
-        futs = [ex.submit(lane, k) for k in range(n_lanes)]
-        try:
-            for _ in range(n_lanes + 1):  # the first restores of each lane are under way
-                assert started.acquire(timeout=180)
-            t_new = time.monotonic()
-            new = play(node, pods, "new")
-            t_ready = wait_ready(new, node)
-            # the old pod is no longer the node's agent (not Ready), still live
-            rc, out, _ = probe(old, node, "readinessProbe")
-            assert rc == 1 and "not this pid namespace's agent" in out, out
-            assert probe(old, node, "livenessProbe")[0] == 0
-            t_stop = time.monotonic()
-            old.stop(timeout=45)  # SIGTERM: the old agent drains
-            t_gone = time.monotonic()
-        finally:
-            for f in futs:
-                f.result(timeout=900)
-    results = [r for r, _, _ in runs]
+    with Lanes(checkpoint, "r", n_lanes=2, per_lane=5, timeout=180) as lanes:
+        lanes.wait_started(3)  # the first restores of each lane are under way
+        t_new = time.monotonic()
+        new = play(node, pods, "new")
+        t_ready = wait_ready(new, node)
+        # the old pod is no longer the node's agent (not Ready), still live
+        rc, out, _ = probe(old, node, "readinessProbe")
+        assert rc == 1 and "not this pid namespace's agent" in out, out
+        assert probe(old, node, "livenessProbe")[0] == 0
+        t_stop = time.monotonic()
+        old.stop(timeout=45)  # SIGTERM: the old agent drains
+        t_gone = time.monotonic()
+    results = lanes.results
     try:
         check_up(checkpoint, results)  # every restore up, on its own address, no view left
         # none waited for an agent: each found one at once, and its view came fast

@@ -177,6 +177,17 @@ def assert_answers(peer, v4: str, v6: str) -> None:
     assert probe.tcp_hello(peer, v6, 7004) == f"tcp6 {v6} 7004"
 
 
+def dump_external_netns(host, dirs) -> None:
+    """SERVICE started in host and dumped into dirs.images as runc dumps a container: its
+    network namespace external (extRootNetNS), for a restore that hands over a new one."""
+    pid = criu.start_workload(host, SERVICE)
+    ino = os.stat(host.netns_path).st_ino
+    cp = subprocess.run([criu.CRIU, "dump", "-t", str(pid), "-D", str(dirs.images), "-o",
+                         "dump.log", "-v4", "--external", f"net[{ino}]:extRootNetNS"],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, (dirs.images / "dump.log").read_text()[-3000:]
+
+
 def test_plain_restore_on_another_host_with_no_map(service, plugin):
     """local=auto, resolved in B; the images on a read-only bind, unchanged."""
     net, dirs = service
@@ -209,13 +220,8 @@ def test_the_new_netns_handed_over_as_runc_does(testnet, image_dirs, plugin):
     was dumped as external (extRootNetNS) and the restore gets the new one (host B's) as an
     inherited fd. The plugin finds that fd and resolves `auto` inside it, not in criu's."""
     a, b, c = testnet.add_host("A"), testnet.add_host("B"), testnet.add_host("C")
-    pid = criu.start_workload(a, SERVICE)
-    ino = os.stat(a.netns_path).st_ino
     dirs = image_dirs
-    cp = subprocess.run([criu.CRIU, "dump", "-t", str(pid), "-D", str(dirs.images), "-o",
-                         "dump.log", "-v4", "--external", f"net[{ino}]:extRootNetNS"],
-                        capture_output=True, text=True, timeout=60)
-    assert cp.returncode == 0, (dirs.images / "dump.log").read_text()[-3000:]
+    dump_external_netns(a, dirs)
     work = dirs.work_for("B")
     fd = os.open(b.netns_path, os.O_RDONLY)
     criu.become_subreaper()

@@ -13,9 +13,9 @@ import pytest
 from inetsk_testbed import criu
 
 from .test_plugin import (  # noqa: F401  (fixtures)
-    SERVICE,
     assert_answers,
     built_so,
+    dump_external_netns,
     plugin,
     plugin_lines,
     service,
@@ -42,13 +42,8 @@ def test_the_netns_named_on_the_command_line_wins_over_a_leaked_one(testnet, ima
     first foreign netns fd found became the target, `auto` resolved to C's address and
     the restore failed in B. Now the named one is used."""
     a, b, c = testnet.add_host("A"), testnet.add_host("B"), testnet.add_host("C")
-    pid = criu.start_workload(a, SERVICE)
-    ino = os.stat(a.netns_path).st_ino
     dirs = image_dirs
-    cp = subprocess.run([criu.CRIU, "dump", "-t", str(pid), "-D", str(dirs.images), "-o",
-                         "dump.log", "-v4", "--external", f"net[{ino}]:extRootNetNS"],
-                        capture_output=True, text=True, timeout=60)
-    assert cp.returncode == 0, (dirs.images / "dump.log").read_text()[-3000:]
+    dump_external_netns(a, dirs)
     work = dirs.work_for("B")
     leaked = os.open(c.netns_path, os.O_RDONLY)
     fd = os.open(b.netns_path, os.O_RDONLY)

@@ -9,9 +9,9 @@
   container's org.criu.config annotation names: Podman refuses --tcp-established with
   --name); the original's own client unaffected.
 - A group of two containers connected by TCP, checkpointed with --tcp-established and
-  restored onto new addresses with one map in both archives and the group script
-  (testbed/podman.py GROUP_SCRIPT: its network namespace locked from setup-namespaces,
-  the project's barrier at post-restore), one restore 1.2 s after the other.
+  restored onto new addresses with one map in both archives and the barrier's own action
+  script (`barrier-script`: its lock in each container's new network namespace, nothing
+  in the host's), one restore 1.2 s after the other.
 
 Names, networks, images: testbed/podman.py (all removed, also on failure).
 """
@@ -19,6 +19,7 @@ Names, networks, images: testbed/podman.py (all removed, also on failure).
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -26,14 +27,12 @@ import pytest
 
 from inetsk_testbed import probe
 from inetsk_testbed.podman import (
-    GROUP_SCRIPT,
     Container,
     PodmanNet,
     image_state,
     podman,
     repack_archive,
     sha256,
-    write_group_script,
 )
 from inetsk_testbed.probe import wait_for
 from inetsk_testbed.stream import status
@@ -158,35 +157,71 @@ def test_copy_answers_through_its_restored_internal_connection(
 
 # ------------------------------------------------------------------ a group of containers
 STREAM, CTL = 7400, 7401
-GAP = 1.2  # s; without the group script a reset was measured at this gap (docs/tcp.md)
+GAP = 1.2  # s; without the barrier a reset was measured at this gap (docs/tcp.md)
 
 
 def group_map(old_new: list[tuple[str, str]]) -> str:
     return "[map]\n" + "".join(f'"{o}" = "{n}"\n' for o, n in old_new)
 
 
-def netns_rules(c: Container) -> str:
+def _rules(netns: str | None, family: int | None = None) -> list[str]:
+    """Every rule and chain of the filter table (iptables-save, ip6tables-save) of the
+    namespace at `netns` (None: this process's: the host's)."""
     out = []
-    for cmd in ("iptables", "ip6tables"):
-        cp = subprocess.run(["nsenter", f"--net=/proc/{c.pid}/ns/net", cmd, "-w", "-S"],
-                            capture_output=True, text=True, timeout=30, check=True)
-        out.append(cp.stdout)
-    return "".join(out)
+    for cmd in {4: ["iptables-save"], 6: ["ip6tables-save"]}.get(
+            family or 0, ["iptables-save", "ip6tables-save"]):
+        argv = [cmd, "-t", "filter"]
+        argv = argv if netns is None else ["nsenter", f"--net={netns}", *argv]
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
+        out += [ln for ln in cp.stdout.splitlines() if ln.startswith(("-A ", ":CRIU"))]
+    return out
+
+
+def naming(rules: list[str], addrs: list[str]) -> list[str]:
+    """The rules that name one of addrs (only this test's containers have these)."""
+    return [r for r in rules if any(f" {a}/" in r for a in addrs)]
+
+
+def remove_host_rules(addrs: list[str]) -> None:
+    """Delete the host's filter rules naming addrs (this test's only): the lock the old
+    barrier left there, so that a failing run leaves nothing either."""
+    for family, cmd in ((4, "iptables"), (6, "ip6tables")):
+        for rule in naming(_rules(None, family), addrs):
+            subprocess.run([cmd, "-w", "-t", "filter", "-D", *shlex.split(rule)[1:]],
+                           capture_output=True, timeout=30, check=False)
 
 
 @pytest.mark.root
 @pytest.mark.criu
 @pytest.mark.podman
-def test_group_moved_with_one_map_and_the_group_script(net: PodmanNet, plugin_lib: Path,  # noqa: F811
-                                                       tmp_path: Path):
+def test_group_moved_with_one_map_and_the_barrier(net: PodmanNet, plugin_lib: Path,  # noqa: F811
+                                                  tmp_path: Path):
+    """The group through Podman with nothing but `barrier-script`'s script (its own lock,
+    no --no-lock, no hand-written iptables): the lock goes into the container's namespace
+    (runc's criu runs in the host's), holds until every member arrived, and nothing is left
+    in any namespace. Before, the lock went into the host's filter table and stayed."""
     hosts = {"A": 40, "B": 41, "C": 42, "D": 43}  # X: A -> C, Y: B -> D
     v4 = {k: net.ipv4(n) for k, n in hosts.items()}
     v6 = {k: net.ipv6(n) for k, n in hosts.items()}
+    ours = [*v4.values(), *v6.values()]
+    host_before = naming(_rules(None), ours)
+    try:
+        _group_move(net, plugin_lib, tmp_path, hosts, v4, v6, host_before)
+    finally:
+        remove_host_rules(ours)
+
+
+def _group_move(net: PodmanNet, plugin_lib: Path, tmp_path: Path,  # noqa: F811
+                hosts: dict[str, int], v4: dict[str, str], v6: dict[str, str],
+                host_before: list[str]) -> None:
+    ours = [*v4.values(), *v6.values()]
     barrier = tmp_path / "barrier"
     confs = {}
     for name in "XY":
-        script = write_group_script(tmp_path / f"group-{name}.sh", cli=CLI, directory=barrier,
-                                    members=2, name=name, timeout=30)
+        script = tmp_path / f"barrier-{name}.sh"
+        subprocess.run([CLI, "barrier-script", str(script), "--dir", str(barrier),
+                        "--members", "2", "--name", name, "--timeout", "30"],
+                       check=True, capture_output=True, text=True, timeout=60)
         confs[name] = net.write_criu_conf(plugin_lib, [f"action-script {script}"], name=name)
     y = net.run_stream("Y", hosts["B"], ["--ctl", f"{v4['B']}:{CTL}",
                                           "--listen", f"{v4['B']}:{STREAM}"],
@@ -211,21 +246,50 @@ def test_group_moved_with_one_map_and_the_group_script(net: PodmanNet, plugin_li
     digests = [sha256(a) for a in archives]
     barrier.mkdir()
 
-    results = net.restore_group(archives, gap=GAP)  # X first, Y 1.2 s later
+    held: dict[str, object] = {}
+
+    def while_x_waits(_i: int) -> None:
+        """X (restored first) is at the barrier: where is its lock?"""
+        wait_for(lambda: (barrier / "X.arrived").exists(), 30, "X to reach the barrier")
+        locked = (barrier / "X.locked").read_text().splitlines()
+        held["locked"] = locked
+        held["host"] = naming(_rules(None), ours)
+        if locked and locked[0].startswith("netns "):
+            held["task"] = _rules(f"/proc/{locked[0].split()[1]}/ns/net")
+
+    results = net.restore_group(archives, gap=GAP, between=while_x_waits)  # X, then Y
+    host_after = naming(_rules(None), ours)
+    assert host_before == [] and held["host"] == [] and host_after == [], (
+        "lock rules in the host's filter table", held["host"], host_after)
     for r in results:
         assert moved(plugin_lines(r.log)), plugin_lines(r.log)
     xs, ys = (Container(c.name, net) for c in (x, y))
     for c, new in ((xs, "C"), (ys, "D")):
         c.inspect()
         assert c.state == "running" and (c.ipv4, c.ipv6) == (v4[new], v6[new])
-    # the barrier held X (restored first) until Y's sockets existed
-    assert (barrier / "outcome").read_text().strip() == "released"
-    t = {f.name: float(f.read_text().split("time=")[1].split()[0])
-         for f in barrier.iterdir() if f.suffix in (".arrived", ".passed")}
-    assert t["X.arrived"] < t["Y.arrived"] <= t["X.passed"], t
-    # the one connection carries on, both ways, on the new addresses
     sx = status(cl, v4["C"], CTL)
     sy = status(cl, v4["D"], CTL)
+    # while X waited, its one connection was locked in X's new namespace, by CRIU's rules
+    locked = held["locked"]
+    assert isinstance(locked, list) and len(locked) == 2, locked
+    _, pid, ident = locked[0].split()
+    assert ident.startswith("net:[") and pid.isdigit(), locked
+    lport = sx["local"].split(":")[1]
+    assert locked[1].split() == ["4", v4["C"], lport, v4["D"], str(STREAM)], (locked, sx)
+    task = held["task"]
+    assert isinstance(task, list)
+    ours_in_x = naming(task, ours)  # (runc's criu also locks the whole namespace itself:
+    # its CRIU chain, from post-setup-namespaces to the network unlock)
+    assert sorted(r.split()[1] for r in ours_in_x) == ["INPUT", "OUTPUT"], task
+    assert all(r.endswith("-j DROP") and f"--sport {lport} " in r or f"--dport {lport} " in r
+               for r in ours_in_x), task
+    # the barrier held X until Y's sockets existed; the lock went after that
+    assert (barrier / "outcome").read_text().strip() == "released"
+    t = {f.name: float(f.read_text().split("time=")[1].split()[0])
+         for f in barrier.iterdir() if f.suffix in (".arrived", ".passed", ".unlocked")}
+    assert t["X.arrived"] < t["Y.arrived"] <= t["X.passed"] <= t["X.unlocked"], t
+    assert t["Y.passed"] <= t["Y.unlocked"], t
+    # the one connection carries on, both ways, on the new addresses
     assert (sx["local"].split(":")[0], sx["peer"]) == (v4["C"], f"{v4['D']}:{STREAM}"), sx
     assert sy["local"] == f"{v4['D']}:{STREAM}" and sy["peer"] == sx["local"], sy
     for s in (sx, sy):
@@ -234,14 +298,21 @@ def test_group_moved_with_one_map_and_the_group_script(net: PodmanNet, plugin_li
     wait_for(lambda: int(status(cl, v4["C"], CTL)["recv"]) > int(sx["recv"]) + 10
              and int(status(cl, v4["D"], CTL)["recv"]) > int(sy["recv"]) + 10,
              10, "numbers to keep arriving both ways")
-    # CRIU removed the lock at network-unlock: nothing of it is left in either namespace
+    # nothing of the lock is left in either container's namespace, nor in the host's
     for c in (xs, ys):
-        assert "CRIU" not in netns_rules(c)
+        left = _rules(f"/proc/{c.pid}/ns/net")
+        assert naming(left, ours) == [] and not any("CRIU" in r for r in left), left
+    assert naming(_rules(None), ours) == []
     assert [sha256(a) for a in archives] == digests
 
 
-def test_the_group_script_in_the_docs_is_the_one_tested():
+def test_the_podman_group_docs_need_nothing_but_the_barrier():
+    """docs/tcp.md's Podman group steps use barrier-script's script as the test above does:
+    no --no-lock, no hand-written iptables lock."""
     doc = (ROOT / "docs" / "tcp.md").read_text()
-    shown = GROUP_SCRIPT.format(cli="overlayfs-inetsk", dir="/shared/restore-42", members=2,
-                                name="X", timeout=60)
-    assert shown in doc, "docs/tcp.md must show testbed/podman.py's GROUP_SCRIPT as is"
+    section = doc.split("## Groups through Podman", 1)[1].split("\n## ", 1)[0]
+    shown = "".join(section.split("```")[1::2])  # what the fenced blocks hold
+    assert "overlayfs-inetsk barrier-script /etc/criu/group-X.sh --dir" in shown
+    assert "action-script /etc/criu/group-X.sh" in shown
+    for gone in ("--no-lock", "iptables", "nsenter", "CRTOOLS_"):
+        assert gone not in shown, gone

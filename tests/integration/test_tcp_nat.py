@@ -124,7 +124,11 @@ def test_the_client_goes_on_counting_on_the_same_socket(moved):
     printed = overlayfs_inetsk("nat-rules", str(m["dirs"].images), "--map",
                                f"{m['a']}={m['b']}").stdout
     table = doc["nat"]["table"]
-    assert f"table inet {table} {{" in printed and f"daddr set {m['b']}" in printed
+    assert f"table inet {table} {{" in printed
+    assert (f"\t\t\t{m['c']} . {m['cport']} . {m['a']} . {PORT} : {m['b']},\n"
+            in printed), printed  # the connection, an element of the map to_new4/6
+    assert (f"\t\t\t{m['b']} . {PORT} . {m['c']} . {m['cport']} : {m['a']},\n"
+            in printed), printed  # its replies, of from_old4/6
     assert table in ruleset(m["C"])
     # --remove takes away exactly what was added
     rm = overlayfs_inetsk("nat-rules", str(m["dirs"].images), "--map", f"{m['a']}={m['b']}",
