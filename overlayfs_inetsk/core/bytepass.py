@@ -19,6 +19,8 @@ from .boundmap import BoundMap, Sources
 from .decide import CLOSE, KEEP, NEEDS_ADDRESS, REFUSED, SET, VERDICTS, RewriteOptions, decide
 from .entries import SHUT_BOTH, FD_INETSK, Interner, fdinfo_pb2, not_inet, sk_inet_pb2
 from .imagefile import FILES_MAGIC, HEADER_SIZE, LENGTH, MAGIC_BY_NAME, read_header
+from typing import Any
+
 from .patch import (
     DST_TAG,
     HEAD,
@@ -84,9 +86,9 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     might_move, lookup = bmap.might_move, bmap.lookup
     good_tails: set[bytes] = set()
     inet, z7, z8, v4, set_, close = FD_INETSK, _ZERO_SPORT, _ZERO_DPORT, AF_INET, SET, CLOSE
-    last_dst = last_tail = last_src = b""
-    src: IPAddress | None = None
-    src_as_dst = b""
+    last_dst = b""
+    # per family (AF_INET6, AF_INET): the last tail, src field and (src, src as a dst field)
+    lasts: list[list[Any]] = [[b"", b"", None], [b"", b"", None]]
     moved: tuple[IPAddress, str] | None = None
     pos, size = HEADER_SIZE, len(data)
     while pos < size:
@@ -120,14 +122,16 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             return None  # isk must be the entry's last field
         tail0 = m.end()
         tail = data[tail0:end]
-        if tail != last_tail and tail not in good_tails:
-            if not tails(tail, data, start, end):
-                return None
-            if len(good_tails) >= _MAX:
-                good_tails.clear()
-            good_tails.add(tail)
-        last_tail = tail
-        if src_raw != last_src:
+        last = lasts[fam == v4]  # what the family's last entry had (the families alternate)
+        if tail != last[0]:
+            if tail not in good_tails:
+                if not tails(tail, data, start, end):
+                    return None
+                if len(good_tails) >= _MAX:
+                    good_tails.clear()
+                good_tails.add(tail)
+            last[0] = tail
+        if src_raw != last[1]:
             got_src = srcs.get(src_raw)
             if got_src is None:
                 words = field_words(src_raw)
@@ -137,8 +141,9 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 srcs[src_raw] = got_src
                 if seen is not None:
                     seen.src((fam, words), got_src[0])
-            src, src_as_dst = got_src
-            last_src = src_raw
+            last[1] = src_raw
+            last[2] = got_src
+        src, src_as_dst = last[2]
         if dst_raw != last_dst:  # decide.peer_class's dst_moved, as plan._plan_image finds it
             last_dst = dst_raw
             if not asked:

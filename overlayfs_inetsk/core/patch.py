@@ -28,9 +28,9 @@ from typing import Any
 
 from . import imagefile
 
-# A canonical varint of a uint32: one byte, or continuation bytes and a last byte that is
-# not 0 (a 5-byte one: at most 0x0f, so the value fits 32 bits).
-_V = rb"(?>[\x80-\xff]{1,3}+[\x01-\x7f]|[\x00-\x7f]|[\x80-\xff]{4}[\x01-\x0f])"
+# A canonical varint of a uint32: up to 3 continuation bytes and a last byte that is not 0,
+# or 0 alone, or 4 continuation bytes and a last byte up to 0x0f (the value fits 32 bits).
+_V = rb"(?:[\x80-\xff]{0,3}+[\x01-\x7f]|\x00|[\x80-\xff]{4}[\x01-\x0f])"
 _B = rb"[\x00-\x7f]"  # a one-byte varint (family, type, proto, state)
 
 # groups: 1 file_entry.id (isk.id must be the same bytes), 2 isk's length, 3 family..state
