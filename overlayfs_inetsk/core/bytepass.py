@@ -13,14 +13,22 @@ what that pass gives (tests/test_bytepass.py compares the two).
 from __future__ import annotations
 
 import posixpath
+from typing import Any
 
 from ..errors import RewriteError
 from .boundmap import BoundMap, Sources
-from .decide import CLOSE, KEEP, NEEDS_ADDRESS, REFUSED, SET, VERDICTS, RewriteOptions, decide
-from .entries import SHUT_BOTH, FD_INETSK, Interner, fdinfo_pb2, not_inet, sk_inet_pb2
+from .decide import (
+    CLOSE,
+    KEEP,
+    NEEDS_ADDRESS,
+    REFUSED,
+    SET,
+    VERDICTS,
+    RewriteOptions,
+    decide,
+)
+from .entries import FD_INETSK, SHUT_BOTH, Interner, fdinfo_pb2, not_inet, sk_inet_pb2
 from .imagefile import FILES_MAGIC, HEADER_SIZE, LENGTH, MAGIC_BY_NAME, read_header
-from typing import Any
-
 from .patch import (
     DST_TAG,
     HEAD,
@@ -28,7 +36,6 @@ from .patch import (
     TailCheck,
     field_words,
     patched,
-    uvarint,
     varint,
     words_field,
 )
@@ -45,9 +52,14 @@ _STATE_CLOSE = bytes((TCP_CLOSE,))
 _ZERO_WORDS = {n: words_field(SRC_TAG, (0,) * n) + words_field(DST_TAG, (0,) * n)
                for n in (1, 4)}  # isk's length: entries are a few hundred bytes
 
+# what a class does to its entries: nothing, new addresses, new addresses and ports, closed
+_KEEP, _ADDRS, _PORTS, _CLOSE = 0, 1, 2, 3
+
 Result = tuple[bytes | bytearray, dict[str, int], list[SocketReport], int]
-# a class: verdict, action, new src field, new dst field (None: as it is), new ports, report
-_Class = tuple[str, str, bytes | None, bytes | None, int | None, int | None, SocketReport]
+# a class: what it does, its verdict, whether it is a problem (refused, needs-address), new
+# src field, new dst field (None: as it is), new ports, the first socket's report
+_Class = tuple[int, str, bool, bytes | None, bytes | None, int | None, int | None,
+               SocketReport]
 
 
 def _socket(path: str, off: int, data: bytes, start: int, end: int, interner: Interner,
@@ -85,10 +97,11 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     bits, mask = bytearray(), 0
     might_move, lookup = bmap.might_move, bmap.lookup
     good_tails: set[bytes] = set()
-    inet, z7, z8, v4, set_, close = FD_INETSK, _ZERO_SPORT, _ZERO_DPORT, AF_INET, SET, CLOSE
+    inet, z7, z8, v4, addrs = FD_INETSK, _ZERO_SPORT, _ZERO_DPORT, AF_INET, _ADDRS
     last_dst = b""
-    # per family (AF_INET6, AF_INET): the last tail, src field and (src, src as a dst field)
-    lasts: list[list[Any]] = [[b"", b"", None], [b"", b"", None]]
+    # per family (AF_INET6, AF_INET): the last tail, src field, (src, src as a dst field),
+    # class key and class
+    lasts: list[list[Any]] = [[b"", b"", None, None, None], [b"", b"", None, None, None]]
     moved: tuple[IPAddress, str] | None = None
     pos, size = HEADER_SIZE, len(data)
     while pos < size:
@@ -106,19 +119,17 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         m = match(data, start, end)
         if m is None:
             return None
-        fid, ilen, kind, famb, sportf, dportf, src_raw, dst_raw, src6, dst6 = m.groups()
+        fid, ilen, kind, sportf, dportf, src_raw, dst_raw, src6, dst6 = m.groups()
+        fam = kind[1]
         if src_raw is None:
-            if famb != b"\x0a":
+            if fam != 10:
                 return None
-            src_raw, dst_raw, fam = src6, dst6, 10
-        elif famb != b"\x02":
+            src_raw, dst_raw = src6, dst6
+        elif fam != v4:
             return None
-        else:
-            fam = v4
         isk0 = start + 4 + len(fid) + len(ilen)  # 08 04 10 id 22 len
-        n = len(ilen)
-        if isk0 + (ilen[0] if n == 1 else ilen[0] & 0x7F | ilen[1] << 7 if n == 2
-                   else uvarint(ilen)[0]) != end:
+        n = end - isk0
+        if (varints[n] if n < 2048 else varint(n)) != ilen:  # (canonical: the same bytes)
             return None  # isk must be the entry's last field
         tail0 = m.end()
         tail = data[tail0:end]
@@ -176,9 +187,8 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                     return None  # route names it
             else:
                 moved = None
-        key = (kind, sportf == z7, dportf == z8, src_raw,
-               dst_raw[1:] == src_raw[1:] if fam == v4 else dst_raw == src_as_dst, moved)
-        got = classes.get(key)
+        key = (kind, sportf == z7, dportf == z8, src_raw, dst_raw == src_as_dst, moved)
+        got = last[4] if key == last[3] else classes.get(key)  # the family's last class?
         if got is None:
             assert src is not None
             first = _socket(path, off, data, start, end, interner, src, fam, dst_raw)
@@ -196,55 +206,56 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                     new_dst = words_field(DST_TAG, d.dst_words)
             elif d.action != KEEP and d.action != CLOSE:
                 return None  # an action this pass does not know: upb's route
-            got = (d.verdict, d.action, new_src, new_dst, d.new_sport, d.new_dport,
-                   SocketReport(first, d))
+            if d.action == KEEP:
+                act = _KEEP
+            elif d.action == CLOSE:
+                act = _CLOSE
+            else:
+                act = _ADDRS if d.new_sport is None and d.new_dport is None else _PORTS
+            got = (act, d.verdict, d.verdict == REFUSED or d.verdict == NEEDS_ADDRESS,
+                   new_src, new_dst, d.new_sport, d.new_dport, SocketReport(first, d))
             if len(classes) >= _MAX:
                 classes.clear()
             classes[key] = got
-        verdict, action, new_src, new_dst, new_sport, new_dport, report = got
+        last[3] = key
+        last[4] = got
+        act, verdict, problem, new_src, new_dst, new_sport, new_dport, report = got
         counts[verdict] += 1
-        if verdict == REFUSED or verdict == NEEDS_ADDRESS:
+        if problem:
             if report.sock.offset != off:
                 assert src is not None
                 report = SocketReport(_socket(path, off, data, start, end, interner, src, fam,
                                               dst_raw), report.decision)
             problems.append(report)
-        if action != set_:
-            if action == close:  # entries.close_connection, on the bytes
-                if copied != off:
-                    out += mv[copied:off]
-                copied = end
-                changed += 1
-                p3, p7 = m.start(3), m.start(5)
-                p8 = p7 + len(sportf)
-                src0 = tail0 - len(dst_raw) - len(src_raw)
-                n_words = 1 if fam == v4 else 4
-                patched(data, start, isk0, end, [
-                    (p3 + 7, p3 + 8, _STATE_CLOSE), (p7 + 1, p8, b"\x00"),
-                    (p8 + 1, p8 + len(dportf), b"\x00"),
-                    (src0, end, _ZERO_WORDS[n_words] + tails.closed(
-                        tail, sk_inet_pb2.inet_sk_entry, SHUT_BOTH))], out)
+        if not act:
             continue
         if copied != off:
             out += mv[copied:off]
         copied = end
         changed += 1
         src0 = tail0 - len(dst_raw) - len(src_raw)
-        if new_sport is None and new_dport is None:  # the addresses alone: one splice
+        if act == addrs:  # the addresses alone: one splice
             a_src = new_src or src_raw
             a_dst = new_dst or dst_raw
-            n = end - isk0 + len(a_src) + len(a_dst) - (tail0 - src0)
+            n = src0 - isk0 + len(a_src) + len(a_dst) + end - tail0
             nlen = varints[n] if n < 2048 else varint(n)
-            ilen0 = isk0 - len(ilen)
-            out += join((pack(ilen0 - start + len(nlen) + n), data[start:ilen0], nlen,
-                         data[isk0:src0], a_src, a_dst, tail))
+            # 08 04 10 id 22 len isk: the head rebuilt from `id`, not sliced
+            out += join((pack(4 + len(fid) + len(nlen) + n), b"\x08\x04\x10", fid, b"\x22",
+                         nlen, data[isk0:src0], a_src, a_dst, tail))
+            continue
+        p3, p7 = m.start(3), m.start(4)
+        p8 = p7 + len(sportf)
+        if act == _CLOSE:  # entries.close_connection, on the bytes
+            patched(data, start, isk0, end, [
+                (p3 + 7, p3 + 8, _STATE_CLOSE), (p7 + 1, p8, b"\x00"),
+                (p8 + 1, p8 + len(dportf), b"\x00"),
+                (src0, end, _ZERO_WORDS[1 if fam == v4 else 4] + tails.closed(
+                    tail, sk_inet_pb2.inet_sk_entry, SHUT_BOTH))], out)
             continue
         repl = []
-        p7 = m.start(5)
         if new_sport is not None:
-            repl.append((p7 + 1, p7 + len(sportf), varint(new_sport)))
+            repl.append((p7 + 1, p8, varint(new_sport)))
         if new_dport is not None:
-            p8 = p7 + len(sportf)
             repl.append((p8 + 1, p8 + len(dportf), varint(new_dport)))
         if new_src is not None:
             repl.append((src0, src0 + len(src_raw), new_src))

@@ -34,12 +34,13 @@ _V = rb"(?:[\x80-\xff]{0,3}+[\x01-\x7f]|\x00|[\x80-\xff]{4}[\x01-\x0f])"
 _B = rb"[\x00-\x7f]"  # a one-byte varint (family, type, proto, state)
 
 # groups: 1 file_entry.id (isk.id must be the same bytes), 2 isk's length, 3 family..state
-# (the bytes), 4 family, 5 src_port, 6 dst_port (each with its tag), then AF_INET: 7 src
-# word, 8 dst word; AF_INET6: 9 four src words, 10 four dst words (each word with its tag).
+# (the bytes: the family is its second), 4 src_port, 5 dst_port (each with its tag), then
+# AF_INET: 6 src word, 7 dst word; AF_INET6: 8 four src words, 9 four dst words (each word
+# with its tag).
 # The match ends before fown's tag: the tail starts at m.end().
 HEAD = re.compile(
     rb"\x08\x04\x10(" + _V + rb")\x22(" + _V + rb")\x08\1\x10" + _V +
-    rb"(\x18([\x02\x0a])\x20" + _B + rb"\x28" + _B + rb"\x30" + _B + rb")"
+    rb"(\x18[\x02\x0a]\x20" + _B + rb"\x28" + _B + rb"\x30" + _B + rb")"
     rb"(\x38" + _V + rb")(\x40" + _V + rb")\x48" + _V + rb"\x50" + _V +
     rb"(?:(\x58" + _V + rb")(\x60" + _V + rb")|((?:\x58" + _V + rb"){4})((?:\x60" + _V +
     rb"){4}))(?=\x6a)", re.S)
