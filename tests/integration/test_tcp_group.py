@@ -210,7 +210,14 @@ def test_barrier_without_the_lock_is_not_enough(testnet, tmp_path):
     g = Group(testnet, tmp_path, V4)
     g.start()
     wait_for(lambda: int(g.st("X", "A")["recv"]) > 5, what="the stream to flow")
-    g.dump()
+    criu.dump(g.h["A"], g.x, g.images["X"], tcp_established=True)
+    # X is gone and its dump's lock drops what reaches A: Y backs off and queues numbers it
+    # has not sent yet. Dumped only once it holds some (without this wait, a dump taken
+    # between two of Y's retransmissions may find none: seen once under load)
+    wait_for(lambda: "notsent:" in g.h["B"].run(
+        ["ss", "-Htni", "state", "established", f"( sport = :{PORT} )"]).stdout,
+        what="Y to hold numbers it has not sent")
+    criu.dump(g.h["B"], g.y, g.images["Y"], tcp_established=True)
     with mounted(g.images["Y"], tmp_path / "mnt-Y", ["--map-file", str(g.map)]) as my:
         (tmp_path / "barrier").mkdir()
         script = g.barrier_script("D", lock=False)
