@@ -165,6 +165,7 @@ class BoundMap:
         self._local_words: dict[int, set[object]] | None = None
         self._local_raw: dict[int, set[bytes]] | None = None  # raw_locals()'
         self._not_local: bytearray | None = None  # see said_not_local()
+        self._not_local_raw: bytearray | None = None  # the same, bytepass's raw keys
 
     @property
     def local_addrs(self) -> set[IPAddress]:
@@ -273,16 +274,19 @@ class BoundMap:
     _NOT_LOCAL_BITS = 1 << 20
 
     def note_not_local(self, key: object) -> None:
-        bits, mask = self.not_local_bits()
+        bits = self._not_local
+        if bits is None:
+            bits = self._not_local = bytearray(self._NOT_LOCAL_BITS >> 3)
         b = self._bit(key)
         bits[b >> 3] |= 1 << (b & 7)
 
     def not_local_bits(self) -> tuple[bytearray, int]:
-        """The bitmap note_not_local() sets, and its mask: a raw key (bytes, raw_locals())
-        sets bit hash(key) & mask."""
-        bits = self._not_local
+        """The bitmap core/bytepass.py sets bit hash(key) & mask of for a peer not local,
+        its raw key (raw_locals()); apart from note_not_local()'s, so that a false hit (a
+        plan again) is as unlikely as with one bitmap."""
+        bits = self._not_local_raw
         if bits is None:
-            bits = self._not_local = bytearray(self._NOT_LOCAL_BITS >> 3)
+            bits = self._not_local_raw = bytearray(self._NOT_LOCAL_BITS >> 3)
         return bits, self._NOT_LOCAL_BITS - 1
 
     @classmethod
@@ -292,18 +296,20 @@ class BoundMap:
         return hash((key,)) & (cls._NOT_LOCAL_BITS - 1)  # (key,): an int's hash is itself
 
     def said_not_local(self, family: int, words: Sequence[int]) -> bool:
-        """Whether might_move() or lookup() may have answered that the address in these
-        CRIU words is not one of the image's own (false hits possible, no misses)."""
-        bits = self._not_local
-        if bits is None:
+        """Whether might_move() or lookup() (or bytepass, on the bytes) may have answered
+        that the address in these CRIU words is not one of the image's own (false hits
+        possible, no misses)."""
+        if self._not_local is None and self._not_local_raw is None:
             return False
         plain = _unmap(words_to_addr(words, family))
         if is_special(plain) or is_multicast(plain):
             return False  # never one of the image's own: asking could not change an answer
-        for key in (_addr_key(plain), _raw_key(plain)):  # raw_locals()' users note raw keys
-            b = self._bit(key)
-            if bits[b >> 3] & (1 << (b & 7)):
-                return True
+        for bits, key in ((self._not_local, _addr_key(plain)),
+                          (self._not_local_raw, _raw_key(plain))):
+            if bits is not None:
+                b = self._bit(key)
+                if bits[b >> 3] & (1 << (b & 7)):
+                    return True
         return False
 
     def _lookup_plain(self, addr: IPAddress, is_src: bool) -> tuple[IPAddress, str] | None:

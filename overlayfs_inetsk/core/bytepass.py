@@ -6,8 +6,9 @@
 The same pass as plan._plan_image (the same keys, one decide() per kind of socket, the
 same `local` protocol), for what a mount's first open and `rewrite` need: no report per
 socket, no port moves. Every inet entry must be in protobuf-c's layout (patch.HEAD, its
-tail checked by patch.TailCheck): at the first that is not, it answers None and plan.py makes its upb pass over the image, so every entry is exactly
-what that pass gives (tests/test_bytepass.py compares the two).
+tail checked by patch.TailCheck): at the first that is not, it answers None and plan.py
+makes its upb pass over the image, so every entry is exactly what that pass gives
+(tests/test_bytepass.py compares the two).
 """
 
 from __future__ import annotations
@@ -43,23 +44,25 @@ from .report import SocketReport
 from .sockaddr import AF_INET, TCP_CLOSE, IPAddress
 from .sockets import Socket
 
-_MAX = 1024  # classes, sources, lengths kept (as plan._SAME_MAX)
+_MAX = 1024  # classes, sources and tails kept (as plan._SAME_MAX)
 _TAILS = TailCheck(fdinfo_pb2.file_entry)
 _ZERO_SPORT, _ZERO_DPORT = b"\x38\x00", b"\x40\x00"
-_VARINTS = [varint(n) for n in range(2048)]
+# isk's length as a varint (entries are a few hundred bytes), made without varint(): that
+# took ~1 ms of every start-up
+_VARINTS = [bytes((n,)) for n in range(0x80)] + [bytes((n & 0x7F | 0x80, n >> 7))
+                                                 for n in range(0x80, 2048)]
 _STATE_CLOSE = bytes((TCP_CLOSE,))
 # both address fields of a closed connection: every word 0 (as many as the entry has)
 _ZERO_WORDS = {n: words_field(SRC_TAG, (0,) * n) + words_field(DST_TAG, (0,) * n)
-               for n in (1, 4)}  # isk's length: entries are a few hundred bytes
+               for n in (1, 4)}
 
-# what a class does to its entries: nothing, new addresses, new addresses and ports, closed
-_KEEP, _ADDRS, _PORTS, _CLOSE = 0, 1, 2, 3
+# what a class does to its entries: nothing, new addresses, closed
+_KEEP, _ADDRS, _CLOSE = 0, 1, 2
 
 Result = tuple[bytes | bytearray, dict[str, int], list[SocketReport], int]
 # a class: what it does, its verdict, whether it is a problem (refused, needs-address), new
-# src field, new dst field (None: as it is), new ports, the first socket's report
-_Class = tuple[int, str, bool, bytes | None, bytes | None, int | None, int | None,
-               SocketReport]
+# src field, new dst field (None: as it is), the first socket's report
+_Class = tuple[int, str, bool, bytes | None, bytes | None, SocketReport]
 
 
 def _socket(path: str, off: int, data: bytes, start: int, end: int, interner: Interner,
@@ -206,20 +209,17 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                     new_dst = words_field(DST_TAG, d.dst_words)
             elif d.action != KEEP and d.action != CLOSE:
                 return None  # an action this pass does not know: upb's route
-            if d.action == KEEP:
-                act = _KEEP
-            elif d.action == CLOSE:
-                act = _CLOSE
-            else:
-                act = _ADDRS if d.new_sport is None and d.new_dport is None else _PORTS
+            if d.new_sport is not None or d.new_dport is not None:
+                return None  # ports move only with a PortContext (upb's route): not here
+            act = _KEEP if d.action == KEEP else _CLOSE if d.action == CLOSE else _ADDRS
             got = (act, d.verdict, d.verdict == REFUSED or d.verdict == NEEDS_ADDRESS,
-                   new_src, new_dst, d.new_sport, d.new_dport, SocketReport(first, d))
+                   new_src, new_dst, SocketReport(first, d))
             if len(classes) >= _MAX:
                 classes.clear()
             classes[key] = got
         last[3] = key
         last[4] = got
-        act, verdict, problem, new_src, new_dst, new_sport, new_dport, report = got
+        act, verdict, problem, new_src, new_dst, report = got
         counts[verdict] += 1
         if problem:
             if report.sock.offset != off:
@@ -234,7 +234,7 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         copied = end
         changed += 1
         src0 = tail0 - len(dst_raw) - len(src_raw)
-        if act == addrs:  # the addresses alone: one splice
+        if act == addrs:  # new addresses: one splice
             a_src = new_src or src_raw
             a_dst = new_dst or dst_raw
             n = src0 - isk0 + len(a_src) + len(a_dst) + end - tail0
@@ -243,25 +243,15 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             out += join((pack(4 + len(fid) + len(nlen) + n), b"\x08\x04\x10", fid, b"\x22",
                          nlen, data[isk0:src0], a_src, a_dst, tail))
             continue
+        # closed (entries.close_connection, on the bytes): state, both ports, every word,
+        # and the tail with shutdown set
         p3, p7 = m.start(3), m.start(4)
         p8 = p7 + len(sportf)
-        if act == _CLOSE:  # entries.close_connection, on the bytes
-            patched(data, start, isk0, end, [
-                (p3 + 7, p3 + 8, _STATE_CLOSE), (p7 + 1, p8, b"\x00"),
-                (p8 + 1, p8 + len(dportf), b"\x00"),
-                (src0, end, _ZERO_WORDS[1 if fam == v4 else 4] + tails.closed(
-                    tail, sk_inet_pb2.inet_sk_entry, SHUT_BOTH))], out)
-            continue
-        repl = []
-        if new_sport is not None:
-            repl.append((p7 + 1, p8, varint(new_sport)))
-        if new_dport is not None:
-            repl.append((p8 + 1, p8 + len(dportf), varint(new_dport)))
-        if new_src is not None:
-            repl.append((src0, src0 + len(src_raw), new_src))
-        if new_dst is not None:
-            repl.append((tail0 - len(dst_raw), tail0, new_dst))
-        patched(data, start, isk0, end, repl, out)
+        patched(data, start, isk0, end, [
+            (p3 + 7, p3 + 8, _STATE_CLOSE), (p7 + 1, p8, b"\x00"),
+            (p8 + 1, p8 + len(dportf), b"\x00"),
+            (src0, end, _ZERO_WORDS[1 if fam == v4 else 4] + tails.closed(
+                tail, sk_inet_pb2.inet_sk_entry, SHUT_BOTH))], out)
     if not changed:
         return data, counts, problems, changed
     out += mv[copied:]
