@@ -1,6 +1,7 @@
 """Benchmark: what the CRIU plugin adds to a restore.
 
     .venv/bin/python bench/bench_plugin.py [--runs 11] [--sockets 10000] [--big-runs 5]
+                                           [--against DIR]
 
 In one invocation, on test hosts made here, with CRIU 4.2.1:
   (1) a small service (TCP on IPv4 and IPv6, bound UDP) dumped on host A, then restored
@@ -10,7 +11,14 @@ In one invocation, on test hosts made here, with CRIU 4.2.1:
   (2) a process with `--sockets` UDP sockets bound to A's address: (a) on A without the
       plugin, (b) on B with the plugin (agent), (c) (CLI); `--big-runs` alternating runs.
       The plugin's own time is also read from restore.log (`view ready (N ms)`).
+  --against DIR: (d) the CLI route with the package of another checkout (e.g. the tree
+      before a change), in the same alternation. `--big-runs 0` skips (2).
 Prints every median and the ratios / differences against the baseline of the same run.
+The CLI is run as an installed one is: a console script as pip writes it (`from
+overlayfs_inetsk.cli import main`, no runpy, no shell), the package's bytecode kept (in
+WORK/pycache: this machine sets PYTHONDONTWRITEBYTECODE=1, under which every restore
+compiled the package again: the route took 160 to 210 ms so, 90 to 100 ms with its
+bytecode, at the same load; an install has its .pyc files).
 Needs root and CRIU (scripts/setup.sh) and a built plugin (make -C plugin).
 """
 
@@ -40,14 +48,21 @@ def step(msg: str) -> None:
     print(f"-- {msg}", file=sys.stderr, flush=True)
 
 
+def console_script(path: str, tree: str) -> str:
+    """An overlayfs-inetsk at `path` as pip's console script is, running `tree`'s package
+    (put first on sys.path; the cwd is never on it, unlike `python -m` and `-c`)."""
+    with open(path, "w") as f:
+        f.write(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {tree!r})\n"
+                "from overlayfs_inetsk.cli import main\nif __name__ == '__main__':\n"
+                "    sys.exit(main())\n")
+    os.chmod(path, 0o755)
+    return path
+
+
 def setup_plugin(work: str) -> tuple[str, str]:
     out = os.path.join(work, "build")
     subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "plugin"), f"OUT={out}"], check=True)
-    cli = os.path.join(work, "overlayfs-inetsk")
-    with open(cli, "w") as f:
-        f.write(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} "
-                "-m overlayfs_inetsk.cli \"$@\"\n")
-    os.chmod(cli, 0o755)
+    cli = console_script(os.path.join(work, "overlayfs-inetsk"), ROOT)
     libdir = os.path.join(work, "criu-lib")
     subprocess.run([cli, "plugin", "install", "--libdir", libdir, "--so",
                     os.path.join(out, "overlayfs_inetsk_plugin.so"), "--cli", cli],
@@ -100,14 +115,22 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=11)
     ap.add_argument("--sockets", type=int, default=10000)
     ap.add_argument("--big-runs", type=int, default=5)
+    ap.add_argument("--against", metavar="DIR",
+                    help="also the CLI route of the package in DIR (another checkout)")
     opts = ap.parse_args()
     need = opts.sockets + 200
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(need, hard)), hard))
     work = tempfile.mkdtemp(prefix="oi-bench-plugin-")
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # the CLI's bytecode, as installed
+    os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
     agent = None
     try:
         libdir, cli = setup_plugin(work)
+        clis = {"CLI": cli}
+        if opts.against:
+            clis["CLI of --against"] = console_script(os.path.join(work, "against-cli"),
+                                                     os.path.abspath(opts.against))
         sock = os.path.join(work, "agent.sock")
         agent = start_agent(cli, sock)
         os.environ.pop("OVERLAYFS_INETSK_MAP", None)
@@ -121,6 +144,9 @@ def main() -> int:
                 "plugin, agent (new address)": (b, small, os.path.join(work, "w1"), plug),
                 "plugin, CLI (new address)": (b, small, os.path.join(work, "w2"), plug),
             }
+            if opts.against:
+                runs["plugin, CLI of --against (new address)"] = (
+                    b, small, os.path.join(work, "w3"), plug)
             step(f"small service: {opts.runs} alternating runs of each")
             os.environ["OVERLAYFS_INETSK_AGENT_SOCK"] = sock
 
@@ -128,15 +154,21 @@ def main() -> int:
                 """n runs of each route, the order reversed every other time; the CLI
                 route is pointed at an agent socket that does not exist."""
                 res: dict[str, list] = {k: [] for k in runs}
-                for i in range(n):
+                for i in range(-1, n):  # run -1: a warm-up of each (bytecode), not counted
                     for k in (list(runs) if i % 2 == 0 else list(reversed(runs))):
                         host, images, w, extra = runs[k]
                         os.environ["OVERLAYFS_INETSK_AGENT_SOCK"] = (
                             os.path.join(work, "none.sock") if "CLI" in k else sock)
-                        res[k].append(one_restore(host, images, w, extra))
+                        os.environ["OVERLAYFS_INETSK_CLI"] = (
+                            clis["CLI of --against" if "against" in k else "CLI"])
+                        r = one_restore(host, images, w, extra)
+                        if i >= 0:
+                            res[k].append(r)
                 return res
 
             report("small service (3 inet sockets)", alternate(runs, opts.runs))
+            if opts.big_runs <= 0:
+                return 0
 
             step(f"dumping a process with {opts.sockets} UDP sockets on {A4}")
             big = os.path.join(work, "big")
@@ -148,6 +180,9 @@ def main() -> int:
                 "plugin, agent (new address)": (b, big, os.path.join(work, "b1"), plug),
                 "plugin, CLI (new address)": (b, big, os.path.join(work, "b2"), plug),
             }
+            if opts.against:
+                runs["plugin, CLI of --against (new address)"] = (
+                    b, big, os.path.join(work, "b3"), plug)
             step(f"{opts.sockets} sockets: {opts.big_runs} alternating runs of each")
             res = alternate(runs, opts.big_runs)
             report(f"{opts.sockets} UDP sockets (files.img "
@@ -157,6 +192,7 @@ def main() -> int:
             agent.terminate()
             agent.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+        print("load average at the end: %.2f %.2f %.2f" % os.getloadavg())
     return 0
 
 

@@ -1,7 +1,7 @@
 """Benchmark: a Podman restore with the CRIU plugin (new address) vs. the same restore
 keeping its address without the plugin.
 
-    .venv/bin/python bench/bench_podman.py [--runs 11]
+    .venv/bin/python bench/bench_podman.py [--runs 11] [--agent] [--against DIR]
 
 One invocation, on a private podman network (testbed/podman.py; needs root, podman, runc,
 CRIU 4.2.1 and the base image of scripts/setup-containers.sh). A small container (the
@@ -16,6 +16,11 @@ Each run times the whole `podman container restore` command (wall clock); the co
 is removed (untimed) before the next run. One unmeasured warm-up of each, then --runs of
 each, alternating which goes first. Prints every run, the medians and their ratio (target:
 at most 1.10); exits 1 when the target is missed.
+  --agent: an `overlayfs-inetsk agent` serves (a), on a socket of this run's own (the
+      plugin's config file names it: the node's default socket is left alone); without it,
+      (a) runs the CLI (the config names a socket nobody listens on).
+  --against DIR: (c) as (a) with the CLI of the package in DIR (another checkout), in the
+      same alternation (without --agent only).
 
 OVERLAYFS_INETSK_BENCH_CLI names the overlayfs-inetsk to install the plugin with (default:
 the one beside this interpreter).
@@ -38,7 +43,7 @@ sys.path[:0] = [ROOT]
 from inetsk_testbed import podman as pm  # noqa: E402
 
 TARGET = 1.10
-AGENT_SOCK = "/run/overlayfs-inetsk/agent.sock"  # the plugin's default
+AGENT_SOCK = "agent.sock"  # in this run's temporary dir
 
 
 def note(msg: str) -> None:
@@ -65,9 +70,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=11)
     ap.add_argument("--agent", action="store_true",
-                    help=f"run `overlayfs-inetsk agent` on {AGENT_SOCK} for (a) (the plugin "
-                         "asks it instead of starting the CLI)")
+                    help="run `overlayfs-inetsk agent` for (a), on a socket of its own (the "
+                         "plugin asks it instead of starting the CLI)")
+    ap.add_argument("--against", metavar="DIR",
+                    help="(c): (a) with the CLI of the package in DIR (not with --agent)")
     opts = ap.parse_args()
+    if opts.against and opts.agent:
+        ap.error("--against compares CLI routes: not with --agent")
     if os.geteuid() != 0 or (why := pm.missing()):
         print(f"bench_podman: needs root, podman and runc ({why or 'not root'})",
               file=sys.stderr)
@@ -79,45 +88,66 @@ def main() -> int:
         tmp = Path(tmp_s)
         lib, empty = tmp / "lib", tmp / "empty"
         empty.mkdir()
-        subprocess.run([cli, "plugin", "install", "--libdir", str(lib), "--cli", cli],
-                       check=True, capture_output=True, text=True)
+        sock = tmp / AGENT_SOCK
+        libs = {"a": lib, "b": empty}
+        clis = {"a": cli}
+        if opts.against:
+            libs["c"] = tmp / "lib-against"
+            clis["c"] = console_script(tmp / "against-cli", os.path.abspath(opts.against))
+        for key, c in clis.items():
+            subprocess.run([c, "plugin", "install", "--libdir", str(libs[key]), "--cli", c,
+                            "--agent-socket", str(sock), "--no-agent"],
+                           check=True, capture_output=True, text=True)
         agent = None
         if opts.agent:
-            if os.path.exists(AGENT_SOCK):
-                print(f"bench_podman: {AGENT_SOCK} exists (an agent runs?)", file=sys.stderr)
-                return 2
-            agent = subprocess.Popen([cli, "agent", "--socket", AGENT_SOCK],
+            agent = subprocess.Popen([cli, "agent", "--socket", str(sock)],
                                      stdin=subprocess.DEVNULL)
             end = time.monotonic() + 20
-            while not os.path.exists(AGENT_SOCK):
+            while not os.path.exists(sock):
                 if agent.poll() is not None or time.monotonic() > end:
                     print("bench_podman: the agent did not start", file=sys.stderr)
                     return 2
                 time.sleep(0.05)
         try:
-            figures = run(opts, tmp, lib, empty)
+            figures = run(opts, tmp, libs)
         finally:
             if agent is not None:
                 agent.terminate()
                 agent.wait(10)
-    ta, tb = figures
+    ta, tb = figures["a"], figures["b"]
     ma, mb = statistics.median(ta), statistics.median(tb)
     ratio = ma / mb
     mode = "agent" if opts.agent else "CLI"
     print("runs (a) plugin, new address:   ", " ".join(f"{x:.3f}" for x in ta))
     print("runs (b) no plugin, same address:", " ".join(f"{x:.3f}" for x in tb))
+    if "c" in figures:
+        print("runs (c) plugin, CLI of --against:", " ".join(f"{x:.3f}" for x in figures["c"]))
     print(f"median (a) podman restore --import --ignore-static-ip, plugin ({mode}): {ma:.3f} s")
     print(f"median (b) podman restore --import, no plugin:                {mb:.3f} s")
+    if "c" in figures:
+        mc = statistics.median(figures["c"])
+        print(f"median (c) the same as (a), CLI of {opts.against}: {mc:.3f} s "
+              f"(ratio to (b) {mc / mb:.3f})")
     ok = ratio <= TARGET
     print(f"ratio (a)/(b): {ratio:.3f}   target <= {TARGET:.2f}   {'ok' if ok else 'MISSED'}")
+    print("load average at the end: %.2f %.2f %.2f" % os.getloadavg())
     return 0 if ok else 1
 
 
-def run(opts: argparse.Namespace, tmp: Path, lib: Path, empty: Path
-        ) -> tuple[list[float], list[float]]:
+def console_script(path: Path, tree: str) -> str:
+    """An overlayfs-inetsk at `path` as pip's console script is, running `tree`'s package."""
+    path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {tree!r})\n"
+                    "from overlayfs_inetsk.cli import main\nif __name__ == '__main__':\n"
+                    "    sys.exit(main())\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def run(opts: argparse.Namespace, tmp: Path, libs: dict[str, Path]) -> dict[str, list[float]]:
     with pm.PodmanNet(workdir=tmp) as net:
         archives = {}
-        for key, libdir, host in (("a", lib, 10), ("b", empty, 11)):
+        for key, host in zip(libs, (10, 11, 12)):
+            libdir = libs[key]
             net.criu_conf = net.write_criu_conf(libdir)
             net.criu_conf = net.criu_conf.rename(tmp / f"criu-{key}.conf")
             c = net.run(f"src-{key}", host, workload(net.ipv4(host), net.ipv6(host)))
@@ -125,19 +155,15 @@ def run(opts: argparse.Namespace, tmp: Path, lib: Path, empty: Path
             net.checkpoint(c, archives[key])  # the container stops: (b) gets its address
             pm.podman(["rm", "-f", "-t", "0", c.name])
         note("warm-up")
-        timed_restore(net, archives["a"], "warm-a", True)
-        timed_restore(net, archives["b"], "warm-b", False)
-        ta: list[float] = []
-        tb: list[float] = []
+        for key in libs:
+            timed_restore(net, archives[key], f"warm-{key}", key != "b")
+        times: dict[str, list[float]] = {k: [] for k in libs}
         for i in range(opts.runs):
-            order = ("a", "b") if i % 2 == 0 else ("b", "a")
-            for key in order:
-                if key == "a":
-                    ta.append(timed_restore(net, archives["a"], f"a{i}", True))
-                else:
-                    tb.append(timed_restore(net, archives["b"], f"b{i}", False))
-            note(f"run {i + 1}/{opts.runs}: (a) {ta[-1]:.3f} s (b) {tb[-1]:.3f} s")
-    return ta, tb
+            for key in (list(libs) if i % 2 == 0 else list(reversed(libs))):
+                times[key].append(timed_restore(net, archives[key], f"{key}{i}", key != "b"))
+            note(f"run {i + 1}/{opts.runs}: " + " ".join(f"({k}) {v[-1]:.3f} s"
+                                                       for k, v in times.items()))
+    return times
 
 
 if __name__ == "__main__":

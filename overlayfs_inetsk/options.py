@@ -12,9 +12,14 @@ spawn (fuse/) and the planner's map sources (planner/sources.py) all read it.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+if TYPE_CHECKING:  # not imported: the planner reads this module on the plugin's CLI route,
+    import argparse  # which builds no parser (about 5 ms with what argparse loads)
+
+# argparse.SUPPRESS (tests/test_startup.py checks that they are equal)
+SUPPRESS = "==SUPPRESS=="
 
 Kind = Literal["positional", "value", "append", "flag"]
 
@@ -122,12 +127,12 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
            help="daemon log (default in the background: "
                 "/run/overlayfs-inetsk/<mountpoint>.log; in the foreground: stderr)"),
     Option(("--verbose", "-v"), "verbose", "flag", help="debug logging"),
-    Option(("--ready-fd",), "ready_fd", "value", type=int, help=argparse.SUPPRESS,
+    Option(("--ready-fd",), "ready_fd", "value", type=int, help=SUPPRESS,
            child=False),
     # set by `restore` and the background `mount`, which made the port check themselves
-    Option(("--no-port-check",), "no_port_check", "flag", help=argparse.SUPPRESS),
+    Option(("--no-port-check",), "no_port_check", "flag", help=SUPPRESS),
     # set by `restore`: its plan, handed over (planner/view.py), so the daemon plans nothing
-    Option(("--plan-fd",), "plan_fd", "value", type=int, help=argparse.SUPPRESS),
+    Option(("--plan-fd",), "plan_fd", "value", type=int, help=SUPPRESS),
 )
 
 # every option of `mount`, in command-line order

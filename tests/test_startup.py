@@ -94,3 +94,128 @@ def test_umount_loads_nothing_of_the_planner(tmp_path):
     assert code == 6  # not mounted: MountError
     assert _unwanted(modules, ("overlayfs_inetsk.core", "overlayfs_inetsk.planner",
                                "overlayfs_inetsk.app.restore", "google.protobuf")) == []
+
+
+# The CRIU plugin's CLI route (`plugin-view --socket-fd 3`, one process per restore when no
+# agent runs): what it may not load. The old route loaded argparse (and through it gettext,
+# shutil and the compression modules), secrets and hashlib (a view's name), subprocess
+# (host/mounts), shlex (an options file it does not have), tempfile, the hook table and the
+# port check: about 11 % of its instructions (docs/design.md, "The plugin's CLI route").
+LEAN_NOT_WANTED = (
+    "argparse", "gettext", "subprocess", "shutil", "tempfile", "secrets", "hashlib", "shlex",
+    "tomllib", "prometheus_client", "pyfuse3", "trio", "pycriu.images",
+    "overlayfs_inetsk.core.hooktable", "overlayfs_inetsk.core.portcheck",
+    "overlayfs_inetsk.planner.ports", "overlayfs_inetsk.cli.plugin", "overlayfs_inetsk.cli.group",
+    "overlayfs_inetsk.cli.images", "overlayfs_inetsk.cli.mount", "overlayfs_inetsk.cli.restore",
+    "overlayfs_inetsk.cli.nat", "overlayfs_inetsk.cli.doctor", "overlayfs_inetsk.cli.render",
+    "overlayfs_inetsk.plugin.install", "overlayfs_inetsk.plugin.units",
+    "overlayfs_inetsk.fuse", "overlayfs_inetsk.node", "overlayfs_inetsk.app.restore",
+    "overlayfs_inetsk.app.mount", "overlayfs_inetsk.app.doctor")
+# sys.modules when plugin-view exits (it leaves with os._exit, right after its reply); no
+# json here, which would load modules of its own
+LEAN_PROBE = r"""
+import os, sys
+_exit = os._exit
+def exit_(code):
+    os.write(1, repr(sorted(sys.modules)).encode())
+    _exit(code)
+os._exit = exit_
+from overlayfs_inetsk.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_plugins_cli_route_loads_no_parser_nor_what_it_does_not_use(image_dir, tmp_path):
+    import ast
+    import socket
+
+    from inetsk_testbed.agentproc import request
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    img = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY)
+    ns = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        p = subprocess.Popen([sys.executable, "-c", LEAN_PROBE, "plugin-view", "--socket-fd",
+                              str(b.fileno()), "--view-root", str(tmp_path / "views")],
+                             pass_fds=(b.fileno(),), env=env, cwd="/",
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        b.close()
+        socket.send_fds(a, [request({"INETSK_LOCAL_IPV4": "10.77.0.2"})], [img, ns])
+        msg, got, _f, _a = socket.recv_fds(a, 4096, 4)
+        for fd in got:
+            os.close(fd)
+        out, _err = p.communicate(timeout=60)
+    finally:
+        a.close()
+        os.close(img)
+        os.close(ns)
+    assert msg.startswith(b"VIEW view-"), msg  # a view was planned and written
+    modules = ast.literal_eval(out.decode())
+    assert "overlayfs_inetsk.app.plugin_view" in modules and "overlayfs_inetsk.core.plan" in modules
+    assert _unwanted(modules, LEAN_NOT_WANTED) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["--socket-fd", "3"], ["--socket-fd=3"], ["--socket-fd", "17", "--view-root", "/v"],
+    ["--view-root=/v/w", "--socket-fd", "3"], ["--socket-fd", "0003"],
+])
+def test_plugin_view_reads_its_plain_command_line_as_argparse_does(argv):
+    from overlayfs_inetsk.cli.plugin_view import parser, quick_args
+
+    args = parser().parse_args(argv)
+    assert quick_args(argv) == (args.socket_fd, args.view_root)
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--socket-fd"], ["--socket-fd", "x"], ["--socket-fd", "-3"], ["--socket", "3"],
+    ["--socket-fd", "3", "--socket-fd", "4"], ["-h"], ["--socket-fd", "3", "extra"],
+    ["--view-root", "/v"], ["--socket-fd", "٣"], ["--socket-fd", " 3"], ["--socket-fd="],
+])
+def test_plugin_view_leaves_every_other_command_line_to_argparse(argv):
+    from overlayfs_inetsk.cli.plugin_view import quick_args
+
+    assert quick_args(argv) is None
+
+
+def test_plugin_view_errors_are_argparses(tmp_path):
+    """A bad --socket-fd: usage and exit 2, as before (argparse's error)."""
+    import socket
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    stream, _other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = str(stream.fileno())
+    for argv, want in ((["--socket-fd", "x"], "invalid int value: 'x'"),
+                       (["--socket-fd", "99"], "--socket-fd 99: Bad file descriptor"),
+                       (["--socket-fd", "0"], "--socket-fd 0: Socket operation on non-socket"),
+                       (["--socket-fd", fd], f"--socket-fd {fd}: not a unix SOCK_SEQPACKET")):
+        cp = subprocess.run([sys.executable, "-m", "overlayfs_inetsk.cli", "plugin-view", *argv],
+                            env=env, cwd="/", capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, pass_fds=(stream.fileno(),))
+        assert cp.returncode == 2, cp
+        assert cp.stderr.startswith("usage: overlayfs-inetsk plugin-view"), cp.stderr
+        assert want in cp.stderr, cp.stderr
+    stream.close()
+    _other.close()
+
+
+def test_options_suppress_is_argparses():
+    import argparse
+
+    from overlayfs_inetsk.options import SUPPRESS
+
+    assert SUPPRESS == argparse.SUPPRESS
+
+
+def test_plugin_view_turns_the_gc_on_again_whatever_happens(capsys):
+    """cli.main pauses the cyclic GC for plugin-view's imports: a caller in process whose
+    command line is refused gets it back (before: left off)."""
+    import gc
+
+    from overlayfs_inetsk.cli import main
+
+    assert gc.isenabled()
+    with pytest.raises(SystemExit) as exc:
+        main(["plugin-view", "--socket-fd", "x"])
+    assert exc.value.code == 2 and "invalid int value" in capsys.readouterr().err
+    assert gc.isenabled()

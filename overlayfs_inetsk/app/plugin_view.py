@@ -24,10 +24,9 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..core.hooktable import hook_plan
-from ..core.plan import RewriteResult
+from ..record import Record
 from ..core.tree import ROOT_INODE, ImageTree
 from ..errors import ImageError, InetskError
 from ..offline import write_view_dir
@@ -37,17 +36,25 @@ from ..plugin import viewroot
 from ..plugin.imagesdir import already_a_view, images_root
 from ..plugin.wire import TABLE_MAX, VIEW_ROOT, view_reply
 
+if TYPE_CHECKING:
+    from ..core.plan import RewriteResult
+
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Reply:
+class Reply(Record):
     """What the planner answers: the line, and for VIEW the view (its fd goes with it);
-    note: what the agent's one log line for the request adds (not sent)."""
+    note: what the agent's one log line for the request adds (not sent). (A Record, not a
+    dataclass: record.py.)"""
 
+    __slots__ = ("text", "view", "note")
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq is
     text: str
-    view: viewroot.View | None = None
-    note: str = ""
+    view: viewroot.View | None
+    note: str
+
+    def __init__(self, text: str, view: viewroot.View | None = None, note: str = "") -> None:
+        self.text, self.view, self.note = text, view, note
 
     def close(self) -> None:
         if self.view is not None:
@@ -118,7 +125,9 @@ def _make_view(images_fd: int, netns_fd: int, env: Mapping[str, str], pid: int |
     changed = sum(r.changed for r in plan.results.values())
     if not changed:
         return Reply(f"NONE no socket to change (map: {cfg.map_source})")
-    if hook:
+    if hook:  # only a CRIU with the UPDATE_INETSK hook asks: hooktable is loaded then only
+        from ..core.hooktable import hook_plan
+
         hp = hook_plan(top_level(plan.tree, plan.results), max_entries=TABLE_MAX)
         if hp.entries is not None and hp.changed:
             return Reply(hp.wire())

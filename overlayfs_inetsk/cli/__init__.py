@@ -8,11 +8,14 @@ with the exit code of their InetskError class (docs/cli.md); no tracebacks.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import InetskError
+
+if TYPE_CHECKING:  # argparse is imported by make_parser: `plugin-view` never loads it
+    import argparse
 
 EXIT_INTERNAL = 70
 EXIT_MISSING = 69  # EX_UNAVAILABLE: a module the install should have provided is missing
@@ -27,6 +30,8 @@ MISSING_FIX = {
 
 
 def make_parser() -> argparse.ArgumentParser:
+    import argparse
+
     from .. import __version__
 
     parser = argparse.ArgumentParser(
@@ -66,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         reconfigure(errors="surrogateescape")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plugin-view"]:  # the CRIU plugin's call: no parser of every command
-        from .plugin import plugin_view_main
+        import gc
+
+        gc.disable()  # while it imports (plugin_view_main turns it on again)
+        from .plugin_view import plugin_view_main
 
         return plugin_view_main(argv[1:])
     parser = make_parser()

@@ -1,14 +1,12 @@
-"""`overlayfs-inetsk plugin install|remove`, `agent`, and the hidden `plugin-view` the CRIU
-plugin runs when no agent answers."""
+"""`overlayfs-inetsk plugin install|remove` and `agent` (the hidden `plugin-view`, which the
+CRIU plugin runs when no agent answers, is cli/plugin_view.py: lean, no parser built)."""
 
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Sequence
 
 from ..plugin import DEFAULT_LIBDIR, DEFAULT_SOCKET, VIEW_ROOT
-from ..plugin.wire import CHECK_MS, CLI_FD, TIMEOUT_MAX_MS, TIMEOUT_MS
+from ..plugin.wire import CHECK_MS, TIMEOUT_MAX_MS, TIMEOUT_MS
 
 
 def _timeout_ms(text: str) -> int:
@@ -125,26 +123,3 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from ..app.agent import serve
 
     return serve(args.socket, args.view_root, take_over=args.take_over, metrics=args.metrics)
-
-
-def plugin_view_main(argv: Sequence[str]) -> int:
-    """`plugin-view --socket-fd 3`: serve the one request the plugin sends on that socket
-    (its end of a socketpair) with the agent's handler, then exit at once (the plugin waits
-    for this process, and kills its process group at its deadline)."""
-    p = argparse.ArgumentParser(prog="overlayfs-inetsk plugin-view")
-    p.add_argument("--socket-fd", type=int, required=True,
-                   help=f"the socket the request comes on (the plugin passes {CLI_FD})")
-    p.add_argument("--view-root", default=VIEW_ROOT, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    import socket
-
-    from ..app.agent import handle
-
-    try:
-        conn = socket.socket(fileno=args.socket_fd)
-    except OSError as e:
-        p.error(f"--socket-fd {args.socket_fd}: {e.strerror}")
-    if conn.type != socket.SOCK_SEQPACKET or conn.family != socket.AF_UNIX:
-        p.error(f"--socket-fd {args.socket_fd}: not a unix SOCK_SEQPACKET socket")
-    handle(conn, args.view_root)
-    os._exit(0)  # no interpreter teardown: the restore waits for this exit

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import struct
 import sys
-from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple
 
 from ..errors import ImageError
+from ..record import Record
 
 IMG_COMMON = 0x54564319
 FILES_MAGIC = 0x56303138  # files.img: file_entry messages
@@ -31,11 +31,14 @@ class Entry(NamedTuple):
     payload: bytes  # the packed protobuf message
 
 
-@dataclass(frozen=True, slots=True)
-class ImageFile:
+class ImageFile(Record):  # a Record, not a dataclass: ..record
+    __slots__ = ("path", "magic", "entries")
     path: str
     magic: int
     entries: list[Entry]
+
+    def __init__(self, path: str, magic: int, entries: list[Entry]) -> None:
+        self.path, self.magic, self.entries = path, magic, entries
 
 
 def read_header(data: bytes, path: str, magic: int | None = None) -> int:

@@ -18,12 +18,12 @@ Pure: the checkpoint's sockets (PortContext) and one socket in, PortMoves out.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..errors import PortRangeError
 from .boundmap import BoundMap
 from .endpoints import Moved
+from ..record import Record
 from .reasons import (
     DST_PORT_PEER_MOVES,
     DST_PORT_PEER_SOCKET,
@@ -48,16 +48,20 @@ def _covers(listener: IPAddress, addr: IPAddress) -> bool:
     return listener == addr or listener.is_unspecified
 
 
-@dataclass
-class PortContext:
+class PortContext(Record):
     """The sockets of one checkpoint, for the port decisions: listeners and bound UDP
     sockets by (family, port), the local 4-tuples of its TCP connections, and the sockets
-    the map would send two of onto one port (each with why)."""
+    the map would send two of onto one port (each with why). (A Record: ..record.)"""
 
-    listeners: dict[tuple[int, int], list[IPAddress]] = field(default_factory=dict)
-    udp_bound: dict[tuple[int, int], list[IPAddress]] = field(default_factory=dict)
-    tcp_ends: set[tuple[int, IPAddress, int, IPAddress, int]] = field(default_factory=set)
-    clashes: dict[LocalKey, Reason] = field(default_factory=dict)
+    __slots__ = ("listeners", "udp_bound", "tcp_ends", "clashes")
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq is
+    listeners: dict[tuple[int, int], list[IPAddress]]
+    udp_bound: dict[tuple[int, int], list[IPAddress]]
+    tcp_ends: set[tuple[int, IPAddress, int, IPAddress, int]]
+    clashes: dict[LocalKey, Reason]
+
+    def __init__(self) -> None:
+        self.listeners, self.udp_bound, self.tcp_ends, self.clashes = {}, {}, set(), {}
 
     @classmethod
     def build(cls, socks: Iterable[Socket], bmap: BoundMap) -> PortContext:

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import MapError
+from ..record import Record
 from .sockaddr import AF_INET, IPAddress
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -104,11 +104,14 @@ class PortRule(NamedTuple):
         return self.old_addr is None or other.old_addr is None or self.old_addr == other.old_addr
 
 
-@dataclass(frozen=True)
-class LocalRule:
+class LocalRule(Record):  # a Record, not a dataclass: ..record
+    __slots__ = ("version", "new", "source")
     version: int
     new: IPAddress | None  # None: auto
     source: str
+
+    def __init__(self, version: int, new: IPAddress | None, source: str) -> None:
+        self.version, self.new, self.source = version, new, source
 
 
 def _unmap(addr: IPAddress) -> IPAddress:

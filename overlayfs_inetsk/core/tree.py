@@ -27,6 +27,7 @@ from typing import Literal, NamedTuple
 
 from ..errors import TreeError
 from .imagedir import SOCKET_IMAGE_NAMES
+from ..record import Record
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,19 @@ class Entry(NamedTuple):
     target_error: tuple[int, str] | None = None  # (errno, strerror) of resolving it
 
 
-@dataclass
-class Listing:
+class Listing(Record):
     """IMAGE_DIR as host/listing.py saw it: its real path and stat, and for each directory
     it listed (by path), its entries sorted by name, or why it could not be listed."""
 
+    __slots__ = ("root", "root_st", "dirs")
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq is
     root: bytes
     root_st: os.stat_result
     dirs: dict[bytes, list[Entry] | str]
+
+    def __init__(self, root: bytes, root_st: os.stat_result,
+                 dirs: dict[bytes, list[Entry] | str]) -> None:
+        self.root, self.root_st, self.dirs = root, root_st, dirs
 
 
 class Kind(enum.Enum):

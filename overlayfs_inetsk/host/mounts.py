@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import os
-import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from ..record import Record
 from ..errors import MountError
+
+if TYPE_CHECKING:  # hashlib and subprocess are imported where used: the plugin's CLI route
+    import subprocess  # reads mountinfo only (tests/test_startup.py)
 
 FSNAME = "overlayfs-inetsk"
 FSTYPE = "fuse." + FSNAME
@@ -30,12 +32,15 @@ RO_DIR = os.path.join(RUN_DIR, "ro")  # read-only binds of image dirs, one per m
 
 
 # -- /proc/self/mountinfo -----------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Mount:
+class Mount(Record):  # a Record, not a dataclass: record.py
+    __slots__ = ("id", "point", "fstype", "source")
     id: int
     point: str  # unescaped
     fstype: str
     source: str  # unescaped
+
+    def __init__(self, id: int, point: str, fstype: str, source: str) -> None:
+        self.id, self.point, self.fstype, self.source = id, point, fstype, source
 
 
 def _unescape(field_: str) -> str:
@@ -129,6 +134,8 @@ def ro_bind_path(mountpoint_real: str) -> str:
     base = os.path.basename(mountpoint_real.rstrip("/"))
     name = "".join(c if (c.isascii() and (c.isalnum() or c in "_.-")) else "_"
                    for c in base)[:48].lstrip(".") or "root"
+    import hashlib
+
     digest = hashlib.sha256(os.fsencode(mountpoint_real)).hexdigest()[:16]
     return os.path.join(RO_DIR, f"{name}-{digest}")
 
@@ -213,10 +220,14 @@ def clear_ro_bind(target: str, mount_id: int | None = None) -> bool:
 
 
 # -- umount ------------------------------------------------------------------------------
-def unmount(mountpoint: str, run: Callable[..., subprocess.CompletedProcess[bytes]]
-            = subprocess.run) -> str:
+def unmount(mountpoint: str,
+            run: Callable[..., subprocess.CompletedProcess[bytes]] | None = None) -> str:
     """Unmount our mount at `mountpoint`; returns how ("fusermount3 -u" etc.). MountError
-    if nothing or something else is mounted there."""
+    if nothing or something else is mounted there. run: subprocess.run (tests: a fake)."""
+    import subprocess
+
+    if run is None:
+        run = subprocess.run
     m = find_mount(mountpoint)
     if m is None:
         # the view may be gone (fusermount3 -u by hand) with a killed daemon's bind left

@@ -22,7 +22,6 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 
@@ -122,6 +121,8 @@ def _clear_restore(restore_dir: str, name: str, also: Callable[[str], None] | No
         return False
     if also is not None:
         also(base)  # what else the restore left (its peers' NAT table: app/restore.py)
+    import shutil
+
     shutil.rmtree(base, ignore_errors=True)
     log.warning("cleared %s, left by restore pid %s (killed)", view, name.partition("-")[0])
     return True

@@ -22,21 +22,22 @@ import logging
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from functools import partial
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..core.addrmap import AddressMap
 from ..core.boundmap import Resolver
 from ..core.decide import RewriteOptions
 from ..core.plan import CheckpointPlan, Mode, RewriteResult, plan_checkpoint, raise_problems
 from ..core.plan import rewrite_checkpoint
-from ..core.portcheck import Clash
 from ..core.tree import ImageTree, ServeMode
 from ..errors import TreeError
 from ..host.files import read_group, stamp
 from ..host.listing import build_tree
 from ..host.nodeaddr import Snapshot, describe, snapshot
-from .ports import check_plan
 from .sources import CliMap, cli_map
+
+if TYPE_CHECKING:  # the port check's modules load when it runs: not for `plugin`, `rewrite`
+    from ..core.portcheck import Clash
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,8 @@ class Planner:
         when = STEPS[purpose].ports
         if when == "no" or (when == "netns" and not self.netns):
             return None
+        from .ports import check_plan
+
         # inspect shows: only a use that refuses fails on a taken port (--strict)
         return check_plan(results, self.netns, self.options.strict and STEPS[purpose].refuse,
                           warn)

@@ -4,7 +4,7 @@ plugin is made of.
 The CRIU plugin (plugin/overlayfs_inetsk_plugin.c) asks, at restore init, for a per-node view
 of the images dir: the node agent (`overlayfs-inetsk agent`, app/agent.py) or, when none
 runs and one is configured, the hidden command `overlayfs-inetsk plugin-view --socket-fd 3`
-(cli/plugin.py), which serves the one request with the agent's own handler; the answer is
+(cli/plugin_view.py), which serves the one request with the agent's own handler; the answer is
 app/plugin_view.py's. Here: the protocol and its limits (wire.py), the view dirs and their
 lifetime (flock: viewroot.py), the images dir CRIU hands over (imagesdir.py) and `plugin
 install` (install.py).

@@ -24,8 +24,9 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
+
+from ..record import Record
 
 OUTCOMES = ("view", "table", "none", "refused", "timeout", "failed")
 REASONS = ("peer_uid", "too_large", "fd_count", "fd_kind", "malformed", "protocol", "plan")
@@ -34,14 +35,18 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PREFIX = "overlayfs_inetsk_agent_"
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(Record):
     """kind: one of OUTCOMES, or "check" / "idle" (a probe, a client that sent nothing:
-    not requests); detail: reason (refused) or stage (timeout); seconds: accept to reply."""
+    not requests); detail: reason (refused) or stage (timeout); seconds: accept to reply.
+    (A Record, not a dataclass: record.py.)"""
 
+    __slots__ = ("kind", "detail", "seconds")
     kind: str
-    detail: str = ""
-    seconds: float = 0.0
+    detail: str
+    seconds: float
+
+    def __init__(self, kind: str, detail: str = "", seconds: float = 0.0) -> None:
+        self.kind, self.detail, self.seconds = kind, detail, seconds
 
 
 class Stats:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
-import shutil
 import stat
 from collections.abc import Callable
 
@@ -116,12 +114,16 @@ class View:
 
     def remove(self) -> None:
         if self.root_fd >= 0:
+            import shutil
+
             shutil.rmtree(self.name, dir_fd=self.root_fd, ignore_errors=True)
         self.close()
 
 
 def new_name() -> str:
-    return VIEW_PREFIX + secrets.token_hex(VIEW_HEX // 2)
+    # os.urandom is what secrets.token_hex reads; the secrets module loads hashlib and hmac
+    # (about 4 ms of the plugin's CLI route)
+    return VIEW_PREFIX + os.urandom(VIEW_HEX // 2).hex()
 
 
 def create_view(view_root: str, write: Callable[[str], None], name: str | None = None,
@@ -159,6 +161,8 @@ def sweep(view_root: str) -> list[str]:
         return bool(VIEW_NAME.fullmatch(name) or TEMP_NAME.fullmatch(name))
 
     def clear(name: str) -> bool:
+        import shutil
+
         shutil.rmtree(name, dir_fd=root_fd, ignore_errors=True)
         return True
 

@@ -1,0 +1,65 @@
+"""overlayfs_inetsk.record.Record gives the value classes it replaced dataclasses in (for
+start-up: docs/design.md, "The plugin's CLI route") a dataclass's ==, hash and repr."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+
+from overlayfs_inetsk.app.plugin_view import Reply
+from overlayfs_inetsk.core.imagefile import ImageFile
+from overlayfs_inetsk.core.ports import PortContext
+from overlayfs_inetsk.core.rules import LocalRule
+from overlayfs_inetsk.core.tree import Listing
+from overlayfs_inetsk.host.mounts import Mount
+from overlayfs_inetsk.plugin.metrics import Outcome
+from overlayfs_inetsk.record import Record
+
+
+class Pair(Record):
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: object, b: object) -> None:
+        self.a, self.b = a, b
+
+
+@dataclasses.dataclass(frozen=True)
+class DPair:
+    a: object
+    b: object
+
+
+def test_eq_hash_and_repr_are_a_frozen_dataclasses():
+    for a, b in ((1, "x"), (None, (1, 2)), (ipaddress.ip_address("10.77.0.1"), 7)):
+        r, d = Pair(a, b), DPair(a, b)
+        assert r == Pair(a, b) and hash(r) == hash(Pair(a, b)) == hash(d)
+        assert repr(r) == repr(d).replace("DPair", "Pair")
+        assert r != Pair(a, "other") and r != Pair("other", b)
+    assert Pair(1, 2) != (1, 2) and Pair(1, 2).__eq__(DPair(1, 2)) is NotImplemented
+
+
+def test_the_value_classes_compare_by_their_fields():
+    v4 = ipaddress.ip_address("10.77.0.2")
+    assert Mount(1, "/a", "tmpfs", "none") == Mount(1, "/a", "tmpfs", "none")
+    assert Mount(1, "/a", "tmpfs", "none") != Mount(2, "/a", "tmpfs", "none")
+    assert repr(Mount(1, "/a", "t", "s")) == "Mount(id=1, point='/a', fstype='t', source='s')"
+    assert Outcome("view") == Outcome("view", "", 0.0) != Outcome("view", seconds=1.0)
+    assert len({LocalRule(4, v4, "x"), LocalRule(4, v4, "x"), LocalRule(4, None, "x")}) == 2
+    assert ImageFile("p", 1, []) == ImageFile("p", 1, []) != ImageFile("p", 2, [])
+    assert Reply("NONE x") == Reply("NONE x", None, "") != Reply("NONE x", note="n")
+    st = os.stat("/")
+    assert Listing(b"/", st, {}) == Listing(b"/", st, {})
+    assert PortContext() == PortContext() and PortContext().tcp_ends == set()
+    c = PortContext()
+    c.clashes[(4, v4, 7)] = "r"
+    assert c != PortContext() and PortContext().clashes == {}  # a dict of its own each
+
+
+def test_the_mutable_ones_are_unhashable_as_their_dataclasses_were():
+    for obj in (Reply("x"), PortContext(), Listing(b"/", os.stat("/"), {})):
+        try:
+            hash(obj)
+        except TypeError:
+            continue
+        raise AssertionError(f"{obj!r} is hashable")
