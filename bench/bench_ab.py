@@ -70,6 +70,12 @@ def main() -> int:
             sys.exit(f"{args.images}/{name}/files.img missing: run bench_rewrite.py "
                      f"--images {args.images} first")
     work = tempfile.mkdtemp(prefix="oi-ab-", dir=args.work)
+    # Both trees' children keep their bytecode (as bench_rewrite.bytecode_cache: an
+    # installed package has it): with PYTHONDONTWRITEBYTECODE=1, as on this machine, a
+    # tree whose modules changed since their .pyc was written compiled them at every
+    # start (15-25 ms of a whole `rewrite`: measured as the tree's start-up before)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
     fig: dict[tuple[str, str, str], list[float]] = {}
     try:
         for i in range(args.runs + 1):  # run 0: warm-up (bytecode caches), not counted

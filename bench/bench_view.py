@@ -311,12 +311,16 @@ def main() -> int:
         report("(c)/(b)", f"{c_ / b_:.1f}x", "")
         report("mount command until the view serves", f"{statistics.median(tmount) * 1000:.0f} ms",
                "target < 1000 ms", statistics.median(tmount) < 1.0)
+    if opts.opens_only:
+        print(f"median of {opts.runs} runs; load average {os.getloadavg()[0]:.2f} at the end")
     for (name, label), times in opens.items():
         o, r = statistics.median(times), statistics.median(reads[(name, label)])
         m = statistics.median(mounts_many[(name, label)])
         what = {"udp": "one address", "tcp": "distinct TCP peers"}[name]
+        # generated at the open: the plan is paid by the restore (issue 21: < 25 ms)
+        limit = 0.025 if "auto" in label else 0.05
         report(f"first open, files.img of {opts.sockets} sockets, {what}, {label}",
-               f"{o * 1000:.0f} ms", "target < 50 ms", o < 0.05)
+               f"{o * 1000:.0f} ms", f"target < {limit * 1000:.0f} ms", o < limit)
         report(f"  open + read of all of it; mount command: {m * 1000:.0f} ms",
                f"{r * 1000:.0f} ms", "")
     report("daemon RSS after mount (idle)", f"{statistics.median(rss_idle) / 1024:.1f} MB",

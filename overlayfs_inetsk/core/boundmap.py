@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from ..errors import RewriteError
+from . import patch
 from .endpoints import Endpoints, Moved
 from .rules import LocalRule, Network, PortRule, Rule, _ip, _unmap
 from .sockaddr import AF_INET, IPAddress, addr_to_words, is_multicast, is_special, words_to_addr
@@ -126,6 +127,15 @@ def _addr_key(addr: IPAddress) -> object:
     return words[0] if addr.version == 4 else tuple(words)
 
 
+_MAPPED_RAW = patch.words_field(patch.DST_TAG, (0, 0, _MAPPED_WORD)) + bytes((patch.DST_TAG,))
+
+
+def _raw_key(addr: IPAddress) -> bytes:
+    """An unmapped address as raw_locals() keys it: its dst_addr field (an IPv4 one of one
+    word)."""
+    return patch.words_field(patch.DST_TAG, addr_to_words(addr))
+
+
 class BoundMap:
     """An AddressMap applied to one checkpoint: maps single addresses (and, through
     `endpoints`, local endpoints)."""
@@ -153,7 +163,9 @@ class BoundMap:
         # might_move(): the local addresses as CRIU words (made when first needed, as
         # local_addrs is)
         self._local_words: dict[int, set[object]] | None = None
+        self._local_raw: dict[int, set[bytes]] | None = None  # raw_locals()'
         self._not_local: bytearray | None = None  # see said_not_local()
+        self._not_local_raw: bytearray | None = None  # the same, bytepass's raw keys
 
     @property
     def local_addrs(self) -> set[IPAddress]:
@@ -236,8 +248,24 @@ class BoundMap:
                 local[a.version].add(_addr_key(a))
         if key in local[version]:
             return True
-        self._note_not_local(key)
+        self.note_not_local(key)
         return False
+
+    def raw_locals(self) -> tuple[set[bytes] | None, set[bytes] | None, bytes] | None:
+        """might_move() on the bytes (core/bytepass.py): the image's own addresses as
+        dst_addr fields, IPv4 ones and IPv6 ones (None: no `local` rule
+        for that version: nothing moves), and the start of an IPv4-mapped dst_addr field;
+        None when the map has address rules (only the words can tell). A key not in its
+        set is given to note_not_local()."""
+        if self._prefixes[4].tables or self._prefixes[6].tables:
+            return None
+        local = self._local_raw
+        if local is None:
+            local = self._local_raw = {4: set(), 6: set()}
+            for a in self.local_addrs:
+                local[a.version].add(_raw_key(a))
+        return (local[4] if 4 in self._local_rules else None,
+                local[6] if 6 in self._local_rules else None, _MAPPED_RAW)
 
     # An answer "not one of the image's addresses" is right only if the image has no such
     # source address: plan.py binds the map to the source addresses met so far and asks
@@ -245,28 +273,44 @@ class BoundMap:
     # keeps this small (10,000 peers set 1% of 2**20 bits; a false hit costs a replan).
     _NOT_LOCAL_BITS = 1 << 20
 
-    def _note_not_local(self, key: object) -> None:
+    def note_not_local(self, key: object) -> None:
         bits = self._not_local
         if bits is None:
             bits = self._not_local = bytearray(self._NOT_LOCAL_BITS >> 3)
         b = self._bit(key)
         bits[b >> 3] |= 1 << (b & 7)
 
+    def not_local_bits(self) -> tuple[bytearray, int]:
+        """The bitmap core/bytepass.py sets bit hash(key) & mask of for a peer not local,
+        its raw key (raw_locals()); apart from note_not_local()'s, so that a false hit (a
+        plan again) is as unlikely as with one bitmap."""
+        bits = self._not_local_raw
+        if bits is None:
+            bits = self._not_local_raw = bytearray(self._NOT_LOCAL_BITS >> 3)
+        return bits, self._NOT_LOCAL_BITS - 1
+
     @classmethod
     def _bit(cls, key: object) -> int:
+        if isinstance(key, bytes):
+            return hash(key) & (cls._NOT_LOCAL_BITS - 1)
         return hash((key,)) & (cls._NOT_LOCAL_BITS - 1)  # (key,): an int's hash is itself
 
     def said_not_local(self, family: int, words: Sequence[int]) -> bool:
-        """Whether might_move() or lookup() may have answered that the address in these
-        CRIU words is not one of the image's own (false hits possible, no misses)."""
-        bits = self._not_local
-        if bits is None:
+        """Whether might_move() or lookup() (or bytepass, on the bytes) may have answered
+        that the address in these CRIU words is not one of the image's own (false hits
+        possible, no misses)."""
+        if self._not_local is None and self._not_local_raw is None:
             return False
         plain = _unmap(words_to_addr(words, family))
         if is_special(plain) or is_multicast(plain):
             return False  # never one of the image's own: asking could not change an answer
-        b = self._bit(_addr_key(plain))
-        return bool(bits[b >> 3] & (1 << (b & 7)))
+        for bits, key in ((self._not_local, _addr_key(plain)),
+                          (self._not_local_raw, _raw_key(plain))):
+            if bits is not None:
+                b = self._bit(key)
+                if bits[b >> 3] & (1 << (b & 7)):
+                    return True
+        return False
 
     def _lookup_plain(self, addr: IPAddress, is_src: bool) -> tuple[IPAddress, str] | None:
         special = is_special(addr)
@@ -284,7 +328,7 @@ class BoundMap:
         if lr is None or special or is_multicast(addr):
             return None
         if not is_src and addr not in self.local_addrs:
-            self._note_not_local(_addr_key(addr))
+            self.note_not_local(_addr_key(addr))
             return None
         moved = lr.new if lr.new is not None else self._auto(addr.version, lr.source)
         return moved, lr.source

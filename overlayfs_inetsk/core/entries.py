@@ -132,7 +132,7 @@ def _head_class() -> _HeadClass:
 _FileEntryHead = _head_class()
 
 
-def _not_inet(data: bytes, mv: memoryview, start: int, end: int, path: str, off: int) -> bool:
+def not_inet(data: bytes, mv: memoryview, start: int, end: int, path: str, off: int) -> bool:
     """True when the entry is surely not an inet socket (skip it undecoded); False when it
     must be decoded whole. Raises ImageError for an entry CRIU would reject for want of
     its required fields type and id (what is inside a non-inet entry is CRIU's to check).
@@ -193,13 +193,13 @@ def inet_entries(data: bytes, path: str) -> Iterator[InetEntry]:
     mv = memoryview(data)
     if magic == imagefile.FILES_MAGIC:
         from_string = fdinfo_pb2.file_entry.FromString
-        not_inet = _not_inet
+        is_not_inet = not_inet
         for off, start, end in imagefile.frames(data, path):
             # Entries that are not inet sockets are read for their type and id only (the
             # type's last value counts, as for CRIU); inet ones are decoded whole. An entry
-            # starting with `type` INETSK is decoded whole at once (_not_inet's first test).
+            # starting with `type` INETSK is decoded whole at once (not_inet's first test).
             if not (end - start >= 5 and data[start] == 0x08 and data[start + 1] == FD_INETSK
-                    ) and not_inet(data, mv, start, end, path, off):
+                    ) and is_not_inet(data, mv, start, end, path, off):
                 continue
             try:
                 fe = from_string(mv[start:end])
@@ -233,6 +233,16 @@ class Interner:
 
     def __init__(self) -> None:
         self.addrs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}
+
+    def valid(self, family: int, words: tuple[int, ...]) -> IPAddress:
+        """get() of words whose family and count are known good (core/patch.py read them)."""
+        got = self.addrs.get((family, words))
+        if got is None:
+            got = words_to_addr(words, family)
+            if len(self.addrs) >= self.MAX:
+                self.addrs.clear()
+            self.addrs[(family, words)] = got
+        return got
 
     def get(self, family: int, words: tuple[int, ...], path: str, off: int, isk: InetSk,
             which: str) -> IPAddress:

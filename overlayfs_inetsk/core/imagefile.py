@@ -23,6 +23,7 @@ MAGIC_BY_NAME = {"files.img": FILES_MAGIC, "inetsk.img": INETSK_MAGIC}
 # CRIU writes the length prefix in host byte order.
 _U32 = struct.Struct("<I" if sys.byteorder == "little" else ">I")
 _HEADER = struct.Struct(_U32.format[0] + "II")
+LENGTH = _U32  # an entry's length prefix (core/bytepass.py calls its methods directly)
 
 
 class Entry(NamedTuple):
@@ -91,6 +92,7 @@ def parse(data: bytes, path: str, magic: int | None = None) -> ImageFile:
 
 def pack_length(n: int) -> bytes:
     return _U32.pack(n)
+
 
 
 def encode(magic: int, payloads: Iterable[bytes]) -> bytes:

@@ -21,6 +21,7 @@ from typing import Literal
 from ..errors import RewriteError
 from .addrmap import AddressMap
 from .boundmap import BoundMap, Resolver, Sources, one_pass
+from .bytepass import plan_bytes
 from .decide import (
     CLOSE,
     CLOSED,
@@ -128,6 +129,11 @@ _SAME_MAX = 1024  # decisions kept by _plan_image (memory for 10,000 peers with 
 def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 options: RewriteOptions, want_reports: bool,
                 ports: PortContext | None = None, seen: Sources | None = None) -> RewriteResult:
+    debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
+    if ports is None and not want_reports and not debug:  # in the bytes, when it can
+        fast = plan_bytes(path, data, interner, bmap, options, seen)
+        if fast is not None:
+            return RewriteResult(path, fast[0], [], fast[1], fast[2], fast[3])
     counts = dict.fromkeys(VERDICTS, 0)
     reports: list[SocketReport] = []
     problems_: list[SocketReport] = []
@@ -148,7 +154,6 @@ def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
     changed = 0
     splicer = Splicer(data, path)
     replace, keep = splicer.replace, splicer.keep
-    debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
     might_move, lookup = bmap.might_move, bmap.lookup
     new_tuple = tuple.__new__
     srcs: dict[tuple[int, tuple[int, ...]], IPAddress] = {}  # (family, words) -> address

@@ -1,0 +1,75 @@
+"""Instructions of one in-process plan, counted by callgrind (repeatable on a shared machine,
+where wall and CPU times of a 20 ms pass vary by half from one run to the next).
+
+    .venv/bin/python bench/count_plan.py IMAGES_DIR [udp|tcp ...]
+
+IMAGES_DIR is bench_rewrite.py's --images dir. For each image and route, two child
+processes under `valgrind --tool=callgrind` run the route 1 and 3 times: one run is half
+the difference (imports and reading the file cancel out). Routes:
+  floor  every inet entry decoded with upb and encoded back, nothing else
+         (bench_rewrite.upb_floor);
+  ours   plan_checkpoint without reports, bench_rewrite's map (the pass on the bytes);
+  upb    the same with the pass on the bytes turned off (plan.py's upb pass alone).
+Prints millions of instructions and ours / floor. Needs valgrind (apt-get install valgrind).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[4])
+from bench_rewrite import upb_floor
+from overlayfs_inetsk.core.addrmap import AddressMap
+from overlayfs_inetsk.core.decide import RewriteOptions
+import overlayfs_inetsk.core.plan as plan
+route, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = open(path, "rb").read()
+amap = AddressMap.from_args(["local=10.77.0.99", "local=fd77::99"])
+opts = RewriteOptions(tcp_outside="keep")
+if route == "upb":
+    plan.plan_bytes = lambda *a: None
+for _ in range(n):
+    if route == "floor":
+        upb_floor(data)
+    else:
+        plan.plan_checkpoint({"files.img": data}, amap, None, opts, False)
+"""
+
+
+def counted(route: str, path: str, n: int) -> int:
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+         "-c", CHILD, route, path, str(n), HERE],
+        check=True, capture_output=True, text=True).stderr
+    m = re.search(r"Collected : (\d+)", out)
+    if m is None:
+        raise SystemExit(f"no count from callgrind: {out[-500:]}")
+    return int(m.group(1))
+
+
+def main() -> int:
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed")
+    images = sys.argv[1]
+    names = sys.argv[2:] or ["udp", "tcp"]
+    for name in names:
+        path = os.path.join(images, name, "files.img")
+        got = {}
+        for route in ("floor", "ours", "upb"):
+            got[route] = (counted(route, path, 3) - counted(route, path, 1)) / 2 / 1e6
+            print(f"[{name}] {route:<6} {got[route]:8.0f} Mi instructions", flush=True)
+        print(f"[{name}] ours / floor {got['ours'] / got['floor']:.2f}x, upb / floor "
+              f"{got['upb'] / got['floor']:.2f}x, ours / upb {got['ours'] / got['upb']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
