@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,21 +92,16 @@ def test_core_imports_no_adapter_module() -> None:
     assert outside == [], f"core imports adapters: {outside}"
 
 
-def test_no_import_cycle() -> None:
-    mods = modules()
-    known = set(mods)
-    graph = {name: top_level_imports(name, path, known) for name, path in mods.items()}
-    # sanity: the graph sees the imports it must see
-    assert "overlayfs_inetsk.core.decide" in graph["overlayfs_inetsk.core.plan"]
-    assert "overlayfs_inetsk.options" in graph["overlayfs_inetsk.fuse.spawn"]
-    cycles = []
+def find_cycles(graph: Mapping[str, Iterable[str]]) -> list[list[str]]:
+    """The cycles a depth-first walk of graph meets, each as the path that closes it."""
+    cycles: list[list[str]] = []
     state: dict[str, int] = {}  # 1 on the stack, 2 done
     stack: list[str] = []
 
     def dfs(n: str) -> None:
         state[n] = 1
         stack.append(n)
-        for m in sorted(graph[n]):
+        for m in sorted(graph.get(n, ())):
             if state.get(m) == 1:
                 cycles.append(stack[stack.index(m):] + [m])
             elif m not in state:
@@ -116,6 +112,17 @@ def test_no_import_cycle() -> None:
     for n in sorted(graph):
         if n not in state:
             dfs(n)
+    return cycles
+
+
+def test_no_import_cycle() -> None:
+    mods = modules()
+    known = set(mods)
+    graph = {name: top_level_imports(name, path, known) for name, path in mods.items()}
+    # sanity: the graph sees the imports it must see
+    assert "overlayfs_inetsk.core.decide" in graph["overlayfs_inetsk.core.plan"]
+    assert "overlayfs_inetsk.options" in graph["overlayfs_inetsk.fuse.spawn"]
+    cycles = find_cycles(graph)
     assert cycles == [], "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
@@ -195,24 +202,7 @@ def test_packages_import_only_below_them() -> None:
 def test_no_package_level_import_cycle() -> None:
     """Between packages, counting every import (a lazy one too): no cycle."""
     graph = package_graph()
-    cycles = []
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def dfs(n: str) -> None:
-        state[n] = 1
-        stack.append(n)
-        for m in sorted(graph.get(n, ())):
-            if state.get(m) == 1:
-                cycles.append(stack[stack.index(m):] + [m])
-            elif m not in state:
-                dfs(m)
-        stack.pop()
-        state[n] = 2
-
-    for n in sorted(graph):
-        if n not in state:
-            dfs(n)
+    cycles = find_cycles(graph)
     assert cycles == [], "package cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
