@@ -285,3 +285,22 @@ def test_rewrite_keeps_the_originals_modes(image_dir, tmp_path, capsys, umask):
     assert mode(out) == oct(0o750)
     assert mode(out / "checkpoint-extra") == oct(0o755)  # never world-writable
     assert mode(out / ".overlayfs-inetsk-view") == oct(0o440)
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["inspect", "IMG", "--mapp", "x"], "inspect"),
+    (["restore", "IMG", "--netns", "/x", "--zz", "--", "-v4"], "restore"),
+    (["plugin", "install", "--bogus"], "plugin install"),
+])
+def test_an_unknown_option_gets_its_commands_usage(argv, command, tmp_path, capsys):
+    """A typo in an option is refused (exit 2) with the usage of the command it was given
+    to, not the top level's (argparse's parse_args reports it from the top)."""
+    argv = [str(tmp_path) if a == "IMG" else a for a in argv]
+    with pytest.raises(SystemExit) as ei:
+        main(argv)
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: overlayfs-inetsk {command} "), err
+    bad = " ".join(a for a in argv if a in ("--mapp", "x", "--zz", "--bogus"))
+    assert err.rstrip().endswith(f"overlayfs-inetsk {command}: error: unrecognized arguments: "
+                                 f"{bad}"), err

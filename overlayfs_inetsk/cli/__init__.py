@@ -63,6 +63,20 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace
+                   ) -> argparse.ArgumentParser:
+    """The parser of the (sub)command args names (`plugin install`: install's)."""
+    import argparse
+
+    for dest in ("command", "plugin_command"):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, dest, None)
+        if not subs or name not in subs[0].choices:
+            break
+        parser = subs[0].choices[name]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # file names are bytes: one that is not UTF-8 (decoded with surrogateescape) goes out
     # as the same bytes in every locale, as in the C locale, instead of a UnicodeEncodeError
@@ -78,7 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return plugin_view_main(argv[1:])
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the command's own usage, not the top level's (argparse's parse_args)
+        command_parser(parser, args).error("unrecognized arguments: " + " ".join(extra))
     from ..logsetup import setup_from_args
 
     setup_from_args(args)
