@@ -598,3 +598,31 @@ def test_port_taken_in_netns_warns_and_strict_refuses(mounts: Mounts, image: Pat
     # the port is free again: no warning
     mp3 = mounts.mountpoint("mnt3")
     assert "warning" not in mounts.mount(image, mp3, *opts).stderr
+
+
+def test_umount_of_a_busy_view_detaches_it_and_says_so(mounts: Mounts, image: Path) -> None:
+    """A process holds a file of the view open: fusermount3 -u refuses (busy), umount
+    detaches the view lazily, exits 0 and says so in one line; the daemon ends once the
+    file is closed."""
+    mp = mounts.mountpoint()
+    mounts.mount(image, mp, *MAP)
+    daemons = set(mount_daemons(mounts.tmp))
+    assert daemons
+    held = open(mp / "checkpoint" / "files.img", "rb")
+    try:
+        cp = mounts.umount(mp)
+        assert cp.returncode == 0, cp.stderr
+        lines = cp.stderr.splitlines()
+        assert len(lines) == 1 and f"{mp}: busy" in lines[0] and "detached" in lines[0], lines
+        assert not os.path.ismount(mp)
+        assert held.read(4)  # the open file still reads
+    finally:
+        held.close()
+    deadline = time.monotonic() + 20
+    while set(mount_daemons(mounts.tmp)) & daemons and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(mount_daemons(mounts.tmp)) & daemons, "the daemon outlived its last user"
+    # not busy: nothing said
+    mounts.mount(image, mp, *MAP)
+    cp = mounts.umount(mp)
+    assert cp.returncode == 0 and cp.stderr == "", cp.stderr

@@ -71,7 +71,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
     cleared = clear_restores()
     if os.path.realpath(args.mountpoint) in {os.path.realpath(v) for v in cleared}:
         return 0
-    unmount(args.mountpoint)
+    how = unmount(args.mountpoint)
+    if how.endswith("-z") or how == "umount -l":  # fusermount3 -u said busy
+        print(f"overlayfs-inetsk: {args.mountpoint}: busy (a process holds a file or its cwd "
+              f"in it): detached ({how}); the view and its daemon go when the last user lets "
+              "go", file=sys.stderr)
     return 0
 
 
