@@ -44,20 +44,13 @@ from pathlib import Path
 
 from inetsk_testbed import TestNet, criu
 from inetsk_testbed.mount import BIN
+from inetsk_testbed.natclient import client_stream, ep
 from inetsk_testbed.procs import netns_pids
-from inetsk_testbed.probe import wait_for
-from inetsk_testbed.stream import start_stream, status
+from inetsk_testbed.stream import status
 
 from overlayfs_inetsk.core.natrules import FAMILY, NatConn, apply_script, table_name
 
 PORT, CTL, CCTL = 7900, 7901, 7902
-FIREWALL = ("table inet oit_fw {\n chain input {\n  type filter hook input priority filter; "
-            "policy accept;\n  ct state established,related accept\n }\n}\n")
-
-
-def ep(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
 
 def _stateful_script(tmp: Path, c, A: str, B: str, C: str, cport: int, v: int,
                      delete: bool) -> Path:
@@ -88,12 +81,7 @@ def move_once(mode: str, v: int) -> tuple[bool, int]:
         tmp = Path(d)
         a, b, c = (net.add_host(n) for n in "ABC")
         A, B, C = (str(h.ipv4 if v == 4 else h.ipv6) for h in (a, b, c))
-        c.run(["nft", "-f", "-"], input=FIREWALL)
-        srv = start_stream(a, ["--ctl", ep(A, CTL), "--listen", ep(A, PORT)])
-        start_stream(c, ["--ctl", ep(C, CCTL), "--connect", ep(A, PORT)])
-        s = wait_for(lambda: (st := status(c, C, CCTL)) and int(st["recv"]) > 10 and st,
-                     what="the stream to flow")
-        cport = int(s["local"].rsplit(":", 1)[1])
+        srv, cport = client_stream(a, c, A, C, (PORT, CTL, CCTL))
         criu.dump(a, srv, tmp / "img", tcp_established=True)
         argv = [BIN, "-q", "restore", str(tmp / "img"), "--netns", b.netns_path,
                 "--map", f"{A}={B}"]

@@ -17,13 +17,12 @@ import sys
 import pytest
 
 from inetsk_testbed.netns import scratch_netns
+from inetsk_testbed.natclient import FIREWALL
 from overlayfs_inetsk.core.natrules import NatConn, apply_script, ruleset, table_name
 from overlayfs_inetsk.node import nat
 
 pytestmark = [pytest.mark.root]
 
-FIREWALL = ("table inet oit_fw {\n\tchain input {\n\t\ttype filter hook input priority "
-            "filter; policy accept;\n\t\tct state established,related accept\n\t}\n}\n")
 # each accepted connection is told where the server saw it: "LOCAL PEER\n"
 SERVER = """import socket, sys
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET

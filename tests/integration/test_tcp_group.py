@@ -20,6 +20,7 @@ import pytest
 from inetsk_testbed import criu
 from inetsk_testbed.probe import wait_for
 from inetsk_testbed.mount import mounted, overlayfs_inetsk
+from inetsk_testbed.natclient import ep
 from inetsk_testbed.stream import start_stream, status
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
@@ -28,10 +29,6 @@ V4 = {"A": "10.77.0.1", "B": "10.77.0.2", "C": "10.77.0.3", "D": "10.77.0.4"}
 V6 = {"A": "fd77::1", "B": "fd77::2", "C": "fd77::3", "D": "fd77::4"}
 PORT, CTL = 7400, 7401
 GAP = 1.0  # seconds between the first and the second restore
-
-
-def ep(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def write_group_map(path: Path) -> Path:

@@ -24,9 +24,10 @@ import pytest
 
 from inetsk_testbed import criu
 from inetsk_testbed.mount import BIN, overlayfs_inetsk
+from inetsk_testbed.natclient import client_stream, ep
 from inetsk_testbed.procs import netns_pids
 from inetsk_testbed.probe import wait_for
-from inetsk_testbed.stream import start_stream, status
+from inetsk_testbed.stream import status
 from overlayfs_inetsk.host.stale import RESTORE_DIR
 
 from .test_plugin import Plugin, build_plugin
@@ -34,19 +35,6 @@ from .test_plugin import Plugin, build_plugin
 pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
 
 PORT, CTL, CCTL = 7800, 7801, 7802
-FIREWALL = """table inet oit_fw {
-\tchain input {
-\t\ttype filter hook input priority filter; policy accept;
-\t\tct state established,related accept
-\t}
-}
-"""
-
-
-def ep(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
 def ruleset(host) -> str:
     return host.run(["nft", "list", "ruleset"]).stdout
 
@@ -58,12 +46,7 @@ def moved(request, testnet, image_dirs):
     a, b, c = (testnet.add_host(n) for n in "ABC")
     v6 = request.param == "ipv6"
     A, B, C = (str(h.ipv6 if v6 else h.ipv4) for h in (a, b, c))
-    c.run(["nft", "-f", "-"], input=FIREWALL)
-    srv = start_stream(a, ["--ctl", ep(A, CTL), "--listen", ep(A, PORT)])
-    start_stream(c, ["--ctl", ep(C, CCTL), "--connect", ep(A, PORT)])
-    s = wait_for(lambda: (st := status(c, C, CCTL)) and int(st["recv"]) > 10 and st,
-                 what="the stream to flow")
-    cport = int(s["local"].rsplit(":", 1)[1])
+    srv, cport = client_stream(a, c, A, C, (PORT, CTL, CCTL))
     ct = c.run(["conntrack", "-L", "-p", "tcp", "--sport", str(cport)]).stdout
     assert "ESTABLISHED" in ct and A in ct, ct  # the entry made without NAT
     before = ruleset(c)
