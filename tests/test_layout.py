@@ -32,6 +32,20 @@ def modules() -> dict[str, Path]:
     return out
 
 
+def imported(node: ast.Import | ast.ImportFrom, base: list[str], known: set[str]
+             ) -> list[str]:
+    """What one import statement names, as modules (`from .x import f`: x.f when it is a
+    module, else x); base: the package the statement is in, as parts."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if node.level:
+        pkg = ".".join(base[: len(base) - node.level + 1])
+        mod = f"{pkg}.{node.module}" if node.module else pkg
+    else:
+        mod = node.module or ""
+    return [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names]
+
+
 def top_level_imports(name: str, path: Path, known: set[str]) -> set[str]:
     """The package modules `name` imports at module level (not inside functions): what an
     import of it loads."""
@@ -48,18 +62,9 @@ def top_level_imports(name: str, path: Path, known: set[str]) -> set[str]:
 
     def visit(nodes: list[ast.stmt]) -> None:
         for node in nodes:
-            if isinstance(node, ast.Import):
-                for a in node.names:
-                    add(a.name)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    pkg = ".".join(base[: len(base) - node.level + 1])
-                    mod = f"{pkg}.{node.module}" if node.module else pkg
-                else:
-                    mod = node.module or ""
-                for a in node.names:
-                    full = f"{mod}.{a.name}"
-                    add(full if full in known else mod)
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for mod in imported(node, base, known):
+                    add(mod)
             elif isinstance(node, (ast.If, ast.Try)):  # module-level `if`/`try` still run
                 visit(node.body)
                 visit(getattr(node, "orelse", []))
@@ -134,17 +139,8 @@ def all_imports(name: str, path: Path, known: set[str]) -> set[str]:
     base = name.split(".") if is_pkg else name.split(".")[:-1]
     found: set[str] = set()
     for node in ast.walk(tree):
-        mods: list[str] = []
-        if isinstance(node, ast.Import):
-            mods = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                pkg = ".".join(base[: len(base) - node.level + 1])
-                mod = f"{pkg}.{node.module}" if node.module else pkg
-            else:
-                mod = node.module or ""
-            mods = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod
-                    for a in node.names]
+        mods = imported(node, base, known) if isinstance(node, (ast.Import, ast.ImportFrom)) \
+            else []
         for mod in mods:
             while mod and mod not in known:
                 mod = mod.rpartition(".")[0]
