@@ -60,3 +60,52 @@ def mounted(image_dir: str | os.PathLike[str], mountpoint: str | os.PathLike[str
             overlayfs_inetsk("umount", mp, check=False)
         if ismount(mp):  # last resort, so no test leaves a mount behind
             subprocess.run(["umount", "-l", mp], check=False)
+
+
+def kept_restore_dirs(pid: int) -> list[str]:
+    """The paths the `restore` that ran as `pid` left in RESTORE_DIR (a restore whose criu
+    failed or was killed keeps its work dir there: docs/cli.md)."""
+    from overlayfs_inetsk.host.stale import RESTORE_DIR
+
+    try:
+        return [os.path.join(RESTORE_DIR, n) for n in sorted(os.listdir(RESTORE_DIR))
+                if n.startswith(f"{pid}-")]
+    except FileNotFoundError:
+        return []
+
+
+def remove_kept_restore_dirs(pids: list[int]) -> None:
+    """Remove what the restores that ran as `pids` kept in RESTORE_DIR (pids is emptied),
+    except a dir that still holds a mount (a live restore's view)."""
+    import shutil
+
+    with open("/proc/self/mountinfo") as f:
+        points = [ln.split()[4] for ln in f]
+    while pids:
+        for path in kept_restore_dirs(pids.pop()):
+            if not any(p == path or p.startswith(path + "/") for p in points):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+class Ran(subprocess.CompletedProcess[str]):
+    """A finished command, with the pid it ran as (a restore's dirs are RESTORE_DIR/<pid>-*)."""
+
+    def __init__(self, args: Sequence[str], rc: int, out: str, err: str, pid: int) -> None:
+        super().__init__(args, rc, out, err)
+        self.pid = pid
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 90) -> Ran:
+    """Run `python -m overlayfs_inetsk.cli ARGS` (stdin closed) to its end, killed after
+    `timeout` seconds."""
+    args_ = [sys.executable, "-m", "overlayfs_inetsk.cli", *args]
+    p = subprocess.Popen(args_,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, stdin=subprocess.DEVNULL)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return Ran(list(args_), p.returncode, out, err, p.pid)

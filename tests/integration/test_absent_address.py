@@ -10,9 +10,6 @@ an address nobody has: unreachable, nothing said (IP_FREEBIND).
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from inetsk_testbed import criu, probe
+from inetsk_testbed.mount import Ran, kept_restore_dirs, remove_kept_restore_dirs, run_cli
 from inetsk_testbed.probe import ProbeError
-from overlayfs_inetsk.host.stale import RESTORE_DIR
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
 
@@ -33,33 +30,17 @@ TYPO4, TYPO6 = "10.77.0.99", "fd77::99"
 RAN: list[int] = []  # pids of the commands run here: their kept work dirs are removed
 
 
-def cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    p = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, stdin=subprocess.DEVNULL)
-    RAN.append(p.pid)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-
-def our_restores() -> set[str]:
-    try:
-        return {n for n in os.listdir(RESTORE_DIR) if int(n.split("-", 1)[0]) in RAN}
-    except FileNotFoundError:
-        return set()
+def cli(*args: str, timeout: float = 90) -> Ran:
+    r = run_cli(*args, timeout=timeout)
+    RAN.append(r.pid)
+    return r
 
 
 @pytest.fixture(autouse=True)
 def _remove_kept_work_dirs() -> Iterator[None]:
     """A restore criu failed keeps its work dir (docs/cli.md): the code before ran criu."""
     yield
-    for name in our_restores():
-        shutil.rmtree(os.path.join(RESTORE_DIR, name), ignore_errors=True)
-    RAN.clear()
+    remove_kept_restore_dirs(RAN)
 
 
 def test_a_new_address_the_node_lacks_is_named_before_criu_runs(testnet, image_dirs):
@@ -76,7 +57,8 @@ def test_a_new_address_the_node_lacks_is_named_before_criu_runs(testnet, image_d
     assert (f"tcp {TYPO4}:7001: {TYPO4} is not an address of netns {b.netns_path}"
             in p.stderr), p.stderr
     assert "running:" not in p.stderr and b.pids() == []
-    assert our_restores() == set()  # nothing mounted, no temporary dir
+    # nothing mounted, no temporary dir
+    assert [d for pid in RAN for d in kept_restore_dirs(pid)] == []
 
     # inspect --netns says the same, one warning line per socket, and exits 0
     p = cli("inspect", str(image_dirs.images), "--netns", b.netns_path, *typo)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -25,7 +24,13 @@ import pytest
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
 from inetsk_testbed import criu, probe
-from inetsk_testbed.mount import mount_daemons
+from inetsk_testbed.mount import (
+    Ran,
+    kept_restore_dirs,
+    mount_daemons,
+    remove_kept_restore_dirs,
+    run_cli,
+)
 from overlayfs_inetsk.host.stale import RESTORE_DIR
 
 CLI = [sys.executable, "-m", "overlayfs_inetsk.cli"]
@@ -39,27 +44,14 @@ def our_mounts(under: Path | str) -> list[str]:
         return [ln.split()[4] for ln in f if ln.split()[4].startswith(key)]
 
 
-class Ran(subprocess.CompletedProcess[str]):
-    def __init__(self, args: object, rc: int, out: str, err: str, pid: int) -> None:
-        super().__init__(args, rc, out, err)
-        self.pid = pid
-
-
 def restore_cmd(*args: str, tmp: Path, env: dict[str, str] | None = None,
                 timeout: float = 90) -> Ran:
     """Run `overlayfs-inetsk restore ...`; the result also has the `pid` it ran as (its
     temporary dirs are RESTORE_DIR/<pid>-*, see leftovers())."""
-    e = dict(os.environ if env is None else env)
-    p = subprocess.Popen([*CLI, "restore", *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=e, stdin=subprocess.DEVNULL)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    RAN.append(p.pid)
-    return Ran(p.args, p.returncode, out, err, p.pid)
+    r = run_cli("restore", *args, env=dict(os.environ if env is None else env),
+                timeout=timeout)
+    RAN.append(r.pid)
+    return r
 
 
 STOP_TIMEOUT = 2.0  # restore --stop-timeout here (the default, 10 s, cost 10 s a test)
@@ -69,19 +61,12 @@ RAN: list[int] = []  # pids of the restores run here (their kept work dirs are r
 @pytest.fixture(autouse=True)
 def _remove_kept_work_dirs() -> Iterator[None]:
     yield
-    while RAN:
-        pid = RAN.pop()
-        for name in leftovers(pid):
-            if not our_mounts(f"{RESTORE_DIR}/{name}"):
-                shutil.rmtree(os.path.join(RESTORE_DIR, name), ignore_errors=True)
+    remove_kept_restore_dirs(RAN)
 
 
 def leftovers(pid: int) -> list[str]:
     """What the restore that ran as `pid` left in RESTORE_DIR."""
-    try:
-        return [n for n in os.listdir(RESTORE_DIR) if n.startswith(f"{pid}-")]
-    except FileNotFoundError:
-        return []
+    return [os.path.basename(p) for p in kept_restore_dirs(pid)]
 
 
 def daemons_under(path: str) -> list[int]:

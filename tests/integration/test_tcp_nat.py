@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -23,12 +22,11 @@ import time
 import pytest
 
 from inetsk_testbed import criu
-from inetsk_testbed.mount import BIN, overlayfs_inetsk
+from inetsk_testbed.mount import BIN, overlayfs_inetsk, remove_kept_restore_dirs
 from inetsk_testbed.natclient import client_stream, ep
 from inetsk_testbed.procs import netns_pids
 from inetsk_testbed.probe import wait_for
 from inetsk_testbed.stream import status
-from overlayfs_inetsk.host.stale import RESTORE_DIR
 
 from .test_plugin import Plugin, build_plugin
 
@@ -63,12 +61,7 @@ def _remove_kept_work_dirs():
     """A restore whose criu failed or was killed keeps its work dir (docs/cli.md); these
     tests read none of them: removed, so that runs do not pile them up in RESTORE_DIR."""
     yield
-    while RAN:
-        pid = RAN.pop()
-        for name in os.listdir(RESTORE_DIR):
-            path = os.path.join(RESTORE_DIR, name)
-            if name.startswith(f"{pid}-") and not os.path.ismount(os.path.join(path, "view")):
-                shutil.rmtree(path, ignore_errors=True)
+    remove_kept_restore_dirs(RAN)
 
 
 def restore(m, *extra: str, timeout: float = 60, **kw) -> subprocess.Popen[str]:
