@@ -60,9 +60,10 @@ _ZERO_WORDS = {n: words_field(SRC_TAG, (0,) * n) + words_field(DST_TAG, (0,) * n
 _KEEP, _ADDRS, _CLOSE = 0, 1, 2
 
 Result = tuple[bytes | bytearray, dict[str, int], list[SocketReport], int]
-# a class: what it does, its verdict, whether it is a problem (refused, needs-address), new
-# src field, new dst field (None: as it is), the first socket's report
-_Class = tuple[int, str, bool, bytes | None, bytes | None, SocketReport]
+# a class: what it does, its verdict, whether it is a problem (refused, needs-address), its
+# src field after (new or as it is), new dst field (None: as it is), the first socket's
+# report, how many bytes longer the src field gets
+_Class = tuple[int, str, bool, bytes, bytes | None, SocketReport, int]
 
 
 def _socket(path: str, off: int, data: bytes, start: int, end: int, interner: Interner,
@@ -115,13 +116,12 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         if end > size:
             return None
         off, pos = pos, end
-        if end - start < 5 or data[start + 1] != inet or data[start] != 0x08:
-            if not_inet(data, mv, start, end, path, off):
-                continue
-            return None  # an inet socket in another layout
-        m = match(data, start, end)
+        m = match(data, start, end)  # (it starts with `type` INETSK)
         if m is None:
-            return None
+            if end - start < 5 or data[start + 1] != inet or data[start] != 0x08:
+                if not_inet(data, mv, start, end, path, off):
+                    continue
+            return None  # an inet socket in another layout
         fid, ilen, kind, sportf, dportf, src_raw, dst_raw, src6, dst6 = m.groups()
         fam = kind[1]
         if src_raw is None:
@@ -130,7 +130,7 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             src_raw, dst_raw = src6, dst6
         elif fam != v4:
             return None
-        isk0 = start + 4 + len(fid) + len(ilen)  # 08 04 10 id 22 len
+        isk0 = m.end(2)  # 08 04 10 id 22 len: isk's first field
         n = end - isk0
         if (varints[n] if n < 2048 else varint(n)) != ilen:  # (canonical: the same bytes)
             return None  # isk must be the entry's last field
@@ -212,14 +212,15 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             if d.new_sport is not None or d.new_dport is not None:
                 return None  # ports move only with a PortContext (upb's route): not here
             act = _KEEP if d.action == KEEP else _CLOSE if d.action == CLOSE else _ADDRS
+            a_src = new_src or src_raw  # (src_raw is the class's: in its key)
             got = (act, d.verdict, d.verdict == REFUSED or d.verdict == NEEDS_ADDRESS,
-                   new_src, new_dst, SocketReport(first, d))
+                   a_src, new_dst, SocketReport(first, d), len(a_src) - len(src_raw))
             if len(classes) >= _MAX:
                 classes.clear()
             classes[key] = got
         last[3] = key
         last[4] = got
-        act, verdict, problem, new_src, new_dst, report = got
+        act, verdict, problem, a_src, new_dst, report, grow = got
         counts[verdict] += 1
         if problem:
             if report.sock.offset != off:
@@ -235,9 +236,12 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
         changed += 1
         src0 = tail0 - len(dst_raw) - len(src_raw)
         if act == addrs:  # new addresses: one splice
-            a_src = new_src or src_raw
-            a_dst = new_dst or dst_raw
-            n = src0 - isk0 + len(a_src) + len(a_dst) + end - tail0
+            if new_dst is None:
+                a_dst = dst_raw
+                n = end - isk0 + grow
+            else:
+                a_dst = new_dst
+                n = end - isk0 + grow + len(new_dst) - len(dst_raw)
             nlen = varints[n] if n < 2048 else varint(n)
             # 08 04 10 id 22 len isk: the head rebuilt from `id`, not sliced
             out += join((pack(4 + len(fid) + len(nlen) + n), b"\x08\x04\x10", fid, b"\x22",

@@ -42,8 +42,8 @@ HEAD = re.compile(
     rb"\x08\x04\x10(" + _V + rb")\x22(" + _V + rb")\x08\1\x10" + _V +
     rb"(\x18[\x02\x0a]\x20" + _B + rb"\x28" + _B + rb"\x30" + _B + rb")"
     rb"(\x38" + _V + rb")(\x40" + _V + rb")\x48" + _V + rb"\x50" + _V +
-    rb"(?:(\x58" + _V + rb")(\x60" + _V + rb")|((?:\x58" + _V + rb"){4})((?:\x60" + _V +
-    rb"){4}))(?=\x6a)", re.S)
+    rb"(?:(\x58" + _V + rb")(\x60" + _V + rb")|(" + (rb"\x58" + _V) * 4 + rb")(" +
+    (rb"\x60" + _V) * 4 + rb"))(?=\x6a)", re.S)  # (unrolled: a repeated group costs more)
 
 SRC_TAG = 0x58  # src_addr (11), varint
 DST_TAG = 0x60  # dst_addr (12), varint
