@@ -122,7 +122,9 @@ LEAN_NOT_WANTED = (
     "overlayfs_inetsk.app.mount", "overlayfs_inetsk.app.doctor",
     # the byte pass takes a protobuf-c image: no protobuf, no pycriu (core/isktail.py checks
     # the tails)
-    "google", "pycriu")
+    "google", "pycriu",
+    # nor ctypes (setns) when the restore's namespace is this one (host/netns.in_netns)
+    "ctypes")
 # nor dataclasses (and inspect, ast, dis with it): ~5 ms; record.py instead. core/tree.py
 # and host/listing.py are being moved off them on another branch: while either still
 # imports dataclasses it may bring it in, and no other module on the route may
