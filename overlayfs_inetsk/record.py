@@ -16,10 +16,17 @@ from typing import Any
 
 
 class Record:
+    """Fields: __slots__, or _compared when a class keeps more than it compares and shows
+    (a dataclass's field(compare=False, repr=False))."""
+
     __slots__: tuple[str, ...] = ()
+    _compared: tuple[str, ...] | None = None
+
+    def _names(self) -> tuple[str, ...]:
+        return self.__slots__ if self._compared is None else self._compared
 
     def _fields(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
+        return tuple(getattr(self, name) for name in self._names())
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
@@ -31,5 +38,5 @@ class Record:
         return hash(self._fields())
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._names())
         return f"{type(self).__qualname__}({inner})"

@@ -293,3 +293,22 @@ def test_hundreds_of_addresses_and_routes_are_read_completely(monkeypatch):
         assert got == listed
         assert addr_recvs >= 2 and route_recvs >= 2 and nroutes >= 600
         assert node_address(4, ns) == ip_address(many[-1])
+
+
+def test_in_netns_enters_another_namespace_and_not_its_own():
+    """Another namespace: fn runs in a thread of its own that setns()es (it sees that
+    namespace's inode); this thread's own: fn runs right here, no thread, no setns (the
+    plugin's CLI route on a node's own namespace: no ctypes)."""
+    import threading
+
+    def where() -> tuple[int, int]:
+        return threading.get_ident(), os.stat("/proc/thread-self/ns/net").st_ino
+
+    here = where()
+    assert in_netns("/proc/self/ns/net", where) == here
+    assert in_netns(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/ns/net",
+                    where) == here
+    with scratch_netns() as ns:
+        ident, ino = in_netns(ns, where)
+        assert ident != here[0] and ino == os.stat(ns).st_ino != here[1]
+    assert where() == here

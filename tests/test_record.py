@@ -63,3 +63,48 @@ def test_the_mutable_ones_are_unhashable_as_their_dataclasses_were():
         except TypeError:
             continue
         raise AssertionError(f"{obj!r} is hashable")
+
+
+def test_the_planners_values_keep_what_their_dataclasses_gave():
+    """RewriteOptions (frozen), RewriteResult, CheckpointPlan and AddressMap, on the CLI
+    route, are Records now: the same ==, hash, repr and frozen-ness."""
+    from overlayfs_inetsk.core.addrmap import AddressMap
+    from overlayfs_inetsk.core.decide import RewriteOptions
+    from overlayfs_inetsk.core.plan import CheckpointPlan, RewriteResult
+
+    o = RewriteOptions()
+    assert o == RewriteOptions(False, "close") and hash(o) == hash(RewriteOptions())
+    assert o != RewriteOptions(strict=True) and len({o, RewriteOptions()}) == 1
+    assert repr(RewriteOptions(True, "keep")) == "RewriteOptions(strict=True, tcp_outside='keep')"
+    for name in ("strict", "tcp_outside", "other"):
+        try:
+            setattr(o, name, 1)
+        except AttributeError:
+            continue
+        raise AssertionError(f"RewriteOptions.{name} could be set")
+    try:
+        RewriteOptions(tcp_outside="bogus")
+    except ValueError as e:
+        assert "tcp_outside must be one of" in str(e)
+    else:
+        raise AssertionError("a bogus fate was taken")
+    r = RewriteResult("p", b"x")
+    assert r == RewriteResult("p", b"x", [], {}, [], 0) != RewriteResult("p", b"x", changed=1)
+    r.counts["kept"] = 1
+    assert RewriteResult("p", b"x").counts == {}  # a dict of its own each
+    assert repr(RewriteResult("p", b"")) == ("RewriteResult(path='p', data=b'', reports=[], "
+                                             "counts={}, problems=[], changed=0)")
+    plan = CheckpointPlan(1, ".", {"files.img": "p"}, {"p": r})
+    assert plan == CheckpointPlan(1, ".", {"files.img": "p"}, {"p": r}) and plan.data() == {
+        "files.img": b"x"}
+    a = AddressMap.from_args(["10.77.0.1=10.77.0.2", "local=10.77.0.9"])
+    b = AddressMap.from_args(["10.77.0.1=10.77.0.2", "local=10.77.0.9"])
+    assert a == b != AddressMap.from_args(["10.77.0.1=10.77.0.3"]) and AddressMap() == AddressMap()
+    assert repr(AddressMap()) == ("AddressMap(rules=[], local={}, port_rules=[], port_offset=0,"
+                                  " port_offset_source='')")
+    for obj in (r, plan, a):
+        try:
+            hash(obj)
+        except TypeError:
+            continue
+        raise AssertionError(f"{obj!r} is hashable")

@@ -76,3 +76,30 @@ def test_an_entry_being_made_is_never_swept(tmp_path: Path) -> None:
     finally:
         os.close(root_fd)
     assert (name, seen) == ("new", [[]])
+
+
+def test_remove_tree_at_removes_a_view_and_follows_no_link(tmp_path: Path) -> None:
+    """The sweep's remover (fd-relative, O_NOFOLLOW, as the C plugin's fini): a view's
+    files, links and sub-dirs go; what a link points to stays, a link given as the name is
+    not entered, a missing name is False."""
+    from overlayfs_inetsk.host.stale import remove_tree_at
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.img").write_bytes(b"k")
+    view = tmp_path / "root" / "view-1"
+    (view / "sub" / "deeper").mkdir(parents=True)
+    (view / "files.img").write_bytes(b"x")
+    (view / "sub" / "deeper" / "a").write_bytes(b"a")
+    (view / "pages.img").symlink_to(outside / "keep.img")
+    (view / "sub" / "out").symlink_to(outside)
+    (tmp_path / "root" / "link").symlink_to(outside)
+    fd = os.open(tmp_path / "root", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert not remove_tree_at(fd, "link") and (outside / "keep.img").exists()
+        assert remove_tree_at(fd, "view-1")
+        assert not remove_tree_at(fd, "view-1")
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path / "root")) == ["link"]
+    assert sorted(os.listdir(outside)) == ["keep.img"]

@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 from ..errors import MapError
+from ..record import Record
 from .boundmap import BoundMap, Resolver
 from .mapfile import PORT_OFFSET_KEY, parse_map_file
 from .rules import LocalRule, PortRule, Rule, check_port_offset, parse_rule
@@ -163,16 +163,32 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-@dataclass
-class AddressMap:
-    rules: list[Rule] = field(default_factory=list)
-    local: dict[int, LocalRule] = field(default_factory=dict)
-    port_rules: list[PortRule] = field(default_factory=list)
-    port_offset: int = 0
-    port_offset_source: str = ""
-    prefixes: dict[int, _Prefixes] = field(
-        default_factory=lambda: {4: _Prefixes(32), 6: _Prefixes(128)}, repr=False, compare=False)
-    _port_sides: _PortSides = field(default_factory=_PortSides, repr=False, compare=False)
+class AddressMap(Record):
+    """The rules of a map (a Record, not a dataclass: ..record; compared and shown by its
+    rules, not by the indexes built from them)."""
+
+    __slots__ = ("rules", "local", "port_rules", "port_offset", "port_offset_source",
+                 "prefixes", "_port_sides")
+    _compared = __slots__[:5]
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq is
+    rules: list[Rule]
+    local: dict[int, LocalRule]
+    port_rules: list[PortRule]
+    port_offset: int
+    port_offset_source: str
+    prefixes: dict[int, _Prefixes]
+    _port_sides: _PortSides
+
+    def __init__(self, rules: list[Rule] | None = None,
+                 local: dict[int, LocalRule] | None = None,
+                 port_rules: list[PortRule] | None = None, port_offset: int = 0,
+                 port_offset_source: str = "") -> None:
+        self.rules = [] if rules is None else rules
+        self.local = {} if local is None else local
+        self.port_rules = [] if port_rules is None else port_rules
+        self.port_offset, self.port_offset_source = port_offset, port_offset_source
+        self.prefixes = {4: _Prefixes(32), 6: _Prefixes(128)}
+        self._port_sides = _PortSides()
 
     @classmethod
     def from_args(

@@ -6,7 +6,7 @@
 The same pass as plan._plan_image (the same keys, one decide() per kind of socket, the
 same `local` protocol), for what a mount's first open and `rewrite` need: no report per
 socket, no port moves. Every inet entry must be in protobuf-c's layout (patch.HEAD, its
-tail checked by patch.TailCheck): at the first that is not, it answers None and plan.py
+tail checked by patch.TailCheck, in its bytes too): at the first that is not, it answers None and plan.py
 makes its upb pass over the image, so every entry is exactly what that pass gives
 (tests/test_bytepass.py compares the two).
 """
@@ -28,7 +28,7 @@ from .decide import (
     RewriteOptions,
     decide,
 )
-from .entries import FD_INETSK, SHUT_BOTH, Interner, fdinfo_pb2, not_inet, sk_inet_pb2
+from .entries import FD_INETSK, SHUT_BOTH, Interner, not_inet
 from .imagefile import FILES_MAGIC, HEADER_SIZE, LENGTH, MAGIC_BY_NAME, read_header
 from .patch import (
     DST_TAG,
@@ -37,6 +37,7 @@ from .patch import (
     TailCheck,
     field_words,
     patched,
+    uvarint,
     varint,
     words_field,
 )
@@ -45,7 +46,7 @@ from .sockaddr import AF_INET, TCP_CLOSE, IPAddress
 from .sockets import Socket
 
 _MAX = 1024  # classes, sources and tails kept (as plan._SAME_MAX)
-_TAILS = TailCheck(fdinfo_pb2.file_entry)
+_TAILS = TailCheck()
 _ZERO_SPORT, _ZERO_DPORT = b"\x38\x00", b"\x40\x00"
 # isk's length as a varint (entries are a few hundred bytes), made without varint(): that
 # took ~1 ms of every start-up
@@ -68,10 +69,17 @@ _Class = tuple[int, str, bool, bytes, bytes | None, SocketReport, int]
 
 def _socket(path: str, off: int, data: bytes, start: int, end: int, interner: Interner,
             src: IPAddress, fam: int, dst_raw: bytes) -> Socket:
-    """The facts of the entry data[start:end] (decoded with upb: once per class)."""
-    isk = fdinfo_pb2.file_entry.FromString(data[start:end]).isk
-    return Socket(path, off, isk.id, isk.ino, fam, isk.type, isk.proto, isk.state, src,
-                  isk.src_port, interner.valid(fam, field_words(dst_raw)), isk.dst_port)
+    """The facts of the entry data[start:end], read from the bytes HEAD matched (once per
+    class): 08 04 10 id 22 len | 08 id 10 ino | 18 family 20 type 28 proto 30 state | 38
+    src_port | 40 dst_port ..."""
+    m = HEAD.match(data, start, end)
+    assert m is not None  # plan_bytes matched it
+    sid, p = uvarint(data, m.end(2) + 1)  # isk.id (the same bytes as file_entry.id)
+    ino = uvarint(data, p + 1)[0]
+    kind = m.group(3)
+    return Socket(path, off, sid, ino, fam, kind[3], kind[5], kind[7], src,
+                  uvarint(m.group(4), 1)[0], interner.valid(fam, field_words(dst_raw)),
+                  uvarint(m.group(5), 1)[0])
 
 
 def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
@@ -255,7 +263,7 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             (p3 + 7, p3 + 8, _STATE_CLOSE), (p7 + 1, p8, b"\x00"),
             (p8 + 1, p8 + len(dportf), b"\x00"),
             (src0, end, _ZERO_WORDS[1 if fam == v4 else 4] + tails.closed(
-                tail, sk_inet_pb2.inet_sk_entry, SHUT_BOTH))], out)
+                tail, SHUT_BOTH))], out)
     if not changed:
         return data, counts, problems, changed
     out += mv[copied:]

@@ -24,10 +24,10 @@ Pure: a socket's facts and a bound map in, a Decision out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import RewriteError
+from ..record import Record
 from .boundmap import BoundMap
 from .ports import PortContext, PortMoves, port_moves
 from .reasons import (
@@ -94,14 +94,25 @@ HOOK_NO_CLOSED = "closed"  # not: restored closed (state, ports, shutdown change
 HOOK_NO_REFUSED = "refused"  # not: refused
 
 
-@dataclass(frozen=True)
-class RewriteOptions:
-    strict: bool = False  # a socket left on a specific address no rule covers is an error
-    tcp_outside: str = DEFAULT_TCP_FATE  # fate of TCP connected to a peer outside the map
+class RewriteOptions(Record):
+    """The options of a rewrite: a frozen value (a Record, not a dataclass: ..record)."""
 
-    def __post_init__(self) -> None:
-        if self.tcp_outside not in TCP_FATES:
+    __slots__ = ("strict", "tcp_outside")
+    strict: bool  # a socket left on a specific address no rule covers is an error
+    tcp_outside: str  # fate of TCP connected to a peer outside the map
+
+    def __init__(self, strict: bool = False, tcp_outside: str = DEFAULT_TCP_FATE) -> None:
+        if tcp_outside not in TCP_FATES:
             raise ValueError(f"tcp_outside must be one of {', '.join(TCP_FATES)}")
+        set_ = object.__setattr__
+        set_(self, "strict", strict)
+        set_(self, "tcp_outside", tcp_outside)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"RewriteOptions is frozen: cannot set {name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"RewriteOptions is frozen: cannot delete {name}")
 
 
 class Decision(NamedTuple):

@@ -4,56 +4,49 @@ Pure: bytes in, generated pycriu messages and bytes out. Entries of files.img th
 inet sockets are never decoded; entries that do not change are copied byte for byte; a
 changed entry is re-serialized from pycriu's generated message, which keeps unknown fields.
 What changes in an entry is decided in decide.py; this module only reads and writes it.
+
+protobuf and pycriu's generated modules are imported on first use (generated(); the
+module attributes fdinfo_pb2 and sk_inet_pb2 load them too), not with this module: the
+byte pass (bytepass.py), the plugin's CLI route, needs neither (about 18 ms of its start).
 """
 
 from __future__ import annotations
 
 import posixpath
-import sys
 from collections.abc import Iterator, MutableSequence, Sequence
 from typing import Any, Protocol
-
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.message import DecodeError, EncodeError
 
 from ..errors import ImageError
 from . import imagefile
 from .sockaddr import AF_INET, AF_INET6, TCP_CLOSE, IPAddress, words_to_addr
 
 
-def _generated() -> tuple[Any, Any]:
-    """pycriu's fdinfo_pb2 and sk_inet_pb2, without importing the pycriu.images package
-    when nothing else did: its __init__ loads every generated module it has (about 100,
-    most of our start-up time); these two need about 25. pycriu's generated modules import
-    each other by top-level name (pycriu.images puts its own dir on sys.path), so they are
-    loaded the same way; a later `import pycriu.images` reuses them."""
-    if "pycriu.images" not in sys.modules:
-        import importlib.util
-
-        spec = importlib.util.find_spec("pycriu")  # finds the package, does not run it
-        locations = spec.submodule_search_locations if spec is not None else None
-        if locations:
-            images_dir = posixpath.join(list(locations)[0], "images")
-            sys.path.append(images_dir)
-            try:
-                import fdinfo_pb2  # type: ignore[import-not-found]
-                import sk_inet_pb2  # type: ignore[import-not-found]
-
-                return fdinfo_pb2, sk_inet_pb2
-            except ImportError:
-                pass
-            finally:
-                sys.path.remove(images_dir)
-    from pycriu.images import fdinfo_pb2, sk_inet_pb2
-
-    return fdinfo_pb2, sk_inet_pb2
+# once loaded (pb2.load()): fdinfo_pb2, sk_inet_pb2, file_entry's head class (type and id
+# alone), protobuf's DecodeError and EncodeError
+_PB2: list[Any] = []
 
 
-fdinfo_pb2, sk_inet_pb2 = _generated()
+def generated() -> tuple[Any, Any]:
+    """pycriu's fdinfo_pb2 and sk_inet_pb2 (imported at the first call)."""
+    if not _PB2:
+        from .pb2 import load
 
-FD_INETSK: int = fdinfo_pb2.INETSK  # file_entry.type of an inet socket (4)
+        _PB2.extend(load())
+    return _PB2[0], _PB2[1]
+
+
+def __getattr__(name: str) -> Any:
+    """entries.fdinfo_pb2 and entries.sk_inet_pb2, loaded when first asked for."""
+    if name == "fdinfo_pb2":
+        return generated()[0]
+    if name == "sk_inet_pb2":
+        return generated()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# file_entry.type of an inet socket (fdinfo.proto's INETSK: tests/test_isktail.py pins it)
+FD_INETSK = 4
 SHUT_BOTH = 3  # SHUT_RDWR + 1: CRIU's sk_shutdown SK_SHUTDOWN__BOTH (sk-opts.proto)
-
 
 
 # pycriu's generated *_pb2 modules have no type hints (mypy sees them as Any): these
@@ -102,34 +95,9 @@ class _Head(Protocol):
     def HasField(self, name: str) -> bool: ...
 
 
-class _HeadClass(Protocol):
-    def FromString(self, data: bytes | memoryview, /) -> _Head: ...
-
-
 # (offset of the length prefix, payload start, payload end, message to re-serialize,
 # its inet_sk_entry): for files.img the message is the file_entry holding the socket
 InetEntry = tuple[int, int, int, EntryMessage, InetSk]
-
-
-def _head_class() -> _HeadClass:
-    """file_entry's two required fields alone (`type` 1, `id` 2): decoding a non-inet entry
-    with it costs a third of decoding it whole, keeps protobuf's rule that the LAST value
-    of a field wins (as CRIU's protobuf-c does), and tells a missing field."""
-    u32 = descriptor_pb2.FieldDescriptorProto.TYPE_UINT32
-    req = descriptor_pb2.FieldDescriptorProto.LABEL_REQUIRED
-    fdp = descriptor_pb2.FileDescriptorProto(name="overlayfs_inetsk_head.proto",
-                                             package="overlayfs_inetsk", syntax="proto2")
-    msg = fdp.message_type.add(name="FileEntryHead")
-    msg.field.add(name="type", number=1, type=u32, label=req)
-    msg.field.add(name="id", number=2, type=u32, label=req)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    cls: _HeadClass = message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("overlayfs_inetsk.FileEntryHead"))
-    return cls
-
-
-_FileEntryHead = _head_class()
 
 
 def not_inet(data: bytes, mv: memoryview, start: int, end: int, path: str, off: int) -> bool:
@@ -174,9 +142,10 @@ def not_inet(data: bytes, mv: memoryview, start: int, end: int, path: str, off: 
     if end == start:
         raise ImageError(path, "empty entry: CRIU rejects a file_entry without its required "
                          "fields type and id", off)
+    generated()
     try:
-        head = _FileEntryHead.FromString(mv[start:end])
-    except DecodeError as exc:
+        head: _Head = _PB2[2].FromString(mv[start:end])
+    except _PB2[3] as exc:
         raise ImageError(path, f"not a valid file_entry: {exc}", off) from None
     for name in ("type", "id"):
         if not head.HasField(name):
@@ -191,6 +160,8 @@ def inet_entries(data: bytes, path: str) -> Iterator[InetEntry]:
     Raises ImageError naming the file and the entry's offset for a malformed one."""
     magic = imagefile.read_header(data, path, imagefile.MAGIC_BY_NAME.get(posixpath.basename(path)))
     mv = memoryview(data)
+    fdinfo_pb2, sk_inet_pb2 = generated()
+    DecodeError = _PB2[3]  # noqa: N806
     if magic == imagefile.FILES_MAGIC:
         from_string = fdinfo_pb2.file_entry.FromString
         is_not_inet = not_inet
@@ -319,7 +290,7 @@ class Splicer:
     def replace(self, off: int, end: int, msg: EntryMessage, isk: InetSk) -> None:
         try:
             payload = msg.SerializeToString()
-        except EncodeError as exc:  # upb decodes entries that lack proto2 required fields
+        except _PB2[4] as exc:  # (msg was decoded here: generated() ran)  # upb decodes entries that lack proto2 required fields
             sid = isk.id
             raise ImageError(self.path, f"inet socket id {sid}: {exc}", off) from None
         out = self.out

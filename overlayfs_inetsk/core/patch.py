@@ -12,9 +12,9 @@ the bytes are the decode/modify/encode route's:
   * the head's fields in their order, each canonical: the same bytes as upb's encoding of
     their values (proto2 keeps a field set to 0: none is dropped);
   * the tail as it is, after TailCheck found that upb gives these very bytes back for it
-    (decoded and re-serialized once per distinct tail: an unknown field, a field out of
-    order, a repeated head field, an overlong varint, a missing required field in fown or
-    opts all make it differ, and then the entry takes upb's route);
+    (isktail.canonical, once per distinct tail: an unknown field, a field out of order, a
+    repeated head field, an overlong varint, a missing required field in fown or opts all
+    make it say no, and then the entry takes upb's route);
   * new lengths: isk's length (a varint) and the entry's u32 prefix follow the new sizes.
 
 Pure: bytes in, bytes out.
@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
-
-from . import imagefile
+from . import imagefile, isktail
 
 # A canonical varint of a uint32: up to 3 continuation bytes and a last byte that is not 0,
 # or 0 alone, or 4 continuation bytes and a last byte up to 0x0f (the value fits 32 bits).
@@ -90,12 +88,12 @@ def field_words(raw: bytes) -> tuple[int, ...]:
 
 class TailCheck:
     """Whether upb gives an entry's tail (fown and what follows it) back byte for byte
-    (asked once per distinct tail: a checkpoint's sockets share a handful)."""
+    (asked once per distinct tail: a checkpoint's sockets share a handful), and a closed
+    connection's tail: both in the bytes (core/isktail.py), no protobuf."""
 
     MAX = 1024
 
-    def __init__(self, entry_class: Any) -> None:
-        self._from_string = entry_class.FromString
+    def __init__(self) -> None:
         self._ok: dict[bytes, bool] = {}
         self._closed: dict[bytes, bytes] = {}
 
@@ -103,31 +101,22 @@ class TailCheck:
         """Whether `tail` (the end of the entry data[start:end]) is one upb gives back."""
         ok = self._ok.get(tail)
         if ok is None:
-            ok = self._check(data[start:end])
+            ok = isktail.canonical(tail)
             if len(self._ok) >= self.MAX:
                 self._ok.clear()
             self._ok[tail] = ok
         return ok
 
-    def closed(self, tail: bytes, isk_class: Any, shutdown: int) -> bytes:
+    def closed(self, tail: bytes, shutdown: int) -> bytes:
         """A checked tail with `shutdown` set (entries.close_connection's one field there):
         what upb writes from field 13 on, since fields are written in number order."""
         got = self._closed.get(tail)
         if got is None:
-            part = isk_class.FromString(tail)  # fields 13 and up: the head's are not there
-            part.shutdown = shutdown
-            got = part.SerializePartialToString()
+            got = isktail.with_shutdown(tail, shutdown)
             if len(self._closed) >= self.MAX:
                 self._closed.clear()
             self._closed[tail] = got
         return got
-
-    def _check(self, entry: bytes) -> bool:
-        try:
-            msg = self._from_string(entry)
-            return bool(msg.IsInitialized()) and msg.SerializeToString() == entry
-        except Exception:  # noqa: BLE001 - any doubt: upb's own route decides and names it
-            return False
 
 
 def patched(data: bytes, start: int, isk0: int, end: int, repl: list[tuple[int, int, bytes]],

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import RewriteError
+from ..record import Record
 from .addrmap import AddressMap
 from .boundmap import BoundMap, Resolver, Sources, one_pass
 from .bytepass import plan_bytes
@@ -59,26 +59,43 @@ from .sockets import Socket
 Mode = Literal["check", "rewrite"]
 
 
-@dataclass
-class RewriteResult:
-    """The plan of one socket image (and its bytes when rewritten)."""
+class RewriteResult(Record):
+    """The plan of one socket image (and its bytes when rewritten). (A Record, not a
+    dataclass: ..record.)"""
 
+    __slots__ = ("path", "data", "reports", "counts", "problems", "changed")
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq is
     path: str
     data: bytes | bytearray  # the rewritten bytes ("rewrite"), else the original ones
-    reports: list[SocketReport] = field(default_factory=list)  # only when asked for
-    counts: dict[str, int] = field(default_factory=dict)  # verdict -> number of sockets
-    problems: list[SocketReport] = field(default_factory=list)  # refused / needs-address
-    changed: int = 0  # entries spliced: rewritten, closed, and needs-address ones whose port moves
+    reports: list[SocketReport]  # only when asked for
+    counts: dict[str, int]  # verdict -> number of sockets
+    problems: list[SocketReport]  # refused / needs-address
+    changed: int  # entries spliced: rewritten, closed, and needs-address ones whose port moves
+
+    def __init__(self, path: str, data: bytes | bytearray,
+                 reports: list[SocketReport] | None = None,
+                 counts: dict[str, int] | None = None,
+                 problems: list[SocketReport] | None = None, changed: int = 0) -> None:
+        self.path, self.data, self.changed = path, data, changed
+        self.reports = [] if reports is None else reports
+        self.counts = {} if counts is None else counts
+        self.problems = [] if problems is None else problems
 
 
-@dataclass
-class CheckpointPlan:
-    """One checkpoint dir of a tree: its socket images and what happens to every socket."""
+class CheckpointPlan(Record):
+    """One checkpoint dir of a tree: its socket images and what happens to every socket.
+    (A Record, not a dataclass: ..record.)"""
 
+    __slots__ = ("dir_inode", "name", "paths", "results")
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq is
     dir_inode: int
     name: str  # the dir inside the tree, for messages ("." for the root)
     paths: dict[str, str]  # image name ("files.img") -> real path, as messages name it
     results: dict[str, RewriteResult]  # real path -> its plan (data only, in "check" mode)
+
+    def __init__(self, dir_inode: int, name: str, paths: dict[str, str],
+                 results: dict[str, RewriteResult]) -> None:
+        self.dir_inode, self.name, self.paths, self.results = dir_inode, name, paths, results
 
     def data(self) -> dict[str, bytes | bytearray]:
         """Image name -> the bytes to serve or write (the original where nothing changed)."""

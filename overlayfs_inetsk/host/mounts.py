@@ -13,17 +13,17 @@ truncate, chmod, setxattr of MNT/pages-1.img) gets EROFS from the kernel. docs/s
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..record import Record
 from ..errors import MountError
 
-if TYPE_CHECKING:  # hashlib and subprocess are imported where used: the plugin's CLI route
-    import subprocess  # reads mountinfo only (tests/test_startup.py)
+if TYPE_CHECKING:  # hashlib, subprocess and ctypes are imported where used: the plugin's
+    import ctypes  # CLI route reads mountinfo only (tests/test_startup.py)
+    import subprocess
 
 FSNAME = "overlayfs-inetsk"
 FSTYPE = "fuse." + FSNAME
@@ -106,10 +106,15 @@ AT_FDCWD, AT_EMPTY_PATH = -100, 0x1000
 OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH = 0x1, 0x4
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 0x1, 0x2, 0x4, 0x8
 
+# ctypes (1.4 ms to import) is loaded by what mounts and unmounts, not by a reader of the
+# mount table (the plugin's CLI route: plugin/imagesdir.py)
 _libc_handle: ctypes.CDLL | None = None
+_mount_attr: list[Any] = []  # struct mount_attr, made once
 
 
 def _libc() -> ctypes.CDLL:
+    import ctypes
+
     global _libc_handle
     if _libc_handle is None:
         _libc_handle = ctypes.CDLL(None, use_errno=True)
@@ -118,14 +123,24 @@ def _libc() -> ctypes.CDLL:
 
 def _check(ret: int, what: str, path: str) -> int:
     if ret < 0:
+        import ctypes
+
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}", path)
     return ret
 
 
-class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+def _mount_attr_class() -> Any:
+    """struct mount_attr (linux/mount.h)."""
+    if not _mount_attr:
+        import ctypes
+
+        class _MountAttr(ctypes.Structure):
+            _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                        ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+        _mount_attr.append(_MountAttr)
+    return _mount_attr[0]
 
 
 def ro_bind_path(mountpoint_real: str) -> str:
@@ -170,12 +185,14 @@ def make_ro_bind(image_dir: str | bytes, target: str) -> int:
 def _bind_new_api(libc: ctypes.CDLL, src: bytes, target: str) -> None:
     if os.uname().machine not in SHARED_SYSCALL_TABLE:  # other syscall numbers there
         raise OSError(errno.ENOSYS, "the new mount API's numbers are unknown here", target)
+    import ctypes
+
     syscall = libc.syscall
     syscall.restype = ctypes.c_long
     fd = _check(syscall(SYS_OPEN_TREE, AT_FDCWD, ctypes.c_char_p(src),
                         OPEN_TREE_CLONE | os.O_CLOEXEC), "open_tree", os.fsdecode(src))
     try:
-        attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+        attr = _mount_attr_class()(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
                           | MOUNT_ATTR_NOEXEC, 0, MS_PRIVATE, 0)
         _check(syscall(SYS_MOUNT_SETATTR, fd, ctypes.c_char_p(b""), AT_EMPTY_PATH,
                        ctypes.byref(attr), ctypes.sizeof(attr)), "mount_setattr", target)
@@ -206,6 +223,8 @@ def clear_ro_bind(target: str, mount_id: int | None = None) -> bool:
     found = bool(ids)
     for _ in range(len(ids)):
         if libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
+            import ctypes
+
             err = ctypes.get_errno()
             if err not in (errno.EINVAL, errno.ENOENT):  # not (or no longer) mounted
                 raise OSError(err, f"umount: {os.strerror(err)}", target)

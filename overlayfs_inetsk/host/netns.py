@@ -10,13 +10,15 @@ check's socket tables (proctables.py) are read this way.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import InetskError, NodeAddressError
+
+if TYPE_CHECKING:
+    import ctypes
 
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
@@ -25,6 +27,10 @@ _libc: ctypes.CDLL | None = None
 
 
 def _setns(fd: int) -> None:
+    # ctypes (1.4 ms to import) only when a namespace is entered: Python 3.11 has no
+    # os.setns (3.12 does)
+    import ctypes
+
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
@@ -34,8 +40,9 @@ def _setns(fd: int) -> None:
 
 
 def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """Run fn() with the network namespace at path `netns` (in a thread of its own)."""
-    if netns is None:
+    """Run fn() with the network namespace at path `netns` (in a thread of its own, unless
+    it is this thread's already)."""
+    if netns is None or _ours(netns):
         return fn()
     value: list[T] = []  # fn()'s result, or
     error: list[BaseException] = []  # what it raised: handed to the caller
@@ -67,6 +74,16 @@ def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
             raise NodeAddressError(f"netns {netns}: {e.strerror or e}") from None
         raise e
     return value[0]
+
+
+def _ours(netns: str) -> bool:
+    """Whether `netns` is the namespace this thread is in (the same nsfs inode)."""
+    try:
+        there = os.stat(netns)
+        here = os.stat("/proc/thread-self/ns/net")
+    except OSError:
+        return False  # in_netns names what is wrong
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
 
 
 def check_netns(netns: str) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from ..errors import InetskError
 from ..host.stale import DIR_FLAGS as _DIR_FLAGS
-from ..host.stale import hold_new
+from ..host.stale import hold_new, remove_tree_at
 from ..host.stale import sweep as sweep_unheld
 from .wire import TEMP_NAME, VIEW_HEX, VIEW_NAME, VIEW_PREFIX
 
@@ -114,9 +114,7 @@ class View:
 
     def remove(self) -> None:
         if self.root_fd >= 0:
-            import shutil
-
-            shutil.rmtree(self.name, dir_fd=self.root_fd, ignore_errors=True)
+            remove_tree_at(self.root_fd, self.name)
         self.close()
 
 
@@ -161,9 +159,7 @@ def sweep(view_root: str) -> list[str]:
         return bool(VIEW_NAME.fullmatch(name) or TEMP_NAME.fullmatch(name))
 
     def clear(name: str) -> bool:
-        import shutil
-
-        shutil.rmtree(name, dir_fd=root_fd, ignore_errors=True)
+        remove_tree_at(root_fd, name)  # (what it could not remove: a later sweep's)
         return True
 
     try:
