@@ -244,14 +244,20 @@ def canonical(tail: bytes) -> bool:
     return _message(tail, 0, len(tail), SCHEMA[TOP], FIRST)
 
 
-def _tag(num: int, wire: int) -> bytes:
-    t = num << 3 | wire
+def varint(n: int) -> bytes:
+    """The canonical varint of n >= 0 (patch.py's too)."""
+    if n < 0x80:
+        return bytes((n,))
     out = bytearray()
-    while t >= 0x80:
-        out.append(t & 0x7F | 0x80)
-        t >>= 7
-    out.append(t)
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
     return bytes(out)
+
+
+def _tag(num: int, wire: int) -> bytes:
+    return varint(num << 3 | wire)
 
 
 def with_shutdown(tail: bytes, value: int) -> bytes:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from . import imagefile, isktail
+from .isktail import varint as varint  # (re-exported: patch.varint)
 
 # A canonical varint of a uint32: up to 3 continuation bytes and a last byte that is not 0,
 # or 0 alone, or 4 continuation bytes and a last byte up to 0x0f (the value fits 32 bits).
@@ -57,18 +58,6 @@ def uvarint(raw: bytes | memoryview, pos: int = 0) -> tuple[int, int]:
         if b < 0x80:
             return n, pos
         shift += 7
-
-
-def varint(n: int) -> bytes:
-    """The canonical varint of n >= 0."""
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def words_field(tag: int, words: Sequence[int]) -> bytes:
