@@ -12,7 +12,7 @@ import pytest
 from overlayfs_inetsk.errors import ImageError
 from overlayfs_inetsk.host.files import read_socket_image
 
-from overlayfs_inetsk.core.tree import ROOT_INODE, ImageTree, Kind
+from overlayfs_inetsk.core.tree import ROOT_INODE, UNREAD, ImageTree, Kind
 from overlayfs_inetsk.host.listing import build_tree
 from overlayfs_inetsk.errors import TreeError
 
@@ -180,3 +180,74 @@ def test_root_through_symlink_and_inodes_stable(tree: Path, tmp_path: Path) -> N
     b = build_tree(tree)
     assert a.image_dir == b.image_dir
     assert by_path(a) == by_path(b)  # same walk, same inode numbers
+
+
+def _shown(view: ImageTree) -> dict[bytes, tuple[Kind, bytes | None, bytes]]:
+    return {view.path(i): (n.kind, n.link_target, n.real_path) for i, n in view.nodes.items()}
+
+
+@pytest.mark.expect_log(logging.WARNING, TREE_LEFT_OUT)
+def test_a_tree_without_attributes_shows_the_same_and_stats_no_plain_file(tree: Path) -> None:
+    """attrs=False (a view written as links: rewrite, the plugin): the same nodes, inodes,
+    links and left-out entries; a plain file's stat is UNREAD (not lstat()ed), everything
+    else, which the writer or the checks read, is stat'ed as before."""
+    full = build_tree(tree)
+    bare = build_tree(tree, attrs=False)
+    assert full.attrs and not bare.attrs
+    assert _shown(bare) == _shown(full) and by_path(bare) == by_path(full)
+    assert bare.left_out == full.left_out
+    paths = by_path(bare)
+    for p in (b"spec.dump", b"checkpoint/pages-1.img", ODD):
+        assert bare.node(paths[p]).st is UNREAD
+        assert full.node(paths[p]).st == os.stat(os.path.join(os.fsencode(tree), p))
+    # a symlink's target, a directory, a socket image: their stat is read either way
+    for p in (b"link-in", b"checkpoint", b"checkpoint/files.img", b"files.img"):
+        assert bare.node(paths[p]).st is not UNREAD
+        assert bare.node(paths[p]).st == full.node(paths[p]).st, p
+    # a tree served through read() always has the attributes
+    assert build_tree(tree, serve="read", attrs=False).attrs
+
+
+@pytest.mark.expect_log(logging.WARNING, TREE_LEFT_OUT)
+def test_only_a_mount_stats_plain_files(tree: Path) -> None:
+    from overlayfs_inetsk.core.addrmap import AddressMap
+    from overlayfs_inetsk.planner.planner import Planner
+
+    planner = Planner(AddressMap.from_args(["10.0.1.5=10.9.0.7"]))
+    for purpose in ("mount", "rewrite", "plugin", "inspect", "restore"):
+        view = planner.tree(str(tree), purpose)
+        spec = view.node(by_path(view)[b"spec.dump"])
+        assert view.attrs is (purpose == "mount"), purpose
+        assert (spec.st is UNREAD) is (purpose != "mount"), purpose
+
+
+@pytest.mark.expect_log(logging.WARNING, TREE_LEFT_OUT)
+@pytest.mark.parametrize("link_root,link_from", [
+    (None, "/srv/views/b"),  # the plugin: relative to OUT_DIR
+    ("/run/oi/ro/x", "/mnt/view"),  # a mount: into the read-only bind, from the mountpoint
+    ("/run/oi/ro/x/", "/mnt/../mnt/view/"),  # the same, not normalized
+    ("/run/oi/ro/x", "/run/oi/ro/x/inside"),  # the view seen from inside the link root
+    ("/run/oi/ro/x", "/run/oi/ro/x"),  # ... at the link root itself
+    ("/", "/"),
+    ("/run/oi/ro/x", None),  # absolute, re-rooted
+])
+def test_file_links_are_what_relpath_makes_from_their_own_dir(
+        tree: Path, link_root: str | None, link_from: str | None) -> None:
+    """The links are made once a directory (a prefix and the file's path below IMAGE_DIR),
+    not by os.path.relpath for each file: the same targets, in every directory."""
+    for attrs in (True, False):
+        view = build_tree(tree, link_root=link_root, link_from=link_from, attrs=attrs)
+        real = view.image_dir
+        root = os.fsencode(link_root) if link_root else real
+        checked = 0
+        for ino, n in view.nodes.items():
+            if n.kind is not Kind.LINK or n.name in (b"dirlink",):
+                continue
+            target = os.path.join(root, os.path.relpath(n.real_path, real))
+            if link_from is not None:
+                here = os.path.normpath(os.path.join(os.fsencode(link_from),
+                                                     view.path(n.parent)))
+                target = os.path.relpath(target, here)
+            assert n.link_target == target, (view.path(ino), link_root, link_from)
+            checked += 1
+        assert checked == 5  # spec.dump, ODD, link-in, pages-1.img, files-link.img

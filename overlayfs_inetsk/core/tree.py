@@ -7,8 +7,9 @@ open by the FUSE layer), symlinks (to originals or, for in-tree directory symlin
 view's own entry) and files served through read(). Names and paths are bytes throughout.
 
 Pure: the file system is walked by host/listing.py, which hands over a Listing (every
-directory's entries with their lstat, every symlink's target and its stat); nothing here
-touches the file system.
+directory's entries with their lstat, every symlink's target and its stat; for a view
+written as links, which serves no attributes, a plain file's lstat is not read: UNREAD);
+nothing here touches the file system. The values are in core/treenode.py.
 
 The table is a snapshot taken at mount time: a CRIU image directory does not change after
 the dump, and a static table keeps inode numbers stable for the mount's whole life.
@@ -16,17 +17,19 @@ the dump, and a static table keeps inode numbers stable for the mount's whole li
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import os
 import stat
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 from ..errors import TreeError
 from .imagedir import SOCKET_IMAGE_NAMES
+from .treenode import UNREAD, Entry, Kind, Listing, Node
+
+__all__ = ["ROOT_INODE", "SERVE_MODES", "UNREAD", "Entry", "ImageTree", "Kind", "Listing",
+           "Node", "ServeMode"]
 
 log = logging.getLogger(__name__)
 
@@ -37,85 +40,30 @@ _SOCKET_NAMES_B = {os.fsencode(n): n for n in SOCKET_IMAGE_NAMES}
 CRIU_PARENT_LINK = b"parent"  # CRIU's CR_PARENT_LINK: a dump's link to the previous one
 
 
-class Entry(NamedTuple):
-    """One directory entry of a Listing."""
-
-    name: bytes
-    path: bytes  # the directory's path joined with name
-    lst: os.stat_result | None  # its lstat; None: it could not be stat'ed (error says why)
-    error: str | None = None
-    target: bytes | None = None  # a symlink: its real path (None: unresolved)
-    tst: os.stat_result | None = None  # ... and that path's stat
-    target_error: tuple[int, str] | None = None  # (errno, strerror) of resolving it
-
-
-class Listing(NamedTuple):
-    """IMAGE_DIR as host/listing.py saw it: its real path and stat, and for each directory
-    it listed (by path), its entries sorted by name, or why it could not be listed (dirs is
-    filled in as the walk goes: unhashable, as its dict)."""
-
-    root: bytes
-    root_st: os.stat_result
-    dirs: dict[bytes, list[Entry] | str]
-
-
-class Kind(enum.Enum):
-    DIR = "dir"
-    SOCKET_IMAGE = "socket-image"  # bytes generated from the original on first open
-    LINK = "link"  # a symlink; readlink gives Node.link_target
-    FILE = "file"  # served through read() from Node.real_path (--serve read)
-
-
-@dataclass(eq=False)
-class Node:
-    inode: int
-    kind: Kind
-    name: bytes
-    parent: int
-    real_path: bytes  # absolute resolved path of the original (for LINK: what it stands for)
-    st: os.stat_result  # stat of the original (symlinks resolved)
-    link_target: bytes | None = None
-    children: dict[bytes, int] | None = None  # DIR only, insertion order = sorted names
-
-    @property
-    def mode(self) -> int:
-        """st_mode in the view: no write bits anywhere, symlinks 0777."""
-        if self.kind is Kind.LINK:
-            return stat.S_IFLNK | 0o777
-        perm = stat.S_IMODE(self.st.st_mode) & 0o555
-        if self.kind is Kind.DIR:
-            return stat.S_IFDIR | perm
-        return stat.S_IFREG | perm
-
-    @property
-    def size(self) -> int:
-        """Size as far as the view knows it (a socket image's real size comes after
-        generation, see the FUSE layer)."""
-        if self.kind is Kind.LINK:
-            return len(self.link_target or b"")
-        if self.kind is Kind.DIR:
-            return 0
-        return self.st.st_size
-
-
-@dataclass
 class ImageTree:
-    image_dir: bytes  # absolute real path
-    serve: ServeMode
-    # where the symlinks to files point: image_dir itself, or a read-only bind of it (the
-    # daemon's /run/overlayfs-inetsk/ro/..., so a write through a symlink gets EROFS)
-    link_root: bytes = b""
-    # where the view itself is seen (the mountpoint): file links are relative to it when set
-    link_from: bytes | None = None
-    nodes: dict[int, Node] = field(default_factory=dict)
-    # directory inode -> {socket image name ("files.img"): real path of its original}
-    socket_groups: dict[int, dict[str, bytes]] = field(default_factory=dict)
-    left_out: list[tuple[bytes, str]] = field(default_factory=list)  # (view path, reason)
-    # CRIU's `parent` links (--prev-images-dir) that point outside image_dir:
-    # (real path of the link, its resolved target); the planner refuses them (planner.check_parents)
-    outside_parents: list[tuple[bytes, bytes]] = field(default_factory=list)
-    # the caller reads socket images only (inspect): a plain file left out is no news
-    sockets_only: bool = False
+    """The view's inode table (build). link_root: where the symlinks to files point: image_dir
+    itself, or a read-only bind of it (the daemon's /run/overlayfs-inetsk/ro/..., so a write
+    through a symlink gets EROFS); link_from: where the view itself is seen (the
+    mountpoint): file links are relative to it when set. attrs=False: a view written as
+    links (rewrite, the plugin), which serves no attributes: a plain file's Node.st UNREAD."""
+
+    def __init__(self, image_dir: bytes, serve: ServeMode, link_root: bytes = b"",
+                 link_from: bytes | None = None, sockets_only: bool = False,
+                 attrs: bool = True) -> None:
+        self.image_dir = image_dir  # absolute real path
+        self.serve = serve
+        self.link_root = link_root
+        self.link_from = link_from
+        self.attrs = attrs
+        self.nodes: dict[int, Node] = {}
+        # directory inode -> {socket image name ("files.img"): real path of its original}
+        self.socket_groups: dict[int, dict[str, bytes]] = {}
+        self.left_out: list[tuple[bytes, str]] = []  # (view path, reason)
+        # CRIU's `parent` links (--prev-images-dir) pointing outside image_dir: (real path
+        # of the link, its resolved target); the planner refuses them (check_parents)
+        self.outside_parents: list[tuple[bytes, bytes]] = []
+        # the caller reads socket images only (inspect): a plain file left out is no news
+        self.sockets_only = sockets_only
 
     # -- queries -------------------------------------------------------------------------
     def node(self, inode: int) -> Node:
@@ -201,12 +149,13 @@ class ImageTree:
         """
         if serve not in SERVE_MODES:
             raise TreeError(f"unknown serve mode {serve!r}")
+        if serve == "read" and not listing.attrs:
+            raise TreeError("a tree served through read() needs a listing with attributes")
         real = listing.root
         root = real if link_root is None else os.fsencode(link_root)
         if not os.path.isabs(root):
             raise TreeError(f"link root {os.fsdecode(root)!r} is not an absolute path")
-        tree = cls(image_dir=real, serve=serve, link_root=root.rstrip(b"/") or b"/",
-                   sockets_only=sockets_only)
+        tree = cls(real, serve, root.rstrip(b"/") or b"/", None, sockets_only, listing.attrs)
         if link_from is not None:
             tree.link_from = os.fsencode(link_from)
             if not os.path.isabs(tree.link_from):
@@ -239,41 +188,61 @@ class ImageTree:
     def _inside(self, path: bytes) -> bool:
         return path == self.image_dir or path.startswith(self.image_dir.rstrip(b"/") + b"/")
 
-    def _link_to(self, real: bytes, dino: int) -> bytes:
-        """What a symlink in directory `dino` to the file at `real` (inside image_dir)
-        shows."""
-        if self.link_root == self.image_dir:
-            target = real
-        else:
-            rel = os.path.relpath(real, self.image_dir)
-            target = self.link_root if rel == b"." else os.path.join(self.link_root, rel)
+    def _link_base(self, dino: int) -> tuple[bytes, int, bytes | None]:
+        """How a symlink in directory `dino` shows the file at `real` (inside image_dir):
+        (prefix, cut, None) for prefix + real[cut:], made once a directory, as
+        os.path.relpath would make it for each file; (abs, cut, here) when the view is seen
+        from inside link_root: relpath(abs + real[cut:], here) for each."""
+        if self.link_root == self.image_dir and self.link_from is None:
+            return b"", 0, None
+        cut = len(self.image_dir.rstrip(b"/")) + 1
+        absolute = self.link_root.rstrip(b"/") + b"/"
         if self.link_from is None:
-            return target
+            return absolute, cut, None
         here = os.path.normpath(os.path.join(self.link_from, self.path(dino)))
-        return os.path.relpath(target, here)
+        root = os.path.normpath(self.link_root)
+        if here == root or here.startswith(root.rstrip(b"/") + b"/"):
+            return absolute, cut, here
+        return os.path.relpath(root, here) + b"/", cut, None
+
+    @staticmethod
+    def _link(base: tuple[bytes, int, bytes | None], real: bytes) -> bytes:
+        prefix, cut, here = base
+        return prefix + real[cut:] if here is None else os.path.relpath(prefix + real[cut:],
+                                                                        here)
 
     def _walk(self, listing: Listing) -> None:
         next_ino = ROOT_INODE
+        nodes = self.nodes
         self._add(Node(ROOT_INODE, Kind.DIR, b"", ROOT_INODE, self.image_dir, listing.root_st,
                        children={}))
         dir_by_real: dict[bytes, int] = {self.image_dir: ROOT_INODE}
         pending_dir_links: list[tuple[int, bytes, bytes, os.stat_result]] = []
+        links = self.serve == "symlink"
         stack = [ROOT_INODE]
         while stack:
             dino = stack.pop()
-            dnode = self.nodes[dino]
+            dnode = nodes[dino]
+            children = dnode.children
+            assert children is not None
             entries = listing.dirs.get(dnode.real_path, [])
             if isinstance(entries, str):
                 # the root was checked readable; a subdirectory is shown empty
                 log.warning("cannot list %s: %s", self.display(dino), entries)
                 continue
+            base = self._link_base(dino) if links else (b"", 0, None)
+            prefix, cut, slow = base
             subdirs: list[int] = []
-            for e in entries:
-                name = e.name
-                path = e.path
-                lst = e.lst
+            for name, path, lst, error, target, tst, target_error in entries:
+                if lst is UNREAD:  # a plain regular file (a listing without attributes)
+                    next_ino += 1
+                    nodes[next_ino] = Node(next_ino, Kind.LINK, name, dino, path, lst,
+                                           prefix + path[cut:] if slow is None
+                                           else self._link(base, path))
+                    children[name] = next_ino
+                    continue
                 if lst is None:
-                    self._leave_out(dino, name, f"cannot stat: {e.error}")
+                    self._leave_out(dino, name, f"cannot stat: {error}")
                     continue
                 if name in _SOCKET_NAMES_B and not stat.S_ISREG(lst.st_mode):
                     # a socket image must be a regular file: a symlink, FIFO, device or
@@ -284,9 +253,8 @@ class ImageTree:
                     self.socket_groups.setdefault(dino, {})[_SOCKET_NAMES_B[name]] = path
                     continue
                 if stat.S_ISLNK(lst.st_mode):
-                    target, tst = e.target, e.tst
                     if target is None or tst is None:
-                        err, why = e.target_error or (0, "unresolved")
+                        err, why = target_error or (0, "unresolved")
                         reason = ("symlink loops" if err == errno.ELOOP
                                   else f"dangling symlink ({why})")
                         self._leave_out(dino, name, reason)
@@ -325,15 +293,16 @@ class ImageTree:
                 elif name in _SOCKET_NAMES_B:
                     self._add(Node(next_ino, Kind.SOCKET_IMAGE, name, dino, real, st))
                     self.socket_groups.setdefault(dino, {})[_SOCKET_NAMES_B[name]] = real
-                elif self.serve == "symlink":
+                elif links:
                     self._add(Node(next_ino, Kind.LINK, name, dino, real, st,
-                                   link_target=self._link_to(real, dino)))
+                                   link_target=self._link(base, real)))
                 else:
                     self._add(Node(next_ino, Kind.FILE, name, dino, real, st))
             stack.extend(reversed(subdirs))
+        linked: set[int] = set()
         for dino, name, target, tst in pending_dir_links:
             tino = dir_by_real.get(target)
-            link_dir = self.nodes[dino].real_path
+            link_dir = nodes[dino].real_path
             if tino is None:
                 self._leave_out(dino, name, "symlink to a directory the view does not show")
                 continue
@@ -344,7 +313,8 @@ class ImageTree:
             rel = os.path.relpath(target, link_dir)
             next_ino += 1
             self._add(Node(next_ino, Kind.LINK, name, dino, target, tst, link_target=rel))
-        # keep every directory's children in name order (dir links were added last)
-        for n in self.nodes.values():
-            if n.children is not None and len(n.children) > 1:
-                n.children = dict(sorted(n.children.items()))
+            linked.add(dino)
+        for dino in linked:  # keep their children in name order (dir links came last)
+            n = nodes[dino]
+            assert n.children is not None
+            n.children = dict(sorted(n.children.items()))

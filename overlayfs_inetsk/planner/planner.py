@@ -156,7 +156,9 @@ class Planner:
              link_root: str | None = None, link_from: str | None = None) -> ImageTree:
         """IMAGE_DIR as a view of it shows it, its `parent` links checked."""
         steps = STEPS[purpose]
-        tree = build_tree(image_dir, serve, link_root, link_from, steps.sockets_only)
+        # only a mount serves attributes: for the rest a plain file is not stat'ed
+        tree = build_tree(image_dir, serve, link_root, link_from, steps.sockets_only,
+                          attrs=purpose == "mount")
         if purpose != "plugin" and not tree.holds_images():  # the plugin's is CRIU's own
             raise TreeError(f"{image_dir}: not a CRIU image dir (no inventory.img, files.img "
                             "or inetsk.img in it or below it)")
