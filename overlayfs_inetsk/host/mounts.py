@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..record import Record
 from ..errors import MountError
@@ -109,7 +109,6 @@ MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 0x1,
 # ctypes (1.4 ms to import) is loaded by what mounts and unmounts, not by a reader of the
 # mount table (the plugin's CLI route: plugin/imagesdir.py)
 _libc_handle: ctypes.CDLL | None = None
-_mount_attr: list[Any] = []  # struct mount_attr, made once
 
 
 def _libc() -> ctypes.CDLL:
@@ -128,19 +127,6 @@ def _check(ret: int, what: str, path: str) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}", path)
     return ret
-
-
-def _mount_attr_class() -> Any:
-    """struct mount_attr (linux/mount.h)."""
-    if not _mount_attr:
-        import ctypes
-
-        class _MountAttr(ctypes.Structure):
-            _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                        ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-        _mount_attr.append(_MountAttr)
-    return _mount_attr[0]
 
 
 def ro_bind_path(mountpoint_real: str) -> str:
@@ -187,13 +173,17 @@ def _bind_new_api(libc: ctypes.CDLL, src: bytes, target: str) -> None:
         raise OSError(errno.ENOSYS, "the new mount API's numbers are unknown here", target)
     import ctypes
 
+    class MountAttr(ctypes.Structure):  # struct mount_attr (linux/mount.h)
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
     syscall = libc.syscall
     syscall.restype = ctypes.c_long
     fd = _check(syscall(SYS_OPEN_TREE, AT_FDCWD, ctypes.c_char_p(src),
                         OPEN_TREE_CLONE | os.O_CLOEXEC), "open_tree", os.fsdecode(src))
     try:
-        attr = _mount_attr_class()(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
-                          | MOUNT_ATTR_NOEXEC, 0, MS_PRIVATE, 0)
+        attr = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+                         | MOUNT_ATTR_NOEXEC, 0, MS_PRIVATE, 0)
         _check(syscall(SYS_MOUNT_SETATTR, fd, ctypes.c_char_p(b""), AT_EMPTY_PATH,
                        ctypes.byref(attr), ctypes.sizeof(attr)), "mount_setattr", target)
         _check(syscall(SYS_MOVE_MOUNT, fd, ctypes.c_char_p(b""), AT_FDCWD,
