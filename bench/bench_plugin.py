@@ -10,7 +10,8 @@ In one invocation, on test hosts made here, with CRIU 4.2.1:
       with the plugin running the CLI (no agent). Wall time of the whole `criu restore -d`.
   (2) a process with `--sockets` UDP sockets bound to A's address: (a) on A without the
       plugin, (b) on B with the plugin (agent), (c) (CLI); `--big-runs` alternating runs.
-      The plugin's own time is also read from restore.log (`view ready (N ms)`).
+      The plugin's own time is also read from restore.log (`view ready (N ms: files.img
+      read in A ms, the planner's answer in B ms)`): the scan of files.img, and the rest.
   --against DIR: (d) the CLI route with the package of another checkout (e.g. the tree
       before a change), in the same alternation. `--big-runs 0` skips (2).
 Prints every median and the ratios / differences against the baseline of the same run.
@@ -81,30 +82,40 @@ def start_agent(cli: str, sock: str) -> subprocess.Popen[bytes]:
     return p
 
 
-def one_restore(host, images: str, work: str, extra: list[str]) -> tuple[float, float | None]:
-    """(wall seconds, plugin ms from the log or None)."""
+PLUGIN_LOG = re.compile(r"overlayfs-inetsk: view ready \((\d+) ms: files\.img read in ([\d.]+) ms, "
+                        r"the planner's answer in ([\d.]+) ms\)")
+
+
+def one_restore(host, images: str, work: str, extra: list[str]
+                ) -> tuple[float, tuple[float, float, float] | None]:
+    """(wall seconds, and from the log or None: the plugin's ms, of which reading
+    files.img and the planner's answer)."""
     shutil.rmtree(work, ignore_errors=True)
     t = time.perf_counter()
     pid = tb_criu.restore(host, images, work, extra=extra, timeout=300)
     wall = time.perf_counter() - t
     tb_criu.kill_tree(pid)
     log = open(os.path.join(work, "restore.log"), errors="replace").read()
-    m = re.search(r"overlayfs-inetsk: view ready \((\d+) ms\)", log)
+    m = PLUGIN_LOG.search(log)
     if "-L" in extra and m is None:
         raise SystemExit(f"no view made: {work}/restore.log")
-    return wall, (float(m.group(1)) if m else None)
+    return wall, (tuple(float(g) for g in m.groups()) if m else None)  # type: ignore[misc]
 
 
 
 
-def report(title: str, res: dict[str, list[tuple[float, float | None]]]) -> None:
+def report(title: str, res: dict[str, list[tuple[float, tuple[float, float, float] | None]]]
+           ) -> None:
     base = statistics.median(w for w, _ in res["baseline"])
     print(f"\n{title}")
     print(f"  {'route':<34} {'median wall':>12} {'vs baseline':>12} {'plugin (log)':>13}")
     for k, v in res.items():
         med = statistics.median(w for w, _ in v)
         logs = [p for _, p in v if p is not None]
-        plug = f"{statistics.median(logs):.0f} ms" if logs else "-"
+        plug = "-"
+        if logs:
+            took, read, answer = (statistics.median(p[i] for p in logs) for i in range(3))
+            plug = f"{took:.0f} ms (files.img {read:.1f}, answer {answer:.1f})"
         rel = "" if k == "baseline" else f"x{med / base:.3f} {1000 * (med - base):+.0f} ms"
         print(f"  {k:<34} {med * 1000:>9.0f} ms {rel:>12} {plug:>13}")
         print(f"    runs: {' '.join(f'{w * 1000:.0f}' for w, _ in v)}")

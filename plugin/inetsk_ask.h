@@ -27,8 +27,9 @@ struct inetsk_reply {
 	int nfds;
 };
 
-/* CLOCK_MONOTONIC, in ms: deadlines and the log's timings. */
+/* CLOCK_MONOTONIC, in ms (deadlines) and in us (the log's timings). */
 long inetsk_now_ms(void);
+long inetsk_now_us(void);
 /* 0, or -1 with one log line (a config file it may not trust, a bad setting). */
 int inetsk_load_conf(struct inetsk_conf *c);
 /* The request for this restore; -1 with one log line when it does not fit. */

@@ -59,7 +59,7 @@ def test_the_first_restore_starts_the_socket_activated_agent(service, built_so, 
         served = re.findall(rf"^INFO criu pid {pid}: VIEW view-\w+ \((\d+) ms\)$", log, re.M)
         assert len(served) == 1, log
         ready = [int(m.group(1)) for ln in lines
-                 if (m := re.search(r"view ready \((\d+) ms\)", ln))]
+                 if (m := re.search(r"view ready \((\d+) ms", ln))]
         print(f"first restore through the activated agent: plugin init {ready} ms, "
               f"request {served[0]} ms")
         assert_answers(net.add_host("C"), str(b.ipv4), str(b.ipv6))

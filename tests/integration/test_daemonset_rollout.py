@@ -142,7 +142,7 @@ def test_a_rolling_update_hands_the_socket_over_and_loses_no_restore(
             lines = plugin_lines(r.log)
             assert not [ln for ln in lines if "no agent at" in ln or "waiting" in ln], lines
             ready = [int(m.group(1)) for ln in lines
-                     if (m := re.search(r"view ready \((\d+) ms\)", ln))]
+                     if (m := re.search(r"view ready \((\d+) ms", ln))]
             assert len(ready) == 1 and ready[0] < 5000, lines
             waits += ready
         old_log, new_log = old.logs("agent"), new.logs("agent")
