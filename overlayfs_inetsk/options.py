@@ -13,7 +13,12 @@ spawn (fuse/) and the planner's map sources (planner/sources.py) all read it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import Any, Literal, NamedTuple
+else:
+    from .record import NamedTuple
 
 if TYPE_CHECKING:  # not imported: the planner reads this module on the plugin's CLI route,
     import argparse  # which builds no parser (about 5 ms with what argparse loads)
@@ -21,7 +26,10 @@ if TYPE_CHECKING:  # not imported: the planner reads this module on the plugin's
 # argparse.SUPPRESS (tests/test_startup.py checks that they are equal)
 SUPPRESS = "==SUPPRESS=="
 
-Kind = Literal["positional", "value", "append", "flag"]
+if TYPE_CHECKING:
+    Kind = Literal["positional", "value", "append", "flag"]
+else:
+    Kind = str
 
 
 class Option(NamedTuple):  # not a dataclass: its decorator costs every command ~1 ms

@@ -7,6 +7,8 @@ import dataclasses
 import ipaddress
 import os
 
+import pytest
+
 from overlayfs_inetsk.app.plugin_view import Reply
 from overlayfs_inetsk.core.imagefile import ImageFile
 from overlayfs_inetsk.core.ports import PortContext
@@ -108,3 +110,75 @@ def test_the_planners_values_keep_what_their_dataclasses_gave():
         except TypeError:
             continue
         raise AssertionError(f"{obj!r} is hashable")
+
+
+# --- record.NamedTuple: typing.NamedTuple's behaviour without loading typing ----------------
+
+def _make(base: type, body: str) -> type:
+    ns: dict[str, object] = {"NT": base, "__name__": "tests.test_record"}
+    exec(f"class Point(NT):\n{body}", ns)  # a test's own source
+    return ns["Point"]  # type: ignore[return-value]
+
+
+def _both(body: str) -> tuple[type, type]:
+    """The same class body made with record.NamedTuple and with typing.NamedTuple."""
+    import typing
+
+    from overlayfs_inetsk import record
+
+    return _make(record.NamedTuple, body), _make(typing.NamedTuple, body)
+
+
+POINT = '''
+    """A point."""
+    x: int
+    y: int = 0
+    tag: str = "p"
+    LIMIT = 9
+
+    def norm(self) -> int:
+        return abs(self.x) + abs(self.y)
+
+    @property
+    def far(self) -> bool:
+        return self.norm() > self.LIMIT
+'''
+
+
+def test_the_named_tuple_stand_in_makes_what_typing_makes():
+    ours, theirs = _both(POINT)
+    assert ours._fields == theirs._fields == ("x", "y", "tag")
+    assert ours._field_defaults == theirs._field_defaults == {"y": 0, "tag": "p"}
+    assert ours.__doc__ == theirs.__doc__ == "A point."
+    assert ours.__module__ == theirs.__module__ == "tests.test_record"
+    assert list(ours.__annotations__) == list(theirs.__annotations__)
+    for cls in (ours, theirs):
+        p = cls(3, y=-4)
+        assert isinstance(p, tuple) and tuple(p) == (3, -4, "p")
+        assert (p.norm(), p.far, cls(5, 5).far, p.LIMIT) == (7, False, True, 9)
+        assert p._replace(tag="q") == (3, -4, "q") and p._asdict()["y"] == -4
+        assert repr(p) == "Point(x=3, y=-4, tag='p')" and cls._make((1, 2, "z")).tag == "z"
+        assert tuple.__new__(cls, (1, 2, "t")).y == 2  # decide.py builds them so
+        assert hash(p) == hash((3, -4, "p")) and p == (3, -4, "p")
+
+
+@pytest.mark.parametrize("body", ["    x: int = 0\n    y: int\n",
+                                  "    x: int\n    def _replace(self): pass\n"])
+def test_the_named_tuple_stand_in_refuses_what_typing_refuses(body):
+    import typing
+
+    from overlayfs_inetsk import record
+
+    for base in (typing.NamedTuple, record.NamedTuple):
+        with pytest.raises((TypeError, AttributeError)):
+            _make(base, body)
+
+
+def test_the_route_s_classes_are_named_tuples_as_before():
+    from overlayfs_inetsk.core.decide import Decision
+    from overlayfs_inetsk.core.treenode import Entry
+
+    assert issubclass(Entry, tuple) and Entry._fields[:3] == ("name", "path", "lst")
+    assert Entry(b"n", b"/p", None).error is None
+    assert issubclass(Decision, tuple) and "Decision(" in repr(Decision._make(
+        [None] * len(Decision._fields)))

@@ -124,7 +124,11 @@ LEAN_NOT_WANTED = (
     # the tails)
     "google", "pycriu",
     # nor ctypes (setns) when the restore's namespace is this one (host/netns.in_netns)
-    "ctypes")
+    "ctypes",
+    # nor logging (lazylog.py: its records there are below WARNING), typing (record.py) and
+    # what they load, nor threading (only to enter another namespace): ~20 % of its start-up
+    "logging", "traceback", "linecache", "tokenize", "textwrap", "string", "typing",
+    "warnings", "threading")
 # nor dataclasses (and inspect, ast, dis with it): ~5 ms; record.py instead. core/tree.py
 # and host/listing.py are being moved off them on another branch: while either still
 # imports dataclasses it may bring it in, and no other module on the route may

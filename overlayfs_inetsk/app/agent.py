@@ -18,17 +18,14 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
-import logging
 import os
 import socket
 import stat
 import struct
-import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from .. import __version__
+from .. import __version__, lazylog
 from ..errors import InetskError
 from ..plugin import DEFAULT_SOCKET, VIEW_ROOT, viewroot
 from ..plugin.metrics import Outcome
@@ -46,10 +43,11 @@ from ..plugin.wire import (
     parse_request,
 )
 
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
 if TYPE_CHECKING:
     from .plugin_view import Reply
 
-log = logging.getLogger(__name__)
+log = lazylog.getLogger(__name__)
 
 __all__ = ["DEFAULT_SOCKET", "RequestError", "handle", "parse_request", "serve"]
 
@@ -122,11 +120,11 @@ class _Record:
 
     def __init__(self) -> None:
         self.who, self.kind, self.detail, self.line = "a client", "failed", "", ""
-        self.level = logging.INFO
+        self.level = lazylog.INFO
         self.fds: list[int] = []
         self.reply: Reply | None = None
 
-    def set(self, kind: str, detail: str = "", line: str = "", level: int = logging.INFO
+    def set(self, kind: str, detail: str = "", line: str = "", level: int = lazylog.INFO
             ) -> None:
         self.kind, self.detail, self.line, self.level = kind, detail, line, level
 
@@ -140,7 +138,7 @@ def handle(conn: socket.socket, view_root: str = VIEW_ROOT) -> Outcome:
     try:
         _serve(conn, view_root, r)
     except OSError as e:
-        r.set("failed", line=f"request failed: {e}", level=logging.WARNING)
+        r.set("failed", line=f"request failed: {e}", level=lazylog.WARNING)
     except Exception:  # a bug: this request is lost (the plugin says so), the agent goes on
         log.exception("%s: request failed", r.who)
         r.set("failed")
@@ -166,10 +164,10 @@ def _serve(conn: socket.socket, view_root: str, r: _Record) -> None:
     except TimeoutError:
         return r.set("timeout", "read", f"sent no request within {READ_MS} ms: dropped")
     if not data and not r.fds:  # connected and went away (a probe, a starting agent)
-        return r.set("idle", line="connected and sent nothing", level=logging.DEBUG)
+        return r.set("idle", line="connected and sent nothing", level=lazylog.DEBUG)
     if not r.fds and is_check(data) and uid in (0, os.geteuid()):
         _send_reply(conn, check_reply(__version__, os.getpid()), None, None)
-        return r.set("check", line="check: OK", level=logging.DEBUG)
+        return r.set("check", line="check: OK", level=lazylog.DEBUG)
     deadline = None
     refused = _refusal(uid, flags, r.fds)
     if refused is not None:
@@ -263,6 +261,8 @@ def serve(path: str = DEFAULT_SOCKET, view_root: str = VIEW_ROOT,
           on_ready: Callable[[], None] | None = None, take_over: bool = False,
           metrics: tuple[str, int] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (run it in the main thread), then drain (drain.py)."""
+    import threading  # (not at import: the plugin's CLI route runs handle() alone)
+
     from ..plugin import drain
     from ..plugin.listener import open_listener
     from ..plugin.metrics import Stats

@@ -20,12 +20,11 @@ into the view root (plugin/viewroot.py: views live while a restore holds them).
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
+from .. import lazylog
 from ..record import Record
 from ..core.tree import ROOT_INODE, ImageTree
 from ..errors import ImageError, InetskError
@@ -36,10 +35,11 @@ from ..plugin import viewroot
 from ..plugin.imagesdir import already_a_view, images_root
 from ..plugin.wire import TABLE_MAX, VIEW_ROOT, view_reply
 
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
 if TYPE_CHECKING:
     from ..core.plan import RewriteResult
 
-log = logging.getLogger(__name__)
+log = lazylog.getLogger(__name__)
 
 
 class Reply(Record):

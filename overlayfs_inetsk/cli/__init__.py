@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from ..errors import InetskError
 
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
 if TYPE_CHECKING:  # argparse is imported by make_parser: `plugin-view` never loads it
     import argparse
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
 
 from ..plugin.wire import CLI_FD, VIEW_ROOT
 
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
 if TYPE_CHECKING:
+    from typing import NoReturn
     import argparse
 
 PROG = "overlayfs-inetsk plugin-view"

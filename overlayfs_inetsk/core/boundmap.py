@@ -16,49 +16,51 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Protocol, TypeVar
 
+from .. import lazylog
 from ..errors import RewriteError
 from . import patch
 from .endpoints import Endpoints, Moved
 from .rules import LocalRule, Network, PortRule, Rule, _ip, _unmap
 from .sockaddr import AF_INET, IPAddress, addr_to_words, is_multicast, is_special, words_to_addr
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+log = lazylog.getLogger(__name__)
 
 Resolver = Callable[[int], IPAddress | None]
 SrcKey = tuple[int, tuple[int, ...]]  # a source address as (family, CRIU words)
-T = TypeVar("T")
 
+if TYPE_CHECKING:  # what the type checker reads (annotations only)
+    from typing import Protocol, TypeVar
 
-class PrefixIndex(Protocol):
-    """One IP version's address rules by prefix (addrmap._Prefixes)."""
+    T = TypeVar("T")
 
-    @property
-    def tables(self) -> Sequence[tuple[int, Mapping[int, int]]]: ...
-    def find(self, n: int) -> int | None: ...
+    class PrefixIndex(Protocol):
+        """One IP version's address rules by prefix (addrmap._Prefixes)."""
 
+        @property
+        def tables(self) -> Sequence[tuple[int, Mapping[int, int]]]: ...
+        def find(self, n: int) -> int | None: ...
 
-class MapRules(Protocol):
-    """What a bound map reads of its AddressMap (addrmap.py, which imports this module)."""
+    class MapRules(Protocol):
+        """What a bound map reads of its AddressMap (addrmap.py, which imports this module)."""
 
-    @property
-    def rules(self) -> Sequence[Rule]: ...
-    @property
-    def local(self) -> Mapping[int, LocalRule]: ...
-    @property
-    def port_rules(self) -> Sequence[PortRule]: ...
-    @property
-    def port_offset(self) -> int: ...
-    @property
-    def port_offset_source(self) -> str: ...
-    @property
-    def prefixes(self) -> Mapping[int, PrefixIndex]: ...
-    def moves_ports(self) -> bool: ...
-    def bind(self, local_addrs: Iterable[IPAddress] | Callable[[], Iterable[IPAddress]],
-             resolve: Resolver | None) -> BoundMap: ...
+        @property
+        def rules(self) -> Sequence[Rule]: ...
+        @property
+        def local(self) -> Mapping[int, LocalRule]: ...
+        @property
+        def port_rules(self) -> Sequence[PortRule]: ...
+        @property
+        def port_offset(self) -> int: ...
+        @property
+        def port_offset_source(self) -> str: ...
+        @property
+        def prefixes(self) -> Mapping[int, PrefixIndex]: ...
+        def moves_ports(self) -> bool: ...
+        def bind(self, local_addrs: Iterable[IPAddress] | Callable[[], Iterable[IPAddress]],
+                 resolve: Resolver | None) -> BoundMap: ...
 
 
 # -- the one-pass `local` protocol ------------------------------------------------------
@@ -114,8 +116,6 @@ def one_pass(amap: MapRules, resolve: Resolver | None,
 
 
 _MISS = object()
-
-
 _ntohl = socket.ntohl
 _MAPPED_WORD = socket.htonl(0xFFFF)  # the third word of ::ffff:0:0/96 in CRIU's words
 

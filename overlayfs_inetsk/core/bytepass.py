@@ -14,7 +14,6 @@ makes its upb pass over the image, so every entry is exactly what that pass give
 from __future__ import annotations
 
 import posixpath
-from typing import Any
 
 from ..errors import RewriteError
 from .boundmap import BoundMap, Sources
@@ -44,6 +43,10 @@ from .patch import (
 from .report import SocketReport
 from .sockaddr import AF_INET, TCP_CLOSE, IPAddress
 from .sockets import Socket
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 _MAX = 1024  # classes, sources and tails kept (as plan._SAME_MAX)
 _TAILS = TailCheck()

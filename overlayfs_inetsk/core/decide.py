@@ -24,8 +24,6 @@ Pure: a socket's facts and a bound map in, a Decision out.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from ..errors import RewriteError
 from ..record import Record
 from .boundmap import BoundMap
@@ -66,6 +64,12 @@ from .sockaddr import (
 from .sockets import MOVED, OUTSIDE, Socket, classify, connected_tcp, is_loopback, own_port_table
 from .sockets import SELF as PEER_SELF
 from .sockets import peer_of
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ..record import NamedTuple
 
 # The fates of a TCP connection whose local end moves and whose peer stays (--tcp-outside,
 # docs/tcp.md): restored closed; kept on the old 4-tuple (the peer resets it); kept and

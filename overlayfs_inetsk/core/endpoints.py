@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
 
 from ..errors import PortRangeError
 from .reasons import PORT_BY, SRC_AND_PORT_BY, SRC_BY, Reason
 from .rules import MAX_PORT, PortRule, _unmap
 from .sockaddr import IPAddress
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple, Protocol
+else:
+    from ..record import NamedTuple, Protocol
 
 
 class Moved(NamedTuple):

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Iterator, MutableSequence, Sequence
-from typing import Any, Protocol
 
 from ..errors import ImageError
 from . import imagefile
 from .sockaddr import AF_INET, AF_INET6, TCP_CLOSE, IPAddress, words_to_addr
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+else:
+    from ..record import Protocol
 
 
 # once loaded (pb2.load()): fdinfo_pb2, sk_inet_pb2, file_entry's head class (type and id

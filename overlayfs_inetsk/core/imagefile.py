@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import struct
 import sys
-from typing import Iterable, Iterator, NamedTuple
 
 from ..errors import ImageError
 from ..record import Record
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import Iterable, Iterator, NamedTuple
+else:
+    from ..record import NamedTuple
 
 IMG_COMMON = 0x54564319
 FILES_MAGIC = 0x56303138  # files.img: file_entry messages

@@ -22,7 +22,9 @@ Pure: bytes in, bytes out.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 # kinds of field: how its value is written and which values upb writes back
 U32, U64, I32, I64, S32, S64, BOOL, ENUM, F32, F64, STR, BYTES, MSG = range(13)
@@ -36,7 +38,10 @@ _KIND_OF_TYPE = {1: F64, 2: F32, 3: I64, 4: U64, 5: I32, 6: F64, 7: F32, 8: BOOL
 
 # A field: (number, name, kind, repeated, packed, required, what: the message's name (MSG),
 # the enum's values (ENUM), else None). A message: its fields by number.
-Field = tuple[int, str, int, bool, bool, bool, Any]
+if TYPE_CHECKING:
+    Field = tuple[int, str, int, bool, bool, bool, Any]
+else:
+    Field = tuple
 Schema = dict[str, dict[int, Field]]
 
 TOP = "inet_sk_entry"

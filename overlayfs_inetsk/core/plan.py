@@ -13,10 +13,9 @@ back. The `local` protocol that keeps it one pass is boundmap.one_pass.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping
-from typing import Literal
 
+from .. import lazylog
 from ..errors import RewriteError
 from ..record import Record
 from .addrmap import AddressMap
@@ -51,12 +50,19 @@ from .report import log as decide_log
 from .sockaddr import AF_INET, AF_INET6, IPAddress
 from .sockets import Socket
 
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import Literal
+
 # What a pass does: "check" decodes only (mount validation: the map is applied on first
 # open, when an `auto` address is looked up); "rewrite" decides every socket and splices
 # the changed entries back in the same pass. inspect needs the splice too: an entry that
 # decodes but cannot be re-encoded (a proto2 required field missing) is an image error
 # (exit 4) for inspect as for rewrite and mount.
-Mode = Literal["check", "rewrite"]
+if TYPE_CHECKING:
+    Mode = Literal["check", "rewrite"]
+else:
+    Mode = str
 
 
 class RewriteResult(Record):
@@ -146,7 +152,7 @@ _SAME_MAX = 1024  # decisions kept by _plan_image (memory for 10,000 peers with 
 def _plan_image(path: str, data: bytes, interner: Interner, bmap: BoundMap,
                 options: RewriteOptions, want_reports: bool,
                 ports: PortContext | None = None, seen: Sources | None = None) -> RewriteResult:
-    debug = decide_log.isEnabledFor(logging.DEBUG)  # the per-socket decision lines (-v)
+    debug = decide_log.isEnabledFor(lazylog.DEBUG)  # the per-socket decision lines (-v)
     if ports is None and not want_reports and not debug:  # in the bytes, when it can
         fast = plan_bytes(path, data, interner, bmap, options, seen)
         if fast is not None:

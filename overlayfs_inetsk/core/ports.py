@@ -18,7 +18,6 @@ Pure: the checkpoint's sockets (PortContext) and one socket in, PortMoves out.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple
 
 from ..errors import PortRangeError
 from .boundmap import BoundMap
@@ -40,6 +39,12 @@ from .reasons import (
 from .sockaddr import ICMP_PROTOS, SOCK_DGRAM, SOCK_STREAM, TCP_CONNECTED_STATES, TCP_LISTEN
 from .sockaddr import IPAddress
 from .sockets import Socket, own_port_table
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ..record import NamedTuple
 
 LocalKey = tuple[int, int, IPAddress, int]  # (type, family, address, port)
 

@@ -10,10 +10,15 @@ Pure.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
 
 from .sockaddr import fmt_addr, fmt_endpoint
 from .sockets import Socket
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ..record import NamedTuple
 
 
 class Reason(NamedTuple):

@@ -7,15 +7,19 @@ Pure. The table and the JSON are cli/render.py's.
 
 from __future__ import annotations
 
-import logging
-from typing import NamedTuple
-
+from .. import lazylog
 from .decide import Decision
 from .reasons import Reason, text
 from .sockaddr import SOCK_STREAM, IPAddress, fmt_endpoint
 from .sockets import Socket
 
-log = logging.getLogger("overlayfs_inetsk.core.decide")  # the -v decision lines
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ..record import NamedTuple
+
+log = lazylog.getLogger("overlayfs_inetsk.core.decide")  # the -v decision lines
 
 
 class SocketReport(NamedTuple):

@@ -24,11 +24,16 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import NamedTuple
 
 from ..errors import MapError
 from ..record import Record
 from .sockaddr import AF_INET, IPAddress
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ..record import NamedTuple
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Sequence
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import Sequence
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -7,8 +7,6 @@ Pure: values in, values out.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from .sockaddr import (
     FAMILY_NAMES,
     ICMP_PROTOS,
@@ -31,6 +29,12 @@ from .sockaddr import (
     IPAddress,
     fmt_endpoint,
 )
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ..record import NamedTuple
 
 UDPLITE = 136  # IPPROTO_UDPLITE (the socket module has no name for it)
 

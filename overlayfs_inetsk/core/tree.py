@@ -18,23 +18,29 @@ the dump, and a static table keeps inode numbers stable for the mount's whole li
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 from collections.abc import Iterator, Mapping
-from typing import Literal
 
+from .. import lazylog
 from ..errors import TreeError
 from .imagedir import SOCKET_IMAGE_NAMES
 from .treenode import UNREAD, Entry, Kind, Listing, Node
 
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import Literal
+
 __all__ = ["ROOT_INODE", "SERVE_MODES", "UNREAD", "Entry", "ImageTree", "Kind", "Listing",
            "Node", "ServeMode"]
 
-log = logging.getLogger(__name__)
+log = lazylog.getLogger(__name__)
 
 ROOT_INODE = 1
-ServeMode = Literal["symlink", "read"]
+if TYPE_CHECKING:
+    ServeMode = Literal["symlink", "read"]
+else:
+    ServeMode = str
 SERVE_MODES: tuple[ServeMode, ...] = ("symlink", "read")
 _SOCKET_NAMES_B = {os.fsencode(n): n for n in SOCKET_IMAGE_NAMES}
 CRIU_PARENT_LINK = b"parent"  # CRIU's CR_PARENT_LINK: a dump's link to the previous one
@@ -182,7 +188,7 @@ class ImageTree:
         if not warn:
             return
         quiet = plain_file and self.sockets_only and name not in _SOCKET_NAMES_B
-        log.log(logging.DEBUG if quiet else logging.WARNING, "left out %s: %s",
+        log.log(lazylog.DEBUG if quiet else lazylog.WARNING, "left out %s: %s",
                 os.fsdecode(vpath), reason)
 
     def _inside(self, path: bytes) -> bool:

@@ -6,7 +6,12 @@ from __future__ import annotations
 import enum
 import os
 import stat
-from typing import NamedTuple
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ..record import NamedTuple
 
 
 class Entry(NamedTuple):

@@ -16,11 +16,11 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ..record import Record
 from ..errors import MountError
 
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
 if TYPE_CHECKING:  # hashlib, subprocess and ctypes are imported where used: the plugin's
     import ctypes  # CLI route reads mountinfo only (tests/test_startup.py)
     import subprocess

@@ -11,11 +11,15 @@ check's socket tables (proctables.py) are read this way.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import InetskError, NodeAddressError
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import TypeVar
+else:
+    from ..record import TypeVar
 
 if TYPE_CHECKING:
     import ctypes
@@ -64,6 +68,8 @@ def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
                 os.close(own)
         except BaseException as e:  # handed to the caller
             error.append(e)
+
+    import threading  # (only to enter another namespace: 1.3 ms on the plugin's CLI route)
 
     t = threading.Thread(target=run, name="overlayfs-inetsk-netns", daemon=True)
     t.start()

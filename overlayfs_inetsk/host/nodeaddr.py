@@ -15,11 +15,11 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 from ..errors import NodeAddressError
 from .netns import in_netns
 
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
 if TYPE_CHECKING:
     from .rtnl import Rtnl
 

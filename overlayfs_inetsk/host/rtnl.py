@@ -20,7 +20,12 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ..record import NamedTuple
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

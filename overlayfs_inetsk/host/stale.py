@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import time
 from collections.abc import Callable
 
+from .. import lazylog
 from ..errors import InetskError, RestoreError
 from .mounts import find_mount, mounts, unmount
 
-log = logging.getLogger(__name__)
+log = lazylog.getLogger(__name__)
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 RESTORE_DIR = "/run/overlayfs-inetsk/restore"  # <pid>-XXXX/{view,work} of each restore

@@ -18,12 +18,11 @@ Which of them a use runs is the STEPS table, by purpose, so no adapter can forge
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, NamedTuple
 
+from .. import lazylog
 from ..core.addrmap import AddressMap
 from ..core.boundmap import Resolver
 from ..core.decide import RewriteOptions
@@ -36,10 +35,16 @@ from ..host.listing import build_tree
 from ..host.nodeaddr import Snapshot, describe, snapshot
 from .sources import CliMap, cli_map
 
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ..record import NamedTuple
+
 if TYPE_CHECKING:  # the port check's modules load when it runs: not for `plugin`, `rewrite`
     from ..core.portcheck import Clash
 
-log = logging.getLogger(__name__)
+log = lazylog.getLogger(__name__)
 
 # images of one directory (path -> original bytes) -> path -> result; raises InetskError
 GenerateFn = Callable[[Mapping[str, bytes]], Mapping[str, RewriteResult]]

@@ -23,13 +23,18 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import NamedTuple
 
 from ..core.addrmap import AddressMap
 from ..core.decide import RewriteOptions
 from ..errors import MapError
 from ..host.files import open_regular_file, read_regular_file
 from ..options import PLUGIN_OPTIONS, parse_words
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ..record import NamedTuple
 
 ENV_LOCAL = {4: "INETSK_LOCAL_IPV4", 6: "INETSK_LOCAL_IPV6"}
 DEFAULT_MAP = "local=auto"  # restore's and the plugin's default

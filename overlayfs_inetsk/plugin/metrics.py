@@ -22,11 +22,13 @@ Metrics (all prefixed overlayfs_inetsk_agent_):
 from __future__ import annotations
 
 import bisect
-import threading
 from collections.abc import Iterator
-from typing import Any
 
 from ..record import Record
+
+TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 OUTCOMES = ("view", "table", "none", "refused", "timeout", "failed")
 REASONS = ("peer_uid", "too_large", "fd_count", "fd_kind", "malformed", "protocol", "plan")
@@ -51,6 +53,8 @@ class Outcome(Record):
 
 class Stats:
     def __init__(self) -> None:
+        import threading  # (the agent's: handle() on the plugin's CLI route has no Stats)
+
         self._lock = threading.Lock()
         self.requests = dict.fromkeys(OUTCOMES, 0)
         self.refusals = dict.fromkeys(REASONS, 0)
