@@ -128,7 +128,10 @@ LEAN_NOT_WANTED = (
     # nor logging (lazylog.py: its records there are below WARNING), typing (record.py) and
     # what they load, nor threading (only to enter another namespace): ~20 % of its start-up
     "logging", "traceback", "linecache", "tokenize", "textwrap", "string", "typing",
-    "warnings", "threading")
+    "warnings", "threading",
+    # nor the socket module (and selectors, select, math with it): _socket has all the route
+    # uses (the agent's request path, sockaddr, rules, boundmap, rtnl): ~3 ms
+    "socket", "selectors")
 # nor dataclasses (and inspect, ast, dis with it): ~5 ms; record.py instead. core/tree.py
 # and host/listing.py are being moved off them on another branch: while either still
 # imports dataclasses it may bring it in, and no other module on the route may

@@ -19,7 +19,7 @@ import array
 import errno
 import fcntl
 import os
-import socket
+import _socket
 import stat
 import struct
 import time
@@ -54,22 +54,22 @@ __all__ = ["DEFAULT_SOCKET", "RequestError", "handle", "parse_request", "serve"]
 _UCRED = struct.Struct("3i")
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 CLONE_NEWNET = 0x40000000
-_FD_SPACE = socket.CMSG_SPACE((REQUEST_FDS + 2) * 4)  # room to see that too many came
+_FD_SPACE = _socket.CMSG_SPACE((REQUEST_FDS + 2) * 4)  # room to see that too many came
 
 
-def peer_uid(conn: socket.socket) -> int:
-    _pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+def peer_uid(conn: _socket.socket) -> int:
+    _pid, uid, _gid = _UCRED.unpack(conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED,
                                                     _UCRED.size))
     return int(uid)
 
 
-def recv_request(conn: socket.socket) -> tuple[bytes, list[int], int]:
+def recv_request(conn: _socket.socket) -> tuple[bytes, list[int], int]:
     """(data, every fd that came, msg_flags) of one message."""
     data, ancdata, flags, _addr = conn.recvmsg(REQUEST_MAX, _FD_SPACE,
-                                               getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+                                               getattr(_socket, "MSG_CMSG_CLOEXEC", 0))
     fds: list[int] = []
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             a = array.array("i")
             a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
             fds.extend(a)
@@ -93,11 +93,11 @@ def _refusal(uid: int, flags: int, fds: list[int]) -> tuple[str, str] | None:
     """(reason, ERR text) for a request refused before it is read, or None."""
     if uid not in (0, os.geteuid()):
         return "peer_uid", f"ERR the agent serves root and uid {os.geteuid()} only, not uid {uid}"
-    if flags & socket.MSG_TRUNC:
+    if flags & _socket.MSG_TRUNC:
         return "too_large", f"ERR the request is larger than {REQUEST_MAX} bytes"
-    if flags & socket.MSG_CTRUNC or len(fds) != REQUEST_FDS:
+    if flags & _socket.MSG_CTRUNC or len(fds) != REQUEST_FDS:
         return "fd_count", (f"ERR the agent needs {REQUEST_FDS} fds (images dir, netns), got "
-                            f"{len(fds)}{' or more' if flags & socket.MSG_CTRUNC else ''}")
+                            f"{len(fds)}{' or more' if flags & _socket.MSG_CTRUNC else ''}")
     if (bad := _fd_kinds(fds)) is not None:
         return "fd_kind", f"ERR {bad}"
     return None
@@ -129,7 +129,7 @@ class _Record:
         self.kind, self.detail, self.line, self.level = kind, detail, line, level
 
 
-def handle(conn: socket.socket, view_root: str = VIEW_ROOT) -> Outcome:
+def handle(conn: _socket.socket, view_root: str = VIEW_ROOT) -> Outcome:
     """Serve one request on conn (the agent's connection, or the CLI's fd 3), close it, and
     log it once: who, the outcome, the time from here to the reply. Never raises for what a
     client sends."""
@@ -154,7 +154,7 @@ def handle(conn: socket.socket, view_root: str = VIEW_ROOT) -> Outcome:
     return Outcome(r.kind, r.detail, took)
 
 
-def _serve(conn: socket.socket, view_root: str, r: _Record) -> None:
+def _serve(conn: _socket.socket, view_root: str, r: _Record) -> None:
     from .plugin_view import make_view
 
     conn.settimeout(READ_MS / 1000)
@@ -196,7 +196,7 @@ def _serve(conn: socket.socket, view_root: str, r: _Record) -> None:
         r.set("timeout", "reply", f"{late} (it was {first})")
 
 
-def _send_reply(conn: socket.socket, text: str, view: viewroot.View | None,
+def _send_reply(conn: _socket.socket, text: str, view: viewroot.View | None,
                 deadline: float | None) -> str | None:
     """Send the reply (with the view's fd) by the deadline; a view whose reply cannot be
     sent is removed (what stays locked in a dead client's queue, the sweeper gets). None
@@ -213,21 +213,21 @@ def _send_reply(conn: socket.socket, text: str, view: viewroot.View | None,
         return f"{DEADLINE_PASSED} before the reply" + (": view removed" if view else "")
     try:
         conn.settimeout(left)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, REPLY_MAX + 4096)
-        anc = [] if view is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+        conn.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, REPLY_MAX + 4096)
+        anc = [] if view is None else [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
                                         array.array("i", [view.fd]).tobytes())]
-        conn.sendmsg([data], anc, socket.MSG_NOSIGNAL)
+        conn.sendmsg([data], anc, _socket.MSG_NOSIGNAL)
     except OSError as e:
         _drop(view)
         return f"the reply could not be sent ({e})" + (": view removed" if view else "")
     return None
 
 
-def _late(conn: socket.socket, when: str) -> None:
+def _late(conn: _socket.socket, when: str) -> None:
     """Tell a client whose deadline passed (it has most likely gone: then nothing)."""
     try:
         conn.settimeout(0.1)
-        conn.sendmsg([f"ERR {DEADLINE_PASSED} {when}".encode()], [], socket.MSG_NOSIGNAL)
+        conn.sendmsg([f"ERR {DEADLINE_PASSED} {when}".encode()], [], _socket.MSG_NOSIGNAL)
     except OSError:
         pass
 
@@ -250,6 +250,8 @@ def _notify_ready() -> None:
         return
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
+    import socket  # (the module, only here: the request path needs _socket alone)
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.sendto(b"READY=1", addr)
 
@@ -290,14 +292,14 @@ def serve(path: str = DEFAULT_SOCKET, view_root: str = VIEW_ROOT,
     slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
     threads: set[threading.Thread] = set()
 
-    def run(conn: socket.socket) -> None:
+    def run(conn: _socket.socket) -> None:
         try:
             stats.record(handle(conn, view_root))
         finally:
             slots.release()
             threads.discard(threading.current_thread())
 
-    def start(conn: socket.socket) -> bool:
+    def start(conn: _socket.socket) -> bool:
         stats.started()
         t = threading.Thread(target=run, args=(conn,), daemon=True,
                              name="overlayfs-inetsk-request")

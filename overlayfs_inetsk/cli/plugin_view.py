@@ -79,7 +79,7 @@ def plugin_view_main(argv: Sequence[str]) -> int:
             args = parser().parse_args(argv)
             quick = args.socket_fd, args.view_root
         fd, view_root = quick
-        import socket
+        import _socket
 
         from ..app import plugin_view  # noqa: F401  (handle() would import it: GC paused)
         from ..app.agent import handle
@@ -89,10 +89,10 @@ def plugin_view_main(argv: Sequence[str]) -> int:
         gc.enable()
 
     try:
-        conn = socket.socket(fileno=fd)
+        conn = _socket.socket(fileno=fd)
     except OSError as e:
         _error(f"--socket-fd {fd}: {e.strerror}")
-    if conn.type != socket.SOCK_SEQPACKET or conn.family != socket.AF_UNIX:
+    if conn.type != _socket.SOCK_SEQPACKET or conn.family != _socket.AF_UNIX:
         _error(f"--socket-fd {fd}: not a unix SOCK_SEQPACKET socket")
     handle(conn, view_root)
     os._exit(0)  # no interpreter teardown: the restore waits for this exit

@@ -15,7 +15,7 @@ Pure: addresses in, addresses out.
 from __future__ import annotations
 
 import ipaddress
-import socket
+import _socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .. import lazylog
@@ -116,8 +116,8 @@ def one_pass(amap: MapRules, resolve: Resolver | None,
 
 
 _MISS = object()
-_ntohl = socket.ntohl
-_MAPPED_WORD = socket.htonl(0xFFFF)  # the third word of ::ffff:0:0/96 in CRIU's words
+_ntohl = _socket.ntohl
+_MAPPED_WORD = _socket.htonl(0xFFFF)  # the third word of ::ffff:0:0/96 in CRIU's words
 
 
 def _addr_key(addr: IPAddress) -> object:

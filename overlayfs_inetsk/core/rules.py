@@ -23,7 +23,7 @@ sends an address or an endpoint, boundmap.py's.
 from __future__ import annotations
 
 import ipaddress
-import socket
+import _socket
 
 from ..errors import MapError
 from ..record import Record
@@ -125,8 +125,8 @@ def _unmap(addr: IPAddress) -> IPAddress:
     return addr
 
 
-_pton = socket.inet_pton
-_AF6 = socket.AF_INET6
+_pton = _socket.inet_pton
+_AF6 = _socket.AF_INET6
 _IPv4, _IPv6 = ipaddress.IPv4Address, ipaddress.IPv6Address
 _MAPPED = 0xFFFF  # n >> 32 of an IPv4-mapped IPv6 address (::ffff:a.b.c.d)
 

@@ -7,7 +7,7 @@ u32: one word for AF_INET (CRIU accepts more and uses the first), exactly four f
 from __future__ import annotations
 
 import ipaddress
-import socket
+import _socket
 
 TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
 if TYPE_CHECKING:
@@ -17,20 +17,20 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Linux's values, as CRIU stores them (pycriu defines none of these: its .proto files hold
 # plain integers); the socket module has the same ones.
-AF_INET = int(socket.AF_INET)  # 2
-AF_INET6 = int(socket.AF_INET6)  # 10
+AF_INET = int(_socket.AF_INET)  # 2
+AF_INET6 = int(_socket.AF_INET6)  # 10
 FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}
 
-SOCK_STREAM = int(socket.SOCK_STREAM)  # 1
-SOCK_DGRAM = int(socket.SOCK_DGRAM)  # 2
-SOCK_RAW = int(socket.SOCK_RAW)  # 3
+SOCK_STREAM = int(_socket.SOCK_STREAM)  # 1
+SOCK_DGRAM = int(_socket.SOCK_DGRAM)  # 2
+SOCK_RAW = int(_socket.SOCK_RAW)  # 3
 SOCK_TYPES = {SOCK_STREAM: "stream", SOCK_DGRAM: "dgram", SOCK_RAW: "raw",
-              int(socket.SOCK_SEQPACKET): "seqpacket"}
+              int(_socket.SOCK_SEQPACKET): "seqpacket"}
 # SOCK_DGRAM with one of these is a ping socket (net.ipv4.ping_group_range)
-ICMP_PROTOS = frozenset({int(socket.IPPROTO_ICMP), int(socket.IPPROTO_ICMPV6)})
-PROTOCOLS = {0: "ip", socket.IPPROTO_ICMP: "icmp", socket.IPPROTO_TCP: "tcp",
-             socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMPV6: "icmpv6",
-             socket.IPPROTO_SCTP: "sctp", 136: "udplite"}
+ICMP_PROTOS = frozenset({int(_socket.IPPROTO_ICMP), int(_socket.IPPROTO_ICMPV6)})
+PROTOCOLS = {0: "ip", _socket.IPPROTO_ICMP: "icmp", _socket.IPPROTO_TCP: "tcp",
+             _socket.IPPROTO_UDP: "udp", _socket.IPPROTO_ICMPV6: "icmpv6",
+             _socket.IPPROTO_SCTP: "sctp", 136: "udplite"}
 
 # TCP states (include/net/tcp_states.h; neither pycriu nor the socket module names them)
 TCP_ESTABLISHED = 1
@@ -62,7 +62,7 @@ TCP_CONNECTED_STATES = frozenset(TCP_STATES) - {TCP_CLOSE, TCP_LISTEN}
 
 _IPv4 = ipaddress.IPv4Address
 _IPv6 = ipaddress.IPv6Address
-_ntohl = socket.ntohl
+_ntohl = _socket.ntohl
 
 
 def words_to_addr(words: Sequence[int], family: int) -> IPAddress:
@@ -126,6 +126,6 @@ def fmt_endpoint(addr: IPAddress, port: int) -> str:
     return f"[{fmt_addr(addr)}]:{port}" if addr.version == 6 else f"{fmt_addr(addr)}:{port}"
 
 
-_ntoa = socket.inet_ntoa
-_ntop = socket.inet_ntop
-_AF6 = socket.AF_INET6
+_ntoa = _socket.inet_ntoa
+_ntop = _socket.inet_ntop
+_AF6 = _socket.AF_INET6

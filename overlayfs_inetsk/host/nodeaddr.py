@@ -13,7 +13,7 @@ makes its socket in a thread of its own in the namespace (host/netns.py: no fork
 from __future__ import annotations
 
 import ipaddress
-import socket
+import _socket
 from collections.abc import Callable, Iterable
 
 from ..errors import NodeAddressError
@@ -31,7 +31,7 @@ RTN_UNICAST = 1
 IFA_F_SECONDARY = 0x01  # IPv6: IFA_F_TEMPORARY
 IFA_F_DADFAILED = 0x08
 IFA_F_TENTATIVE = 0x40
-_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
+_FAMILIES = {4: _socket.AF_INET, 6: _socket.AF_INET6}
 
 
 def _default_oif(rtnl: Rtnl, af: int) -> int | None:

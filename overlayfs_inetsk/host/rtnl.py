@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import socket
+import _socket
 import struct
 from collections.abc import Callable, Iterator
 
@@ -195,8 +195,8 @@ class Rtnl:
     """One rtnetlink socket in the namespace of the thread that makes it."""
 
     def __init__(self, timeout: float = 10.0) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                   NETLINK_ROUTE)
+        self._sock = _socket.socket(
+            _socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_ROUTE)
         try:
             self._sock.settimeout(timeout)
             self._sock.bind((0, 0))
@@ -216,7 +216,7 @@ class Rtnl:
 
     def _recv(self) -> bytes:
         data, _anc, flags, _addr = self._sock.recvmsg(RECV_SIZE)
-        if flags & socket.MSG_TRUNC:
+        if flags & _socket.MSG_TRUNC:
             raise OSError(errno.EMSGSIZE, f"netlink message longer than {RECV_SIZE} bytes")
         return data
 
@@ -250,7 +250,7 @@ class Rtnl:
         if not raw or len(raw) >= IFNAMSIZ or b"\0" in raw:
             return None  # no interface can have that name (the kernel refuses it: ERANGE)
         attr = raw + b"\0"
-        body = (IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        body = (IFINFOMSG.pack(_socket.AF_UNSPEC, 0, 0, 0, 0)
                 + NLATTR.pack(NLATTR.size + len(attr), IFLA_IFNAME)
                 + attr.ljust(_align(len(attr)), b"\0"))
         try:
