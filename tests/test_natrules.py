@@ -94,6 +94,17 @@ def test_ipv4_mapped_connections_get_ipv4_rules():
         NatConn(4, a("10.77.0.3"), 40000, a("10.77.0.1"), 7800, a("10.77.0.2"), 7800)]
 
 
+def test_a_connection_with_mixed_families_is_refused_naming_the_file_and_socket():
+    """An IPv6 socket from an IPv4-mapped address to a plain IPv6 peer (a crafted image:
+    no kernel connects one) has no family for its table: RewriteError, not a crash."""
+    [r] = plan(isk(2, "::ffff:10.77.0.1", 7800, "fd77::3", 40000), specs=["10.77.0.1=10.77.0.2"])
+    assert r.peer_nat
+    with pytest.raises(RewriteError, match=r"^files\.img: socket id 2: mixed IPv4 and IPv6 "
+                       r"endpoints \(\[::ffff:10\.77\.0\.1\]:7800 -> \[fd77::3\]:40000, new "
+                       r"10\.77\.0\.2:7800\): no nftables table of one family"):
+        nat_connections([r])
+
+
 V4 = NatConn(4, a("10.77.0.3"), 40000, a("10.77.0.1"), 7800, a("10.77.0.2"), 7800)
 V6 = NatConn(6, a("fd77::3"), 40001, a("fd77::1"), 7800, a("fd77::2"), 7800)
 

@@ -99,9 +99,12 @@ def nat_connections(reports: Iterable[SocketReport]) -> list[NatConn]:
         new = _plain(r.src if r.new_src is None else r.new_src)
         new_port = r.sport if r.new_sport is None else r.new_sport
         versions = {old.version, peer.version, new.version}
-        if len(versions) != 1:  # decide() moves an address within its family only
-            raise ValueError(f"{r.file}: socket id {r.id}: mixed IPv4 and IPv6 endpoints "
-                             f"({r.local} -> {r.remote}, new {fmt_endpoint(new, new_port)})")
+        if len(versions) != 1:  # an IPv6 socket from an IPv4-mapped address to a plain
+            # IPv6 peer (no kernel makes one): no table of one family rewrites it
+            raise RewriteError(f"{r.file}: socket id {r.id}: mixed IPv4 and IPv6 endpoints "
+                               f"({r.local} -> {r.remote}, new "
+                               f"{fmt_endpoint(new, new_port)}): no nftables table of one "
+                               "family can rewrite this connection's packets")
         out.add(NatConn(old.version, peer, r.dport, old, r.sport, new, new_port))
     conns = _sorted(out)
     check_table(conns)  # refused when planned, not when the table is applied
