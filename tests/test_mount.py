@@ -437,7 +437,7 @@ def test_auto_follows_the_node_address_between_opens(mounts: Mounts, image: Path
     # open reused it; the change made one generation
     planned = [ln for ln in log.splitlines() if "as the mount planned them" in ln]
     assert len(planned) == 1 and "(IPv4 10.77.31.7)" in planned[0], log
-    generated = [ln for ln in log.splitlines() if " generated " in ln]
+    generated = [ln for ln in log.splitlines() if ": generated " in ln]
     assert len(generated) == 1, log
     assert "IPv4 10.77.31.7 -> IPv4 10.77.31.8: generating" in log, log
 

@@ -2,7 +2,7 @@
 
     start()   umask, logging, the ready fd (app/mount.py then validates: the planner)
     serve()   the read-only bind, pyfuse3.init -> trio.run(main loop + signals +
-              readiness) -> close
+              readiness + with `auto`, the address watch) -> close
     fail()    a failure before serving, as one line (stderr, log, ready fd)
 
 app/mount.py strings them together (serve_foreground). The background start is spawn.py;
@@ -11,6 +11,11 @@ the read-only bind of IMAGE_DIR and `umount` are host/mounts.py (docs/security.m
 Readiness means "serving": after pyfuse3.init a worker thread stat()s the mountpoint, which
 only returns once our main loop answered; then READY=1 goes to $NOTIFY_SOCKET (--systemd)
 and the ready byte to --ready-fd.
+
+With `auto` in the map the daemon watches --netns (or its own namespace) for address and
+route changes (host/rtnl.AddressWatch) and generates the socket images for the new
+addresses as soon as one is announced (fuse/images.SocketImages.warm): the node that gets
+its address after the mount has them made before CRIU opens files.img.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from ..host.mounts import FSNAME, RUN_DIR, clear_ro_bind, make_ro_bind
 
 if TYPE_CHECKING:  # imported where used: `umount` and the parent of a spawn stay small
     from ..core.tree import ImageTree
-    from .images import CurrentFn, GenerateFn
+    from .images import CurrentFn, GenerateFn, SocketImages
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +249,8 @@ def serve(cfg: MountConfig, prep: Prepared, log_state: _LogState, ready_fd: int 
     state = {"ready": False, "signal": 0}
     clean = False
     try:
-        trio.run(_main, prep.mountpoint, cfg, ready_fd, state, early)
+        trio.run(_main, prep.mountpoint, cfg, ready_fd, state, early,
+                 ops.images if prep.current is not None else None)
         clean = True
     except BaseException:
         log.exception("main loop failed")
@@ -286,7 +292,8 @@ def fail(cfg: MountConfig, ready_fd: int | None, err: InetskError) -> int:
 
 
 async def _main(mountpoint: str, cfg: MountConfig, ready_fd: int | None,
-                state: dict[str, int | bool], early: list[int]) -> None:
+                state: dict[str, int | bool], early: list[int],
+                images: SocketImages | None = None) -> None:
     import pyfuse3
     import trio
 
@@ -324,5 +331,9 @@ async def _main(mountpoint: str, cfg: MountConfig, ready_fd: int | None,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_signals)
         nursery.start_soon(announce_ready)
+        if images is not None:
+            from .addrwatch import watch_addresses
+
+            nursery.start_soon(watch_addresses, images, cfg.netns)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

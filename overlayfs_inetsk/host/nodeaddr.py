@@ -159,6 +159,36 @@ def describe(snap: Snapshot) -> str:
     return ", ".join(f"IPv{fam} {v}" for fam, v in snap) or "no auto"
 
 
+# What bytes planned from a snapshot depend on: only the families the plan asked for (an
+# image of IPv4 sockets does not change when the node's IPv6 address does).
+
+def asking(resolve: Resolver, asked: set[int]) -> Resolver:
+    """`resolve`, noting in `asked` every family it is asked for."""
+
+    def ask(family: int) -> IPAddress | None:
+        asked.add(family)
+        return resolve(family)
+
+    return ask
+
+
+def narrow(snap: Snapshot, asked: Iterable[int]) -> Snapshot:
+    """The part of `snap` a plan that asked for the families `asked` depends on."""
+    keep = set(asked)
+    return tuple((fam, v) for fam, v in snap if fam in keep)
+
+
+def fits(depends: Snapshot, snap: Snapshot) -> bool:
+    """Whether bytes that depend on `depends` (narrow()) are still right for `snap`."""
+    now = dict(snap)
+    return all(now.get(fam) == v for fam, v in depends)
+
+
+def missing(snap: Snapshot) -> frozenset[int]:
+    """The families of `snap` with no address (none, or the lookup failed)."""
+    return frozenset(fam for fam, v in snap if v == "none" or v.startswith("error: "))
+
+
 def local_addresses(netns: str | None = None) -> set[IPAddress]:
     """Every address of every interface of the namespace at path `netns` (None: ours), both
     families, in any state: what the restore's binds are checked against (core/addrcheck.py).

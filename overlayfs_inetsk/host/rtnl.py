@@ -35,7 +35,14 @@ NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP_INTR = 0x01, 0x02, 0x10
 NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWADDR, RTM_GETADDR = 20, 22
-RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTM_DELADDR = 21
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+# the multicast groups an AddressWatch joins: what nodeaddr's answer depends on
+RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x10, 0x40
+RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
+WATCH_GROUPS = RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+_ADDR_CHANGES = frozenset((RTM_NEWADDR, RTM_DELADDR))
+_ROUTE_CHANGES = frozenset((RTM_NEWROUTE, RTM_DELROUTE))
 IFLA_IFNAME = 3
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 RTA_OIF, RTA_PRIORITY, RTA_MULTIPATH = 4, 6, 9
@@ -161,6 +168,18 @@ def parse_address(payload: bytes) -> Address:
                    _ip(a.get(IFA_ADDRESS)))
 
 
+def announces_change(data: bytes) -> bool:
+    """Whether a datagram of an AddressWatch announces what a node's `auto` address is read
+    from: an address added or removed, or a default route (nodeaddr follows the default
+    route's interface; a node's other routes, thousands on some, are no news)."""
+    for mtype, _flags, _seq, payload in split(data):
+        if mtype in _ADDR_CHANGES:
+            return True
+        if mtype in _ROUTE_CHANGES and (len(payload) < RTMSG.size or payload[1] == 0):
+            return True  # rtmsg's dst_len 0: a default route (a short one: look again)
+    return False
+
+
 def collect(recv: Callable[[], bytes], seq: int) -> tuple[list[bytes], bool]:
     """Read the reply to request `seq`: (the payloads of its data messages, whether the
     kernel flagged the dump as interrupted). A dump ends at NLMSG_DONE, a single reply
@@ -262,3 +281,52 @@ class Rtnl:
         if not got or len(got[0]) < IFINFOMSG.size:
             raise _bad("no link in the RTM_GETLINK reply")
         return int(IFINFOMSG.unpack_from(got[0])[2])
+
+
+class AddressWatch:
+    """A non-blocking rtnetlink socket in the namespace of the thread that makes it, joined
+    to the groups that announce address and route changes (WATCH_GROUPS). fileno() is for
+    the caller's event loop; changed() reads what is queued."""
+
+    def __init__(self) -> None:
+        self._sock = _socket.socket(
+            _socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        try:
+            self._sock.setblocking(False)
+            self._sock.bind((0, WATCH_GROUPS))
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def __enter__(self) -> AddressWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def changed(self) -> bool:
+        """Read every queued datagram: whether one announced a change. A lost notice (the
+        queue overran: ENOBUFS) or a malformed datagram counts as one (look again)."""
+        got = False
+        while True:
+            try:
+                data = self._sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                return got
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                got = True
+                continue
+            if not data:
+                return got
+            try:
+                got = got or announces_change(data)
+            except OSError:  # EBADMSG
+                got = True

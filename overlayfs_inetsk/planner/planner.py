@@ -32,7 +32,7 @@ from ..core.tree import ImageTree, ServeMode
 from ..errors import TreeError
 from ..host.files import read_group, stamp
 from ..host.listing import build_tree
-from ..host.nodeaddr import Snapshot, describe, snapshot
+from ..host.nodeaddr import Snapshot, asking, narrow, snapshot
 from .sources import CliMap, cli_map
 
 TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
@@ -48,6 +48,9 @@ log = lazylog.getLogger(__name__)
 
 # images of one directory (path -> original bytes) -> path -> result; raises InetskError
 GenerateFn = Callable[[Mapping[str, bytes]], Mapping[str, RewriteResult]]
+# () -> (the node's `auto` addresses now, the generator for them, the families it asked for
+# (filled as it runs)): Planner.current
+CurrentFn = Callable[[], tuple[Snapshot, GenerateFn, set[int]]]
 Warn = Callable[[str], None]
 
 
@@ -76,7 +79,9 @@ class Plan(NamedTuple):
     checkpoints: list[CheckpointPlan]  # one per checkpoint dir, in the tree's order
     results: dict[str, RewriteResult]  # every socket image of every checkpoint, by path
     ports_taken: list[Clash] | None  # None: the port check did not run
-    depends: Hashable  # what the bytes depend on: the `auto` addresses found (None: no auto)
+    # what the bytes depend on: the `auto` addresses the plan asked for (nodeaddr.narrow;
+    # None: no auto)
+    depends: Hashable
     stamps: dict[int, Hashable]  # dir inode -> host.files.stamp of its originals, taken
     # before they were read
 
@@ -139,7 +144,8 @@ class Planner:
     def addresses(self) -> tuple[Snapshot | None, Resolver | None]:
         """The node's `auto` addresses now (one lookup of every family the map needs, in
         --netns), and the resolver that answers from them; (None, None) when the map has no
-        `auto`. describe() of the first is what bytes planned with them depend on."""
+        `auto`. Of the first, bytes planned with them depend on what the plan asked for
+        (nodeaddr.narrow)."""
         families = self.amap.auto_families()
         if not families:
             return None, None
@@ -151,11 +157,15 @@ class Planner:
         return partial(rewrite_checkpoint, amap=self.amap, resolve=resolve,
                        options=self.options)
 
-    def current(self) -> tuple[Hashable, GenerateFn]:
-        """(what the bytes depend on now, the generator for it): fuse/ops.py asks it at
-        every open of a socket image when the map has `auto`."""
+    def current(self) -> tuple[Snapshot, GenerateFn, set[int]]:
+        """(the node's `auto` addresses now, the generator for them, the set it fills with
+        the families it asks for: narrow() of the first by it is what its bytes depend on):
+        fuse/images.py asks it at every open of a socket image when the map has `auto`,
+        and when the node's addresses change."""
         snap, resolve = self.addresses()
-        return None if snap is None else describe(snap), self.generator(resolve)
+        asked: set[int] = set()
+        return (snap or (), self.generator(None if resolve is None else asking(resolve, asked)),
+                asked)
 
     def tree(self, image_dir: str, purpose: str, *, serve: ServeMode = "symlink",
              link_root: str | None = None, link_from: str | None = None) -> ImageTree:
@@ -209,10 +219,13 @@ class Planner:
         tree = image_dir if isinstance(image_dir, ImageTree) else self.tree(
             image_dir, purpose, link_from=link_from)
         snap, resolve = self.addresses()
+        asked: set[int] = set()
+        if resolve is not None:
+            resolve = asking(resolve, asked)
         # taken before the files are read: a file changed since shows at the first open
         stamps: dict[int, Hashable] = {d: stamp(g) for d, g in tree.iter_socket_groups()}
         checkpoints = self.checkpoints(tree, resolve, reports=reports, refuse=steps.refuse)
         results = {p: r for cp in checkpoints for p, r in cp.results.items()}
         taken = self.port_check(results, purpose, warn) if port_check else None
-        return Plan(tree, checkpoints, results, taken, None if snap is None else describe(snap),
-                    stamps)
+        return Plan(tree, checkpoints, results, taken,
+                    None if snap is None else narrow(snap, asked), stamps)

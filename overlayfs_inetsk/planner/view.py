@@ -15,26 +15,26 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Hashable, Mapping
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from ..core.sockaddr import IPAddress
 from ..core.tree import ImageTree, ServeMode
 from ..errors import InetskError
 from ..host.files import stamp
-from ..host.nodeaddr import describe
-from .planner import GenerateFn, Planner
+from ..host.nodeaddr import asking, narrow
+from .planner import CurrentFn, GenerateFn, Planner
 
 log = logging.getLogger(__name__)
 
 # dir inode -> (host.files.stamp of its originals, what the bytes depend on (None, or the
-# `auto` addresses as Planner.current describes them), image name -> bytes)
+# `auto` addresses the plan asked for, as nodeaddr.narrow gives them), image name -> bytes)
 Generated = dict[int, tuple[Hashable, Hashable, dict[str, bytes]]]
 
 
 class ViewPlan(NamedTuple):
     tree: ImageTree
     generate: GenerateFn  # the generator, without `auto` (else `current` gives one)
-    current: Callable[[], tuple[Hashable, GenerateFn]] | None  # with `auto`: Planner.current
+    current: CurrentFn | None  # with `auto`: Planner.current
     groups: int  # checkpoint dirs
     warnings: list[str]  # one line each, shown by `mount`
     generated: Generated  # what the first opens would generate from the same files
@@ -76,7 +76,9 @@ def prepare_view(planner: Planner, image_real: str, mountpoint: str, serve: Serv
 def _plan(planner: Planner, tree: ImageTree, port_check: bool, warnings: list[str],
           generated: Generated) -> int:
     snap, found = planner.addresses()
-    depends = None if snap is None else describe(snap)
+    asked: set[int] = set()
+    if found is not None:
+        found = asking(found, asked)
     resolve = found
     missing = {fam: v for fam, v in snap or () if v == "none" or v.startswith("error: ")}
     if missing:
@@ -102,6 +104,8 @@ def _plan(planner: Planner, tree: ImageTree, port_check: bool, warnings: list[st
         warnings.append(f"auto: {why}; the view mounts, and files.img fails to open (EIO) "
                         "until there is one")
         return len(planner.checkpoints(tree, None, mode="check"))  # every image parses
+    # what the bytes depend on: the addresses of the families the plan asked for
+    depends = None if snap is None else narrow(snap, asked)
     for cp in checkpoints:
         # the bytes the first open would generate (same files, same addresses): kept
         generated[cp.dir_inode] = (stamps.get(cp.dir_inode), depends,

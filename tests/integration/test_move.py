@@ -23,6 +23,7 @@ import pytest
 from inetsk_testbed import criu, probe
 from inetsk_testbed.mount import ismount, mounted, overlayfs_inetsk
 from inetsk_testbed.probe import ProbeError
+from overlayfs_inetsk.fuse.daemon import default_log_file
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.fuse]
 
@@ -125,17 +126,27 @@ def test_restore_through_mount_of_read_only_image(dumped):
 
 
 def test_mount_before_the_address_exists(dumped):
-    """`auto` resolves at the first open of files.img, not at mount time."""
+    """`auto` resolves after the mount: the daemon watches the namespace and makes files.img
+    as soon as the node has its addresses, before CRIU opens it; the restore is served
+    those bytes."""
     net, p, dirs = dumped
     b = net.add_host("B", ipv4=None, ipv6=None)
     with mounted(dirs.images, dirs.root / "mnt-B",
                  ["--map", "local=auto", "--netns", b.netns_path]) as mnt:
+        log = Path(default_log_file(mnt))
         with pytest.raises(OSError) as ei:  # no address yet: EIO, and nothing cached
             (Path(mnt) / "files.img").read_bytes()
         assert ei.value.errno == 5
         b.add_addr("10.77.0.30/16")
         b.add_addr("fd77::30/64")
+        ahead = "(IPv4 10.77.0.30, IPv6 fd77::30), ahead of its open"
+        deadline = time.monotonic() + 20
+        while ahead not in log.read_text():  # no open in between
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
         criu.restore(b, mnt, dirs.work_for("B"))
+        made = [ln for ln in log.read_text().splitlines() if ": generated " in ln]
+        assert len(made) == 1 and ahead in made[0], made  # the open made none
     assert_answers_on(b, p, "10.77.0.30", "fd77::30")
 
 
