@@ -19,8 +19,10 @@ and (e) interleaved in rotating order, sync and 1 s of rest before each. Also:
 10,000-socket files.img through a mount, for the one-address UDP image and for the
 distinct-TCP-peers image (bench_rewrite.py's dumps; --images DIR reuses them), with a map
 without `auto` (mount's validation made the bytes) and with `local=auto` in a test host's
-namespace that gets its address after the mount (the first open generates them); the
-daemon's RSS idle and after that open.
+namespace that gets its addresses after the mount: the daemon makes the bytes when they
+come (fuse/images.py's warm()); the open after its log says so, the time from adding the
+addresses to that line, and the open in the very instant they came (it waits for what is
+left of making them: the worst case); the daemon's RSS idle and after that open.
 Exits 1 if a target is missed.
 """
 
@@ -44,6 +46,7 @@ from inetsk_testbed import TestNet, probe
 from inetsk_testbed import criu as tb
 from inetsk_testbed.mount import BIN, ismount
 from inetsk_testbed.peers import dump_server_with_peers
+from overlayfs_inetsk.fuse.daemon import default_log_file
 
 # the 10,000-socket images were dumped on 10.77.0.1 / fd77::1 (bench_rewrite.py's map)
 VIEW_MAP = ("--map", "local=10.77.0.99", "--map", "local=fd77::99", "--tcp-outside", "keep")
@@ -60,6 +63,24 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+AHEAD = "auto, address after the mount, made ahead"
+AT_ONCE = "auto, address after the mount, open at once"
+
+
+def made_ahead(log: str, seen: int, timeout: float = 30.0) -> float:
+    """When the daemon's log (past byte `seen`) says it made the socket images ahead of
+    their open (fuse/images.py's warm()): perf_counter() of the first look that found it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(log, "rb") as f:
+            f.seek(seen)
+            if b", ahead of its open" in f.read():
+                return time.perf_counter()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{log}: no socket images made ahead within {timeout:.0f} s")
+        time.sleep(0.001)
 
 
 def daemon_pid(mnt: str) -> int:
@@ -155,6 +176,7 @@ def main() -> int:
     opens: dict[tuple[str, str], list[float]] = {}
     reads: dict[tuple[str, str], list[float]] = {}
     mounts_many: dict[tuple[str, str], list[float]] = {}
+    aheads: dict[str, list[float]] = {}  # from adding the addresses to made ahead
     rss_idle: list[int] = []
     rss_gen: list[int] = []
 
@@ -254,24 +276,31 @@ def main() -> int:
         # only after the mount (the mount warns), the first open generates them.
         with TestNet() as net3:
             node = net3.add_host("N", ipv4=None, ipv6=None)
+            auto = ("--map", "local=auto", "--netns", node.netns_path, "--iface",
+                    node.ifname, "--tcp-outside", "keep")
             how = {"made at mount": VIEW_MAP,
-                   "auto, generated at open": (
-                       "--map", "local=auto", "--netns", node.netns_path, "--iface",
-                       node.ifname, "--tcp-outside", "keep")}
+                   AHEAD: auto,  # the open after the daemon made them (its log says so)
+                   AT_ONCE: auto}  # the open in the instant the addresses came
             for name, img in many.items():
                 for label, mo in how.items():
                     step(f"first open of a {name} files.img, {label}")
                     n_open: list[float] = []
                     n_read: list[float] = []
                     n_mount: list[float] = []
-                    late = "auto" in label
+                    late = label != "made at mount"
+                    n_ahead: list[float] = []
                     for _ in range(opts.runs):
                         n_mount.append(mount(img, mnt, *mo))
-                        if late:
-                            node.add_addr("10.77.0.50/16")
-                            node.add_addr("fd77::50/64")
                         dpid = daemon_pid(mnt)
                         rss_idle.append(rss_kib(dpid))
+                        if late:
+                            log = default_log_file(mnt)
+                            seen = os.path.getsize(log)
+                            t_add = time.perf_counter()
+                            node.add_addr("10.77.0.50/16")
+                            node.add_addr("fd77::50/64")
+                            if label == AHEAD:
+                                n_ahead.append(made_ahead(log, seen) - t_add)
                         t = time.perf_counter()
                         fd = os.open(os.path.join(mnt, "files.img"), os.O_RDONLY)
                         n_open.append(time.perf_counter() - t)
@@ -286,6 +315,8 @@ def main() -> int:
                             node.del_addr("fd77::50/64")
                     opens[(name, label)], reads[(name, label)] = n_open, n_read
                     mounts_many[(name, label)] = n_mount
+                    if n_ahead:
+                        aheads[name] = n_ahead
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -317,10 +348,16 @@ def main() -> int:
         o, r = statistics.median(times), statistics.median(reads[(name, label)])
         m = statistics.median(mounts_many[(name, label)])
         what = {"udp": "one address", "tcp": "distinct TCP peers"}[name]
-        # generated at the open: the plan is paid by the restore (issue 21: < 25 ms)
-        limit = 0.025 if "auto" in label else 0.05
-        report(f"first open, files.img of {opts.sockets} sockets, {what}, {label}",
-               f"{o * 1000:.0f} ms", f"target < {limit * 1000:.0f} ms", o < limit)
+        if label == AT_ONCE:  # waits for what is left of making them: no target
+            report(f"first open, {opts.sockets} sockets, {what}, {label}",
+                   f"{o * 1000:.0f} ms", "(info)")
+        else:  # issue 21: the plan not paid by the restore, < 25 ms
+            limit = 0.025 if label == AHEAD else 0.05
+            report(f"first open, {opts.sockets} sockets, {what}, {label}",
+                   f"{o * 1000:.0f} ms", f"target < {limit * 1000:.0f} ms", o < limit)
+        if label == AHEAD:
+            report("  made ahead: from adding the addresses to the daemon's log line",
+                   f"{statistics.median(aheads[name]) * 1000:.0f} ms", "(info)")
         report(f"  open + read of all of it; mount command: {m * 1000:.0f} ms",
                f"{r * 1000:.0f} ms", "")
     report("daemon RSS after mount (idle)", f"{statistics.median(rss_idle) / 1024:.1f} MB",
