@@ -121,6 +121,35 @@ def report(title: str, res: dict[str, list[tuple[float, tuple[float, float, floa
         print(f"    runs: {' '.join(f'{w * 1000:.0f}' for w, _ in v)}")
 
 
+def floor_line(path: str, res: dict[str, list[tuple[float, tuple[float, float, float] | None]]],
+               runs: int = 7) -> None:
+    """The floor of the agent's answer, in this invocation: every inet entry of the same
+    files.img decoded with upb and encoded back (bench_rewrite.upb_floor), in this process;
+    beside what the agent added to the restore and its answer as the log gives it."""
+    from bench_rewrite import upb_floor
+
+    data = open(path, "rb").read()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        upb_floor(data)
+        ts.append(time.perf_counter() - t)
+    floor = statistics.median(ts)
+    base = statistics.median(w for w, _ in res["baseline"])
+    agent = res.get("plugin, agent (new address)", [])
+    added = statistics.median(w for w, _ in agent) - base if agent else None
+    answers = [p[2] / 1000 for _, p in agent if p is not None]
+    print(f"  the floor (upb decode + encode of every inet entry, median of {runs}): "
+          f"{floor * 1000:.1f} ms", end="")
+    if added is not None:
+        print(f"; the agent added {added * 1000:.0f} ms ({added / floor:.2f}x the floor)",
+              end="")
+    if answers:
+        a = statistics.median(answers)
+        print(f", its answer {a * 1000:.1f} ms ({a / floor:.2f}x)", end="")
+    print()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=11)
@@ -198,6 +227,7 @@ def main() -> int:
             res = alternate(runs, opts.big_runs)
             report(f"{opts.sockets} UDP sockets (files.img "
                    f"{os.path.getsize(os.path.join(big, 'files.img'))} bytes)", res)
+            floor_line(os.path.join(big, "files.img"), res)
     finally:
         if agent is not None:
             agent.terminate()
