@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import select
 import subprocess
@@ -147,6 +148,38 @@ def test_a_dual_stack_image_waits_for_both_families(tmp_path: Path) -> None:
     assert ops.images.warmed == 1
     assert sources(trio.run(read_files_img, ops)) == ["10.77.5.5", "fd77::5"]
     assert node.runs == 2  # one failed try (no IPv6 yet), one that made them
+
+
+@pytest.mark.expect_log(logging.ERROR, "internal error making its socket images ahead")
+@pytest.mark.expect_log(logging.ERROR, r"internal error in open")
+def test_a_generator_that_breaks_is_logged_and_the_daemon_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug met while making them ahead (here the generator raises ValueError) is one
+    logged traceback, not the end of the daemon's loop; not tried again for the same
+    addresses; the open still answers (EIO)."""
+    node = Node(planner())
+    node.addrs[4] = "10.77.5.5"
+    calls = []
+
+    def broken() -> tuple[Snapshot, GenerateFn, set[int]]:
+        snap, _gen, asked = node.current()
+
+        def gen(images: Mapping[str, bytes]) -> Mapping[str, object]:
+            calls.append(1)
+            raise ValueError("a bug")
+        return snap, gen, asked  # type: ignore[return-value]
+
+    ops = ViewOperations(build_tree(str(ipv4_image(tmp_path))), node.planner.generator(None),
+                         current=broken)
+    trio.run(ops.images.warm)
+    trio.run(ops.images.warm)
+    assert calls == [1]
+    assert "internal error making its socket images ahead" in caplog.text
+    import pyfuse3
+
+    with pytest.raises(pyfuse3.FUSEError) as ei:
+        trio.run(read_files_img, ops)
+    assert ei.value.errno == errno.EIO
 
 
 def test_what_bytes_depend_on() -> None:

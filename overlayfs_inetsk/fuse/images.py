@@ -85,6 +85,9 @@ class SocketImages:
         except (InetskError, OSError) as e:
             log.info("the node's addresses cannot be read now: %s", e)
             return
+        except Exception:  # a bug: logged; the daemon goes on serving (the open says too)
+            log.exception("internal error reading the node's addresses")
+            return
         snap, _generate, asked = now
         lacking = missing(snap)
         for dino, _group in list(self.tree.iter_socket_groups()):
@@ -101,6 +104,10 @@ class SocketImages:
                 await self._ensure(dino, dino, now)
             except pyfuse3.FUSEError:
                 self._not_warmed[dino] = (snap, frozenset(asked) & lacking)
+            except Exception:  # a bug (a crafted image?): the open gets EIO, the daemon lives
+                log.exception("%s: internal error making its socket images ahead of the "
+                              "open", self.tree.display(dino))
+                self._not_warmed[dino] = (snap, frozenset())
             else:
                 self._not_warmed.pop(dino, None)
                 self.warmed += 1
