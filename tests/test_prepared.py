@@ -4,7 +4,6 @@ the first open of a 10,000-socket files.img costs no rewrite (docs/design.md).""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,11 +11,11 @@ import pytest
 import trio
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
+from inetsk_testbed.mount import read_in_process
 from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.core.entries import inet_entries
 from overlayfs_inetsk.core.sockaddr import words_to_addr
 from overlayfs_inetsk.planner.planner import Planner
-from overlayfs_inetsk.core.tree import ROOT_INODE
 from overlayfs_inetsk.host.listing import build_tree
 from overlayfs_inetsk.app.mount import validate
 from overlayfs_inetsk.fuse.daemon import MountConfig
@@ -49,12 +48,7 @@ def image_dir(tmp_path: Path) -> Path:
 
 
 async def read_files_img(ops: ViewOperations) -> bytes:
-    ck = await ops.lookup(ROOT_INODE, b"ck", None)
-    attr = await ops.lookup(ck.st_ino, b"files.img", None)
-    fi = await ops.open(attr.st_ino, os.O_RDONLY, None)
-    data = await ops.read(fi.fh, 0, 1 << 20)
-    await ops.release(fi.fh)
-    return data
+    return await read_in_process(ops, b"ck", b"files.img")
 
 
 def test_validation_keeps_the_bytes_the_first_open_would_generate(tmp_path: Path) -> None:

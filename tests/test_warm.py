@@ -18,12 +18,12 @@ import pytest
 import trio
 
 from inetsk_testbed.imagefactory import files_img, inet_file_entry, isk
+from inetsk_testbed.mount import read_in_process
 from inetsk_testbed.netns import scratch_netns
 from overlayfs_inetsk.core.addrmap import AddressMap
 from overlayfs_inetsk.core.decide import RewriteOptions
 from overlayfs_inetsk.core.entries import inet_entries
 from overlayfs_inetsk.core.sockaddr import words_to_addr
-from overlayfs_inetsk.core.tree import ROOT_INODE
 from overlayfs_inetsk.fuse.ops import ViewOperations
 from overlayfs_inetsk.host import rtnl
 from overlayfs_inetsk.host.listing import build_tree
@@ -79,12 +79,7 @@ def planner() -> Planner:
 
 
 async def read_files_img(ops: ViewOperations) -> bytes:
-    ck = await ops.lookup(ROOT_INODE, b"ck", None)
-    attr = await ops.lookup(ck.st_ino, b"files.img", None)
-    fi = await ops.open(attr.st_ino, os.O_RDONLY, None)
-    data = await ops.read(fi.fh, 0, 1 << 20)
-    await ops.release(fi.fh)
-    return data
+    return await read_in_process(ops, b"ck", b"files.img")
 
 
 def sources(data: bytes) -> list[str]:

@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator
 
 TYPE_CHECKING = False  # (typing is not loaded at run time: record.py)
 if TYPE_CHECKING:
-    from typing import NamedTuple
+    from typing import NamedTuple, TypeVar
 else:
-    from ..record import NamedTuple
+    from ..record import NamedTuple, TypeVar
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -210,21 +210,24 @@ def collect(recv: Callable[[], bytes], seq: int) -> tuple[list[bytes], bool]:
                 return out, intr
 
 
-class Rtnl:
-    """One rtnetlink socket in the namespace of the thread that makes it."""
+class _Netlink:
+    """An rtnetlink socket in the namespace of the thread that makes it, bound to the
+    multicast `groups` (0: none); `timeout` None: non-blocking."""
 
-    def __init__(self, timeout: float = 10.0) -> None:
+    def __init__(self, groups: int, timeout: float | None) -> None:
         self._sock = _socket.socket(
             _socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_ROUTE)
         try:
-            self._sock.settimeout(timeout)
-            self._sock.bind((0, 0))
+            if timeout is None:
+                self._sock.setblocking(False)
+            else:
+                self._sock.settimeout(timeout)
+            self._sock.bind((0, groups))
         except BaseException:
             self._sock.close()
             raise
-        self._seq = 0
 
-    def __enter__(self) -> Rtnl:
+    def __enter__(self: _N) -> _N:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -232,6 +235,17 @@ class Rtnl:
 
     def close(self) -> None:
         self._sock.close()
+
+
+_N = TypeVar("_N", bound=_Netlink)
+
+
+class Rtnl(_Netlink):
+    """One rtnetlink socket in the namespace of the thread that makes it."""
+
+    def __init__(self, timeout: float = 10.0) -> None:
+        super().__init__(0, timeout)
+        self._seq = 0
 
     def _recv(self) -> bytes:
         data, _anc, flags, _addr = self._sock.recvmsg(RECV_SIZE)
@@ -283,29 +297,13 @@ class Rtnl:
         return int(IFINFOMSG.unpack_from(got[0])[2])
 
 
-class AddressWatch:
+class AddressWatch(_Netlink):
     """A non-blocking rtnetlink socket in the namespace of the thread that makes it, joined
     to the groups that announce address and route changes (WATCH_GROUPS). fileno() is for
     the caller's event loop; changed() reads what is queued."""
 
     def __init__(self) -> None:
-        self._sock = _socket.socket(
-            _socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-        try:
-            self._sock.setblocking(False)
-            self._sock.bind((0, WATCH_GROUPS))
-        except BaseException:
-            self._sock.close()
-            raise
-
-    def __enter__(self) -> AddressWatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._sock.close()
+        super().__init__(WATCH_GROUPS, None)
 
     def fileno(self) -> int:
         return self._sock.fileno()

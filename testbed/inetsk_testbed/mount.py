@@ -109,3 +109,18 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 90) 
             p.kill()
             p.wait()
     return Ran(list(args_), p.returncode, out, err, p.pid)
+
+
+async def read_in_process(ops: object, *path: bytes) -> bytes:
+    """All of a file of a view read through fuse/ops.ViewOperations in this process (no
+    mount): lookups from the root along `path`, open, read, release."""
+    from overlayfs_inetsk.core.tree import ROOT_INODE
+
+    inode = ROOT_INODE
+    for name in path:
+        inode = (await ops.lookup(inode, name, None)).st_ino  # type: ignore[attr-defined]
+    fi = await ops.open(inode, os.O_RDONLY, None)  # type: ignore[attr-defined]
+    try:
+        return bytes(await ops.read(fi.fh, 0, 1 << 20))  # type: ignore[attr-defined]
+    finally:
+        await ops.release(fi.fh)  # type: ignore[attr-defined]
