@@ -8,6 +8,8 @@ processes under `valgrind --tool=callgrind` run the route 1 and 3 times: one run
 the difference (imports and reading the file cancel out). Routes:
   floor  every inet entry decoded with upb and encoded back, nothing else
          (bench_rewrite.upb_floor);
+  same   ours, to new addresses whose words are as long as the old ones (the common case:
+         no length in the entry changes);
   ours   plan_checkpoint without reports, bench_rewrite's map (the pass on the bytes);
   upb    the same with the pass on the bytes turned off (plan.py's upb pass alone).
 Prints millions of instructions and ours / floor. Needs valgrind (apt-get install valgrind).
@@ -33,6 +35,8 @@ import overlayfs_inetsk.core.plan as plan
 route, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 data = open(path, "rb").read()
 amap = AddressMap.from_args(["local=10.77.0.99", "local=fd77::99"])
+if route == "same":  # new words as long as the old ones (10.77.0.1 -> .7, fd77::1 -> ::7)
+    amap = AddressMap.from_args(["local=10.77.0.7", "local=fd77::7"])
 opts = RewriteOptions(tcp_outside="keep")
 if route == "upb":
     plan.plan_bytes = lambda *a: None
@@ -63,10 +67,11 @@ def main() -> int:
     for name in names:
         path = os.path.join(images, name, "files.img")
         got = {}
-        for route in ("floor", "ours", "upb"):
+        for route in ("floor", "ours", "same", "upb"):
             got[route] = (counted(route, path, 3) - counted(route, path, 1)) / 2 / 1e6
             print(f"[{name}] {route:<6} {got[route]:8.0f} Mi instructions", flush=True)
-        print(f"[{name}] ours / floor {got['ours'] / got['floor']:.2f}x, upb / floor "
+        print(f"[{name}] ours / floor {got['ours'] / got['floor']:.2f}x (same length: "
+              f"{got['same'] / got['floor']:.2f}x), upb / floor "
               f"{got['upb'] / got['floor']:.2f}x, ours / upb {got['ours'] / got['upb']:.2f}x")
     return 0
 
