@@ -33,6 +33,10 @@ class Containerd:
         self.state = Path("/run") / f"oitrt-containerd-{os.getpid()}-{id(self):x}"
         self.sock = self.state / "containerd.sock"
         self.proc: subprocess.Popen[bytes] | None = None
+        # containerd's client makes a ctrd-checkpoint* dir of the images in $TMPDIR at
+        # every checkpoint and leaves it: here, under base, not in /tmp
+        self.tmp = base / "tmp"
+        self.env = {**os.environ, "TMPDIR": str(self.tmp)}
 
     def __enter__(self) -> Containerd:
         try:
@@ -47,6 +51,7 @@ class Containerd:
 
     def start(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(exist_ok=True)
         conf = self.base / "config.toml"
         conf.write_text(
             "version = 2\n"
@@ -60,7 +65,7 @@ class Containerd:
         log = open(self.base / "containerd.log", "wb")
         self.proc = subprocess.Popen(["containerd", "--config", str(conf)], stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, env=self.env)
         log.close()
         end = time.monotonic() + 20
         while self.ctr("version", check=False).returncode != 0:
@@ -73,7 +78,7 @@ class Containerd:
             ) -> subprocess.CompletedProcess[str]:
         argv = ["ctr", "-a", str(self.sock), "-n", NAMESPACE, *args]
         cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, env=self.env)
         if check and cp.returncode != 0:
             raise ContainerdError(f"{' '.join(argv)}: exit {cp.returncode}: "
                                   f"{cp.stderr.strip()[-2000:]}")
