@@ -28,7 +28,7 @@ from overlayfs_inetsk.fuse.ops import ViewOperations
 from overlayfs_inetsk.host import rtnl
 from overlayfs_inetsk.host.listing import build_tree
 from overlayfs_inetsk.host.netns import in_netns
-from overlayfs_inetsk.host.nodeaddr import Snapshot, asking, fits, missing, narrow
+from overlayfs_inetsk.host.nodeaddr import Snapshot, asking, families_without, fits, narrow
 from overlayfs_inetsk.planner.planner import GenerateFn, Planner
 
 
@@ -184,8 +184,8 @@ def test_what_bytes_depend_on() -> None:
     assert fits(((4, "10.77.0.2"),), ((4, "10.77.0.2"), (6, "fd77::2")))
     assert not fits(((4, "10.77.0.2"),), ((4, "10.77.0.3"), (6, "none")))
     assert fits((), snap)
-    assert missing(snap) == {6}
-    assert missing(((4, "error: no default route"),)) == {4}
+    assert families_without(snap) == {6}
+    assert families_without(((4, "error: no default route"),)) == {4}
 
 
 def test_asking_notes_each_family_asked_for() -> None:

@@ -21,7 +21,7 @@ import trio
 from ..core.tree import ImageTree, Node
 from ..errors import InetskError
 from ..host.files import stamp
-from ..host.nodeaddr import Snapshot, describe, fits, missing, narrow
+from ..host.nodeaddr import Snapshot, describe, families_without, fits, narrow
 from ..planner.planner import CurrentFn, GenerateFn, served_bytes
 
 log = logging.getLogger("overlayfs_inetsk.fuse.ops")
@@ -89,7 +89,7 @@ class SocketImages:
             log.exception("internal error reading the node's addresses")
             return
         snap, _generate, asked = now
-        lacking = missing(snap)
+        lacking = families_without(snap)
         for dino, _group in list(self.tree.iter_socket_groups()):
             self._take_prepared(dino)
             cached = self._generated.get(dino)

@@ -184,7 +184,7 @@ def fits(depends: Snapshot, snap: Snapshot) -> bool:
     return all(now.get(fam) == v for fam, v in depends)
 
 
-def missing(snap: Snapshot) -> frozenset[int]:
+def families_without(snap: Snapshot) -> frozenset[int]:
     """The families of `snap` with no address (none, or the lookup failed)."""
     return frozenset(fam for fam, v in snap if v == "none" or v.startswith("error: "))
 

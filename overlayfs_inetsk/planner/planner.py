@@ -141,15 +141,17 @@ class Planner:
         return cls(m.amap, RewriteOptions(strict=strict, tcp_outside=tcp_outside), netns,
                    iface), m
 
-    def addresses(self) -> tuple[Snapshot | None, Resolver | None]:
+    def addresses(self) -> tuple[Snapshot | None, Resolver | None, set[int]]:
         """The node's `auto` addresses now (one lookup of every family the map needs, in
-        --netns), and the resolver that answers from them; (None, None) when the map has no
-        `auto`. Of the first, bytes planned with them depend on what the plan asked for
-        (nodeaddr.narrow)."""
+        --netns), the resolver that answers from them, and the set it fills with every
+        family it is asked for; (None, None, set()) when the map has no `auto`. Bytes
+        planned with that resolver depend on narrow(snapshot, asked) (host/nodeaddr.py)."""
+        asked: set[int] = set()
         families = self.amap.auto_families()
         if not families:
-            return None, None
-        return snapshot(families, self.netns, self.iface)
+            return None, None, asked
+        snap, resolve = snapshot(families, self.netns, self.iface)
+        return snap, asking(resolve, asked), asked
 
     def generator(self, resolve: Resolver | None) -> GenerateFn:
         """What the FUSE view calls on first open of a checkpoint's socket images:
@@ -162,10 +164,8 @@ class Planner:
         the families it asks for: narrow() of the first by it is what its bytes depend on):
         fuse/images.py asks it at every open of a socket image when the map has `auto`,
         and when the node's addresses change."""
-        snap, resolve = self.addresses()
-        asked: set[int] = set()
-        return (snap or (), self.generator(None if resolve is None else asking(resolve, asked)),
-                asked)
+        snap, resolve, asked = self.addresses()
+        return snap or (), self.generator(resolve), asked
 
     def tree(self, image_dir: str, purpose: str, *, serve: ServeMode = "symlink",
              link_root: str | None = None, link_from: str | None = None) -> ImageTree:
@@ -218,10 +218,7 @@ class Planner:
         steps = STEPS[purpose]
         tree = image_dir if isinstance(image_dir, ImageTree) else self.tree(
             image_dir, purpose, link_from=link_from)
-        snap, resolve = self.addresses()
-        asked: set[int] = set()
-        if resolve is not None:
-            resolve = asking(resolve, asked)
+        snap, resolve, asked = self.addresses()
         # taken before the files are read: a file changed since shows at the first open
         stamps: dict[int, Hashable] = {d: stamp(g) for d, g in tree.iter_socket_groups()}
         checkpoints = self.checkpoints(tree, resolve, reports=reports, refuse=steps.refuse)

@@ -21,7 +21,7 @@ from ..core.sockaddr import IPAddress
 from ..core.tree import ImageTree, ServeMode
 from ..errors import InetskError
 from ..host.files import stamp
-from ..host.nodeaddr import asking, narrow
+from ..host.nodeaddr import families_without, narrow
 from .planner import CurrentFn, GenerateFn, Planner
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,10 @@ def prepare_view(planner: Planner, image_real: str, mountpoint: str, serve: Serv
 
 def _plan(planner: Planner, tree: ImageTree, port_check: bool, warnings: list[str],
           generated: Generated) -> int:
-    snap, found = planner.addresses()
-    asked: set[int] = set()
-    if found is not None:
-        found = asking(found, asked)
+    snap, found, asked = planner.addresses()
     resolve = found
-    missing = {fam: v for fam, v in snap or () if v == "none" or v.startswith("error: ")}
+    lacking = families_without(snap or ())
+    missing = {fam: v for fam, v in snap or () if fam in lacking}
     if missing:
 
         def resolve_or_wait(family: int) -> IPAddress | None:
