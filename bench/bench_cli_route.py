@@ -15,7 +15,8 @@ package of another checkout, alternating, `--runs` rounds:
     standard library) and the largest modules;
   - --callgrind: the instructions the process executes (valgrind --tool=callgrind, once
     each: repeatable to about 1 %, where wall time on this shared machine is not), and
-    those of `python -c pass`.
+    those of `python -c pass` and of `python -c "import re"` (the interpreter and the
+    regular-expression module the byte pass needs: what no Python route goes under).
 Each process keeps its bytecode (in a cache of this run: as an installed package has its
 .pyc files) and runs with cwd / (so only the tree asked for is on sys.path). Each view is
 removed after its request, outside the timing, as the plugin removes it at fini: the next
@@ -133,11 +134,12 @@ def main() -> int:
                      for _ in range(opts.importtime)]
         counts = {k: instructions(route.run(tree, CALLGRIND)[2]) for k, tree in trees.items()
                   } if opts.callgrind else {}
-        bare = 0
+        bare = {}
         if opts.callgrind:
-            cp = subprocess.run([*CALLGRIND, sys.executable, "-c", "pass"], cwd="/",
-                                env=route.env(ROOT), capture_output=True, text=True)
-            bare = instructions(cp.stderr)
+            for code in ("pass", "import re"):
+                cp = subprocess.run([*CALLGRIND, sys.executable, "-c", code], cwd="/",
+                                    env=route.env(ROOT), capture_output=True, text=True)
+                bare[code] = instructions(cp.stderr)
     base_w = statistics.median(wall["this tree"])
     base_c = statistics.median(cpu["this tree"])
     print(f"plugin-view, one VIEW request ({'map 10.77.0.2' if opts.env_map else 'local=auto'}),"
@@ -149,8 +151,9 @@ def main() -> int:
         if k in counts:
             line += f"  instructions {counts[k] / 1e6:.1f} M (x{counts[k] / counts['this tree']:.3f})"
         print(line)
-    if opts.callgrind:
-        print(f"  python -c pass: {bare / 1e6:.1f} M instructions")
+    for code, n in bare.items():
+        print(f"  python -c {code!r}: {n / 1e6:.1f} M instructions "
+              f"({n / counts['this tree']:.2f} of this tree's)")
     if breakdown:
         print_breakdown(breakdown)
     print("load average at the end: %.2f %.2f %.2f" % os.getloadavg())
