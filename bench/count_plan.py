@@ -97,7 +97,8 @@ def counted(route: str, path: str, n: int) -> int:
     out = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
          "-c", CHILD, route, path, str(n), HERE],
-        check=True, capture_output=True, text=True).stderr
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"}).stderr  # (the same dicts in both runs)
     m = re.search(r"Collected : (\d+)", out)
     if m is None:
         raise SystemExit(f"no count from callgrind: {out[-500:]}")

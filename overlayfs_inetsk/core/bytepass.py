@@ -241,12 +241,23 @@ def plan_bytes(path: str, data: bytes, interner: Interner, bmap: BoundMap,
             problems.append(report)
         if not act:
             continue
+        changed += 1
+        src0 = tail0 - len(dst_raw) - len(src_raw)
+        if act == addrs and not grow and (new_dst is None or len(new_dst) == len(dst_raw)):
+            # no length changes (the common case): only the words are new; the rest of
+            # the entry is copied with what follows it
+            out += mv[copied:src0]
+            out += a_src
+            if new_dst is None:
+                copied = src0 + len(a_src)
+            else:
+                out += new_dst
+                copied = tail0
+            continue
         if copied != off:
             out += mv[copied:off]
         copied = end
-        changed += 1
-        src0 = tail0 - len(dst_raw) - len(src_raw)
-        if act == addrs:  # new addresses: one splice
+        if act == addrs:  # new addresses, a length changed: the entry made again
             if new_dst is None:
                 a_dst = dst_raw
                 n = end - isk0 + grow
