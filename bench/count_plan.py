@@ -48,24 +48,22 @@ if route == "least":
     from overlayfs_inetsk.core.imagefile import HEADER_SIZE, LENGTH
     from overlayfs_inetsk.core.patch import HEAD, SRC_TAG, words_field
 
-    def least(data, subst):
-        unpack, match = LENGTH.unpack_from, HEAD.match
-        out = bytearray(data[:HEADER_SIZE])
-        pos, size = HEADER_SIZE, len(data)
+    def least(data, subst):  # (what is not a new word is copied in runs, as ours does)
+        unpack, match, mv = LENGTH.unpack_from, HEAD.match, memoryview(data)
+        out = bytearray()
+        copied, pos, size = 0, HEADER_SIZE, len(data)
         while pos < size:
             start = pos + 4
-            end = start + unpack(data, pos)[0]
-            m = match(data, start, end)
-            if m is None:
-                out += data[pos:end]
-            else:
+            pos = start + unpack(data, pos)[0]
+            m = match(data, start, pos)
+            if m is not None:
                 g = m.groups()
                 src, dst = (g[5], g[6]) if g[5] is not None else (g[7], g[8])
                 s0 = m.end() - len(dst) - len(src)
-                out += data[pos:s0]
-                out += subst.get(src, src)
-                out += data[s0 + len(src):end]
-            pos = end
+                out += mv[copied:s0]
+                out += subst[src]
+                copied = s0 + len(src)
+        out += mv[copied:]
         return out
 
     import ipaddress
