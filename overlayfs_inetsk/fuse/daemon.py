@@ -25,7 +25,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,7 @@ from ..host.mounts import FSNAME, RUN_DIR, clear_ro_bind, make_ro_bind
 
 if TYPE_CHECKING:  # imported where used: `umount` and the parent of a spawn stay small
     from ..core.tree import ImageTree
+    from ..planner.view import Generated
     from .images import CurrentFn, GenerateFn, SocketImages
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,9 @@ class Prepared:
     # ops.py calls it at every open of a socket image (fuse/ops.py CurrentFn)
     current: CurrentFn | None = None
     warnings: list[str] = field(default_factory=list)  # one line each, shown by `mount`
-    # dir inode -> (host.files.stamp of the originals, what the bytes depend on (None, or the
-    # `auto` addresses as `current` describes them), image name -> bytes): the socket images
-    # validation already rewrote, what the first open would generate from the same files
-    # and addresses, so it need not
-    generated: dict[int, tuple[Hashable, Hashable, dict[str, bytes]]] = field(
-        default_factory=dict)
+    # dir inode -> planner.view.Made: the socket images validation already rewrote, what the
+    # first open would generate from the same files and addresses, so it need not
+    generated: Generated = field(default_factory=dict)
 
 
 # -- the foreground daemon ---------------------------------------------------------------

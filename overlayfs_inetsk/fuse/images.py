@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 
 import pyfuse3
 import trio
@@ -23,6 +23,10 @@ from ..errors import InetskError
 from ..host.files import stamp
 from ..host.nodeaddr import Snapshot, describe, families_without, fits, narrow
 from ..planner.planner import CurrentFn, GenerateFn, served_bytes
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..planner.view import Made
 
 log = logging.getLogger("overlayfs_inetsk.fuse.ops")
 
@@ -34,7 +38,7 @@ __all__ = ["CurrentFn", "GenerateFn", "SocketImages"]
 
 class SocketImages:
     def __init__(self, tree: ImageTree, generate: GenerateFn, current: CurrentFn | None,
-                 generated: Mapping[int, tuple[object, Hashable, dict[str, bytes]]] | None,
+                 generated: Mapping[int, Made] | None,
                  limiter: trio.CapacityLimiter) -> None:
         self.tree = tree
         self._generate = generate
@@ -120,7 +124,6 @@ class SocketImages:
             return
         if stamp(self.tree.socket_group(dino)) == prepared[0]:
             depends = prepared[1]
-            assert depends is None or isinstance(depends, tuple)
             self._generated[dino] = (depends, prepared[2])
             log.info("%s: socket images as the mount planned them%s", self.tree.display(dino),
                      f" ({describe(depends)})" if depends else "")

@@ -18,7 +18,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -26,6 +26,10 @@ import trio
 
 from ..core.tree import ImageTree, Kind, Node
 from .images import CurrentFn, GenerateFn, SocketImages
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..planner.view import Made
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +95,9 @@ class ViewOperations(pyfuse3.Operations):
 
     def __init__(self, tree: ImageTree, generate: GenerateFn, *, max_threads: int = 2,
                  current: CurrentFn | None = None,
-                 generated: Mapping[int, tuple[object, Hashable, dict[str, bytes]]] | None
-                 = None) -> None:
+                 generated: Mapping[int, Made] | None = None) -> None:
         """`generated`: dir inode -> (host.files.stamp of the originals, what the bytes depend
-        on (as `current` describes it; None without `auto`), image name -> bytes), already
+        on (nodeaddr.narrow of the addresses; None without `auto`), image name -> bytes), already
         made by mount's validation: what the first open would generate, unless the files
         or the addresses changed since."""
         super().__init__()

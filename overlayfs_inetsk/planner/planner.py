@@ -81,7 +81,7 @@ class Plan(NamedTuple):
     ports_taken: list[Clash] | None  # None: the port check did not run
     # what the bytes depend on: the `auto` addresses the plan asked for (nodeaddr.narrow;
     # None: no auto)
-    depends: Hashable
+    depends: Snapshot | None
     stamps: dict[int, Hashable]  # dir inode -> host.files.stamp of its originals, taken
     # before they were read
 

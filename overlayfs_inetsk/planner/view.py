@@ -21,14 +21,16 @@ from ..core.sockaddr import IPAddress
 from ..core.tree import ImageTree, ServeMode
 from ..errors import InetskError
 from ..host.files import stamp
-from ..host.nodeaddr import families_without, narrow
+from ..host.nodeaddr import Snapshot, families_without, narrow
 from .planner import CurrentFn, GenerateFn, Planner
 
 log = logging.getLogger(__name__)
 
-# dir inode -> (host.files.stamp of its originals, what the bytes depend on (None, or the
-# `auto` addresses the plan asked for, as nodeaddr.narrow gives them), image name -> bytes)
-Generated = dict[int, tuple[Hashable, Hashable, dict[str, bytes]]]
+# socket images made ahead of their first open: (host.files.stamp of the originals, what
+# the bytes depend on (None, or the `auto` addresses the plan asked for, as nodeaddr.narrow
+# gives them), image name -> bytes)
+Made = tuple[Hashable, Snapshot | None, dict[str, bytes]]
+Generated = dict[int, Made]  # dir inode -> Made
 
 
 class ViewPlan(NamedTuple):
@@ -46,8 +48,7 @@ class _NoAutoYet(Exception):
 
 def prepare_view(planner: Planner, image_real: str, mountpoint: str, serve: ServeMode,
                  ro_bind: str | None, port_check: bool = True,
-                 planned: Mapping[str, tuple[Hashable, Hashable, dict[str, bytes]]] | None
-                 = None) -> ViewPlan:
+                 planned: Mapping[str, Made] | None = None) -> ViewPlan:
     """The view of IMAGE_DIR at mountpoint, everything that can fail for a user reason
     checked (InetskError, one line). `ro_bind`: where the view's links point (the
     read-only bind of IMAGE_DIR). `planned`: the plan a `restore` made (handover): used as
@@ -119,8 +120,7 @@ def _plan(planner: Planner, tree: ImageTree, port_check: bool, warnings: list[st
 # hands the bytes to the daemon it starts (an fd: --plan-fd), which serves them as its own
 # validation would have made them: one plan. A header line of JSON, then the bytes.
 
-def encode_handover(plan_dirs: Mapping[str, tuple[Hashable, Hashable, dict[str, bytes]]]
-                    ) -> bytes:
+def encode_handover(plan_dirs: Mapping[str, Made]) -> bytes:
     """plan_dirs: the checkpoint dir (as the tree names it) -> (stamp, depends, bytes)."""
     head: dict[str, object] = {}
     blobs: list[bytes] = []
@@ -139,8 +139,18 @@ def _tuples(x: Hashable | list[object]) -> Hashable:
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def decode_handover(data: bytes, what: str
-                    ) -> dict[str, tuple[Hashable, Hashable, dict[str, bytes]]]:
+def _snapshot(x: object) -> Snapshot | None:
+    """A handed-over `depends`: None, or (family, address text) pairs (nodeaddr.Snapshot)."""
+    if x is None:
+        return None
+    if not isinstance(x, list) or not all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], int)
+            and isinstance(p[1], str) for p in x):
+        raise ValueError(f"depends: not a list of [family, address] pairs: {x!r}"[:200])
+    return tuple((p[0], p[1]) for p in x)
+
+
+def decode_handover(data: bytes, what: str) -> dict[str, Made]:
     """InetskError naming `what` for data that is not a handover."""
     line, sep, body = data.partition(b"\n")
     try:
@@ -154,7 +164,7 @@ def decode_handover(data: bytes, what: str
                 if pos < 0 or n < 0 or pos + n > len(body):
                     raise ValueError(f"{name}: outside the data")
                 images[name] = body[pos:pos + n]
-            out[path] = (_tuples(d["stamp"]), _tuples(d["depends"]), images)
+            out[path] = (_tuples(d["stamp"]), _snapshot(d["depends"]), images)
         return out
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise InetskError(f"{what}: not a plan handed over by restore ({e})") from None
